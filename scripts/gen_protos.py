@@ -1,0 +1,158 @@
+"""Regenerate generated/ from proto/: Python messages, gRPC stubs and .pyi stubs.
+
+One command, no network:  python scripts/gen_protos.py [--check]
+
+Two problems are solved here, once:
+* protovalidate's `buf/validate/validate.proto` is not shipped as source and buf's
+  registry is unreachable, so its FileDescriptorProto is taken from the bytes the
+  `protovalidate` wheel embeds and handed to protoc as a descriptor set.
+* protoc writes absolute imports named after the proto package (`from esper.common.v1
+  import ...`), which would resolve to the hand-written `esper/` package. Every generated
+  import of `esper.*` and `buf.*` is rewritten to `generated.esper.*` / `generated.buf.*`.
+
+`--check` regenerates into a temporary folder and exits 1 if anything differs from
+generated/ (CI runs it through the test suite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import filecmp
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTO_DIR = ROOT / "proto"
+OUT_DIR = ROOT / "generated"
+_IMPORT_RE = re.compile(r"^(\s*)(from|import) (esper|buf)\.", re.MULTILINE)
+
+
+def validate_descriptor_set() -> bytes:
+    """FileDescriptorSet with buf/validate/validate.proto and the WKTs it imports."""
+    from google.protobuf import descriptor_pb2, duration_pb2, field_mask_pb2, timestamp_pb2
+
+    import protovalidate
+
+    src = Path(protovalidate.__file__).parent / "_gen/buf/validate/validate_pb.py"
+    raw: bytes | None = None
+    for node in ast.walk(ast.parse(src.read_text())):
+        if (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "id", None) == "file_desc"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+        ):
+            raw = node.args[0].value
+            break
+    if raw is None:
+        raise SystemExit(f"could not find validate.proto's descriptor in {src}")
+    fds = descriptor_pb2.FileDescriptorSet()
+    for mod in (descriptor_pb2, duration_pb2, field_mask_pb2, timestamp_pb2):
+        mod.DESCRIPTOR.CopyToProto(fds.file.add())
+    fds.file.add().ParseFromString(raw)
+    return fds.SerializeToString()
+
+
+def proto_files() -> list[str]:
+    return sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
+
+
+def generate(out: Path, *, image: Path | None = None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        desc = Path(tmp) / "validate.binpb"
+        desc.write_bytes(validate_descriptor_set())
+        from grpc_tools import protoc
+
+        wkt_include = Path(protoc.__file__).parent / "_proto"
+        args = [
+            "grpc_tools.protoc",
+            f"--descriptor_set_in={desc}",
+            f"-I{PROTO_DIR}",
+            f"-I{wkt_include}",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            f"--pyi_out={out}",
+            *proto_files(),
+            "buf/validate/validate.proto",
+        ]
+        if protoc.main(args) != 0:
+            raise SystemExit("protoc failed")
+        if image is not None:
+            img_args = [
+                "grpc_tools.protoc",
+                f"--descriptor_set_in={desc}",
+                f"-I{PROTO_DIR}",
+                f"-I{wkt_include}",
+                "--include_imports",
+                "--include_source_info",
+                f"--descriptor_set_out={image}",
+                *proto_files(),
+            ]
+            if protoc.main(img_args) != 0:
+                raise SystemExit("protoc (image) failed")
+    for path in out.rglob("*.py*"):
+        if path.suffix in (".py", ".pyi"):
+            text = path.read_text()
+            new = _IMPORT_RE.sub(r"\1\2 generated.\3.", text)
+            if new != text:
+                path.write_text(new)
+    for d in [out, *[p for p in out.rglob("*") if p.is_dir()]]:
+        if d.name != "__pycache__":
+            (d / "__init__.py").touch()
+
+
+def build_image(path: Path) -> None:
+    """Write a buf image (FileDescriptorSet with source info) of proto/ to `path`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        generate(Path(tmp) / "gen", image=path)
+
+
+def _same_tree(a: Path, b: Path) -> list[str]:
+    diffs: list[str] = []
+
+    def files(root: Path) -> set[str]:
+        return {
+            str(p.relative_to(root))
+            for p in root.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts
+        }
+
+    fa, fb = files(a), files(b)
+    diffs += [f"only in generated/: {p}" for p in sorted(fa - fb)]
+    diffs += [f"missing from generated/: {p}" for p in sorted(fb - fa)]
+    diffs += [f"differs: {p}" for p in sorted(fa & fb) if not filecmp.cmp(a / p, b / p, False)]
+    return diffs
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="fail if generated/ is stale")
+    ap.add_argument("--image", type=Path, help="also write a buf image to this path")
+    ns = ap.parse_args()
+    if ns.image:
+        build_image(ns.image)
+    if ns.check:
+        with tempfile.TemporaryDirectory() as tmp:
+            fresh = Path(tmp) / "generated"
+            generate(fresh)
+            diffs = _same_tree(OUT_DIR, fresh)
+        if diffs:
+            print("generated/ is stale; run `python scripts/gen_protos.py`:", *diffs, sep="\n  ")
+            return 1
+        print("generated/ is up to date")
+        return 0
+    if OUT_DIR.exists():
+        shutil.rmtree(OUT_DIR)
+    generate(OUT_DIR)
+    print(f"wrote {OUT_DIR.relative_to(ROOT)}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
