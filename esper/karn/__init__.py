@@ -1,0 +1,1 @@
+"""Karn: see docs/ARCHITECTURE.md."""

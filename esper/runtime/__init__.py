@@ -1,0 +1,1 @@
+"""Shared runtime of every Esper service: host, auth, validation, errors, tracing, clients."""

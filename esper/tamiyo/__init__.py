@@ -1,0 +1,1 @@
+"""Tamiyo: see docs/ARCHITECTURE.md."""

@@ -1,0 +1,1 @@
+"""Tezzeret: see docs/ARCHITECTURE.md."""

@@ -1,0 +1,1 @@
+"""Tolaria: see docs/ARCHITECTURE.md."""

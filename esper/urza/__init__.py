@@ -1,0 +1,1 @@
+"""Urza: see docs/ARCHITECTURE.md."""
