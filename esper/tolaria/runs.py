@@ -1,0 +1,456 @@
+"""Run store: persisted run records, per-run directories and append-only event logs.
+
+Layout under the store root (``ctx.part_dir("tolaria")``)::
+
+    runs.sqlite                  one row per run (state, latest metrics, worker pid)
+    runs/<run_id>/config.pb      the RunConfig as serialized protobuf
+    runs/<run_id>/events.log     length-prefixed serialized EventEnvelopes
+    runs/<run_id>/checkpoints/   the trainer's atomic checkpoints
+
+The event log is the run's source of truth: the worker process appends to it, the
+service follows it to keep the SQLite record current and to serve ``WatchRun``.
+Records are a 4-byte big-endian length followed by the envelope bytes; a record cut
+short by a crash (SIGKILL mid-write) is truncated away when the log is next opened
+for writing, so readers never see a torn envelope.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from esper.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
+from generated.esper.oona.v1 import events_pb2
+from generated.esper.tolaria.v1 import tolaria_service_pb2 as pb
+
+_HEADER = struct.Struct(">I")
+# An envelope bigger than this is a corrupt length prefix, not a real event.
+_MAX_RECORD_BYTES = 64 * 1024 * 1024
+
+TERMINAL_STATES = frozenset({pb.RUN_STATE_SUCCEEDED, pb.RUN_STATE_FAILED, pb.RUN_STATE_STOPPED})
+
+STATE_BY_NAME: dict[str, int] = {
+    "pending": pb.RUN_STATE_PENDING,
+    "running": pb.RUN_STATE_RUNNING,
+    "succeeded": pb.RUN_STATE_SUCCEEDED,
+    "failed": pb.RUN_STATE_FAILED,
+    "stopped": pb.RUN_STATE_STOPPED,
+}
+
+
+class EventLog:
+    """Append-only, length-prefixed log of one run's EventEnvelopes.
+
+    Several processes may append (the worker while it lives, the service when it
+    records that a worker died); an exclusive ``flock`` around each append keeps
+    records whole and sequences strictly increasing across them.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._known_size = 0
+        self._last_sequence = 0
+
+    # ---- writing -------------------------------------------------------------------
+    def _open_for_append(self) -> int:
+        if self._fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._known_size = -1
+        return self._fd
+
+    def _catch_up(self, fd: int) -> None:
+        """Under the file lock: re-read what others appended and drop a torn tail."""
+        size = os.fstat(fd).st_size
+        if size == self._known_size:
+            return
+        good_end, last_seq = _scan(self.path, 0 if self._known_size < 0 else self._known_size)
+        if good_end < size:
+            os.ftruncate(fd, good_end)
+        self._known_size = good_end
+        if last_seq is not None:
+            self._last_sequence = last_seq
+
+    def append(self, envelope: events_pb2.EventEnvelope, *, sync: bool = False) -> int:
+        """Give `envelope` the run's next sequence number, append it, return the sequence.
+
+        `sync=True` fsyncs the file (the worker does so once per epoch and at run end).
+        """
+        with self._lock:
+            fd = self._open_for_append()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                self._catch_up(fd)
+                self._last_sequence += 1
+                envelope.sequence = self._last_sequence
+                data = envelope.SerializeToString()
+                os.lseek(fd, self._known_size, os.SEEK_SET)
+                os.write(fd, _HEADER.pack(len(data)) + data)
+                self._known_size += _HEADER.size + len(data)
+                if sync:
+                    os.fsync(fd)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            return self._last_sequence
+
+    def sync(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.fsync(self._fd)
+
+    def last_sequence(self) -> int:
+        """Highest sequence in the log (0 when empty), counting other writers' appends."""
+        _, last = _scan(self.path, 0)
+        return last or 0
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    # ---- reading -------------------------------------------------------------------
+    def read(self, offset: int = 0) -> tuple[list[events_pb2.EventEnvelope], int]:
+        """Whole records from byte `offset` on, and the offset just past the last one."""
+        out: list[events_pb2.EventEnvelope] = []
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(offset)
+                buf = f.read()
+        except FileNotFoundError:
+            return out, offset
+        pos = 0
+        while pos + _HEADER.size <= len(buf):
+            (n,) = _HEADER.unpack_from(buf, pos)
+            if n > _MAX_RECORD_BYTES or pos + _HEADER.size + n > len(buf):
+                break
+            env = events_pb2.EventEnvelope()
+            env.ParseFromString(buf[pos + _HEADER.size : pos + _HEADER.size + n])
+            out.append(env)
+            pos += _HEADER.size + n
+        return out, offset + pos
+
+    def replay(self, from_sequence: int = 0) -> Iterator[events_pb2.EventEnvelope]:
+        events, _ = self.read(0)
+        for env in events:
+            if env.sequence >= from_sequence:
+                yield env
+
+
+def _scan(path: Path, offset: int) -> tuple[int, int | None]:
+    """Offset past the last whole record from `offset` on, and that record's sequence."""
+    log = EventLog(path)
+    events, end = log.read(offset)
+    return end, (events[-1].sequence if events else None)
+
+
+def new_envelope(
+    run_id: str, *, source: str, step: int = 0, epoch: int = 0, event_id: str | None = None
+) -> events_pb2.EventEnvelope:
+    """An envelope with id and timestamp set; its payload and sequence are filled later."""
+    env = events_pb2.EventEnvelope(
+        event_id=event_id or str(uuid.uuid4()), run_id=run_id, step=step, epoch=epoch, source=source
+    )
+    env.emitted_at.GetCurrentTime()
+    return env
+
+
+@dataclass(kw_only=True)
+class RunRecord:
+    """One row of the run table (mirrors ``tolaria.v1.Run`` plus supervision fields)."""
+
+    run_id: str
+    config: pb.RunConfig
+    state: int = pb.RUN_STATE_PENDING
+    epoch: int = 0
+    global_step: int = 0
+    val_accuracy: float = 0.0
+    val_loss: float = 0.0
+    parameters: int = 0
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    detail: str = ""
+    degraded: list[str] = field(default_factory=list)
+    last_sequence: int = 0
+    request_id: str | None = None
+    worker_pid: int | None = None
+    restarts: int = 0
+    stop_requested: bool = False
+
+    def to_proto(self) -> pb.Run:
+        run = pb.Run(
+            run_id=self.run_id,
+            state=self.state,
+            epoch=self.epoch,
+            global_step=self.global_step,
+            val_accuracy=self.val_accuracy,
+            val_loss=self.val_loss,
+            parameters=self.parameters,
+            detail=self.detail,
+            degraded=sorted(self.degraded),
+            last_sequence=self.last_sequence,
+        )
+        run.config.CopyFrom(self.config)
+        run.created_at.CopyFrom(_ts(self.created_at))
+        run.updated_at.CopyFrom(_ts(self.updated_at))
+        return run
+
+    @property
+    def ended(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+def _ts(t: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(t * 1e9))
+    return ts
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT UNIQUE NOT NULL,
+    request_id TEXT UNIQUE,
+    config BLOB NOT NULL,
+    state INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    global_step INTEGER NOT NULL,
+    val_accuracy REAL NOT NULL,
+    val_loss REAL NOT NULL,
+    parameters INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    detail TEXT NOT NULL,
+    degraded TEXT NOT NULL,
+    last_sequence INTEGER NOT NULL,
+    worker_pid INTEGER,
+    restarts INTEGER NOT NULL,
+    stop_requested INTEGER NOT NULL
+)
+"""
+_COLUMNS = (
+    "run_id request_id config state epoch global_step val_accuracy val_loss parameters "
+    "created_at updated_at detail degraded last_sequence worker_pid restarts stop_requested"
+).split()
+
+
+class RunStore:
+    """Run records in SQLite plus one directory per run. Thread-safe; one writer process."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "runs").mkdir(exist_ok=True)
+        self._db = sqlite3.connect(root / "runs.sqlite", check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # A run record is the service's memory across restarts: commit durably.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(_SCHEMA)
+        self._db.commit()
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.root / "runs" / run_id
+
+    def event_log(self, run_id: str) -> EventLog:
+        return EventLog(self.run_dir(run_id) / "events.log")
+
+    def create(self, config: pb.RunConfig, *, request_id: str | None = None) -> tuple[RunRecord, bool]:
+        """Create a run (dir + config file + record). Returns (record, created).
+
+        With a `request_id` already seen, returns that run and ``created=False`` when
+        the config is the same, and raises ``AlreadyExistsError`` when it differs.
+        """
+        with self._lock:
+            if request_id:
+                row = self._db.execute(
+                    f"SELECT {', '.join(_COLUMNS)} FROM runs WHERE request_id = ?", (request_id,)
+                ).fetchone()
+                if row is not None:
+                    rec = _from_row(row)
+                    if rec.config.SerializeToString(deterministic=True) != config.SerializeToString(
+                        deterministic=True
+                    ):
+                        raise AlreadyExistsError(
+                            f"request_id {request_id!r} was already used for run {rec.run_id} "
+                            "with a different config; use a new request_id for a new run"
+                        )
+                    return rec, False
+            run_id = "run-" + uuid.uuid4().hex[:12]
+            rec = RunRecord(run_id=run_id, config=config, request_id=request_id or None)
+            d = self.run_dir(run_id)
+            (d / "checkpoints").mkdir(parents=True)
+            _write_atomic(d / "config.pb", config.SerializeToString(deterministic=True))
+            self._db.execute(
+                f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+                _to_row(rec),
+            )
+            self._db.commit()
+            return rec, True
+
+    def get(self, run_id: str) -> RunRecord:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM runs WHERE run_id = ?", (run_id,)
+            ).fetchone()
+        if row is None:
+            raise NotFoundError(f"no run with id {run_id!r}; ListRuns shows the existing ones")
+        return _from_row(row)
+
+    def update(self, rec: RunRecord) -> None:
+        rec.updated_at = time.time()
+        with self._lock:
+            cols = [c for c in _COLUMNS if c != "run_id"]
+            values = _to_row(rec)[1:]
+            self._db.execute(
+                f"UPDATE runs SET {', '.join(c + ' = ?' for c in cols)} WHERE run_id = ?",
+                (*values, rec.run_id),
+            )
+            self._db.commit()
+
+    def list(
+        self, *, page_size: int, page_token: str = "", state: int = pb.RUN_STATE_UNSPECIFIED
+    ) -> tuple[list[RunRecord], str]:
+        """Runs in creation order, `page_size` at a time; the token is opaque to callers."""
+        after = 0
+        if page_token:
+            try:
+                after = int(json.loads(bytes.fromhex(page_token))["after"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise InvalidArgumentError(
+                    f"page_token {page_token!r} is not one ListRuns returned ({e})",
+                    field="page_token",
+                ) from e
+        size = page_size or 50
+        sql = f"SELECT seq, {', '.join(_COLUMNS)} FROM runs WHERE seq > ?"
+        args: list[object] = [after]
+        if state != pb.RUN_STATE_UNSPECIFIED:
+            sql += " AND state = ?"
+            args.append(state)
+        sql += " ORDER BY seq LIMIT ?"
+        args.append(size + 1)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        more = len(rows) > size
+        rows = rows[:size]
+        token = ""
+        if more:
+            token = json.dumps({"after": rows[-1][0]}).encode().hex()
+        return [_from_row(r[1:]) for r in rows], token
+
+    def active(self) -> list[RunRecord]:
+        """Runs not yet ended (to re-supervise after a service restart)."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM runs WHERE state IN (?, ?) ORDER BY seq",
+                (pb.RUN_STATE_PENDING, pb.RUN_STATE_RUNNING),
+            ).fetchall()
+        return [_from_row(r) for r in rows]
+
+
+def apply_event(rec: RunRecord, env: events_pb2.EventEnvelope) -> None:
+    """Fold one event into the run record (the record is a view of the event log)."""
+    rec.last_sequence = max(rec.last_sequence, env.sequence)
+    rec.global_step = max(rec.global_step, env.step)
+    kind = env.WhichOneof("payload")
+    if kind == "epoch_metrics":
+        m = env.epoch_metrics
+        rec.epoch = m.epoch
+        rec.val_accuracy = m.val_accuracy
+        rec.val_loss = m.val_loss
+        rec.parameters = m.parameters
+    elif kind == "run_state":
+        state = STATE_BY_NAME.get(env.run_state.state)
+        if state is not None:
+            rec.state = state
+        rec.detail = env.run_state.detail
+    elif kind == "degradation":
+        d = env.degradation
+        if d.kind == "recovered":
+            rec.degraded = [c for c in rec.degraded if c != d.component]
+        elif d.component not in rec.degraded:
+            rec.degraded.append(d.component)
+
+
+def _to_row(rec: RunRecord) -> tuple[object, ...]:
+    return (
+        rec.run_id,
+        rec.request_id,
+        rec.config.SerializeToString(deterministic=True),
+        rec.state,
+        rec.epoch,
+        rec.global_step,
+        rec.val_accuracy,
+        rec.val_loss,
+        rec.parameters,
+        rec.created_at,
+        rec.updated_at,
+        rec.detail,
+        json.dumps(rec.degraded),
+        rec.last_sequence,
+        rec.worker_pid,
+        rec.restarts,
+        int(rec.stop_requested),
+    )
+
+
+def _from_row(row: tuple) -> RunRecord:
+    d = dict(zip(_COLUMNS, row, strict=True))
+    cfg = pb.RunConfig()
+    cfg.ParseFromString(d["config"])
+    return RunRecord(
+        run_id=d["run_id"],
+        request_id=d["request_id"],
+        config=cfg,
+        state=d["state"],
+        epoch=d["epoch"],
+        global_step=d["global_step"],
+        val_accuracy=d["val_accuracy"],
+        val_loss=d["val_loss"],
+        parameters=d["parameters"],
+        created_at=d["created_at"],
+        updated_at=d["updated_at"],
+        detail=d["detail"],
+        degraded=json.loads(d["degraded"]),
+        last_sequence=d["last_sequence"],
+        worker_pid=d["worker_pid"],
+        restarts=d["restarts"],
+        stop_requested=bool(d["stop_requested"]),
+    )
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def read_config(run_dir: Path) -> pb.RunConfig:
+    cfg = pb.RunConfig()
+    cfg.ParseFromString((run_dir / "config.pb").read_bytes())
+    return cfg
