@@ -380,6 +380,9 @@ def apply_event(rec: RunRecord, env: events_pb2.EventEnvelope) -> None:
         state = STATE_BY_NAME.get(env.run_state.state)
         if state is not None:
             rec.state = state
+        if env.run_state.state == "running":
+            # A worker is live again: a restart that was reported is over.
+            rec.degraded = [c for c in rec.degraded if c != "worker"]
         rec.detail = env.run_state.detail
     elif kind == "degradation":
         d = env.degradation
