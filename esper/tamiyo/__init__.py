@@ -1,1 +1,1 @@
-"""Tamiyo: see docs/ARCHITECTURE.md."""
+"""Tamiyo: the strategic controller (heuristic, baselines, learned GNN policy) and its service."""

@@ -1,0 +1,78 @@
+"""Settings of the heuristic policy."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from esper.tamiyo._config import config_from_dict
+
+
+@dataclass(kw_only=True, frozen=True)
+class HeuristicConfig:
+    """When the heuristic grows, where, with what, and when it keeps or removes a seed.
+
+    Contribution thresholds are in validation-loss units, the unit of
+    `SlotHealth.contribution` (loss with the seed's alpha forced to 0 minus loss as is).
+    """
+
+    warmup_epochs: int = 3
+    """No germination before this epoch: early loss curves say nothing about capacity."""
+    plateau_window: int = 3
+    """Epochs of validation loss compared against the best loss before them."""
+    plateau_threshold: float = 0.01
+    """Germinate when the window improved the best validation loss by less than this fraction."""
+    tie_break: Literal["deepest", "earliest"] = "deepest"
+    """Which slot wins when the gradient signal ties: nearest the output or nearest the input."""
+    one_seed_in_flight: bool = True
+    """No germination while another seed is GERMINATED, TRAINING or BLENDING."""
+    prune_threshold: float = 1e-3
+    """Prune a measured seed whose contribution is below minus this value."""
+    fossilize_threshold: float = 1e-3
+    """A HOLDING seed counts an epoch towards fossilization when its contribution is at least this."""
+    fossilize_epochs: int = 2
+    """Consecutive qualifying HOLDING epochs needed to fossilize."""
+    holding_patience_epochs: int = 6
+    """Prune a seed that sat this many epochs in HOLDING without earning fossilization."""
+    prior_contribution: float = 0.0
+    """Contribution assumed for a kernel with no field reports (shrinkage target)."""
+    prior_strength: float = 2.0
+    """Pseudo-count of the prior: field reports needed before a kernel's record outweighs it."""
+    success_weight: float = 0.02
+    """Score per unit of (Laplace-smoothed) fossilization rate above one half."""
+    cost_weight: float = 0.01
+    """Score lost per host-sized parameter count the kernel adds (parameter rent)."""
+
+    def __post_init__(self) -> None:
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs} must be >= 0")
+        if self.plateau_window < 1:
+            raise ValueError(f"plateau_window={self.plateau_window} must be >= 1")
+        if self.tie_break not in ("deepest", "earliest"):
+            raise ValueError(f"tie_break={self.tie_break!r}; allowed: 'deepest', 'earliest'")
+        for name in (
+            "plateau_threshold",
+            "prune_threshold",
+            "fossilize_threshold",
+            "prior_strength",
+            "success_weight",
+            "cost_weight",
+        ):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name}={v!r} must be a finite number >= 0")
+        if not math.isfinite(self.prior_contribution):
+            raise ValueError(f"prior_contribution={self.prior_contribution!r} must be finite")
+        if self.fossilize_epochs < 1:
+            raise ValueError(f"fossilize_epochs={self.fossilize_epochs} must be >= 1")
+        if self.holding_patience_epochs < self.fossilize_epochs:
+            raise ValueError(
+                f"holding_patience_epochs={self.holding_patience_epochs} must be >= "
+                f"fossilize_epochs={self.fossilize_epochs}, or no seed could ever fossilize"
+            )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> HeuristicConfig:
+        return config_from_dict(cls, data, where="tamiyo.heuristic")

@@ -1,0 +1,225 @@
+"""The heuristic controller: rules a person can read, and the baseline a learned policy must beat.
+
+At each epoch boundary, in this order:
+
+1. **Prune** a live seed whose numbers are not finite, whose measured counterfactual
+   contribution is below `-prune_threshold`, or that sat `holding_patience_epochs` in
+   HOLDING without earning fossilization.
+2. **Fossilize** a HOLDING seed whose measured contribution was at least
+   `fossilize_threshold` for `fossilize_epochs` consecutive boundaries (history kept per
+   run and slot, reset when the slot's kernel changes).
+3. **Germinate** at most one seed when validation loss has plateaued after the warm-up:
+   the best loss in the last `plateau_window` epochs improved on the best loss before them
+   by less than `plateau_threshold` (relative). Not while another seed is still
+   GERMINATED/TRAINING/BLENDING (unless `one_seed_in_flight` is off), not without seeds or
+   parameters left, never at an embargoed slot.
+
+   *Where*: the dormant slot whose host site had the largest gradient norm over the epoch
+   (`SlotHealth.host_grad_norm`). The loss is still pulling hardest on that layer, so new
+   capacity there receives the most learning signal; ties go to the deepest slot (or the
+   earliest, by config).
+
+   *What*: among the kernels compiled for that site that fit `parameters_left`, the best
+   score = contribution shrunk towards a prior by the kernel's field-report count
+   + `success_weight` × (Laplace-smoothed fossilization rate − ½)
+   − `cost_weight` × kernel parameters / host parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from esper.tamiyo._config import settings_in_words
+from esper.tamiyo.heuristic.config import HeuristicConfig
+from esper.tamiyo.history import ContributionHistory
+from esper.tamiyo.policy import (
+    Candidates,
+    KernelCandidate,
+    Policy,
+    affordable,
+    seeds_in_flight,
+    slot_finite,
+    stage_name,
+    wait,
+)
+from generated.esper.common.v1 import decision_pb2, health_pb2, seed_pb2
+
+
+def relative_improvement(history: Sequence[float], window: int) -> float | None:
+    """(best before the window − best in the window) / |best before the window|; None if too short."""
+    if len(history) < window + 1:
+        return None
+    before = min(history[:-window])
+    recent = min(history[-window:])
+    return (before - recent) / max(abs(before), 1e-12)
+
+
+def kernel_score(c: KernelCandidate, *, host_parameters: int, config: HeuristicConfig) -> float:
+    n = c.outcomes
+    shrunk = (n * c.mean_contribution + config.prior_strength * config.prior_contribution) / max(
+        n + config.prior_strength, 1e-12
+    )
+    success = (c.fossilized + 1) / (n + 2) - 0.5
+    rent = c.parameters / max(host_parameters, 1)
+    return shrunk + config.success_weight * success - config.cost_weight * rent
+
+
+def rank_kernels(
+    candidates: Sequence[KernelCandidate], *, host_parameters: int, config: HeuristicConfig
+) -> list[KernelCandidate]:
+    """Best first; ties go to the smaller kernel, then the kernel id (determinism)."""
+    return sorted(
+        candidates,
+        key=lambda c: (-kernel_score(c, host_parameters=host_parameters, config=config), c.parameters, c.kernel_id),
+    )
+
+
+class HeuristicPolicy(Policy):
+    name = "heuristic"
+
+    def __init__(self, config: HeuristicConfig | None = None) -> None:
+        self.config = config or HeuristicConfig()
+        self.history = ContributionHistory()
+
+    def settings(self) -> dict[str, str]:
+        return settings_in_words(self.config)
+
+    def decide(
+        self, snapshot: health_pb2.HealthSnapshot, candidates: Candidates
+    ) -> list[decision_pb2.Decision]:
+        self.history.observe(snapshot)
+        decisions: list[decision_pb2.Decision] = []
+        removed: set[str] = set()
+        for slot in sorted(snapshot.slots, key=lambda s: s.depth):
+            d = self._keep_or_remove(snapshot, slot)
+            if d is not None:
+                decisions.append(d)
+                if d.kind == decision_pb2.DECISION_KIND_PRUNE:
+                    removed.add(slot.slot_id)
+        germ, why_not = self._germination(snapshot, candidates, removed)
+        if germ is not None:
+            decisions.append(germ)
+        if not decisions:
+            decisions.append(wait(why_not, policy=self.name))
+        return decisions
+
+    def _keep_or_remove(
+        self, snapshot: health_pb2.HealthSnapshot, slot: health_pb2.SlotHealth
+    ) -> decision_pb2.Decision | None:
+        cfg = self.config
+        live = slot.stage in (
+            seed_pb2.SEED_STAGE_GERMINATED,
+            seed_pb2.SEED_STAGE_TRAINING,
+            seed_pb2.SEED_STAGE_BLENDING,
+            seed_pb2.SEED_STAGE_HOLDING,
+        )
+        if not live:
+            return None
+        stage = stage_name(slot.stage)
+        if not slot_finite(slot):
+            return self._decision(
+                decision_pb2.DECISION_KIND_PRUNE,
+                slot,
+                f"prune {slot.slot_id}: its health numbers are not finite in {stage}",
+            )
+        if slot.contribution_measured and slot.contribution < -cfg.prune_threshold:
+            return self._decision(
+                decision_pb2.DECISION_KIND_PRUNE,
+                slot,
+                f"prune {slot.slot_id}: counterfactual contribution {slot.contribution:+.4g} is below "
+                f"-{cfg.prune_threshold:g} in {stage} (removing the seed lowers validation loss)",
+            )
+        if slot.stage != seed_pb2.SEED_STAGE_HOLDING:
+            return None
+        streak = self.history.streak(
+            snapshot.run_id,
+            slot.slot_id,
+            stage=seed_pb2.SEED_STAGE_HOLDING,
+            up_to_epoch=snapshot.epoch,
+            at_least=cfg.fossilize_threshold,
+        )
+        if streak >= cfg.fossilize_epochs:
+            return self._decision(
+                decision_pb2.DECISION_KIND_FOSSILIZE,
+                slot,
+                f"fossilize {slot.slot_id}: contribution >= {cfg.fossilize_threshold:g} for {streak} "
+                f"consecutive HOLDING epochs (now {slot.contribution:+.4g})",
+            )
+        if slot.epochs_in_stage >= cfg.holding_patience_epochs:
+            return self._decision(
+                decision_pb2.DECISION_KIND_PRUNE,
+                slot,
+                f"prune {slot.slot_id}: {slot.epochs_in_stage} epochs in HOLDING without "
+                f"{cfg.fossilize_epochs} consecutive epochs of contribution >= {cfg.fossilize_threshold:g} "
+                f"(now {slot.contribution:+.4g})",
+            )
+        return None
+
+    def _germination(
+        self, snapshot: health_pb2.HealthSnapshot, candidates: Candidates, removed: set[str]
+    ) -> tuple[decision_pb2.Decision | None, str]:
+        """The germination for this boundary, or None and why not (in words)."""
+        cfg = self.config
+        if snapshot.epoch < cfg.warmup_epochs:
+            return None, f"warm-up: epoch {snapshot.epoch} < warmup_epochs={cfg.warmup_epochs}"
+        history = list(snapshot.val_loss_history)
+        if not all(math.isfinite(v) for v in history):
+            return None, "validation loss history has non-finite values; not growing a diverging run"
+        improvement = relative_improvement(history, cfg.plateau_window)
+        if improvement is None:
+            return None, (
+                f"{len(history)} validation losses; a plateau needs at least {cfg.plateau_window + 1}"
+            )
+        if improvement >= cfg.plateau_threshold:
+            return None, (
+                f"no plateau: validation loss improved {improvement:.2%} over the last "
+                f"{cfg.plateau_window} epochs (threshold {cfg.plateau_threshold:.2%})"
+            )
+        plateau_words = (
+            f"validation loss plateaued ({improvement:.2%} better over the last {cfg.plateau_window} "
+            f"epochs, threshold {cfg.plateau_threshold:.2%})"
+        )
+        if snapshot.seeds_left <= 0:
+            return None, f"{plateau_words}, but no seeds are left in the growth budget"
+        in_flight = [s for s in seeds_in_flight(snapshot) if s not in removed]
+        if cfg.one_seed_in_flight and in_flight:
+            return None, f"{plateau_words}, but seed(s) {in_flight} are still training or blending"
+        dormant = [s for s in snapshot.slots if s.stage == seed_pb2.SEED_STAGE_DORMANT]
+        if not dormant:
+            return None, f"{plateau_words}, but no slot is DORMANT"
+        open_slots = [s for s in dormant if s.embargo_epochs_left == 0]
+        if not open_slots:
+            return None, f"{plateau_words}, but every dormant slot is embargoed"
+        sign = 1 if cfg.tie_break == "deepest" else -1
+        ranked = sorted(open_slots, key=lambda s: (-s.host_grad_norm, -sign * s.depth, s.slot_id))
+        reasons: list[str] = []
+        for slot in ranked:
+            offered = list(candidates.get(slot.slot_id, ()))
+            fitting = affordable(snapshot, offered)
+            if not fitting:
+                reasons.append(
+                    f"{slot.slot_id}: {len(offered)} kernel(s) offered, none within "
+                    f"{snapshot.parameters_left} parameters left"
+                )
+                continue
+            best = rank_kernels(fitting, host_parameters=snapshot.host_parameters, config=cfg)[0]
+            score = kernel_score(best, host_parameters=snapshot.host_parameters, config=cfg)
+            runner_up = f" over {len(fitting) - 1} other kernel(s)" if len(fitting) > 1 else ""
+            reason = (
+                f"germinate {slot.slot_id} with {best.label}: {plateau_words}; this slot has the "
+                f"largest host gradient norm among open dormant slots ({slot.host_grad_norm:.4g}); "
+                f"kernel score {score:+.4g}{runner_up}"
+            )
+            if reasons:
+                reason += f" (skipped {'; '.join(reasons)})"
+            d = self._decision(decision_pb2.DECISION_KIND_GERMINATE, slot, reason)
+            d.blueprint_id = best.blueprint_id
+            d.kernel_id = best.kernel_id
+            return d, ""
+        return None, f"{plateau_words}, but no kernel fits: {'; '.join(reasons)}"
+
+    def _decision(self, kind: int, slot: health_pb2.SlotHealth, reason: str) -> decision_pb2.Decision:
+        return decision_pb2.Decision(
+            kind=kind, slot_id=slot.slot_id, reason=reason, policy=self.name, confidence=1.0
+        )
