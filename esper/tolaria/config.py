@@ -1,0 +1,284 @@
+"""A training run's configuration: frozen dataclasses mirroring `esper.tolaria.v1.RunConfig`.
+
+`RunConfig.from_dict` is what YAML/JSON configs go through (unknown keys are an error
+naming the key); `from_proto`/`to_proto` convert to and from the wire message. Proto3
+zero values of optional knobs (`width`, an unset `optimizer`, `budget` or
+`decide_timeout`) mean "the default", so a client may leave them out.
+
+Every validation failure is a `RunConfigError`: a `ConfigError` that also carries the
+dotted `field` it is about, so the service can answer INVALID_ARGUMENT naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from esper.errors import ConfigError
+from generated.esper.tolaria.v1 import tolaria_service_pb2 as pb
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "constant")
+CONTROLLERS = ("heuristic", "gnn", "random", "fixed", "none")
+
+
+class RunConfigError(ConfigError):
+    """A run configuration value or key is invalid; `field` is its dotted path."""
+
+    def __init__(self, message: str, *, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _fail(field_name: str, message: str) -> RunConfigError:
+    return RunConfigError(f"{field_name}: {message}", field=field_name)
+
+
+def _check_keys(cls: type, data: Mapping[str, Any], where: str) -> None:
+    if not isinstance(data, Mapping):
+        raise _fail(where or cls.__name__, f"expects a mapping, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        first = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise RunConfigError(
+            f"unknown {cls.__name__} key(s) {', '.join(map(repr, unknown))}"
+            f"{' in ' + where if where else ''}; allowed: {', '.join(sorted(known))}",
+            field=first,
+        )
+
+
+def _number(name: str, value: Any, *, lo: float, hi: float = math.inf, lo_open: bool = False,
+            hi_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _fail(name, f"{value!r} must be a finite number")
+    if (value <= lo if lo_open else value < lo) or (value >= hi if hi_open else value > hi):
+        lo_s = f"{'>' if lo_open else '>='} {lo}"
+        hi_s = "" if hi == math.inf else f" and {'<' if hi_open else '<='} {hi}"
+        raise _fail(name, f"{value!r} must be {lo_s}{hi_s}")
+
+
+def _integer(name: str, value: Any, *, lo: int, hi: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(name, f"{value!r} must be an integer")
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" + ("" if hi is None else f" and <= {hi}")
+        raise _fail(name, f"{value!r} must be {bound}")
+
+
+def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise _fail(name, f"{value!r} is not one of: {', '.join(allowed)}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class OptimizerConfig:
+    """Optimizer and learning-rate schedule; the same for every arm of a comparison."""
+
+    name: str = "adamw"
+    """"sgd" (with `momentum`) or "adamw"."""
+    learning_rate: float = 3e-3
+    """Peak learning rate (> 0, <= 10)."""
+    weight_decay: float = 0.0
+    """Decoupled (adamw) or L2 (sgd) weight decay, in [0, 1]."""
+    momentum: float = 0.9
+    """SGD momentum in [0, 1); ignored by adamw."""
+    schedule: str = "cosine"
+    """"cosine": per step from the peak down to exactly 0 at the last step of the last
+    epoch (after `warmup_epochs` of linear warm-up); "constant": the peak throughout."""
+    warmup_epochs: int = 0
+    """Epochs of linear warm-up from 0 to the peak (>= 0, fewer than the run's epochs)."""
+    clip_grad_norm: float = 0.0
+    """Clip host and seed gradients to this L2 norm, each group separately; 0 disables."""
+
+    def __post_init__(self) -> None:
+        _one_of("optimizer.name", self.name, OPTIMIZERS)
+        _number("optimizer.learning_rate", self.learning_rate, lo=0, hi=10, lo_open=True)
+        _number("optimizer.weight_decay", self.weight_decay, lo=0, hi=1)
+        _number("optimizer.momentum", self.momentum, lo=0, hi=1, hi_open=True)
+        _one_of("optimizer.schedule", self.schedule, SCHEDULES)
+        _integer("optimizer.warmup_epochs", self.warmup_epochs, lo=0)
+        _number("optimizer.clip_grad_norm", self.clip_grad_norm, lo=0)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> OptimizerConfig:
+        _check_keys(cls, data, "optimizer")
+        return cls(**dict(data))
+
+
+@dataclass(kw_only=True, frozen=True)
+class GrowthBudget:
+    """How much a run may grow."""
+
+    max_seeds: int = 4
+    """Seeds that may be germinated over the run (0 <= n <= 1024)."""
+    max_added_parameters: int = 0
+    """Parameters growth may add (>= 0; 0: no bound)."""
+
+    def __post_init__(self) -> None:
+        _integer("budget.max_seeds", self.max_seeds, lo=0, hi=1024)
+        _integer("budget.max_added_parameters", self.max_added_parameters, lo=0)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GrowthBudget:
+        _check_keys(cls, data, "budget")
+        return cls(**dict(data))
+
+
+@dataclass(kw_only=True, frozen=True)
+class RunConfig:
+    """Everything that defines one training run (mirrors `esper.tolaria.v1.RunConfig`)."""
+
+    task: str = "mnist1d"
+    """Task name in `esper.tolaria.tasks` ("mnist1d", "digits", "spirals")."""
+    host: str = "mlp"
+    """Host model of that task ("mlp", "cnn")."""
+    sites: tuple[str, ...] = ()
+    """Seed sites as module-name patterns (fnmatch); empty: the host's default sites."""
+    controller: str = "heuristic"
+    """Growth controller: "heuristic", "gnn", "random", "fixed" or "none"."""
+    budget: GrowthBudget = field(default_factory=GrowthBudget)
+    """Seeds and parameters growth may add."""
+    epochs: int = 20
+    """Training epochs (1 <= n <= 10000); the schedule decays to 0 at the last one."""
+    seed: int = 0
+    """Seed of data splits, initialisation, batch order and controllers (>= 0)."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer and schedule."""
+    batch_size: int = 64
+    """Training batch size (1 <= n <= 65536)."""
+    checkpoint_every: int = 1
+    """Write a checkpoint every N epochs; 0: only at the end (>= 0)."""
+    decide_timeout_s: float = 0.5
+    """Deadline of each controller call, in seconds (> 0)."""
+    width: float = 1.0
+    """Host width multiplier (> 0, <= 64)."""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    """Free-form labels (at most 32), shown by ListRuns."""
+
+    def __post_init__(self) -> None:
+        for name in ("task", "host", "controller"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not 1 <= len(value) <= 64:
+                raise _fail(name, f"{value!r} must be a non-empty string of at most 64 characters")
+        _one_of("controller", self.controller, CONTROLLERS)
+        if isinstance(self.sites, str) or not all(isinstance(s, str) and s for s in self.sites):
+            raise _fail("sites", f"{self.sites!r} must be a list of non-empty module-name patterns")
+        object.__setattr__(self, "sites", tuple(self.sites))
+        if len(self.sites) > 64:
+            raise _fail("sites", f"{len(self.sites)} sites given; at most 64 are allowed")
+        if not isinstance(self.budget, GrowthBudget):
+            raise _fail("budget", f"{self.budget!r} must be a GrowthBudget")
+        if not isinstance(self.optimizer, OptimizerConfig):
+            raise _fail("optimizer", f"{self.optimizer!r} must be an OptimizerConfig")
+        _integer("epochs", self.epochs, lo=1, hi=10000)
+        _integer("seed", self.seed, lo=0, hi=2**63 - 1)
+        _integer("batch_size", self.batch_size, lo=1, hi=65536)
+        _integer("checkpoint_every", self.checkpoint_every, lo=0)
+        _number("decide_timeout_s", self.decide_timeout_s, lo=0, hi=3600, lo_open=True)
+        _number("width", self.width, lo=0, hi=64, lo_open=True)
+        if self.optimizer.warmup_epochs >= self.epochs:
+            raise _fail(
+                "optimizer.warmup_epochs",
+                f"{self.optimizer.warmup_epochs} must be fewer than epochs={self.epochs}",
+            )
+        if not isinstance(self.labels, Mapping) or len(self.labels) > 32 or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.labels.items()
+        ):
+            raise _fail("labels", f"{self.labels!r} must map strings to strings (at most 32 pairs)")
+        object.__setattr__(self, "labels", dict(self.labels))
+
+    # ----- plain mappings (YAML / JSON) -----
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
+        """Build from a plain mapping; unknown keys at any level raise `RunConfigError`."""
+        _check_keys(cls, data, "")
+        kwargs = dict(data)
+        if "budget" in kwargs and not isinstance(kwargs["budget"], GrowthBudget):
+            kwargs["budget"] = GrowthBudget.from_dict(kwargs["budget"])
+        if "optimizer" in kwargs and not isinstance(kwargs["optimizer"], OptimizerConfig):
+            kwargs["optimizer"] = OptimizerConfig.from_dict(kwargs["optimizer"])
+        if "sites" in kwargs and isinstance(kwargs["sites"], list):
+            kwargs["sites"] = tuple(kwargs["sites"])
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able mapping that `from_dict` accepts."""
+        out = dataclasses.asdict(self)
+        out["sites"] = list(self.sites)
+        out["labels"] = dict(self.labels)
+        return out
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ----- the wire message -----
+
+    @classmethod
+    def from_proto(cls, msg: pb.RunConfig) -> RunConfig:
+        """From `esper.tolaria.v1.RunConfig`; zero values of optional knobs take defaults."""
+        d = cls()
+        kwargs: dict[str, Any] = {
+            "task": msg.task,
+            "host": msg.host,
+            "sites": tuple(msg.sites),
+            "controller": msg.controller,
+            "epochs": int(msg.epochs),
+            "seed": int(msg.seed),
+            "batch_size": int(msg.batch_size),
+            "checkpoint_every": int(msg.checkpoint_every),
+            "width": float(msg.width) if msg.width else d.width,
+            "labels": dict(msg.labels),
+        }
+        if msg.HasField("budget"):
+            kwargs["budget"] = GrowthBudget(
+                max_seeds=int(msg.budget.max_seeds),
+                max_added_parameters=int(msg.budget.max_added_parameters),
+            )
+        if msg.HasField("optimizer"):
+            o = msg.optimizer
+            kwargs["optimizer"] = OptimizerConfig(
+                name=o.name,
+                learning_rate=float(o.learning_rate),
+                weight_decay=float(o.weight_decay),
+                momentum=float(o.momentum),
+                schedule=o.schedule,
+                warmup_epochs=int(o.warmup_epochs),
+                clip_grad_norm=float(o.clip_grad_norm),
+            )
+        if msg.HasField("decide_timeout"):
+            kwargs["decide_timeout_s"] = msg.decide_timeout.ToTimedelta().total_seconds()
+        return cls(**kwargs)
+
+    def to_proto(self) -> pb.RunConfig:
+        msg = pb.RunConfig(
+            task=self.task,
+            host=self.host,
+            sites=list(self.sites),
+            controller=self.controller,
+            budget=pb.GrowthBudget(
+                max_seeds=self.budget.max_seeds,
+                max_added_parameters=self.budget.max_added_parameters,
+            ),
+            epochs=self.epochs,
+            seed=self.seed,
+            optimizer=pb.OptimizerConfig(
+                name=self.optimizer.name,
+                learning_rate=self.optimizer.learning_rate,
+                weight_decay=self.optimizer.weight_decay,
+                momentum=self.optimizer.momentum,
+                schedule=self.optimizer.schedule,
+                warmup_epochs=self.optimizer.warmup_epochs,
+                clip_grad_norm=self.optimizer.clip_grad_norm,
+            ),
+            batch_size=self.batch_size,
+            checkpoint_every=self.checkpoint_every,
+            width=self.width,
+            labels=dict(self.labels),
+        )
+        msg.decide_timeout.FromNanoseconds(round(self.decide_timeout_s * 1e9))
+        return msg
