@@ -1,0 +1,622 @@
+"""`wrap` and `MorphogeneticModel`: a host model with seed slots at chosen sites.
+
+The wrapper registers the host as `self.host` (the same object, no parameter copies) and
+the slots under `self.seed_slots` (ModuleDict keyed by the slot id with "." replaced by
+"-", since module names cannot contain dots). So `mm.state_dict()` holds the host's own
+keys under the `host.` prefix, unchanged, next to `seed_slots.<key>.*`, and
+`mm.host.state_dict()` is exactly what the unwrapped host would save.
+
+Per-step use (single process or each DDP rank alike):
+
+    loss.backward(); mm.clip_grad_norms(1.0, 1.0); opt.step(); mm.step()
+    ... at each epoch boundary: mm.end_epoch(); snapshot = mm.health()
+
+Strategic actions (germinate, prune, fossilize) belong at step boundaries; mechanical
+transitions happen inside `step()` / `end_epoch()`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from esper.errors import ConfigError, IllegalTransitionError, InvalidArgumentError, NotFoundError
+from esper.kasmina.config import KasminaConfig
+from esper.kasmina.events import KasminaEvent, SlotHealthData
+from esper.kasmina.slot import SeedSlot
+from esper.kasmina.stages import LIVE_STAGES, SeedStage
+from generated.esper.common.v1 import seed_pb2
+
+_log = logging.getLogger(__name__)
+
+SiteSpec = str | type[nn.Module]
+EventSink = Callable[[KasminaEvent], None]
+KernelResolver = Callable[[str], nn.Module]
+
+_NCL_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, nn.InstanceNorm1d, nn.MaxPool1d,
+    nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d,
+)
+_NLD_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.LayerNorm, nn.Embedding, nn.MultiheadAttention, nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer, nn.RMSNorm,
+)
+_LAYOUT = {
+    "nc": seed_pb2.ACTIVATION_LAYOUT_NC,
+    "ncl": seed_pb2.ACTIVATION_LAYOUT_NCL,
+    "nchw": seed_pb2.ACTIVATION_LAYOUT_NCHW,
+    "nld": seed_pb2.ACTIVATION_LAYOUT_NLD,
+}
+_DTYPE = {
+    torch.float32: seed_pb2.D_TYPE_FLOAT32,
+    torch.float16: seed_pb2.D_TYPE_FLOAT16,
+    torch.bfloat16: seed_pb2.D_TYPE_BFLOAT16,
+    torch.float64: seed_pb2.D_TYPE_FLOAT64,
+}
+
+
+def _slot_key(slot_id: str) -> str:
+    return slot_id.replace(".", "-")
+
+
+def _resolve_sites(model: nn.Module, sites: Sequence[SiteSpec]) -> list[str]:
+    named = [(n, m) for n, m in model.named_modules() if n]
+    available = ", ".join(f"{n} ({type(m).__name__})" for n, m in named)
+    if isinstance(sites, (str, type)) or not sites:
+        raise ConfigError(
+            f"sites={sites!r} must be a non-empty list of module-name patterns and/or module "
+            f"types; available modules: {available}"
+        )
+    chosen: list[str] = []
+    for spec in sites:
+        if isinstance(spec, str):
+            hits = [n for n, _ in named if fnmatch.fnmatchcase(n, spec)]
+        elif isinstance(spec, type) and issubclass(spec, nn.Module):
+            hits = [n for n, m in named if isinstance(m, spec)]
+        else:
+            raise ConfigError(
+                f"site {spec!r} is neither a module-name pattern nor an nn.Module type; "
+                f"available modules: {available}"
+            )
+        if not hits:
+            what = spec if isinstance(spec, str) else spec.__name__
+            raise ConfigError(f"site {what!r} matches no module; available modules: {available}")
+        chosen.extend(h for h in hits if h not in chosen)
+    return chosen
+
+
+def _call(model: nn.Module, x: Any) -> Any:
+    if isinstance(x, tuple):
+        return model(*x)
+    if isinstance(x, dict):
+        return model(**x)
+    return model(x)
+
+
+def _trace_sites(
+    model: nn.Module, site_names: list[str], example_input: Any
+) -> tuple[list[str], dict[str, torch.Tensor], dict[str, str]]:
+    """Run `example_input` once: data-flow order, output per site, layout hint per site.
+
+    The layout hint for a 3-d activation comes from the most recent leaf module that
+    fixes one (a Conv1d/BatchNorm1d/... means NCL, a Linear/LayerNorm/... means NLD), so an
+    activation or dropout after a conv is classified by the conv before it.
+    """
+    modules = dict(model.named_modules())
+    order: list[str] = []
+    outputs: dict[str, torch.Tensor] = {}
+    hints: dict[str, str] = {}
+    last_hint = [""]
+    handles = []
+
+    def leaf_hook(mod: nn.Module, _args: Any, _out: Any) -> None:
+        if isinstance(mod, _NCL_TYPES):
+            last_hint[0] = "ncl"
+        elif isinstance(mod, _NLD_TYPES):
+            last_hint[0] = "nld"
+
+    def site_hook(name: str) -> Callable[..., None]:
+        def hook(mod: nn.Module, _args: Any, out: Any) -> None:
+            if name in outputs:
+                return
+            if not isinstance(out, torch.Tensor):
+                raise ConfigError(
+                    f"site {name!r} ({type(mod).__name__}) returns {type(out).__name__}; a seed "
+                    "slot needs a module whose output is one tensor"
+                )
+            order.append(name)
+            outputs[name] = out.detach()
+            own = "ncl" if isinstance(mod, _NCL_TYPES) else "nld" if isinstance(mod, _NLD_TYPES) else ""
+            hints[name] = own or last_hint[0]
+
+        return hook
+
+    try:
+        for name, mod in modules.items():
+            if not list(mod.children()) or isinstance(mod, _NCL_TYPES + _NLD_TYPES):
+                handles.append(mod.register_forward_hook(leaf_hook))
+        for name in site_names:
+            handles.append(modules[name].register_forward_hook(site_hook(name)))
+        training = {n: m.training for n, m in modules.items()}
+        model.eval()  # no BatchNorm statistics updates, no dropout, from the probe run
+        try:
+            with torch.no_grad():
+                _call(model, example_input)
+        finally:
+            for n, m in modules.items():
+                m.training = training[n]
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in site_names if n not in outputs]
+    if missing:
+        raise ConfigError(
+            f"site(s) {', '.join(map(repr, missing))} did not run on example_input; sites that "
+            f"ran: {', '.join(order) or '(none)'}"
+        )
+    return order, outputs, hints
+
+
+def _signature(slot_id: str, out: torch.Tensor, hint: str, config: KasminaConfig
+               ) -> seed_pb2.SiteSignature:
+    layout = config.layouts.get(slot_id)
+    if layout is None:
+        if out.dim() == 2:
+            layout = "nc"
+        elif out.dim() == 4:
+            layout = "nchw"
+        elif out.dim() == 3 and hint:
+            layout = hint
+        elif out.dim() == 3:
+            raise ConfigError(
+                f"site {slot_id!r}: cannot tell whether its 3-d output {tuple(out.shape)} is NCL "
+                "or NLD; set KasminaConfig.layouts[{slot_id!r}] to 'ncl' or 'nld'"
+            )
+        else:
+            raise ConfigError(
+                f"site {slot_id!r}: output shape {tuple(out.shape)} has rank {out.dim()}; "
+                "supported: 2 (NC), 3 (NCL/NLD), 4 (NCHW)"
+            )
+    expected_rank = {"nc": 2, "ncl": 3, "nld": 3, "nchw": 4}[layout]
+    if out.dim() != expected_rank:
+        raise ConfigError(
+            f"site {slot_id!r}: layout {layout!r} needs rank {expected_rank}, output is "
+            f"{tuple(out.shape)}"
+        )
+    if out.dtype not in _DTYPE:
+        raise ConfigError(
+            f"site {slot_id!r}: activation dtype {out.dtype} is not one of "
+            f"{', '.join(map(str, _DTYPE))}"
+        )
+    shape = tuple(out.shape)
+    if layout == "nld":
+        channels, spatial = shape[2], [shape[1]]
+    else:
+        channels, spatial = shape[1], list(shape[2:])
+    return seed_pb2.SiteSignature(
+        layout=_LAYOUT[layout], channels=channels, spatial=spatial, dtype=_DTYPE[out.dtype]
+    )
+
+
+class MorphogeneticModel(nn.Module):
+    """A host model with seed slots. Build it with `esper.kasmina.wrap`."""
+
+    def __init__(
+        self,
+        host: nn.Module,
+        *,
+        sites: Sequence[SiteSpec],
+        example_input: Any,
+        config: KasminaConfig,
+        event_sink: EventSink | None,
+        kernel_resolver: KernelResolver | None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(config, KasminaConfig):
+            raise ConfigError(f"config must be a KasminaConfig, got {type(config).__name__}")
+        self.config = config
+        self.host = host
+        self._event_sink = event_sink
+        self._kernel_resolver = kernel_resolver
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._global_step = 0
+        self._epoch = 0
+        self._germinations = 0
+        # global_step, epoch, germinations (germination order keeps optimizer groups aligned)
+        self.register_buffer("counters", torch.zeros(3, dtype=torch.int64))
+        names = _resolve_sites(host, sites)
+        order, outputs, hints = _trace_sites(host, names, example_input)
+        modules = dict(host.named_modules())
+        self.seed_slots = nn.ModuleDict()
+        for depth, slot_id in enumerate(order):
+            key = _slot_key(slot_id)
+            if key in self.seed_slots:
+                raise ConfigError(f"site names {slot_id!r} and another map to slot key {key!r}")
+            out = outputs[slot_id]
+            slot = SeedSlot(
+                slot_id=slot_id,
+                site=modules[slot_id],
+                depth=depth,
+                signature=_signature(slot_id, out, hints[slot_id], config),
+                probe=out[: config.probe_rows],
+                config=config,
+                emit=self._emit,
+                clock=self._clock,
+            )
+            slot._resolver = kernel_resolver
+            self.seed_slots[key] = slot
+        self._slots = {s.slot_id: s for s in self.seed_slots.values()}
+        self._host_param_ids = {id(p) for p in host.parameters()}
+        self._arm_for_next_step()
+        self.register_load_state_dict_post_hook(MorphogeneticModel._after_load)
+
+    # ---- plumbing ---------------------------------------------------------------------
+
+    def _emit(self, event: KasminaEvent) -> None:
+        _log.debug("kasmina event %s", event)
+        if self._event_sink is not None:
+            self._event_sink(event)
+
+    def _clock(self) -> tuple[int, int]:
+        return self._global_step, self._epoch
+
+    def _slot(self, slot_id: str) -> SeedSlot:
+        try:
+            return self._slots[slot_id]
+        except KeyError:
+            raise NotFoundError(
+                f"no seed slot {slot_id!r}; slots: {', '.join(self._slots) or '(none)'}",
+                reason="SLOT_NOT_FOUND",
+            ) from None
+
+    def _arm_for_next_step(self) -> None:
+        armed = (self._global_step + 1) % self.config.stats_interval == 0
+        for slot in self._slots.values():
+            slot.set_armed(armed)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.host(*args, **kwargs)
+
+    # ---- views ------------------------------------------------------------------------
+
+    @property
+    def slots(self) -> dict[str, SeedSlot]:
+        """Slots by slot id (the site's module name), in data-flow order."""
+        return dict(self._slots)
+
+    @property
+    def global_step(self) -> int:
+        return self._global_step
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def site_signature(self, slot_id: str) -> seed_pb2.SiteSignature:
+        return self._slot(slot_id).site_signature()
+
+    def legal_actions(self, slot_id: str) -> set[str]:
+        return self._slot(slot_id).legal_actions()
+
+    def host_parameters(self) -> Iterator[nn.Parameter]:
+        return self.host.parameters()
+
+    def seed_parameters(self) -> Iterator[nn.Parameter]:
+        for slot in self._slots.values():
+            if slot.seed is not None:
+                yield from slot.seed.parameters()
+
+    # ---- strategic actions --------------------------------------------------------------
+
+    def germinate(
+        self,
+        slot_id: str,
+        seed_module: nn.Module,
+        *,
+        kernel_id: str,
+        blueprint_id: str,
+        reason: str = "",
+    ) -> None:
+        """Attach `seed_module` at `slot_id`: DORMANT → GERMINATED → TRAINING.
+
+        The seed is moved to the site's device and dtype, checked on the activations
+        recorded from `example_input` (same shape out, finite, and within
+        `function_preserving_tol` of zero unless disabled), and its parameters join the
+        attached optimizer in their own param group.
+
+        Raises:
+            IllegalTransitionError: the slot is not DORMANT.
+            InvalidArgumentError: bad ids, a seed sharing host parameters, or a seed that
+                fails the germination gate.
+        """
+        slot = self._slot(slot_id)
+        if slot.current_stage is not SeedStage.DORMANT:
+            raise IllegalTransitionError(
+                f"slot {slot_id!r} is {slot.current_stage.name}; germinate needs DORMANT "
+                f"(legal now: {sorted(slot.legal_actions()) or 'none'})"
+            )
+        if not isinstance(seed_module, nn.Module):
+            raise InvalidArgumentError(
+                f"seed_module must be an nn.Module, got {type(seed_module).__name__}",
+                field="seed_module",
+            )
+        for name, value in (("kernel_id", kernel_id), ("blueprint_id", blueprint_id)):
+            if not isinstance(value, str) or not value:
+                raise InvalidArgumentError(f"{name}={value!r} must be a non-empty string",
+                                           field=name)
+        shared = [n for n, p in seed_module.named_parameters() if id(p) in self._host_param_ids]
+        if shared:
+            raise InvalidArgumentError(
+                f"seed parameters {shared} are host parameters; a seed must own its parameters",
+                field="seed_module",
+            )
+        slot.germinate(
+            seed_module,
+            kernel_id=kernel_id,
+            blueprint_id=blueprint_id,
+            index=self._germinations + 1,
+            reason=reason,
+        )
+        self._germinations += 1
+        self._join_optimizer(slot)
+        slot.start_training()
+
+    def prune(self, slot_id: str, reason: str) -> None:
+        """Remove the seed: → PRUNED → EMBARGOED (→ RESETTING when the embargo is 0 epochs).
+
+        Its parameters leave the optimizer (param group and state).
+        """
+        slot = self._slot(slot_id)
+        if "prune" not in slot.legal_actions():
+            raise IllegalTransitionError(
+                f"slot {slot_id!r} is {slot.current_stage.name}; prune needs GERMINATED, "
+                f"TRAINING, BLENDING or HOLDING"
+            )
+        self._leave_optimizer(slot)
+        slot.prune(reason)
+
+    def fossilize(self, slot_id: str, reason: str) -> None:
+        """Make the seed a permanent part of the model: HOLDING → FOSSILIZED.
+
+        Raises:
+            IllegalTransitionError: the slot is not HOLDING.
+            FailedPreconditionError: the fossilize gate failed (reason GATE_FAILED).
+        """
+        slot = self._slot(slot_id)
+        if slot.current_stage is not SeedStage.HOLDING:
+            raise IllegalTransitionError(
+                f"slot {slot_id!r} is {slot.current_stage.name}; fossilize needs HOLDING"
+            )
+        slot.fossilize(reason)
+
+    # ---- optimizer --------------------------------------------------------------------
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Manage seed param groups in `optimizer`; live seeds join now in germination order.
+
+        Seeds join as groups tagged `kasmina_slot=<slot id>`, in germination order, so an
+        optimizer rebuilt after `load_state_dict` has its groups in the order of the saved
+        optimizer and `optimizer.load_state_dict` restores the seeds' state.
+        """
+        self._optimizer = optimizer
+        self._sync_optimizer()
+
+    def _group_for(self, slot: SeedSlot) -> dict[str, Any] | None:
+        assert self._optimizer is not None
+        for group in self._optimizer.param_groups:
+            if group.get("kasmina_slot") == slot.slot_id:
+                return group
+        return None
+
+    def _join_optimizer(self, slot: SeedSlot) -> None:
+        if self._optimizer is None or slot.seed is None:
+            return
+        params = [p for p in slot.seed.parameters() if p.requires_grad]
+        if not params:
+            return
+        group: dict[str, Any] = {"params": params, "kasmina_slot": slot.slot_id}
+        if self.config.seed_lr is not None:
+            group["lr"] = self.config.seed_lr
+        if self.config.seed_weight_decay is not None:
+            group["weight_decay"] = self.config.seed_weight_decay
+        self._optimizer.add_param_group(group)
+
+    def _leave_optimizer(self, slot: SeedSlot) -> None:
+        if self._optimizer is None:
+            return
+        group = self._group_for(slot)
+        if group is None:
+            return
+        self._optimizer.param_groups.remove(group)
+        for p in group["params"]:
+            self._optimizer.state.pop(p, None)
+
+    def _sync_optimizer(self) -> None:
+        if self._optimizer is None:
+            return
+        live = {s.slot_id: s for s in self._slots.values() if s.seed is not None}
+        for group in list(self._optimizer.param_groups):
+            sid = group.get("kasmina_slot")
+            if sid is None:
+                continue
+            slot = live.get(sid)
+            current = {id(p) for p in slot.seed.parameters()} if slot is not None else set()
+            if {id(p) for p in group["params"]} != current:
+                self._optimizer.param_groups.remove(group)
+                for p in group["params"]:
+                    self._optimizer.state.pop(p, None)
+        for slot in sorted(live.values(), key=lambda s: s.germination_index):
+            if self._group_for(slot) is None:
+                self._join_optimizer(slot)
+
+    # ---- clocks -----------------------------------------------------------------------
+
+    def step(self) -> None:
+        """Call after each optimizer step: counters, alpha ramps, mechanical transitions."""
+        self._global_step += 1
+        sampled = self._global_step % self.config.stats_interval == 0
+        for slot in self._slots.values():
+            slot.on_step(sampled)
+        self._arm_for_next_step()
+
+    def end_epoch(self) -> list[SlotHealthData]:
+        """Call at each epoch boundary; returns the health of the epoch just closed."""
+        for slot in self._slots.values():
+            slot.on_epoch()
+        self._epoch += 1
+        return self.health()
+
+    # ---- gradients, health, contribution -----------------------------------------------
+
+    def clip_grad_norms(self, host_max: float, seed_max: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip host and seed gradients separately; returns both total norms before clipping.
+
+        Fossilized seeds count as seeds here (their parameters live in the slots, not the
+        host). The norms are device tensors: reading them is the caller's choice.
+        """
+        for name, v in (("host_max", host_max), ("seed_max", seed_max)):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                raise InvalidArgumentError(f"{name}={v!r} must be a number > 0", field=name)
+        host = [p for p in self.host.parameters() if p.grad is not None]
+        seeds = [p for p in self.seed_parameters() if p.grad is not None]
+        zero = self.counters.new_zeros((), dtype=torch.float32)
+        hn = torch.nn.utils.clip_grad_norm_(host, host_max, foreach=None) if host else zero
+        sn = torch.nn.utils.clip_grad_norm_(seeds, seed_max, foreach=None) if seeds else zero
+        return hn, sn
+
+    def health(self) -> list[SlotHealthData]:
+        """Health of every slot (reads the on-device accumulators once per slot)."""
+        out = []
+        for slot in self._slots.values():
+            w = slot.window_for_health()
+            seed_params = sum(p.numel() for p in slot.seed.parameters()) if slot.seed else 0
+            contribution = slot.contribution_value
+            out.append(
+                SlotHealthData(
+                    slot_id=slot.slot_id,
+                    stage=slot.current_stage,
+                    alpha=slot.alpha,
+                    site=slot.site_signature(),
+                    blueprint_id=slot.blueprint_id,
+                    kernel_id=slot.kernel_id,
+                    host_grad_norm=w["host_grad_norm"],
+                    seed_grad_norm=w["seed_grad_norm"],
+                    activation_mean=w["activation_mean"],
+                    activation_std=w["activation_std"],
+                    contribution=contribution or 0.0,
+                    contribution_measured=contribution is not None,
+                    steps_in_stage=slot.steps_in_stage,
+                    epochs_in_stage=slot.epochs_in_stage,
+                    seed_parameters=seed_params,
+                    host_parameters=sum(p.numel() for p in slot.site_module.parameters()),
+                    embargo_epochs_left=slot.embargo_epochs_left,
+                    finite=bool(w["finite"]),
+                    depth=slot.depth,
+                )
+            )
+        return out
+
+    @torch.no_grad()
+    def measure_contribution(
+        self, x: Any, y: Any, loss_fn: Callable[[Any, Any], torch.Tensor]
+    ) -> dict[str, float]:
+        """Counterfactual contribution of each slot whose seed is blended in.
+
+        For every slot in BLENDING, HOLDING or FOSSILIZED: `loss_fn(model(x) with that
+        slot's alpha forced to 0, y) - loss_fn(model(x), y)`, in eval mode without autograd
+        (positive: the seed helps). TRAINING seeds do not change the forward, so they are
+        not listed. Values are stored for `health()` and the fossilize gate.
+        """
+        targets = [s for s in self._slots.values()
+                   if s.current_stage in (SeedStage.BLENDING, SeedStage.HOLDING,
+                                          SeedStage.FOSSILIZED)]
+        if not targets:
+            return {}
+        was_training = self.training
+        self.eval()
+        try:
+            base = float(loss_fn(_call(self, x), y))
+            result: dict[str, float] = {}
+            for slot in targets:
+                slot._force_zero = True
+                try:
+                    ablated = float(loss_fn(_call(self, x), y))
+                finally:
+                    slot._force_zero = False
+                result[slot.slot_id] = ablated - base
+                slot.set_contribution(ablated - base)
+        finally:
+            self.train(was_training)
+        return result
+
+    # ---- persistence ------------------------------------------------------------------
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001
+        for i, v in enumerate((self._global_step, self._epoch, self._germinations)):
+            self.counters[i].fill_(v)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):  # noqa: ANN001
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if prefix + "counters" in state_dict:
+            c = [int(v) for v in state_dict[prefix + "counters"].tolist()]
+            self._global_step, self._epoch, self._germinations = c
+
+    @staticmethod
+    def _after_load(module: nn.Module, _incompatible: Any) -> None:
+        assert isinstance(module, MorphogeneticModel)
+        module._host_param_ids = {id(p) for p in module.host.parameters()}
+        module._arm_for_next_step()
+        module._sync_optimizer()
+
+    def remove_hooks(self) -> None:
+        """Detach every slot from the host (the host runs as if never wrapped)."""
+        for slot in self._slots.values():
+            slot.remove_hook()
+
+    def extra_repr(self) -> str:
+        live = sum(1 for s in self._slots.values() if s.current_stage in LIVE_STAGES)
+        return f"slots={len(self._slots)}, live={live}"
+
+
+def wrap(
+    model: nn.Module,
+    *,
+    sites: Sequence[SiteSpec],
+    example_input: Any,
+    config: KasminaConfig | None = None,
+    event_sink: EventSink | None = None,
+    kernel_resolver: KernelResolver | None = None,
+) -> MorphogeneticModel:
+    """Wrap `model` with a seed slot at every module matching `sites`.
+
+    Args:
+        model: the host; it is used in place (no copy), `wrap(m, ...).host is m`.
+        sites: fnmatch patterns over module names and/or nn.Module types.
+        example_input: a tensor (or tuple of positional args, or dict of kwargs) run once
+            in eval mode without autograd to order the sites by data flow and record each
+            site's `SiteSignature` and germination probe.
+        config: defaults to `KasminaConfig()`.
+        event_sink: receives every `KasminaEvent` (transitions and gate evaluations).
+        kernel_resolver: `kernel_id -> nn.Module`, used by `load_state_dict` to
+            re-materialise germinated seeds before their weights are loaded.
+
+    Raises:
+        ConfigError: a site matches nothing (the message lists the available modules),
+            does not run on `example_input`, or has an unsupported output.
+    """
+    return MorphogeneticModel(
+        model,
+        sites=sites,
+        example_input=example_input,
+        config=config or KasminaConfig(),
+        event_sink=event_sink,
+        kernel_resolver=kernel_resolver,
+    )
