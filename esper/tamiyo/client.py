@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 
-from esper.errors import UnavailableError
+from esper.runtime.breaker import CircuitBreaker
 from esper.tamiyo.errors import as_esper_error
 from generated.esper.common.v1 import health_pb2
 from generated.esper.tamiyo.v1 import tamiyo_service_pb2 as pb
@@ -21,12 +21,12 @@ class TamiyoClient:
     Args:
         target: "host:port" of the Tamiyo service.
         api_key: sent as "x-api-key" metadata (None: auth disabled).
-        breaker: optional circuit breaker with `allow() -> bool`, `record_success()`,
-            `record_failure()` (e.g. `esper.runtime.breaker.CircuitBreaker`); when it does not
-            allow a call, `UnavailableError` is raised without touching the network.
+        breaker: optional `esper.runtime.breaker.CircuitBreaker`; while it is open, calls
+            raise `UnavailableError` without touching the network. Errors that are the
+            caller's fault (bad argument) do not count as Tamiyo failures.
     """
 
-    def __init__(self, target: str, api_key: str | None = None, breaker: Any | None = None) -> None:
+    def __init__(self, target: str, api_key: str | None = None, breaker: CircuitBreaker | None = None) -> None:
         self.target = target
         self._metadata = (("x-api-key", api_key),) if api_key else ()
         self._channel = grpc.insecure_channel(target)
@@ -53,17 +53,16 @@ class TamiyoClient:
         return self._call(self._stub.GetPolicyInfo, pb.GetPolicyInfoRequest(), timeout_s)
 
     def _call(self, method: Any, req: Any, timeout_s: float) -> Any:
-        if self.breaker is not None and not self.breaker.allow():
-            raise UnavailableError(f"Tamiyo at {self.target}: circuit breaker is open; not calling")
+        if self.breaker is None:
+            return self._invoke(method, req, timeout_s)
+        with self.breaker.guard():
+            return self._invoke(method, req, timeout_s)
+
+    def _invoke(self, method: Any, req: Any, timeout_s: float) -> Any:
         try:
-            resp = method(req, timeout=timeout_s, metadata=self._metadata)
+            return method(req, timeout=timeout_s, metadata=self._metadata)
         except grpc.RpcError as e:
-            if self.breaker is not None:
-                self.breaker.record_failure()
             raise as_esper_error(e, what=f"Tamiyo {type(req).__name__.removesuffix('Request')} at {self.target}") from e
-        if self.breaker is not None:
-            self.breaker.record_success()
-        return resp
 
     def close(self) -> None:
         self._channel.close()

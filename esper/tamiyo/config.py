@@ -34,7 +34,7 @@ class TamiyoConfig:
     """Longest a Decide waits on Urza, even when the caller's deadline is later."""
     urza_cooldown_s: float = 2.0
     """After Urza failed, serve cached kernels (or none) for this long before asking again."""
-    decide_reserve_s: float = 0.003
+    decide_reserve_s: float = 0.005
     """Time kept back from the caller's deadline for the policy and the reply."""
     default_deadline_s: float = 1.0
     """Deadline assumed when the caller sets none."""
