@@ -94,3 +94,15 @@ class AuthError(EsperError):
 
 class PermissionDeniedError(EsperError):
     reason = "PERMISSION_DENIED"
+
+
+class OutOfRangeError(InvalidArgumentError):
+    """A position (offset, page) is past the end of what exists; maps to OUT_OF_RANGE."""
+
+    reason = "OUT_OF_RANGE"
+
+
+class DataLossError(EsperError):
+    """Stored data is gone or corrupt (e.g. a blob whose bytes no longer match its hash)."""
+
+    reason = "DATA_LOSS"
