@@ -1,0 +1,227 @@
+"""Subjects and JetStream stream definitions of the Esper bus.
+
+Subjects:
+    esper.events.v1.<run_id>.<kind>   lifecycle, gate, decision, epoch_metrics, degradation, run_state
+    esper.telemetry.v1.<run_id>       health snapshots (high volume, short retention)
+    esper.kernels.v1.published        kernel published by Tezzeret (outside any run)
+
+Events emitted outside a run (e.g. a service degrading while idle) use the run token
+`NO_RUN` ("_"); run ids must start with a letter or digit, so the two never collide.
+
+Streams (file storage, one replica locally; the k8s overlay raises replicas):
+    ESPER_EVENTS     esper.events.v1.>, esper.kernels.v1.>   7 days / 1 GiB, discard old
+    ESPER_TELEMETRY  esper.telemetry.v1.>                    24 h / 512 MiB, 100k msgs per run
+Both keep a 2-minute duplicate window, so a publish retried with the same `Nats-Msg-Id`
+(the envelope's event_id) within two minutes is stored once. The fsync policy is a server
+setting, not a stream one: see `esper.oona.natsd` (sync_interval always).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from typing import Any
+
+from nats.js import JetStreamContext, api
+from nats.js.errors import BadRequestError, NotFoundError
+
+from esper.errors import ConfigError, InvalidArgumentError
+
+EVENTS_PREFIX = "esper.events.v1"
+TELEMETRY_PREFIX = "esper.telemetry.v1"
+KERNELS_PUBLISHED = "esper.kernels.v1.published"
+NO_RUN = "_"
+
+_TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+_KIND = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+def check_run_id(run_id: str) -> str:
+    """Return the subject token for `run_id` (NO_RUN for ""), or raise if it cannot be one."""
+    if run_id == "":
+        return NO_RUN
+    if not _TOKEN.match(run_id):
+        raise InvalidArgumentError(
+            f"run_id {run_id!r} cannot be a NATS subject token: use 1-128 characters of "
+            "[A-Za-z0-9_-] starting with a letter or digit",
+            field="run_id",
+        )
+    return run_id
+
+
+def event_subject(run_id: str, kind: str) -> str:
+    """`esper.events.v1.<run_id>.<kind>`."""
+    if not _KIND.match(kind):
+        raise InvalidArgumentError(
+            f"event kind {kind!r} must be lower_snake_case (e.g. 'lifecycle')", field="kind"
+        )
+    return f"{EVENTS_PREFIX}.{check_run_id(run_id)}.{kind}"
+
+
+def telemetry_subject(run_id: str) -> str:
+    """`esper.telemetry.v1.<run_id>`."""
+    return f"{TELEMETRY_PREFIX}.{check_run_id(run_id)}"
+
+
+def run_events_filter(run_id: str) -> str:
+    """Filter subject matching every event of one run."""
+    return f"{EVENTS_PREFIX}.{check_run_id(run_id)}.>"
+
+
+_DISCARD = {"old": api.DiscardPolicy.OLD, "new": api.DiscardPolicy.NEW}
+
+
+@dataclass(kw_only=True, frozen=True)
+class StreamSpec:
+    """One JetStream stream Esper needs; `ensure_streams` makes the server match it."""
+
+    name: str
+    """Stream name (upper case by convention, e.g. ESPER_EVENTS)."""
+    subjects: tuple[str, ...]
+    """Subjects (wildcards allowed) the stream captures."""
+    max_age_s: float
+    """Messages older than this are removed (retention by time)."""
+    max_bytes: int
+    """Total size bound of the stream; the oldest messages go first when it is reached."""
+    max_msgs_per_subject: int = -1
+    """Bound per subject (per run for telemetry); -1 means no per-subject bound."""
+    max_msg_bytes: int = 1 << 20
+    """Largest single message accepted; larger publishes are rejected by the server."""
+    duplicate_window_s: float = 120.0
+    """Window in which a repeated Nats-Msg-Id is recognised and not stored again."""
+    replicas: int = 1
+    """Copies kept by a NATS cluster (1 on a single local server)."""
+    discard: str = "old"
+    """What a full stream drops: "old" (the oldest messages) or "new" (refuse the publish)."""
+
+    def __post_init__(self) -> None:
+        if not re.match(r"^[A-Z][A-Z0-9_]{0,63}$", self.name):
+            raise ConfigError(f"stream name {self.name!r} must match [A-Z][A-Z0-9_]*")
+        if not self.subjects:
+            raise ConfigError(f"stream {self.name}: subjects must not be empty")
+        if self.max_age_s <= 0:
+            raise ConfigError(f"stream {self.name}: max_age_s must be > 0, got {self.max_age_s}")
+        if self.max_bytes <= 0:
+            raise ConfigError(f"stream {self.name}: max_bytes must be > 0, got {self.max_bytes}")
+        if self.max_msgs_per_subject == 0 or self.max_msgs_per_subject < -1:
+            raise ConfigError(
+                f"stream {self.name}: max_msgs_per_subject must be -1 (unbounded) or > 0, "
+                f"got {self.max_msgs_per_subject}"
+            )
+        if self.max_msg_bytes <= 0:
+            raise ConfigError(f"stream {self.name}: max_msg_bytes must be > 0, got {self.max_msg_bytes}")
+        if not 0 < self.duplicate_window_s <= self.max_age_s:
+            raise ConfigError(
+                f"stream {self.name}: duplicate_window_s must be in (0, max_age_s={self.max_age_s}], "
+                f"got {self.duplicate_window_s}"
+            )
+        if self.replicas not in (1, 3, 5):
+            raise ConfigError(f"stream {self.name}: replicas must be 1, 3 or 5, got {self.replicas}")
+        if self.discard not in _DISCARD:
+            raise ConfigError(f"stream {self.name}: discard must be 'old' or 'new', got {self.discard!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StreamSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown stream settings {unknown}; allowed: {sorted(known)}")
+        data = dict(data)
+        if "subjects" in data:
+            data["subjects"] = tuple(data["subjects"])
+        return cls(**data)
+
+    def to_nats(self) -> api.StreamConfig:
+        return api.StreamConfig(
+            name=self.name,
+            subjects=list(self.subjects),
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            max_age=self.max_age_s,
+            max_bytes=self.max_bytes,
+            max_msgs_per_subject=self.max_msgs_per_subject,
+            max_msg_size=self.max_msg_bytes,
+            duplicate_window=self.duplicate_window_s,
+            num_replicas=self.replicas,
+            discard=_DISCARD[self.discard],
+        )
+
+
+EVENTS_STREAM = StreamSpec(
+    name="ESPER_EVENTS",
+    subjects=(f"{EVENTS_PREFIX}.>", "esper.kernels.v1.>"),
+    max_age_s=7 * 24 * 3600.0,
+    max_bytes=1 << 30,
+)
+TELEMETRY_STREAM = StreamSpec(
+    name="ESPER_TELEMETRY",
+    subjects=(f"{TELEMETRY_PREFIX}.>",),
+    max_age_s=24 * 3600.0,
+    max_bytes=512 << 20,
+    max_msgs_per_subject=100_000,
+)
+DEFAULT_STREAMS: tuple[StreamSpec, ...] = (EVENTS_STREAM, TELEMETRY_STREAM)
+
+
+def _differs(have: api.StreamConfig, want: api.StreamConfig) -> list[str]:
+    keys = ("subjects", "max_age", "max_bytes", "max_msgs_per_subject", "max_msg_size",
+            "duplicate_window", "num_replicas", "discard", "storage", "retention")
+    out = []
+    for k in keys:
+        a, b = getattr(have, k), getattr(want, k)
+        if k == "subjects":
+            a, b = sorted(a or []), sorted(b or [])
+        elif isinstance(b, float):
+            a = float(a or 0.0)
+        if a != b:
+            out.append(k)
+    return out
+
+
+async def ensure_streams(
+    js: JetStreamContext, specs: Iterable[StreamSpec] = DEFAULT_STREAMS
+) -> dict[str, str]:
+    """Create each stream, or update it where its settings differ; safe to call from many processes.
+
+    Returns stream name → "created" | "updated" | "unchanged".
+    Raises the nats-py error (timeout, no responders, API error) when the server cannot
+    do it; callers decide whether that is fatal (CLI) or a degradation (publisher).
+    """
+    result: dict[str, str] = {}
+    for spec in specs:
+        want = spec.to_nats()
+        try:
+            info = await js.stream_info(spec.name)
+        except NotFoundError:
+            try:
+                await js.add_stream(config=want)
+                result[spec.name] = "created"
+                continue
+            except BadRequestError:
+                # Another process created it between our lookup and add: fall through to update.
+                info = await js.stream_info(spec.name)
+        diff = _differs(info.config, want)
+        if diff:
+            await js.update_stream(config=want)
+            result[spec.name] = "updated"
+        else:
+            result[spec.name] = "unchanged"
+    return result
+
+
+__all__ = [
+    "DEFAULT_STREAMS",
+    "EVENTS_PREFIX",
+    "EVENTS_STREAM",
+    "KERNELS_PUBLISHED",
+    "NO_RUN",
+    "StreamSpec",
+    "TELEMETRY_PREFIX",
+    "TELEMETRY_STREAM",
+    "check_run_id",
+    "ensure_streams",
+    "event_subject",
+    "run_events_filter",
+    "telemetry_subject",
+]
