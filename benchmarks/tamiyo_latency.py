@@ -1,0 +1,222 @@
+"""Tamiyo Decide latency over gRPC for model graphs of 16, 64 and 256 nodes.
+
+    .venv/bin/python benchmarks/tamiyo_latency.py [--policy heuristic|gnn|...] [--calls 500]
+
+Tamiyo is served on loopback by a grpc.aio server in a background thread; Urza is a
+second grpc.aio server answering QueryKernels from a small catalog (after the first call
+the candidates come from Tamiyo's cache, as in a run). The client is `TamiyoClient`, as
+Tolaria calls it. Baseline measured in the same run: a GetPolicyInfo round trip (the bare
+cost of one gRPC call on this machine). Each Decide uses a fresh request_id, so nothing
+is served from the idempotency cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import grpc  # noqa: E402
+
+from esper.runtime.spec import PlatformContext  # noqa: E402
+from esper.tamiyo.client import TamiyoClient  # noqa: E402
+from esper.tamiyo.service import create_service  # noqa: E402
+from generated.esper.common.v1 import health_pb2, kernel_pb2, seed_pb2  # noqa: E402
+from generated.esper.urza.v1 import urza_service_pb2 as upb  # noqa: E402
+from generated.esper.urza.v1 import urza_service_pb2_grpc as urpc  # noqa: E402
+
+SITE = seed_pb2.SiteSignature(layout=seed_pb2.ACTIVATION_LAYOUT_NC, channels=64, dtype=seed_pb2.D_TYPE_FLOAT32)
+
+
+def catalog() -> list[kernel_pb2.KernelRecord]:
+    out = []
+    for i, (params, outcomes, fossils, contrib) in enumerate(
+        [(2_000, 12, 9, 0.04), (8_000, 5, 2, 0.01), (500, 0, 0, 0.0), (30_000, 20, 18, 0.09)]
+    ):
+        h = hashlib.sha256(f"kernel-{i}".encode()).hexdigest()
+        out.append(
+            kernel_pb2.KernelRecord(
+                kernel_id=f"sha256:{h}",
+                manifest=kernel_pb2.KernelManifest(
+                    blueprint_id=f"bp-{h[:16]}",
+                    blueprint_name=f"family{i}",
+                    site=SITE,
+                    profile=kernel_pb2.KernelProfile(parameters=params),
+                ),
+                stats=kernel_pb2.KernelStats(
+                    outcomes=outcomes, fossilized=fossils, pruned=outcomes - fossils, mean_contribution=contrib
+                ),
+            )
+        )
+    return out
+
+
+class Catalog(urpc.UrzaServiceServicer):
+    def __init__(self) -> None:
+        self.records = catalog()
+
+    async def QueryKernels(self, request, context):
+        rs = [r for r in self.records if not request.max_parameters or r.manifest.profile.parameters <= request.max_parameters]
+        return upb.QueryKernelsResponse(kernels=rs)
+
+
+def snapshot_for(nodes: int, epoch: int) -> health_pb2.HealthSnapshot:
+    """A chain graph of `nodes` nodes, one slot per 8 nodes, mixed stages, a plateaued loss."""
+    n_slots = max(1, nodes // 8)
+    stages = [
+        seed_pb2.SEED_STAGE_DORMANT,
+        seed_pb2.SEED_STAGE_HOLDING,
+        seed_pb2.SEED_STAGE_DORMANT,
+        seed_pb2.SEED_STAGE_FOSSILIZED,
+    ]
+    snap = health_pb2.HealthSnapshot(
+        run_id="bench",
+        epoch=epoch,
+        total_epochs=10_000,
+        global_step=epoch * 100,
+        train_loss_history=[1.0 / (1 + 0.1 * e) for e in range(min(epoch, 32))],
+        val_loss_history=[max(0.5, 1.0 / (1 + 0.1 * e)) for e in range(min(epoch, 32))],
+        val_accuracy_history=[min(0.9, 0.1 + 0.02 * e) for e in range(min(epoch, 32))],
+        host_parameters=200_000,
+        total_parameters=200_000,
+        seeds_left=4,
+        parameters_left=40_000,
+        task="bench",
+    )
+    for i in range(n_slots):
+        stage = stages[i % len(stages)]
+        live = stage in (seed_pb2.SEED_STAGE_HOLDING, seed_pb2.SEED_STAGE_FOSSILIZED)
+        snap.slots.add(
+            slot_id=f"body.{i}",
+            stage=stage,
+            alpha=1.0 if live else 0.0,
+            site=SITE,
+            host_grad_norm=0.1 + (i * 37 % 11) / 10,
+            activation_mean=0.01 * i,
+            activation_std=1.0,
+            contribution=0.02 if live else 0.0,
+            contribution_measured=live,
+            epochs_in_stage=1,
+            finite=True,
+            depth=i,
+            kernel_id=catalog()[0].kernel_id if live else "",
+            blueprint_id=catalog()[0].manifest.blueprint_id if live else "",
+        )
+    hosts = nodes - n_slots
+    per = max(1, hosts // n_slots)
+    k = 0
+    for h in range(hosts):
+        snap.graph.nodes.add(name=f"layer{h}", kind="linear", parameters=1_000)
+        if (h + 1) % per == 0 and k < n_slots:
+            snap.graph.nodes.add(name=f"body.{k}", kind="slot", slot_id=f"body.{k}")
+            k += 1
+    while k < n_slots:
+        snap.graph.nodes.add(name=f"body.{k}", kind="slot", slot_id=f"body.{k}")
+        k += 1
+    snap.graph.edges.extend(health_pb2.GraphEdge(src=i, dst=i + 1) for i in range(len(snap.graph.nodes) - 1))
+    return snap
+
+
+class Servers:
+    """Urza and Tamiyo on loopback, served from one event loop in a background thread."""
+
+    def __init__(self, settings: dict) -> None:
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> Servers:
+        self.thread.start()
+        self.target = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(timeout=60)
+        return self
+
+    async def _start(self) -> str:
+        self.urza = grpc.aio.server()
+        urpc.add_UrzaServiceServicer_to_server(Catalog(), self.urza)
+        urza_port = self.urza.add_insecure_port("127.0.0.1:0")
+        await self.urza.start()
+        self.tmp = tempfile.TemporaryDirectory()
+        ctx = PlatformContext(
+            data_dir=Path(self.tmp.name), endpoints={"urza": f"127.0.0.1:{urza_port}"}, settings={"tamiyo": self.settings}
+        )
+        self.spec = create_service(ctx)
+        self.tamiyo = grpc.aio.server()
+        self.spec.add_to_server(self.spec.servicer, self.tamiyo)
+        port = self.tamiyo.add_insecure_port("127.0.0.1:0")
+        await self.tamiyo.start()
+        return f"127.0.0.1:{port}"
+
+    async def _stop(self) -> None:
+        await self.tamiyo.stop(None)
+        if self.spec.on_stop:
+            await self.spec.on_stop()
+        await self.urza.stop(None)
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(timeout=30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.tmp.cleanup()
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--policy", default="heuristic")
+    ap.add_argument("--gnn-policy-file", default="", help="policy file for --policy gnn")
+    ap.add_argument("--calls", type=int, default=400)
+    ap.add_argument("--warmup", type=int, default=30)
+    args = ap.parse_args()
+    settings: dict = {"policy": args.policy, "decide_reserve_s": 0.002}
+    if args.policy == "gnn":
+        settings["gnn"] = {"policy_file": args.gnn_policy_file} if args.gnn_policy_file else {}
+    rows = []
+    with Servers(settings) as srv, TamiyoClient(srv.target) as client:
+        for _ in range(args.warmup):
+            client.policy_info()
+        rtt = []
+        for _ in range(args.calls):
+            t = time.perf_counter()
+            client.policy_info()
+            rtt.append((time.perf_counter() - t) * 1e3)
+        for nodes in (16, 64, 256):
+            snaps = [snapshot_for(nodes, 10 + e) for e in range(args.calls + args.warmup)]
+            for s in snaps[: args.warmup]:
+                client.decide(s, timeout_s=2.0)
+            lat, server = [], []
+            for s in snaps[args.warmup :]:
+                t = time.perf_counter()
+                resp = client.decide(s, timeout_s=2.0)
+                lat.append((time.perf_counter() - t) * 1e3)
+                server.append(resp.latency_ms)
+            rows.append((nodes, len(snaps[0].slots), resp.policy, lat, server))
+        info = client.policy_info()
+    rtt50 = statistics.median(rtt)
+    print(f"Tamiyo Decide over gRPC (loopback, sync client), policy={info.policy} v{info.policy_version}, {args.calls} calls each")
+    print(f"baseline: GetPolicyInfo round trip p50 {rtt50:.3f} ms, p99 {pct(rtt, 0.99):.3f} ms")
+    print()
+    hdr = f"{'nodes':>5} {'slots':>5} {'policy':>10} {'p50 ms':>8} {'p99 ms':>8} {'server p50':>10} {'server p99':>10} {'p50/RTT':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    for nodes, slots, policy, lat, server in rows:
+        print(
+            f"{nodes:>5} {slots:>5} {policy:>10} {statistics.median(lat):>8.3f} {pct(lat, 0.99):>8.3f} "
+            f"{statistics.median(server):>10.3f} {pct(server, 0.99):>10.3f} {statistics.median(lat) / rtt50:>8.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
