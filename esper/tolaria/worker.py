@@ -1,0 +1,285 @@
+"""One run's training worker: ``python -m esper.tolaria.worker --run-dir <dir> --endpoints <json>``.
+
+The supervisor (esper.tolaria.supervisor) starts one per run. It trains with the
+Tolaria trainer, decides through Tamiyo, loads kernels from Urza through Kasmina's
+verifying loader, appends every event to the run's event log (fsync per epoch) and
+publishes it on Oona. It resumes from the newest checkpoint in ``<dir>/checkpoints``,
+so a worker killed with SIGKILL and started again loses at most one checkpoint interval.
+SIGTERM stops it at the next step boundary with a checkpoint.
+
+Trace context: the supervisor passes the StartRun call's W3C ``traceparent`` in the
+``TRACEPARENT`` environment variable; the worker's run span is its child, so StartRun →
+Decide → GetKernel form one trace, and every Oona publish carries the context of the
+span it was made in.
+
+Exit status: 0 when the run reached a terminal state it recorded (succeeded, stopped,
+failed by the governor or by a bad config); anything else means the worker died and the
+supervisor may restart it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+
+from esper.errors import EsperError
+from esper.runtime import tracing
+from esper.runtime.client import as_esper_error, sync_channel
+from esper.tolaria.control import OutcomeReporter, RemoteController, RemoteKernelProvider
+from esper.tolaria.runs import EventLog, new_envelope, read_config
+from generated.esper.common.v1 import decision_pb2, health_pb2
+from generated.esper.oona.v1 import events_pb2
+from generated.esper.tamiyo.v1 import tamiyo_service_pb2 as tamiyo_pb
+from generated.esper.tamiyo.v1 import tamiyo_service_pb2_grpc as tamiyo_rpc
+from generated.esper.urza.v1 import urza_service_pb2 as urza_pb
+from generated.esper.urza.v1 import urza_service_pb2_grpc as urza_rpc
+
+log = logging.getLogger("esper.tolaria.worker")
+
+# Events whose loss on a crash would hide what happened: fsync right after appending.
+_SYNC_KINDS = frozenset({"epoch_metrics", "run_state"})
+
+
+class RunEvents:
+    """The trainer's `event_sink`: event log first (the truth), then Oona, then observers."""
+
+    def __init__(self, run_id: str, log_: EventLog, *, publisher: Any | None = None) -> None:
+        self.run_id = run_id
+        self.log = log_
+        self.publisher = publisher
+        self.observers: list[Any] = []
+        self._epoch = 0
+        self._step = 0
+        self._lock = threading.Lock()
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, env: events_pb2.EventEnvelope) -> None:
+        if not env.run_id:
+            env.run_id = self.run_id
+        kind = env.WhichOneof("payload") or ""
+        with self._lock:
+            self._epoch = max(self._epoch, env.epoch)
+            self._step = max(self._step, env.step)
+            self.counts[kind] = self.counts.get(kind, 0) + 1
+        self.log.append(env, sync=kind in _SYNC_KINDS)
+        if self.publisher is not None:
+            self.publisher.publish(env)
+        for obs in self.observers:
+            obs(env)
+
+    def emit(self, **payload: Any) -> events_pb2.EventEnvelope:
+        """Build and emit an envelope with one payload, e.g. ``emit(run_state=RunStateChanged(...))``."""
+        with self._lock:
+            env = new_envelope(self.run_id, source="tolaria", step=self._step, epoch=self._epoch)
+        ((field, msg),) = payload.items()
+        getattr(env, field).CopyFrom(msg)
+        self(env)
+        return env
+
+    def degrade(self, component: str, kind: str, detail: str) -> None:
+        dropped = 0
+        if component == "oona" and self.publisher is not None:
+            dropped = self.publisher.stats().dropped
+        log.warning("degraded: %s %s: %s", component, kind, detail)
+        self.emit(
+            degradation=events_pb2.DegradationEvent(
+                component=component, kind=kind, detail=detail, dropped=dropped
+            )
+        )
+
+
+# ---- remote calls (generated stubs over esper.runtime.client channels) ---------------------
+def tamiyo_decide(channel: grpc.Channel):  # noqa: ANN201 - returns the decide callable
+    stub = tamiyo_rpc.TamiyoServiceStub(channel)
+
+    def decide(snapshot: health_pb2.HealthSnapshot, timeout_s: float) -> list[decision_pb2.Decision]:
+        try:
+            resp = stub.Decide(tamiyo_pb.DecideRequest(snapshot=snapshot), timeout=timeout_s)
+        except grpc.RpcError as e:
+            raise as_esper_error(e) from e
+        return list(resp.decisions)
+
+    return decide
+
+
+def urza_fetch(channel: grpc.Channel):  # noqa: ANN201 - returns the fetch callable
+    stub = urza_rpc.UrzaServiceStub(channel)
+
+    def fetch(kernel_id: str, timeout_s: float) -> bytes:
+        parts: list[bytes] = []
+        size = None
+        try:
+            for msg in stub.GetKernel(urza_pb.GetKernelRequest(kernel_id=kernel_id), timeout=timeout_s):
+                if msg.WhichOneof("part") == "info":
+                    size = msg.info.size_bytes if hasattr(msg.info, "size_bytes") else None
+                else:
+                    parts.append(msg.chunk.data)
+        except grpc.RpcError as e:
+            raise as_esper_error(e) from e
+        data = b"".join(parts)
+        if size is not None and size and len(data) != size:
+            raise EsperError(f"kernel {kernel_id}: Urza sent {len(data)} of {size} bytes")
+        return data
+
+    return fetch
+
+
+def urza_record(channel: grpc.Channel):  # noqa: ANN201 - returns the record callable
+    stub = urza_rpc.UrzaServiceStub(channel)
+
+    def record(req: urza_pb.RecordOutcomeRequest, timeout_s: float) -> bool:
+        try:
+            return stub.RecordOutcome(req, timeout=timeout_s).created
+        except grpc.RpcError as e:
+            raise as_esper_error(e) from e
+
+    return record
+
+
+# ---- main ---------------------------------------------------------------------------------
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m esper.tolaria.worker", description=__doc__.splitlines()[0])
+    ap.add_argument("--run-dir", type=Path, required=True, help="the run's directory (config.pb, events.log)")
+    ap.add_argument("--endpoints", required=True, help='JSON {"tamiyo": "host:port", "urza": ...}')
+    ap.add_argument("--nats-url", default=None, help="Oona (NATS) URL; omitted: events only in the log")
+    ap.add_argument("--trusted-keys", type=Path, default=None,
+                    help="file of trusted kernel-signing public keys (default: <data-dir>/keys/trusted)")
+    ap.add_argument("--kernel-cache", type=Path, default=None,
+                    help="verified-kernel disk cache (default: <run-dir>/../../kernel-cache)")
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from esper.tolaria.config import RunConfig, RunConfigError
+
+    run_dir: Path = args.run_dir
+    run_id = run_dir.name
+    endpoints: dict[str, str] = json.loads(args.endpoints)
+    api_key = os.environ.get("ESPER_API_KEY") or None
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    tracing.setup_tracing("esper-tolaria-worker")
+    parent = propagate.extract({"traceparent": os.environ["TRACEPARENT"]}) if os.environ.get("TRACEPARENT") else None
+    token = otel_context.attach(parent) if parent is not None else None
+
+    elog = EventLog(run_dir / "events.log")
+    events = RunEvents(run_id, elog)
+    publisher = None
+    if args.nats_url:
+        from esper.oona.publisher import Publisher
+
+        publisher = Publisher(args.nats_url, on_degraded=lambda kind, detail: events.degrade("oona", kind, detail))
+        events.publisher = publisher
+
+    tracer = trace.get_tracer("esper.tolaria.worker")
+    exit_code = 0
+    try:
+        with tracer.start_as_current_span("tolaria.worker.run") as span:
+            span.set_attribute("esper.run_id", run_id)
+            try:
+                cfg = RunConfig.from_proto(read_config(run_dir))
+            except RunConfigError as e:
+                events.emit(run_state=events_pb2.RunStateChanged(state="failed", detail=f"bad config: {e}"))
+                return 0
+            exit_code = _train(cfg, run_id, run_dir, args, endpoints, api_key, events, stop)
+    finally:
+        if publisher is not None:
+            publisher.flush(5.0)
+            stats = publisher.close(5.0)
+            log.info("oona: %s", stats)
+        elog.close()
+        if token is not None:
+            otel_context.detach(token)
+        tracing.force_flush(5000)
+        tracing.shutdown_tracing()
+    return exit_code
+
+
+def _train(cfg: Any, run_id: str, run_dir: Path, args: argparse.Namespace, endpoints: dict[str, str],
+           api_key: str | None, events: RunEvents, stop: threading.Event) -> int:
+    from esper.kasmina.loader import KernelLoader
+    from esper.blueprints.artifact import TrustedKeys
+    from esper.tolaria.governor import RunDivergedError
+    from esper.tolaria.trainer import Trainer
+
+    channels: list[grpc.Channel] = []
+
+    def chan(part: str) -> grpc.Channel:
+        if part not in endpoints:
+            raise EsperError(f"no endpoint for {part!r}; the worker got {sorted(endpoints)}")
+        ch = sync_channel(endpoints[part], api_key=api_key, default_timeout_s=cfg.decide_timeout_s)
+        channels.append(ch)
+        return ch
+
+    outcomes = None
+    controller = None
+    kernels = None
+    if cfg.controller != "none":
+        urza_ch = chan("urza")
+        outcomes = OutcomeReporter(run_id, cfg.task, urza_record(urza_ch), degrade=events.degrade)
+        events.observers.append(outcomes.observe)
+        controller = RemoteController(
+            tamiyo_decide(chan("tamiyo")), timeout_s=cfg.decide_timeout_s, degrade=events.degrade,
+            on_snapshot=outcomes.observe_snapshot,
+        )
+        data_dir = run_dir.parent.parent.parent
+        keys_path = args.trusted_keys or data_dir / "keys" / "trusted"
+        loader = KernelLoader(
+            urza_fetch(urza_ch),
+            TrustedKeys.load(keys_path),
+            args.kernel_cache or run_dir.parent.parent / "kernel-cache",
+        )
+        kernels = RemoteKernelProvider(lambda kid, t: loader.load(kid, t), timeout_s=max(cfg.decide_timeout_s, 5.0),
+                                       degrade=events.degrade)
+    t0 = time.monotonic()
+    try:
+        trainer = Trainer(
+            cfg,
+            run_id=run_id,
+            controller=controller,
+            kernels=kernels,
+            event_sink=events,
+            stop=stop,
+            checkpoint_dir=run_dir / "checkpoints",
+        )
+        resumed = trainer.epoch
+        events.emit(run_state=events_pb2.RunStateChanged(
+            state="running", detail=f"resumed from the checkpoint after epoch {resumed}" if resumed else "started"))
+        try:
+            trainer.run()
+        except RunDivergedError as e:
+            events.emit(run_state=events_pb2.RunStateChanged(state="failed", detail=str(e)))
+            return 0
+        if outcomes is not None:
+            outcomes.run_ended(trainer.epoch)
+        if stop.is_set() and trainer.epoch < cfg.epochs:
+            detail = f"stopped after epoch {trainer.epoch} on request; checkpoint written"
+            events.emit(run_state=events_pb2.RunStateChanged(state="stopped", detail=detail))
+        else:
+            detail = f"{trainer.epoch} epochs in {time.monotonic() - t0:.1f} s"
+            events.emit(run_state=events_pb2.RunStateChanged(state="succeeded", detail=detail))
+        return 0
+    finally:
+        for ch in channels:
+            ch.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
