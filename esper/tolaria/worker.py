@@ -156,7 +156,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--endpoints", required=True, help='JSON {"tamiyo": "host:port", "urza": ...}')
     ap.add_argument("--nats-url", default=None, help="Oona (NATS) URL; omitted: events only in the log")
     ap.add_argument("--trusted-keys", type=Path, default=None,
-                    help="file of trusted kernel-signing public keys (default: <data-dir>/keys/trusted)")
+                    help="directory of trusted kernel-signing public keys, *.pub / *.pem "
+                         "(default: <data-dir>/keys/trusted)")
     ap.add_argument("--kernel-cache", type=Path, default=None,
                     help="verified-kernel disk cache (default: <run-dir>/../../kernel-cache)")
     return ap.parse_args(argv)
@@ -243,7 +244,7 @@ def _train(cfg: Any, run_id: str, run_dir: Path, args: argparse.Namespace, endpo
         keys_path = args.trusted_keys or data_dir / "keys" / "trusted"
         loader = KernelLoader(
             urza_fetch(urza_ch),
-            TrustedKeys.load(keys_path),
+            TrustedKeys.from_dir(keys_path),
             args.kernel_cache or run_dir.parent.parent / "kernel-cache",
         )
         kernels = RemoteKernelProvider(lambda kid, t: loader.load(kid, t), timeout_s=max(cfg.decide_timeout_s, 5.0),

@@ -1,0 +1,110 @@
+"""TolariaService over real gRPC (the runtime host): validation, runs, paging, watch, stop."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+
+from esper.runtime.auth import AuthConfig
+from esper.runtime.host import Host
+from esper.runtime.spec import PlatformContext
+from esper.tolaria.service import create_service
+from generated.esper.tolaria.v1 import tolaria_service_pb2 as pb
+from generated.esper.tolaria.v1 import tolaria_service_pb2_grpc as rpc
+
+WORKER = "tests.unit.tolaria_service.scripted_worker"
+
+
+@pytest.fixture
+async def tolaria(tmp_path):
+    ctx = PlatformContext(
+        data_dir=tmp_path,
+        settings={"tolaria": {"supervisor": {"worker_module": WORKER, "poll_interval_s": 0.02},
+                              "worker_args": ["--epoch-seconds", "0.05"]}},
+    )
+    host = Host([create_service(ctx)], auth=AuthConfig(disabled=True))
+    port = await host.start()
+    ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    yield rpc.TolariaServiceStub(ch)
+    await ch.close()
+    await host.stop()
+
+
+def _good(**kw) -> pb.RunConfig:
+    base = dict(task="mnist1d", host="cnn", controller="heuristic", epochs=4, batch_size=32)
+    return pb.RunConfig(**{**base, **kw})
+
+
+def _violations(err: grpc.aio.AioRpcError) -> list[str]:
+    for key, value in err.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            st = status_pb2.Status.FromString(value)
+            for d in st.details:
+                if d.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                    br = error_details_pb2.BadRequest()
+                    d.Unpack(br)
+                    return [v.field for v in br.field_violations]
+    return []
+
+
+def _bad_configs() -> list[tuple[str, pb.RunConfig]]:
+    unknown_key = pb.RunConfig()
+    unknown_key.ParseFromString(_good().SerializeToString() + bytes([0xF8, 0x06, 0x01]))  # field 111
+    negative = _good()
+    negative.budget.max_added_parameters = -5
+    return [
+        ("config.sites[1]", _good(sites=["conv1", "no_such_layer"])),
+        ("config.task", _good(task="imagenet")),
+        ("config.host", _good(host="resnet50")),
+        ("config.111", unknown_key),
+        ("config.budget.max_added_parameters", negative),
+    ]
+
+
+@pytest.mark.parametrize("field,cfg", _bad_configs(), ids=lambda v: v if isinstance(v, str) else "")
+async def test_bad_config_is_invalid_argument_naming_the_field(tolaria, field, cfg):
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await tolaria.StartRun(pb.StartRunRequest(config=cfg))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in _violations(e.value), (field, e.value.details())
+    listed = await tolaria.ListRuns(pb.ListRunsRequest(page_size=10))
+    assert list(listed.runs) == []
+
+
+async def test_run_lifecycle_over_grpc(tolaria):
+    rid = "3a8f0c52-7c43-4a5e-8f0e-2f5d8b1c9e01"
+    started = await tolaria.StartRun(pb.StartRunRequest(request_id=rid, config=_good()))
+    again = await tolaria.StartRun(pb.StartRunRequest(request_id=rid, config=_good()))
+    run_id = started.run.run_id
+    assert again.run.run_id == run_id and started.run.config.epochs == 4
+    events = [r.event async for r in tolaria.WatchRun(pb.WatchRunRequest(run_id=run_id))]
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    assert events[-1].run_state.state == "succeeded"
+    assert [e.epoch_metrics.epoch for e in events if e.HasField("epoch_metrics")] == [1, 2, 3, 4]
+    got = (await tolaria.GetRun(pb.GetRunRequest(run_id=run_id))).run
+    assert got.state == pb.RUN_STATE_SUCCEEDED and got.epoch == 4 and got.last_sequence == events[-1].sequence
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await tolaria.StopRun(pb.StopRunRequest(run_id=run_id))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await tolaria.GetRun(pb.GetRunRequest(run_id="run-missing"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_list_pages_and_stop(tolaria):
+    ids = [(await tolaria.StartRun(pb.StartRunRequest(config=_good(epochs=200)))).run.run_id for _ in range(3)]
+    page1 = await tolaria.ListRuns(pb.ListRunsRequest(page_size=2))
+    page2 = await tolaria.ListRuns(pb.ListRunsRequest(page_size=2, page_token=page1.next_page_token))
+    assert [r.run_id for r in page1.runs] + [r.run_id for r in page2.runs] == ids
+    assert page2.next_page_token == ""
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await tolaria.ListRuns(pb.ListRunsRequest(page_token="garbage"))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for run_id in ids:
+        await tolaria.StopRun(pb.StopRunRequest(run_id=run_id, reason="test over"))
+    for run_id in ids:
+        events = [r.event async for r in tolaria.WatchRun(pb.WatchRunRequest(run_id=run_id))]
+        assert events[-1].run_state.state == "stopped"
+    stopped = await tolaria.ListRuns(pb.ListRunsRequest(page_size=10, state=pb.RUN_STATE_STOPPED))
+    assert sorted(r.run_id for r in stopped.runs) == sorted(ids)
