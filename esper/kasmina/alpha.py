@@ -89,7 +89,7 @@ class AlphaController(nn.Module):
         super().__init__()
         self.register_buffer("alpha", torch.zeros((), dtype=torch.float32))
         self.register_buffer("state_i", torch.zeros(5, dtype=torch.int64))
-        self.register_buffer("state_f", torch.zeros(2, dtype=torch.float64))
+        self.register_buffer("state_f", torch.zeros(3, dtype=torch.float64))
         self._value = 0.0
         self._start = 0.0
         self._target = 0.0
@@ -182,6 +182,7 @@ class AlphaController(nn.Module):
             self.state_i[i].fill_(v)
         self.state_f[0].fill_(self._start)
         self.state_f[1].fill_(self._target)
+        self.state_f[2].fill_(self._value)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001
         self._flush()
@@ -199,5 +200,5 @@ class AlphaController(nn.Module):
         self._curve = AlphaCurve(si[2]) if si[2] else AlphaCurve.LINEAR
         self._direction = AlphaDirection(si[3]) if si[3] else AlphaDirection.HOLD
         self._unit = ScheduleUnit(si[4]) if si[4] else ScheduleUnit.STEPS
-        self._start, self._target = sf
-        self._value = float(state_dict[prefix + "alpha"].item())
+        # The float64 copy, not the float32 `alpha`, so a resumed ramp is bit-identical.
+        self._start, self._target, self._value = sf
