@@ -39,9 +39,12 @@ def _seed_for(seed: int, node: str) -> int:
 
 
 def construct(plan: IRPlan) -> BlueprintModule:
-    """The module's structure with parameters on the meta device (no storage, no init)."""
-    with torch.device("meta"):
-        return BlueprintModule(plan)
+    """The module's structure with uninitialised CPU parameters (`torch.empty`).
+
+    Not under a meta-device context: that mode's per-op dispatch costs more than the small
+    allocations it would save, and attaching from cache must stay well under a millisecond.
+    """
+    return BlueprintModule(plan)
 
 
 def build_module(bp: blueprint_pb2.Blueprint | blueprint_pb2.BlueprintIR,
@@ -56,7 +59,7 @@ def build_module(bp: blueprint_pb2.Blueprint | blueprint_pb2.BlueprintIR,
     """
     ir = bp.ir if isinstance(bp, blueprint_pb2.Blueprint) else bp
     plan = plan_ir(ir, site)
-    module = construct(plan).to_empty(device="cpu")
+    module = construct(plan)
     gen = torch.Generator()
     for n in plan.nodes:
         node_mod = module.nodes[n.name]
