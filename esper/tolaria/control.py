@@ -1,15 +1,16 @@
 """The worker's links to the control plane: Tamiyo decides, Urza serves kernels and hears outcomes.
 
-Each link degrades instead of stopping the run, and says so (DESIGN.md §6):
-* `RemoteController` — Tamiyo unreachable, too slow or its breaker open → a WAIT decision
-  and a DegradationEvent("tamiyo", ...); a later success reports "recovered".
-* `RemoteKernelProvider` — Urza unreachable → `UnavailableError` (the trainer defers the
-  germination) and a DegradationEvent("urza", ...).
-* `OutcomeReporter` — a field report per seed to Urza when it is fossilized or pruned or
-  the run ends; failures are reported as degradations, never raised into training.
+* `RemoteController` (the trainer's `Controller`) and `RemoteKernelProvider` (its
+  `KernelProvider`) add a circuit breaker and a trace span around each remote call and
+  raise an `EsperError` when the dependency cannot answer (unreachable, deadline passed,
+  breaker open). The trainer then continues without growth or defers the germination and
+  records a DegradationEvent (and "recovered" once it answers again), so each outage is
+  reported exactly once per boundary, by one component (DESIGN.md §6).
+* `OutcomeReporter` sends a field report per seed to Urza when it is fossilized or pruned
+  or the run ends; failures become degradation events, never exceptions in training.
 
-The remote calls themselves are injected (`decide`, `fetch`, `record`) so these classes
-hold only the policy (deadline, breaker, degradation) and work with any client.
+The remote calls themselves are injected (`decide`, `load`, `record`) so these classes
+hold only the policy (deadline, breaker, reporting) and work with any client.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
+from torch import nn
 
 from esper.errors import DeadlineExceededError, EsperError, UnavailableError
-from esper.runtime.breaker import BreakerConfig, CircuitBreaker, default_is_failure
+from esper.runtime.breaker import BreakerConfig, CircuitBreaker
 from generated.esper.common.v1 import decision_pb2, health_pb2, seed_pb2
 from generated.esper.oona.v1 import events_pb2
 from generated.esper.urza.v1 import urza_service_pb2 as urza_pb
@@ -35,8 +37,8 @@ log = logging.getLogger(__name__)
 Degrade = Callable[[str, str, str], None]
 """(component, kind, detail) → records a DegradationEvent."""
 
-# One call per epoch boundary: a short window so a dead Tamiyo stops costing a deadline
-# per epoch after two misses; half-open trials then find out when it is back.
+# One call per epoch boundary: a short window, so a dead Tamiyo stops costing a whole
+# deadline per epoch after two misses; a half-open trial then finds out when it is back.
 CONTROL_BREAKER = BreakerConfig(
     failure_rate_threshold=50.0, window_size=4, minimum_calls=2, open_wait_s=3.0, half_open_calls=1
 )
@@ -47,68 +49,30 @@ _tracer = trace.get_tracer("esper.tolaria.worker")
 def _kind_of(exc: BaseException) -> str:
     if isinstance(exc, DeadlineExceededError):
         return "deadline_exceeded"
-    if isinstance(exc, UnavailableError) and "breaker" in str(exc).lower():
-        return "breaker_open"
     if isinstance(exc, UnavailableError):
         return "unavailable"
     return "error"
 
 
-class _Link:
-    """A remote dependency with a breaker, reporting outages and recoveries once each."""
-
-    def __init__(self, component: str, degrade: Degrade, breaker: CircuitBreaker | None) -> None:
-        self.component = component
-        self._degrade = degrade
-        self.breaker = breaker or CircuitBreaker(component, CONTROL_BREAKER)
-        self.down = False
-
-    def _call(self, fn: Callable[[], Any]) -> Any:
-        try:
-            self.breaker.acquire()
-        except UnavailableError as e:
-            self._failed(e, "breaker_open")
-            raise
-        try:
-            result = fn()
-        except Exception as e:
-            if default_is_failure(e):
-                self.breaker.record_failure()
-            else:
-                self.breaker.record_success()
-            self._failed(e, _kind_of(e))
-            raise
-        self.breaker.record_success()
-        if self.down:
-            self.down = False
-            self._degrade(self.component, "recovered", f"{self.component} answers again")
-        return result
-
-    def _failed(self, exc: BaseException, kind: str) -> None:
-        self.down = True
-        state = self.breaker.state.value
-        self._degrade(self.component, kind, f"{type(exc).__name__}: {exc} (breaker {state})")
-
-
-class RemoteController(_Link):
-    """Tolaria's `Controller`: Tamiyo's decisions over gRPC, WAIT when it cannot answer."""
+class RemoteController:
+    """Tolaria's `Controller`: Tamiyo's decisions over gRPC within the run's deadline."""
 
     def __init__(
         self,
         decide: Callable[[health_pb2.HealthSnapshot, float], Sequence[decision_pb2.Decision]],
         *,
         timeout_s: float,
-        degrade: Degrade,
         breaker: CircuitBreaker | None = None,
         on_snapshot: Callable[[health_pb2.HealthSnapshot], None] | None = None,
     ) -> None:
-        super().__init__("tamiyo", degrade, breaker)
         self._decide = decide
         self.timeout_s = timeout_s
+        self.breaker = breaker or CircuitBreaker("tamiyo", CONTROL_BREAKER)
         self._on_snapshot = on_snapshot
         self.last_latency_ms = 0.0
 
     def decide(self, snapshot: health_pb2.HealthSnapshot) -> list[decision_pb2.Decision]:
+        """Tamiyo's decisions; raises `UnavailableError`/`DeadlineExceededError` when it has none."""
         if self._on_snapshot is not None:
             self._on_snapshot(snapshot)
         t0 = time.perf_counter()
@@ -116,35 +80,34 @@ class RemoteController(_Link):
             span.set_attribute("esper.run_id", snapshot.run_id)
             span.set_attribute("esper.epoch", snapshot.epoch)
             try:
-                decisions = list(self._call(lambda: self._decide(snapshot, self.timeout_s)))
+                with self.breaker.guard():
+                    return list(self._decide(snapshot, self.timeout_s))
             except EsperError as e:
                 span.set_attribute("esper.degraded", _kind_of(e))
-                decisions = [
-                    decision_pb2.Decision(
-                        kind=decision_pb2.DECISION_KIND_WAIT,
-                        reason=f"tamiyo unavailable ({_kind_of(e)}): training continues without growth",
-                        policy="degraded",
-                    )
-                ]
+                raise
             finally:
                 self.last_latency_ms = 1e3 * (time.perf_counter() - t0)
-        return decisions
 
 
-class RemoteKernelProvider(_Link):
-    """Tolaria's `KernelProvider`: verified kernels via Kasmina's loader, fetched from Urza."""
+class RemoteKernelProvider:
+    """Tolaria's `KernelProvider`: verified kernels from Kasmina's loader, fetched from Urza."""
 
-    def __init__(self, load: Callable[[str, float], Any], *, timeout_s: float, degrade: Degrade,
+    def __init__(self, load: Callable[[str, float], nn.Module], *, timeout_s: float,
                  breaker: CircuitBreaker | None = None) -> None:
-        super().__init__("urza", degrade, breaker)
         self._load = load
         self.timeout_s = timeout_s
+        self.breaker = breaker or CircuitBreaker("urza", CONTROL_BREAKER)
 
-    def load(self, kernel_id: str, site: Any = None) -> Any:
-        """The module for `kernel_id` (cached or fetched); `UnavailableError` defers germination."""
+    def load(self, kernel_id: str, site: seed_pb2.SiteSignature | None = None) -> nn.Module:
+        """The module for `kernel_id` (cached or fetched); `UnavailableError` defers germination.
+
+        `site` is not needed to fetch: the loader checks the artifact against its own
+        manifest, and Kasmina checks the module against the slot at germination.
+        """
         with _tracer.start_as_current_span("tolaria.load_kernel") as span:
             span.set_attribute("esper.kernel_id", kernel_id)
-            return self._call(lambda: self._load(kernel_id, self.timeout_s))
+            with self.breaker.guard():
+                return self._load(kernel_id, self.timeout_s)
 
 
 @dataclass(kw_only=True)

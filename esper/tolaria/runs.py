@@ -63,6 +63,7 @@ class EventLog:
         self._fd: int | None = None
         self._known_size = 0
         self._last_sequence = 0
+        self._ids: dict[str, int] = {}
 
     # ---- writing -------------------------------------------------------------------
     def _open_for_append(self) -> int:
@@ -73,20 +74,25 @@ class EventLog:
         return self._fd
 
     def _catch_up(self, fd: int) -> None:
-        """Under the file lock: re-read what others appended and drop a torn tail."""
+        """Under the file lock: read what others appended and drop a torn tail."""
         size = os.fstat(fd).st_size
         if size == self._known_size:
             return
-        good_end, last_seq = _scan(self.path, 0 if self._known_size < 0 else self._known_size)
+        start = max(self._known_size, 0)
+        events, good_end = self.read(start)
         if good_end < size:
             os.ftruncate(fd, good_end)
         self._known_size = good_end
-        if last_seq is not None:
-            self._last_sequence = last_seq
+        for env in events:
+            self._ids[env.event_id] = env.sequence
+            self._last_sequence = env.sequence
 
-    def append(self, envelope: events_pb2.EventEnvelope, *, sync: bool = False) -> int:
-        """Give `envelope` the run's next sequence number, append it, return the sequence.
+    def append(self, envelope: events_pb2.EventEnvelope, *, sync: bool = False) -> tuple[int, bool]:
+        """Append `envelope` under the run's next sequence; returns (sequence, appended).
 
+        Idempotent on `event_id`: an envelope whose id is already in the log (a resumed
+        worker re-emitting an event it emitted before it died) is not appended again;
+        its `sequence` is set to the logged one and `appended` is False.
         `sync=True` fsyncs the file (the worker does so once per epoch and at run end).
         """
         with self._lock:
@@ -94,17 +100,21 @@ class EventLog:
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 self._catch_up(fd)
+                if envelope.event_id in self._ids:
+                    envelope.sequence = self._ids[envelope.event_id]
+                    return envelope.sequence, False
                 self._last_sequence += 1
                 envelope.sequence = self._last_sequence
                 data = envelope.SerializeToString()
                 os.lseek(fd, self._known_size, os.SEEK_SET)
                 os.write(fd, _HEADER.pack(len(data)) + data)
                 self._known_size += _HEADER.size + len(data)
+                self._ids[envelope.event_id] = envelope.sequence
                 if sync:
                     os.fsync(fd)
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
-            return self._last_sequence
+            return self._last_sequence, True
 
     def sync(self) -> None:
         with self._lock:
@@ -113,8 +123,8 @@ class EventLog:
 
     def last_sequence(self) -> int:
         """Highest sequence in the log (0 when empty), counting other writers' appends."""
-        _, last = _scan(self.path, 0)
-        return last or 0
+        events, _ = self.read(0)
+        return events[-1].sequence if events else 0
 
     def close(self) -> None:
         with self._lock:
@@ -148,13 +158,6 @@ class EventLog:
         for env in events:
             if env.sequence >= from_sequence:
                 yield env
-
-
-def _scan(path: Path, offset: int) -> tuple[int, int | None]:
-    """Offset past the last whole record from `offset` on, and that record's sequence."""
-    log = EventLog(path)
-    events, end = log.read(offset)
-    return end, (events[-1].sequence if events else None)
 
 
 def new_envelope(

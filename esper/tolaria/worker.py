@@ -26,7 +26,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
-from esper.errors import EsperError
+from esper.errors import DataLossError, EsperError
 from esper.runtime import tracing
 from esper.runtime.client import as_esper_error, sync_channel
 from esper.tolaria.control import OutcomeReporter, RemoteController, RemoteKernelProvider
@@ -73,12 +72,17 @@ class RunEvents:
         with self._lock:
             self._epoch = max(self._epoch, env.epoch)
             self._step = max(self._step, env.step)
-            self.counts[kind] = self.counts.get(kind, 0) + 1
-        self.log.append(env, sync=kind in _SYNC_KINDS)
+        # The log gives the run-wide sequence (WatchRun's cursor) and drops repeats of an
+        # event id a resumed trainer emits again; the bus gets it anyway, because the first
+        # copy may not have left before the crash (JetStream dedups on the same id).
+        _, new = self.log.append(env, sync=kind in _SYNC_KINDS)
         if self.publisher is not None:
             self.publisher.publish(env)
-        for obs in self.observers:
-            obs(env)
+        if new:
+            with self._lock:
+                self.counts[kind] = self.counts.get(kind, 0) + 1
+            for obs in self.observers:
+                obs(env)
 
     def emit(self, **payload: Any) -> events_pb2.EventEnvelope:
         """Build and emit an envelope with one payload, e.g. ``emit(run_state=RunStateChanged(...))``."""
@@ -116,22 +120,23 @@ def tamiyo_decide(channel: grpc.Channel):  # noqa: ANN201 - returns the decide c
 
 
 def urza_fetch(channel: grpc.Channel):  # noqa: ANN201 - returns the fetch callable
+    """`fetch(kernel_id, timeout_s) -> bytes` for Kasmina's loader (which verifies the bytes)."""
     stub = urza_rpc.UrzaServiceStub(channel)
 
     def fetch(kernel_id: str, timeout_s: float) -> bytes:
         parts: list[bytes] = []
-        size = None
+        expected = 0
         try:
             for msg in stub.GetKernel(urza_pb.GetKernelRequest(kernel_id=kernel_id), timeout=timeout_s):
                 if msg.WhichOneof("part") == "info":
-                    size = msg.info.size_bytes if hasattr(msg.info, "size_bytes") else None
+                    expected = msg.info.artifact_size
                 else:
                     parts.append(msg.chunk.data)
         except grpc.RpcError as e:
             raise as_esper_error(e) from e
         data = b"".join(parts)
-        if size is not None and size and len(data) != size:
-            raise EsperError(f"kernel {kernel_id}: Urza sent {len(data)} of {size} bytes")
+        if len(data) != expected:
+            raise DataLossError(f"kernel {kernel_id}: Urza sent {len(data)} of {expected} bytes")
         return data
 
     return fetch
@@ -215,8 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _train(cfg: Any, run_id: str, run_dir: Path, args: argparse.Namespace, endpoints: dict[str, str],
            api_key: str | None, events: RunEvents, stop: threading.Event) -> int:
-    from esper.kasmina.loader import KernelLoader
     from esper.blueprints.artifact import TrustedKeys
+    from esper.kasmina.loader import KernelLoader
     from esper.tolaria.governor import RunDivergedError
     from esper.tolaria.trainer import Trainer
 
@@ -229,53 +234,55 @@ def _train(cfg: Any, run_id: str, run_dir: Path, args: argparse.Namespace, endpo
         channels.append(ch)
         return ch
 
-    outcomes = None
+    data_dir = run_dir.parent.parent.parent
+    urza_ch = chan("urza")
+    loader = KernelLoader(
+        urza_fetch(urza_ch),
+        TrustedKeys.from_dir(args.trusted_keys or data_dir / "keys" / "trusted"),
+        args.kernel_cache or run_dir.parent.parent / "kernel-cache",
+    )
+    # Fetching a kernel is a stream of chunks: it gets more time than one Decide.
+    kernels = RemoteKernelProvider(loader.load, timeout_s=max(cfg.decide_timeout_s, 5.0))
+    outcomes = OutcomeReporter(run_id, cfg.task, urza_record(urza_ch), degrade=events.degrade)
+    events.observers.append(outcomes.observe)
     controller = None
-    kernels = None
     if cfg.controller != "none":
-        urza_ch = chan("urza")
-        outcomes = OutcomeReporter(run_id, cfg.task, urza_record(urza_ch), degrade=events.degrade)
-        events.observers.append(outcomes.observe)
         controller = RemoteController(
-            tamiyo_decide(chan("tamiyo")), timeout_s=cfg.decide_timeout_s, degrade=events.degrade,
+            tamiyo_decide(chan("tamiyo")), timeout_s=cfg.decide_timeout_s,
             on_snapshot=outcomes.observe_snapshot,
         )
-        data_dir = run_dir.parent.parent.parent
-        keys_path = args.trusted_keys or data_dir / "keys" / "trusted"
-        loader = KernelLoader(
-            urza_fetch(urza_ch),
-            TrustedKeys.from_dir(keys_path),
-            args.kernel_cache or run_dir.parent.parent / "kernel-cache",
-        )
-        kernels = RemoteKernelProvider(lambda kid, t: loader.load(kid, t), timeout_s=max(cfg.decide_timeout_s, 5.0),
-                                       degrade=events.degrade)
-    t0 = time.monotonic()
     try:
         trainer = Trainer(
             cfg,
             run_id=run_id,
-            controller=controller,
             kernels=kernels,
+            controller=controller,
             event_sink=events,
-            stop=stop,
             checkpoint_dir=run_dir / "checkpoints",
+            stop=stop,
         )
-        resumed = trainer.epoch
-        events.emit(run_state=events_pb2.RunStateChanged(
-            state="running", detail=f"resumed from the checkpoint after epoch {resumed}" if resumed else "started"))
+        resumed = trainer.resume()
+        detail = f"resumed from the checkpoint after epoch {trainer.epoch}" if resumed else "started"
+        events.emit(run_state=events_pb2.RunStateChanged(state="running", detail=detail))
         try:
-            trainer.run()
+            result = trainer.run()
         except RunDivergedError as e:
             events.emit(run_state=events_pb2.RunStateChanged(state="failed", detail=str(e)))
             return 0
-        if outcomes is not None:
-            outcomes.run_ended(trainer.epoch)
-        if stop.is_set() and trainer.epoch < cfg.epochs:
-            detail = f"stopped after epoch {trainer.epoch} on request; checkpoint written"
+        if not result.completed:
+            detail = f"stopped after {result.global_step} steps (epoch {trainer.epoch}) on request; checkpoint written"
             events.emit(run_state=events_pb2.RunStateChanged(state="stopped", detail=detail))
-        else:
-            detail = f"{trainer.epoch} epochs in {time.monotonic() - t0:.1f} s"
-            events.emit(run_state=events_pb2.RunStateChanged(state="succeeded", detail=detail))
+            return 0
+        outcomes.run_ended(trainer.epoch)
+        detail = (f"{result.epochs} epochs in {result.wall_seconds:.1f} s; test accuracy "
+                  f"{100 * result.test_accuracy:.2f}%, {result.parameters:,} parameters, "
+                  f"{len(result.fossilized)} seed(s) fossilized")
+        events.emit(run_state=events_pb2.RunStateChanged(state="succeeded", detail=detail))
+        return 0
+    except EsperError as e:
+        # A typed error is deterministic (bad config, missing key): restarting cannot help.
+        log.exception("run %s failed", run_id)
+        events.emit(run_state=events_pb2.RunStateChanged(state="failed", detail=f"{type(e).__name__}: {e}"))
         return 0
     finally:
         for ch in channels:

@@ -69,7 +69,7 @@ def test_event_log_sequences_replay_and_torn_tail(tmp_path):
     for i in range(4):
         env = new_envelope("run-x", source="tolaria", epoch=i)
         env.epoch_metrics.epoch = i
-        assert log.append(env, sync=i == 3) == i + 1
+        assert log.append(env, sync=i == 3) == (i + 1, True)
     log.close()
     # A SIGKILL mid-write leaves half a record behind.
     with open(path, "ab") as f:
@@ -80,14 +80,19 @@ def test_event_log_sequences_replay_and_torn_tail(tmp_path):
     other = EventLog(path)
     env = new_envelope("run-x", source="tolaria")
     env.run_state.state = "failed"
-    assert other.append(env) == 5
+    assert other.append(env) == (5, True)
     assert [e.sequence for e in EventLog(path).replay()] == [1, 2, 3, 4, 5]
     # The first writer sees the other's append before its own next one.
     log2 = EventLog(path)
     log2.append(new_envelope("run-x", source="tolaria"))
-    assert other.append(new_envelope("run-x", source="tolaria")) == 7
+    assert other.append(new_envelope("run-x", source="tolaria")) == (7, True)
     assert EventLog(path).last_sequence() == 7
     assert os.path.getsize(path) == EventLog(path).read(0)[1]
+    # A resumed worker re-emits an event it logged before dying: logged once, same sequence.
+    again = new_envelope("run-x", source="tolaria", event_id=env.event_id)
+    again.run_state.state = "failed"
+    assert EventLog(path).append(again) == (5, False) and again.sequence == 5
+    assert EventLog(path).last_sequence() == 7
 
 
 def test_apply_event_folds_metrics_state_and_degradation(tmp_path):
