@@ -5,7 +5,7 @@ bytes. A blob is written to a temp file in its final directory, fsynced, renamed
 place, and the directory fsynced, so after a crash a name either holds the complete
 bytes or does not exist. Temp files (`.tmp-*`) are never served and are swept at
 open. Every read re-hashes the bytes: a blob corrupted on disk is reported
-(`ArtifactError`, reason BLOB_CORRUPT) and moved aside, never served.
+(`DataLossError`, reason BLOB_CORRUPT) and moved aside, never served.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from esper.errors import ArtifactError, InvalidArgumentError, NotFoundError
+from esper.errors import DataLossError, InvalidArgumentError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class BlobStore:
     def get(self, sha256: str) -> bytes:
         """The verified bytes of a blob.
 
-        Raises `NotFoundError` if absent, `ArtifactError` (reason BLOB_CORRUPT) if the
+        Raises `NotFoundError` if absent, `DataLossError` (reason BLOB_CORRUPT) if the
         bytes on disk no longer hash to their name; the corrupt file is moved to
         `quarantine/` so the next put of the same artifact can repair it.
         """
@@ -154,7 +154,7 @@ class BlobStore:
             os.replace(path, dest)
             log.error("urza blob %s is corrupt on disk (hashes to %s); moved to %s",
                       sha256, got, dest)
-            raise ArtifactError(
+            raise DataLossError(
                 f"stored artifact blob {sha256} is corrupt on disk (its bytes hash to {got}); "
                 f"it was quarantined at {dest}; re-upload the kernel to repair it",
                 reason="BLOB_CORRUPT",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from esper.errors import ArtifactError, InvalidArgumentError, NotFoundError
+from esper.errors import DataLossError, InvalidArgumentError, NotFoundError
 from esper.urza.blobs import TMP_PREFIX, BlobStore
 
 
@@ -79,7 +79,7 @@ def test_corrupt_blob_is_reported_quarantined_and_repairable(tmp_path: Path) -> 
     raw = bytearray(path.read_bytes())
     raw[77] ^= 0x01
     path.write_bytes(bytes(raw))
-    with pytest.raises(ArtifactError, match="corrupt on disk") as err:
+    with pytest.raises(DataLossError, match="corrupt on disk") as err:
         blobs.get(sha)
     assert err.value.reason == "BLOB_CORRUPT"
     assert not path.exists()

@@ -1,0 +1,276 @@
+"""The public Urza client (blocking): used by Tezzeret, Tamiyo, Tolaria and Kasmina's loader.
+
+    with UrzaClient("127.0.0.1:50051", api_key=key) as urza:
+        data = urza.get_kernel("sha256:...", timeout_s=2.0)
+
+Every method takes `timeout_s`, an overall deadline: retries (jittered exponential
+backoff, tenacity) and the waits between them all fit inside it. `get_kernel` resumes
+a broken download from the last byte it received and returns bytes only after their
+SHA-256 matches the record Urza sent first, so a caller never sees a truncated or
+corrupt artifact. One circuit breaker guards every call: while it is OPEN calls fail at
+once with `UnavailableError` (Kasmina defers germination instead of waiting).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
+
+import grpc
+from tenacity import RetryCallState, Retrying, retry_if_exception
+from tenacity.wait import wait_random_exponential
+
+from esper.errors import (
+    ArtifactError,
+    DataLossError,
+    DeadlineExceededError,
+    EsperError,
+    InvalidArgumentError,
+    UnavailableError,
+)
+from esper.runtime.breaker import BreakerConfig, CircuitBreaker
+from esper.runtime.client import as_esper_error, sync_channel
+from generated.esper.common.v1 import blueprint_pb2, kernel_pb2, seed_pb2
+from generated.esper.urza.v1 import urza_service_pb2 as pb
+from generated.esper.urza.v1 import urza_service_pb2_grpc as rpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+URZA_BREAKER = BreakerConfig(failure_rate_threshold=50.0, window_size=20, minimum_calls=10,
+                             open_wait_s=0.5, half_open_calls=3)
+"""Short open wait: a restarted Urza is back in use within about a second."""
+
+# A killed server must be found again quickly once it is back: gRPC's default reconnect
+# backoff grows to minutes.
+_CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
+    ("grpc.max_receive_message_length", 8 << 20),
+)
+UPLOAD_CHUNK = 1 << 20
+
+
+class _TransferCorrupt(ArtifactError):
+    """Bytes that arrived do not match the record: retried from scratch, never returned."""
+
+    reason = "TRANSFER_CORRUPT"
+
+
+def is_breaker_failure(exc: BaseException) -> bool:
+    """Errors that say Urza (or the path to it) is unhealthy, not that the caller erred."""
+    if isinstance(exc, UnavailableError | DataLossError | _TransferCorrupt):
+        return True
+    # A bare EsperError is a status with no domain meaning (INTERNAL, UNKNOWN, ...).
+    return type(exc) is EsperError or not isinstance(exc, EsperError)
+
+
+def _retryable(exc: BaseException) -> bool:
+    # An open breaker is final: the point is to stop calling, not to wait it out.
+    if isinstance(exc, UnavailableError) and exc.reason == "CIRCUIT_OPEN":
+        return False
+    return isinstance(exc, UnavailableError | _TransferCorrupt)
+
+
+class UrzaClient:
+    """Blocking client for `esper.urza.v1.UrzaService`; thread-safe (share one per process)."""
+
+    def __init__(self, target: str, api_key: str | None = None, *,
+                 breaker: CircuitBreaker | None = None,
+                 channel: grpc.Channel | None = None) -> None:
+        self.target = target
+        self.breaker = breaker or CircuitBreaker(f"urza@{target}", URZA_BREAKER)
+        self._channel = channel or sync_channel(target, api_key=api_key,
+                                                options=_CHANNEL_OPTIONS)
+        self._stub = rpc.UrzaServiceStub(self._channel)
+        self.resumed_downloads = 0
+        """Downloads that continued from a byte offset after a broken stream."""
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> UrzaClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the retry loop ---------------------------------------------------------------------
+
+    def _call(self, what: str, timeout_s: float, attempt: Callable[[float], T]) -> T:
+        """Run `attempt(time_left_s)` under the breaker, retrying transient failures
+        with jittered backoff until `timeout_s` has passed."""
+        if timeout_s <= 0:
+            raise InvalidArgumentError(f"timeout_s={timeout_s}: must be > 0", field="timeout_s")
+        deadline = time.monotonic() + timeout_s
+        backoff = wait_random_exponential(multiplier=0.05, max=0.5)
+
+        def wait(state: RetryCallState) -> float:
+            return max(0.0, min(backoff(state), deadline - time.monotonic() - 0.01))
+
+        def stop(state: RetryCallState) -> bool:
+            return deadline - time.monotonic() <= 0.01
+
+        def once() -> T:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceededError(f"{what}: no time left of {timeout_s}s")
+            with self.breaker.guard(is_breaker_failure):
+                try:
+                    return attempt(left)
+                except grpc.RpcError as err:
+                    raise as_esper_error(err) from err
+
+        retrying = Retrying(retry=retry_if_exception(_retryable), wait=wait, stop=stop,
+                            reraise=True)
+        try:
+            return retrying(once)
+        except DeadlineExceededError:
+            raise
+        except UnavailableError as exc:
+            if exc.reason != "CIRCUIT_OPEN" and time.monotonic() >= deadline - 0.01:
+                raise DeadlineExceededError(
+                    f"{what}: Urza at {self.target} did not answer within {timeout_s}s "
+                    f"({retrying.statistics.get('attempt_number', 1)} attempts; last: {exc})"
+                ) from exc
+            raise
+
+    # -- kernels ------------------------------------------------------------------------------
+
+    def get_kernel(self, kernel_id: str, timeout_s: float, *, chunk_size: int = 0) -> bytes:
+        """The artifact bytes of a kernel, their SHA-256 checked against Urza's record.
+
+        Raises:
+            NotFoundError: Urza has no such kernel.
+            UnavailableError: the breaker is open, or Urza stayed unreachable.
+            DeadlineExceededError: the download did not finish within `timeout_s`.
+            DataLossError: Urza's copy is corrupt (it said so; nothing is returned).
+        """
+        return self.get_kernel_with_record(kernel_id, timeout_s, chunk_size=chunk_size)[1]
+
+    def get_kernel_with_record(self, kernel_id: str, timeout_s: float, *, chunk_size: int = 0
+                               ) -> tuple[kernel_pb2.KernelRecord, bytes]:
+        received = bytearray()
+        state: dict[str, kernel_pb2.KernelRecord] = {}
+
+        def attempt(left: float) -> tuple[kernel_pb2.KernelRecord, bytes]:
+            offset = len(received)
+            if offset:
+                self.resumed_downloads += 1
+            stream = self._stub.GetKernel(
+                pb.GetKernelRequest(kernel_id=kernel_id, offset=offset, chunk_size=chunk_size),
+                timeout=left)
+            for msg in stream:
+                if msg.WhichOneof("part") == "info":
+                    info = msg.info
+                    prev = state.get("info")
+                    if prev is not None and prev.artifact_sha256 != info.artifact_sha256:
+                        # Not the bytes we were resuming: start over.
+                        received.clear()
+                        state.pop("info")
+                        raise _TransferCorrupt(f"kernel {kernel_id} changed during download")
+                    state["info"] = info
+                    continue
+                if "info" not in state or msg.chunk.offset != len(received):
+                    expected = len(received)
+                    received.clear()
+                    state.pop("info", None)
+                    raise _TransferCorrupt(
+                        f"kernel {kernel_id}: chunk at offset {msg.chunk.offset} where "
+                        f"{expected} was expected (or before the record)")
+                received.extend(msg.chunk.data)
+                if len(received) > state["info"].artifact_size:
+                    received.clear()
+                    state.pop("info")
+                    raise _TransferCorrupt(f"kernel {kernel_id}: more bytes than its record says")
+            info = state.get("info")
+            if info is None or len(received) != info.artifact_size:
+                raise _TransferCorrupt(
+                    f"kernel {kernel_id}: stream ended at {len(received)} of "
+                    f"{info.artifact_size if info else '?'} bytes")
+            data = bytes(received)
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != info.artifact_sha256:
+                received.clear()
+                state.pop("info")
+                raise _TransferCorrupt(f"kernel {kernel_id}: received bytes hash to {digest}, "
+                                       f"the record says {info.artifact_sha256}")
+            return info, data
+
+        return self._call(f"GetKernel({kernel_id})", timeout_s, attempt)
+
+    def put_kernel(self, artifact: bytes, timeout_s: float, *, request_id: str | None = None,
+                   chunk_size: int = UPLOAD_CHUNK) -> tuple[str, bool]:
+        """Upload a signed artifact; returns (kernel_id, created). Idempotent by content."""
+        header = pb.KernelUploadHeader(request_id=request_id or str(uuid.uuid4()),
+                                       total_size=len(artifact),
+                                       artifact_sha256=hashlib.sha256(artifact).hexdigest())
+
+        def messages() -> Iterator[pb.PutKernelRequest]:
+            yield pb.PutKernelRequest(header=header)
+            for off in range(0, len(artifact), chunk_size):
+                yield pb.PutKernelRequest(chunk=artifact[off:off + chunk_size])
+
+        resp = self._call("PutKernel", timeout_s,
+                          lambda left: self._stub.PutKernel(messages(), timeout=left))
+        return resp.kernel_id, resp.created
+
+    def query_kernels(self, timeout_s: float, *, blueprint_id: str = "",
+                      site: seed_pb2.SiteSignature | None = None, tags: Iterable[str] = (),
+                      max_parameters: int = 0, page_size: int = 0, page_token: str = ""
+                      ) -> tuple[list[kernel_pb2.KernelRecord], str]:
+        """Kernels matching every filter, best recorded outcomes first; (records, next token)."""
+        req = pb.QueryKernelsRequest(blueprint_id=blueprint_id, tags=list(tags),
+                                     max_parameters=max_parameters, page_size=page_size,
+                                     page_token=page_token)
+        if site is not None:
+            req.site.CopyFrom(site)
+        resp = self._call("QueryKernels", timeout_s,
+                          lambda left: self._stub.QueryKernels(req, timeout=left))
+        return list(resp.kernels), resp.next_page_token
+
+    def record_outcome(self, report: pb.FieldReport, timeout_s: float, *,
+                       request_id: str | None = None) -> bool:
+        """Store a field report; False if this request_id was already recorded.
+
+        One request_id is used for every retry, so a report is recorded at most once.
+        """
+        req = pb.RecordOutcomeRequest(request_id=request_id or str(uuid.uuid4()), report=report)
+        return self._call("RecordOutcome", timeout_s,
+                          lambda left: self._stub.RecordOutcome(req, timeout=left)).created
+
+    # -- blueprints -----------------------------------------------------------------------------
+
+    def put_blueprint(self, blueprint: blueprint_pb2.Blueprint, timeout_s: float
+                      ) -> tuple[str, bool]:
+        req = pb.PutBlueprintRequest(request_id=str(uuid.uuid4()), blueprint=blueprint)
+        resp = self._call("PutBlueprint", timeout_s,
+                          lambda left: self._stub.PutBlueprint(req, timeout=left))
+        return resp.blueprint_id, resp.created
+
+    def get_blueprint(self, blueprint_id: str, timeout_s: float) -> blueprint_pb2.Blueprint:
+        req = pb.GetBlueprintRequest(blueprint_id=blueprint_id)
+        return self._call("GetBlueprint", timeout_s,
+                          lambda left: self._stub.GetBlueprint(req, timeout=left)).blueprint
+
+    def list_blueprints(self, timeout_s: float, *, family: str = "", tags: Iterable[str] = (),
+                        layout: int = 0, page_size: int = 0, page_token: str = ""
+                        ) -> tuple[list[blueprint_pb2.Blueprint], str]:
+        req = pb.ListBlueprintsRequest(family=family, tags=list(tags), layout=layout,
+                                       page_size=page_size, page_token=page_token)
+        resp = self._call("ListBlueprints", timeout_s,
+                          lambda left: self._stub.ListBlueprints(req, timeout=left))
+        return list(resp.blueprints), resp.next_page_token
+
+
+def fetcher(client: UrzaClient) -> Callable[[str, float], bytes]:
+    """`fetch(kernel_id, timeout_s) -> bytes` for `esper.kasmina.loader.KernelLoader`."""
+    return client.get_kernel
+
+
+__all__: list[str] = ["URZA_BREAKER", "UrzaClient", "fetcher", "is_breaker_failure"]

@@ -1,0 +1,52 @@
+"""Urza's settings (`ctx.settings["urza"]`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from esper.errors import ConfigError
+
+MAX_CHUNK = 4 << 20
+"""Largest GetKernel/PutKernel chunk the contract allows (4 MiB)."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class UrzaConfig:
+    """Where Urza keeps its data and which kernel signers it trusts."""
+
+    database_url: str = ""
+    """PostgreSQL URL (postgresql://user@host:port/db) for metadata; empty: SQLite at
+    `<data_dir>/urza/urza.db`."""
+    blob_dir: str = ""
+    """Directory of artifact blobs; empty: `<data_dir>/urza/blobs`."""
+    trusted_keys_dir: str = ""
+    """Directory of trusted Ed25519 public keys (*.pub, *.pem); empty: the
+    ESPER_TRUSTED_KEYS_DIR environment variable. Re-read when an upload names a key id
+    not loaded yet, so a signer that creates its key after Urza started is picked up."""
+    chunk_size: int = 256 << 10
+    """GetKernel chunk size when the request asks for none (bytes, 1..4 MiB)."""
+    max_artifact_bytes: int = 256 << 20
+    """Largest artifact PutKernel accepts (the contract's bound on total_size)."""
+
+    def __post_init__(self) -> None:
+        if self.database_url and not self.database_url.startswith(("postgresql://",
+                                                                   "postgres://")):
+            raise ConfigError(
+                f"urza.database_url={self.database_url!r}: must be a postgresql:// URL, or "
+                "empty for the embedded SQLite database"
+            )
+        if not 1 <= self.chunk_size <= MAX_CHUNK:
+            raise ConfigError(f"urza.chunk_size={self.chunk_size}: must be in [1, {MAX_CHUNK}]")
+        if not 1 <= self.max_artifact_bytes <= 256 << 20:
+            raise ConfigError(
+                f"urza.max_artifact_bytes={self.max_artifact_bytes}: must be in [1, {256 << 20}]"
+            )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UrzaConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown urza settings {unknown}; allowed: {sorted(known)}")
+        return cls(**data)
