@@ -288,9 +288,13 @@ class SeedSlot(nn.Module):
         else:
             seed = seed.to(device=probe.device)
         seed.train(self.training)
-        self._germination_gate(seed)
-        self.kernel_id = kernel_id
-        self.blueprint_id = blueprint_id
+        # Ids first, so the germination gate's event names the kernel it judged.
+        self.kernel_id, self.blueprint_id = kernel_id, blueprint_id
+        try:
+            self._germination_gate(seed)
+        except InvalidArgumentError:
+            self.kernel_id = self.blueprint_id = ""
+            raise
         self.seed = seed
         self._germination_index = index
         self.alpha_ctl.hold(0.0)
