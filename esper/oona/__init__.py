@@ -12,6 +12,22 @@ from typing import Any
 _EXPORTS = {
     "NatsServer": "esper.oona.natsd",
     "NatsServerConfig": "esper.oona.natsd",
+    "Publisher": "esper.oona.publisher",
+    "PublisherConfig": "esper.oona.publisher",
+    "PublisherStats": "esper.oona.publisher",
+    "Consumer": "esper.oona.consumer",
+    "ConsumerConfig": "esper.oona.consumer",
+    "MemorySeenStore": "esper.oona.consumer",
+    "SqliteSeenStore": "esper.oona.consumer",
+    "drain": "esper.oona.consumer",
+    "adrain": "esper.oona.consumer",
+    "make_envelope": "esper.oona.envelope",
+    "subject_for": "esper.oona.envelope",
+    "headers_for": "esper.oona.envelope",
+    "extract_context": "esper.oona.envelope",
+    "ensure_streams": "esper.oona.subjects",
+    "DEFAULT_STREAMS": "esper.oona.subjects",
+    "tail": "esper.oona.tap",
 }
 
 

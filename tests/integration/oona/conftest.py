@@ -10,5 +10,5 @@ from esper.oona.testing import nats_server
 
 
 @pytest.fixture
-def nats(tmp_path: Path) -> Iterator[NatsServer]:
+def natsd(tmp_path: Path) -> Iterator[NatsServer]:
     yield from nats_server(tmp_path)

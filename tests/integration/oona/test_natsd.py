@@ -39,12 +39,12 @@ async def _jetstream_ok(url: str) -> int:
         await nc.close()
 
 
-def test_starts_with_jetstream_on_a_free_port(nats: NatsServer) -> None:
-    assert nats.running and nats.port > 0
-    assert nats.url == f"nats://127.0.0.1:{nats.port}"
-    assert asyncio.run(_jetstream_ok(nats.url)) == 1
-    assert (nats.store_dir / "jetstream").is_dir()
-    assert "sync_interval: always" in nats.config_path.read_text()
+def test_starts_with_jetstream_on_a_free_port(natsd: NatsServer) -> None:
+    assert natsd.running and natsd.port > 0
+    assert natsd.url == f"nats://127.0.0.1:{natsd.port}"
+    assert asyncio.run(_jetstream_ok(natsd.url)) == 1
+    assert (natsd.store_dir / "jetstream").is_dir()
+    assert "sync_interval: always" in natsd.config_path.read_text()
 
 
 def test_stop_then_start_keeps_port_and_store(tmp_path: Path) -> None:
@@ -60,13 +60,13 @@ def test_stop_then_start_keeps_port_and_store(tmp_path: Path) -> None:
         assert asyncio.run(_jetstream_ok(server.url)) == 2
 
 
-def test_start_twice_is_an_error(nats: NatsServer) -> None:
+def test_start_twice_is_an_error(natsd: NatsServer) -> None:
     with pytest.raises(FailedPreconditionError, match="already running"):
-        nats.start()
+        natsd.start()
 
 
-def test_failed_start_reports_the_log(tmp_path: Path, nats: NatsServer) -> None:
-    clash = NatsServer(tmp_path / "clash", port=nats.port)
+def test_failed_start_reports_the_log(tmp_path: Path, natsd: NatsServer) -> None:
+    clash = NatsServer(tmp_path / "clash", port=natsd.port)
     with pytest.raises(UnavailableError, match="exited with code"):
         clash.start()
     assert not clash.running

@@ -1,0 +1,535 @@
+"""Non-blocking JetStream publisher for the training process.
+
+`Publisher.publish(envelope)` may be called from any thread, including the training loop,
+and never waits on the network: it serialises the envelope, captures the caller's trace
+context into headers, appends to a bounded in-memory queue and returns. A background
+thread runs its own asyncio loop with nats-py, publishes to JetStream and awaits each ack
+(pipelined, up to `max_in_flight` at a time).
+
+When NATS is down the queue fills; once it holds `max_queue` envelopes the **oldest** are
+dropped by default (`drop="oldest"`: the newest state of a run is worth more than an old
+one), or the new one is refused (`drop="newest"`). Every drop is counted in `stats()`.
+nats-py keeps reconnecting (forever, `reconnect_wait_s` apart); when the server is back
+the queue is published in order and the outage is reported through `on_degraded`:
+
+    on_degraded("unavailable", detail)   connection lost / first connect failed
+    on_degraded("dropping", detail)      the queue overflowed and envelopes are being dropped
+    on_degraded("recovered", detail)     connected again (detail says how many were dropped)
+    on_degraded("rejected", detail)      the server refused an envelope for good (e.g. too large)
+    on_degraded("breaker_open", detail)  publishes kept failing while connected; pausing
+
+A publish whose ack does not arrive is retried with the same `Nats-Msg-Id`, so a retry of
+a message the server did store is recognised as a duplicate and stored once (within the
+stream's duplicate window). Ordering: envelopes are written to the connection in publish
+order, so they are stored in that order; only a publish that fails while later ones
+succeed can land after them, which consumers can detect from `EventEnvelope.sequence`.
+
+Beyond nats-py's reconnect loop a `CircuitBreaker` (esper.runtime.breaker) guards the
+publishes themselves: when the server is connected but JetStream keeps failing (no stream,
+timeouts), the publisher stops hammering it for `breaker.open_wait_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import nats
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js.errors import APIError, NoStreamResponseError
+
+from esper.errors import ConfigError, FailedPreconditionError, UnavailableError
+from esper.oona.envelope import encode, headers_for, subject_for
+from esper.oona.subjects import DEFAULT_STREAMS, StreamSpec, ensure_streams
+from esper.runtime.breaker import BreakerConfig, BreakerState, CircuitBreaker
+from generated.esper.oona.v1.events_pb2 import EventEnvelope
+
+log = logging.getLogger(__name__)
+
+DegradedCallback = Callable[[str, str], None]
+
+_TRANSIENT = (
+    nats.errors.TimeoutError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.NoRespondersError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    NoStreamResponseError,
+    asyncio.TimeoutError,
+    ConnectionError,
+)
+
+
+@dataclass(kw_only=True, frozen=True)
+class PublisherConfig:
+    """Bounds and timings of one `Publisher`."""
+
+    max_queue: int = 10_000
+    """Envelopes buffered while NATS is slow or down; beyond this, `drop` decides."""
+    drop: str = "oldest"
+    """On overflow: "oldest" discards the oldest queued envelope, "newest" refuses the new one."""
+    max_in_flight: int = 64
+    """Publishes awaiting their JetStream ack at once (1 = strictly one after another)."""
+    ack_timeout_s: float = 2.0
+    """How long one publish waits for its ack before it is retried."""
+    connect_timeout_s: float = 2.0
+    """TCP + handshake timeout of one connection attempt."""
+    reconnect_wait_s: float = 0.5
+    """Pause between reconnection attempts while NATS is unreachable."""
+    ensure_streams: bool = True
+    """Create/update the Esper streams on every (re)connect (idempotent)."""
+    close_timeout_s: float = 5.0
+    """How long close() tries to publish what is still queued."""
+    name: str = "esper-oona-publisher"
+    """Connection name shown by the server's monitoring."""
+    breaker: BreakerConfig = field(
+        default_factory=lambda: BreakerConfig(window_size=20, minimum_calls=5, open_wait_s=1.0, half_open_calls=1)
+    )
+    """Circuit breaker over publish batches while connected."""
+
+    def __post_init__(self) -> None:
+        if self.max_queue < 1:
+            raise ConfigError(f"publisher max_queue must be >= 1, got {self.max_queue}")
+        if self.drop not in ("oldest", "newest"):
+            raise ConfigError(f"publisher drop must be 'oldest' or 'newest', got {self.drop!r}")
+        if self.max_in_flight < 1:
+            raise ConfigError(f"publisher max_in_flight must be >= 1, got {self.max_in_flight}")
+        for name in ("ack_timeout_s", "connect_timeout_s", "reconnect_wait_s", "close_timeout_s"):
+            value = getattr(self, name)
+            if value <= 0:
+                raise ConfigError(f"publisher {name} must be > 0, got {value}")
+        if not self.name:
+            raise ConfigError("publisher name must be non-empty")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PublisherConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown publisher settings {unknown}; allowed: {sorted(known)}")
+        data = dict(data)
+        if isinstance(data.get("breaker"), dict):
+            data["breaker"] = BreakerConfig.from_dict(data["breaker"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class PublisherStats:
+    """A consistent snapshot of a publisher's counters."""
+
+    published: int
+    """Envelopes acknowledged by JetStream (duplicates included)."""
+    duplicates: int
+    """Acks saying the server already had that Nats-Msg-Id (a retry of a stored message)."""
+    dropped: int
+    """Envelopes lost: queue overflow, or still queued when close() gave up."""
+    rejected: int
+    """Envelopes the server refused for good (too large, no permission); never retried."""
+    queued: int
+    """Envelopes waiting in the queue."""
+    in_flight: int
+    """Envelopes sent and awaiting their ack."""
+    connected: bool
+    breaker: str
+    """State of the publish circuit breaker: CLOSED, OPEN or HALF_OPEN."""
+    last_error: str | None
+
+
+class _Item:
+    __slots__ = ("subject", "data", "headers")
+
+    def __init__(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
+        self.subject = subject
+        self.data = data
+        self.headers = headers
+
+
+class Publisher:
+    """Publishes `EventEnvelope`s to JetStream from a background thread; see the module doc."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        config: PublisherConfig | None = None,
+        on_degraded: DegradedCallback | None = None,
+        streams: tuple[StreamSpec, ...] = DEFAULT_STREAMS,
+        **settings: Any,
+    ) -> None:
+        if config is not None and settings:
+            raise ConfigError(f"pass publisher settings {sorted(settings)} inside config=, not both")
+        self.config = config if config is not None else PublisherConfig.from_dict(settings)
+        self.url = url
+        self._on_degraded = on_degraded
+        self._streams = streams
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._queue: deque[_Item] = deque()
+        self._in_flight = 0
+        self._published = 0
+        self._duplicates = 0
+        self._dropped = 0
+        self._rejected = 0
+        self._last_error: str | None = None
+        self._connected = False
+        self._closed = False
+        self._stopping = False
+        self._idle = False
+        self._overflowing = False
+        self._overflow_reported = False
+        self._healthy = True
+        self._outage_started = 0.0
+        self._dropped_at_outage = 0
+        self._errors_logged = 0
+        self._breaker = CircuitBreaker(
+            f"oona-publisher:{url}", self.config.breaker, on_state_change=self._breaker_changed
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._connected_evt: asyncio.Event | None = None
+        self._need_streams = self.config.ensure_streams
+        self._nc: NatsClient | None = None
+        started = threading.Event()
+        self._thread = threading.Thread(
+            target=self._thread_main, args=(started,), name=f"oona-publisher[{url}]", daemon=True
+        )
+        self._thread.start()
+        started.wait()
+
+    # -- caller side (any thread) ----------------------------------------------------------
+    def publish(self, envelope: EventEnvelope) -> bool:
+        """Queue `envelope` for publishing; never blocks on the network.
+
+        Returns False when the envelope itself was not queued (drop="newest" and full).
+        Raises:
+            FailedPreconditionError: the publisher was closed.
+            InvalidArgumentError: the envelope has no payload, no event_id or a bad run_id.
+        """
+        item = _Item(subject_for(envelope), encode(envelope), headers_for(envelope))
+        with self._lock:
+            if self._closed:
+                raise FailedPreconditionError(
+                    f"publisher for {self.url} is closed; event {envelope.event_id} not sent"
+                )
+            accepted = True
+            if len(self._queue) >= self.config.max_queue:
+                self._dropped += 1
+                if not self._overflowing:
+                    self._overflowing = True
+                if self.config.drop == "oldest":
+                    self._queue.popleft()
+                    self._queue.append(item)
+                else:
+                    accepted = False
+            else:
+                self._queue.append(item)
+            wake = self._idle
+            self._idle = False
+        if wake:
+            assert self._loop is not None and self._wake is not None
+            self._loop.call_soon_threadsafe(self._wake.set)
+        return accepted
+
+    def stats(self) -> PublisherStats:
+        with self._lock:
+            return PublisherStats(
+                published=self._published,
+                duplicates=self._duplicates,
+                dropped=self._dropped,
+                rejected=self._rejected,
+                queued=len(self._queue),
+                in_flight=self._in_flight,
+                connected=self._connected,
+                breaker=self._breaker.state.value,
+                last_error=self._last_error,
+            )
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything queued so far is acknowledged; False if `timeout` passed first."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._queue and self._in_flight == 0, timeout)
+
+    def close(self, timeout: float | None = None) -> PublisherStats:
+        """Publish what is queued (up to `timeout`, default close_timeout_s), then disconnect.
+
+        Envelopes still queued after that are counted as dropped. Idempotent.
+        """
+        with self._lock:
+            already = self._closed
+            self._closed = True
+        if not already:
+            flushed = self.flush(self.config.close_timeout_s if timeout is None else timeout)
+            with self._lock:
+                self._stopping = True
+                left = len(self._queue) + self._in_flight
+            if not flushed:
+                log.warning("oona publisher closing with %d envelopes unpublished (NATS at %s unreachable)",
+                            left, self.url)
+            assert self._loop is not None and self._wake is not None
+            self._loop.call_soon_threadsafe(self._wake.set)
+        self._thread.join()
+        return self.stats()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- background thread -----------------------------------------------------------------
+    def _thread_main(self, started: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._loop = loop
+        self._wake = asyncio.Event()
+        self._connected_evt = asyncio.Event()
+        started.set()
+        try:
+            loop.run_until_complete(self._run())
+        finally:
+            # nats-py may leave its reconnect task cancelling; let it finish before closing.
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.close()
+
+    def _emit(self, kind: str, detail: str) -> None:
+        if self._on_degraded is None:
+            return
+        try:
+            self._on_degraded(kind, detail)
+        except Exception:
+            # The callback belongs to the caller; its failure must not stop publishing.
+            log.exception("oona publisher on_degraded(%r) callback raised", kind)
+
+    def _breaker_changed(self, name: str, old: BreakerState, new: BreakerState) -> None:
+        if new is BreakerState.OPEN:
+            self._emit("breaker_open", f"{name}: publishes kept failing ({self._last_error}); pausing")
+
+    def _mark_down(self, why: str) -> None:
+        with self._lock:
+            self._connected = False
+            self._last_error = why
+            was_healthy, self._healthy = self._healthy, False
+            if was_healthy:
+                self._outage_started = time.monotonic()
+                self._dropped_at_outage = self._dropped
+        if self._connected_evt is not None:
+            self._connected_evt.clear()
+        if was_healthy:
+            log.warning("oona: NATS at %s unavailable (%s); buffering up to %d envelopes",
+                        self.url, why, self.config.max_queue)
+            self._emit("unavailable", f"NATS at {self.url} unavailable: {why}")
+
+    def _mark_up(self) -> None:
+        with self._lock:
+            self._connected = True
+            was_healthy, self._healthy = self._healthy, True
+            lost = self._dropped - self._dropped_at_outage
+            outage = time.monotonic() - self._outage_started
+            self._errors_logged = 0
+        assert self._connected_evt is not None
+        self._connected_evt.set()
+        self._need_streams = self.config.ensure_streams
+        if not was_healthy:
+            log.info("oona: NATS at %s reachable again after %.1fs; %d envelopes dropped meanwhile",
+                     self.url, outage, lost)
+            self._emit("recovered", f"NATS at {self.url} reachable after {outage:.1f}s; {lost} dropped")
+
+    async def _error_cb(self, exc: Exception) -> None:
+        # One line per error instead of nats-py's default traceback per refused connect;
+        # a long outage logs its first errors and then only every 100th.
+        with self._lock:
+            self._last_error = f"{type(exc).__name__}: {exc}"
+            self._errors_logged += 1
+            n = self._errors_logged
+        if n <= 3 or n % 100 == 0:
+            log.warning("oona: NATS %s error #%d: %s: %s", self.url, n, type(exc).__name__, exc)
+        if self._nc is None or not self._nc.is_connected:
+            self._mark_down(f"{type(exc).__name__}: {exc}")
+
+    async def _disconnected_cb(self) -> None:
+        if self._stopping:  # our own close(), not an outage
+            with self._lock:
+                self._connected = False
+            return
+        self._mark_down("disconnected")
+
+    async def _reconnected_cb(self) -> None:
+        self._mark_up()
+
+    async def _connect(self) -> NatsClient:
+        return await nats.connect(
+            self.url,
+            name=self.config.name,
+            connect_timeout=self.config.connect_timeout_s,
+            reconnect_time_wait=self.config.reconnect_wait_s,
+            max_reconnect_attempts=-1,  # also makes the first connect retry until it succeeds
+            allow_reconnect=True,
+            error_cb=self._error_cb,
+            disconnected_cb=self._disconnected_cb,
+            reconnected_cb=self._reconnected_cb,
+        )
+
+    async def _run(self) -> None:
+        assert self._wake is not None and self._connected_evt is not None
+        connect_task = asyncio.ensure_future(self._connect())
+        nc: NatsClient | None = None
+        js: JetStreamContext | None = None
+        try:
+            while True:
+                self._report_overflow()
+                if self._stopping:
+                    break
+                if nc is None:
+                    done, _ = await asyncio.wait({connect_task}, timeout=0.25)
+                    if not done:
+                        continue
+                    nc = self._nc = connect_task.result()
+                    js = nc.jetstream(timeout=self.config.ack_timeout_s)
+                    self._mark_up()
+                    continue
+                if not nc.is_connected:
+                    await self._wait(self._connected_evt, 0.25)
+                    continue
+                assert js is not None
+                if self._need_streams:
+                    try:
+                        await ensure_streams(js, self._streams)
+                        self._need_streams = False
+                    except (*_TRANSIENT, APIError) as exc:
+                        with self._lock:
+                            self._last_error = f"ensure streams: {type(exc).__name__}: {exc}"
+                        log.warning("oona: could not ensure streams on %s: %s", self.url, exc)
+                        await asyncio.sleep(self.config.reconnect_wait_s)
+                        continue
+                batch = self._take_batch()
+                if not batch:
+                    await self._wait(self._wake, 0.25)
+                    continue
+                try:
+                    self._breaker.acquire()
+                except UnavailableError:
+                    self._requeue(batch)
+                    await asyncio.sleep(min(self.config.breaker.open_wait_s, 0.25))
+                    continue
+                await self._publish_batch(js, batch)
+        finally:
+            if nc is None:
+                connect_task.cancel()
+                try:
+                    await connect_task
+                except (asyncio.CancelledError, *_TRANSIENT, nats.errors.NoServersError):
+                    pass  # never connected: nothing to close
+            else:
+                try:
+                    await asyncio.wait_for(nc.close(), timeout=self.config.close_timeout_s)
+                except (*_TRANSIENT, nats.errors.Error) as exc:
+                    log.warning("oona publisher: closing the NATS connection failed: %s", exc)
+            self._finish()
+
+    async def _wait(self, evt: asyncio.Event, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(evt.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass  # periodic wake-up to check overflow and shutdown
+
+    def _take_batch(self) -> list[_Item]:
+        assert self._wake is not None
+        self._wake.clear()
+        with self._lock:
+            n = min(len(self._queue), self.config.max_in_flight)
+            batch = [self._queue.popleft() for _ in range(n)]
+            self._in_flight += n
+            if not batch:
+                self._idle = True
+                self._changed.notify_all()
+        return batch
+
+    def _requeue(self, items: list[_Item]) -> None:
+        """Put unacknowledged items back at the head, in order, honouring the bound."""
+        with self._lock:
+            self._in_flight -= len(items)
+            self._queue.extendleft(reversed(items))
+            while len(self._queue) > self.config.max_queue:
+                self._dropped += 1
+                self._overflowing = True
+                if self.config.drop == "oldest":
+                    self._queue.popleft()
+                else:
+                    self._queue.pop()
+            self._changed.notify_all()
+
+    async def _publish_batch(self, js: JetStreamContext, batch: list[_Item]) -> None:
+        results = await asyncio.gather(
+            *(js.publish(it.subject, it.data, timeout=self.config.ack_timeout_s, headers=it.headers)
+              for it in batch),
+            return_exceptions=True,
+        )
+        retry: list[_Item] = []
+        rejected: list[tuple[_Item, BaseException]] = []
+        published = duplicates = 0
+        for item, res in zip(batch, results, strict=True):
+            if not isinstance(res, BaseException):
+                published += 1
+                duplicates += bool(res.duplicate)
+            elif isinstance(res, _TRANSIENT) or (isinstance(res, APIError) and res.code == 503):
+                retry.append(item)
+                if isinstance(res, NoStreamResponseError | nats.errors.NoRespondersError):
+                    self._need_streams = self.config.ensure_streams
+            else:
+                # APIError (too large, no permission) and anything unforeseen: retrying the
+                # same bytes would fail the same way and block the queue behind it.
+                rejected.append((item, res))
+        with self._lock:
+            self._published += published
+            self._duplicates += duplicates
+            self._rejected += len(rejected)
+            self._in_flight -= published + len(rejected)
+            if retry:
+                self._last_error = f"{type(results[batch.index(retry[0])]).__name__} on publish"
+            if self._overflowing and len(self._queue) < self.config.max_queue:
+                self._overflowing = False
+                self._overflow_reported = False
+            self._changed.notify_all()
+        if retry:
+            self._breaker.record_failure()
+            self._requeue(retry)
+        else:
+            self._breaker.record_success()
+        for item, exc in rejected:
+            log.error("oona: JetStream rejected %s (%d bytes): %s", item.subject, len(item.data), exc)
+            self._emit("rejected", f"{item.subject} (Nats-Msg-Id {item.headers.get('Nats-Msg-Id')}): {exc}")
+
+    def _report_overflow(self) -> None:
+        with self._lock:
+            report = self._overflowing and not self._overflow_reported
+            if report:
+                self._overflow_reported = True
+            dropped = self._dropped
+        if report:
+            log.warning("oona: publish queue full (%d); dropping %s envelopes (%d so far)",
+                        self.config.max_queue, self.config.drop, dropped)
+            self._emit("dropping", f"queue of {self.config.max_queue} full; dropping {self.config.drop} "
+                                   f"envelopes, {dropped} dropped so far")
+
+    def _finish(self) -> None:
+        with self._lock:
+            left = len(self._queue) + self._in_flight
+            self._dropped += left
+            self._queue.clear()
+            self._in_flight = 0
+            self._connected = False
+            self._changed.notify_all()
+        if left:
+            self._emit("dropped_at_close", f"{left} envelopes never reached NATS at {self.url}")
