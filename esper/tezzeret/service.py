@@ -1,15 +1,242 @@
-"""TezzeretService adapter. Its core is not built yet: every RPC answers UNIMPLEMENTED."""
+"""TezzeretService: a thin gRPC adapter over `TezzeretCore` (jobs + compiler + Urza upload)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from esper.blueprints import blueprint_id, site_key, site_signature, supports, validate_ir
+from esper.blueprints.artifact import SigningKey
+from esper.blueprints.ir import check_site, layout_name
+from esper.errors import EsperError, FailedPreconditionError
 from esper.runtime.spec import PlatformContext, ServiceSpec
+from esper.tezzeret.compiler import compile_kernel
+from esper.tezzeret.config import TezzeretConfig
+from esper.tezzeret.jobs import JobStore
+from generated.esper.common.v1 import blueprint_pb2, kernel_pb2, seed_pb2
+from generated.esper.tezzeret.v1 import tezzeret_service_pb2 as pb
 from generated.esper.tezzeret.v1 import tezzeret_service_pb2_grpc as rpc
 
+log = logging.getLogger(__name__)
 
-def create_service(ctx: PlatformContext) -> ServiceSpec:
+
+class Library(Protocol):
+    """What Tezzeret needs of Urza (`esper.urza.client.UrzaClient` provides it)."""
+
+    def put_blueprint(self, blueprint: blueprint_pb2.Blueprint, timeout_s: float
+                      ) -> tuple[str, bool]: ...
+    def get_blueprint(self, blueprint_id: str, timeout_s: float) -> blueprint_pb2.Blueprint: ...
+    def put_kernel(self, artifact: bytes, timeout_s: float) -> tuple[str, bool]: ...
+    def query_kernels(self, timeout_s: float, *, blueprint_id: str = "",
+                      site: seed_pb2.SiteSignature | None = None
+                      ) -> tuple[list[kernel_pb2.KernelRecord], str]: ...
+
+
+class TezzeretCore:
+    """Compile jobs, idempotent on (blueprint id, site), published to Urza."""
+
+    def __init__(self, store: JobStore, key: SigningKey, urza: Callable[[], Library],
+                 config: TezzeretConfig):
+        self.store = store
+        self.key = key
+        self._urza_factory = urza
+        self._urza: Library | None = None
+        self.config = config
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    @property
+    def urza(self) -> Library:
+        if self._urza is None:
+            self._urza = self._urza_factory()
+        return self._urza
+
+    async def resolve(self, bp_or_id: blueprint_pb2.Blueprint | str) -> blueprint_pb2.Blueprint:
+        t = self.config.urza_timeout_s
+        if isinstance(bp_or_id, str):
+            return await asyncio.to_thread(self.urza.get_blueprint, bp_or_id, t)
+        bp = blueprint_pb2.Blueprint()
+        bp.CopyFrom(bp_or_id)
+        bp.blueprint_id = blueprint_id(bp)
+        stored_id, _ = await asyncio.to_thread(self.urza.put_blueprint, bp, t)
+        if stored_id != bp.blueprint_id:
+            raise FailedPreconditionError(f"Urza stored blueprint as {stored_id}, Tezzeret "
+                                          f"computed {bp.blueprint_id}: id schemes disagree")
+        return bp
+
+    async def compile(self, bp_or_id: blueprint_pb2.Blueprint | str,
+                      site: seed_pb2.SiteSignature, *, wait: bool,
+                      timeout_s: float | None = None) -> pb.CompileJob:
+        check_site(site)
+        bp = await self.resolve(bp_or_id)
+        if site.layout not in bp.layouts:
+            raise FailedPreconditionError(
+                f"blueprint {bp.blueprint_id} supports layouts "
+                f"{[layout_name(x) for x in bp.layouts]}, not {layout_name(site.layout)}")
+        validate_ir(bp.ir, site)
+        job, _ = self.store.get_or_create(bp.blueprint_id, site)
+        if job.state == pb.COMPILE_JOB_STATE_FAILED:
+            # Validation failures repeat, but a failed upload (Urza down) deserves a retry.
+            self.store.set_state(job.job_id, pb.COMPILE_JOB_STATE_QUEUED)
+            job.state = pb.COMPILE_JOB_STATE_QUEUED
+        if job.state != pb.COMPILE_JOB_STATE_SUCCEEDED:
+            task = self._start(job.job_id, bp, site)
+            if wait:
+                await asyncio.wait_for(asyncio.shield(task), timeout_s)
+        return self.store.get(job.job_id)
+
+    def _start(self, job_id: str, bp: blueprint_pb2.Blueprint, site: seed_pb2.SiteSignature
+               ) -> asyncio.Task[None]:
+        task = self._tasks.get(job_id)
+        if task is None or task.done():
+            task = asyncio.get_running_loop().create_task(self._run(job_id, bp, site))
+            self._tasks[job_id] = task
+        return task
+
+    async def _run(self, job_id: str, bp: blueprint_pb2.Blueprint,
+                   site: seed_pb2.SiteSignature) -> None:
+        self.store.set_state(job_id, pb.COMPILE_JOB_STATE_RUNNING)
+        t = self.config.urza_timeout_s
+        try:
+            # A kernel Urza already holds for this pair wins (idempotent across lost job state).
+            records, _ = await asyncio.to_thread(self.urza.query_kernels, t,
+                                                 blueprint_id=bp.blueprint_id, site=site)
+            mine = [r for r in records if r.manifest.site == site]
+            if mine:
+                self.store.succeed(job_id, mine[0].kernel_id, mine[0].manifest)
+                return
+            ck = await asyncio.to_thread(
+                compile_kernel, bp, site, self.key,
+                benchmark_iters=self.config.benchmark_iters,
+                benchmark_batch_size=self.config.benchmark_batch_size)
+            stored, _ = await asyncio.to_thread(self.urza.put_kernel, ck.artifact_bytes, t)
+            if stored != ck.kernel_id:
+                raise FailedPreconditionError(f"Urza stored kernel as {stored}, expected "
+                                              f"{ck.kernel_id}")
+            self.store.succeed(job_id, ck.kernel_id, ck.manifest)
+            log.info("tezzeret: %s at %s → %s", bp.blueprint_id, site_key(site), ck.kernel_id)
+        except EsperError as e:
+            log.warning("tezzeret: job %s failed: %s", job_id, e)
+            self.store.fail(job_id, f"{type(e).__name__}: {e}")
+
+    async def ensure_catalog(self, sites: list[seed_pb2.SiteSignature],
+                             blueprints: list[blueprint_pb2.Blueprint]) -> list[pb.CompileJob]:
+        """Compile every blueprint for every site it supports (done jobs are skipped)."""
+        jobs = []
+        for site in sites:
+            for bp in blueprints:
+                if supports(bp, site):
+                    jobs.append(await self.compile(bp, site, wait=True))
+        return jobs
+
+    async def drain(self) -> None:
+        pending = [t for t in self._tasks.values() if not t.done()]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+class TezzeretServicer(rpc.TezzeretServiceServicer):
+    def __init__(self, core: TezzeretCore):
+        self.core = core
+
+    async def Compile(self, request: pb.CompileRequest, context: Any) -> pb.CompileResponse:
+        source = (request.blueprint_id if request.WhichOneof("source") == "blueprint_id"
+                  else request.blueprint)
+        left = context.time_remaining() if context is not None else None
+        job = await self.core.compile(source, request.site, wait=request.wait, timeout_s=left)
+        return pb.CompileResponse(job=job)
+
+    async def GetCompileJob(self, request: pb.GetCompileJobRequest, context: Any
+                            ) -> pb.GetCompileJobResponse:
+        return pb.GetCompileJobResponse(job=self.core.store.get(request.job_id))
+
+
+def signing_key_for(ctx: PlatformContext, config: TezzeretConfig) -> SigningKey:
+    if config.signing_key_file:
+        return SigningKey.from_file(config.signing_key_file)
+    if os.environ.get("ESPER_SIGNING_KEY") or os.environ.get("ESPER_SIGNING_KEY_FILE"):
+        return SigningKey.from_env()
+    return SigningKey.load_or_create(ctx.part_dir("tezzeret") / "signing_key.pem")
+
+
+def publish_public_key(ctx: PlatformContext, config: TezzeretConfig, key: SigningKey) -> Path:
+    """Write the public key where Urza and the loaders look for trusted keys."""
+    directory = Path(config.trusted_keys_dir or os.environ.get("ESPER_TRUSTED_KEYS_DIR")
+                     or ctx.data_dir / "trusted_keys")
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"tezzeret-{key.key_id}.pub"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(key.public_pem())
+        os.replace(tmp, path)
+    return path
+
+
+def _urza_client(ctx: PlatformContext) -> Library:
+    from esper.urza.client import UrzaClient
+
+    if "urza" not in ctx.endpoints:
+        raise FailedPreconditionError("tezzeret needs Urza: no 'urza' endpoint in the context")
+    return UrzaClient(ctx.endpoints["urza"], api_key=ctx.api_key)
+
+
+def _report_catalog(task: asyncio.Task[Any]) -> None:
+    if task.cancelled():
+        log.warning("tezzeret: catalog compilation cancelled")
+    elif task.exception() is not None:
+        log.error("tezzeret: catalog compilation failed: %s", task.exception())
+    else:
+        jobs = task.result()
+        failed = [j.job_id for j in jobs if j.state != pb.COMPILE_JOB_STATE_SUCCEEDED]
+        log.info("tezzeret: catalog ready, %d kernels, %d not succeeded %s", len(jobs),
+                 len(failed), failed)
+
+
+def create_service(ctx: PlatformContext, *, urza: Callable[[], Library] | None = None
+                   ) -> ServiceSpec:
+    from esper.blueprints import builtin_blueprints
+
+    config = TezzeretConfig.from_dict(ctx.settings.get("tezzeret"))
+    key = signing_key_for(ctx, config)
+    publish_public_key(ctx, config, key)
+    store = JobStore(ctx.part_dir("tezzeret") / "jobs.sqlite")
+    core = TezzeretCore(store, key, urza or (lambda: _urza_client(ctx)), config)
+    sites = [site_signature(s["layout"], s["channels"], tuple(s.get("spatial", ())))
+             for s in config.catalog_sites]
+    background: list[asyncio.Task[Any]] = []
+
+    async def on_start() -> None:
+        # Jobs cut short by a crash resume; the catalog compiles in the background so the
+        # service answers at once (germination defers until its kernel exists).
+        for job_id in store.unfinished():
+            job = store.get(job_id)
+            try:
+                bp = await core.resolve(job.blueprint_id)
+            except EsperError as e:
+                store.fail(job_id, f"resuming: {type(e).__name__}: {e}")
+                continue
+            core._start(job_id, bp, job.site)
+        if sites:
+            task = asyncio.get_running_loop().create_task(
+                core.ensure_catalog(sites, builtin_blueprints()))
+            task.add_done_callback(_report_catalog)
+            background.append(task)
+
+    async def on_stop() -> None:
+        for t in background:
+            t.cancel()
+        await core.drain()
+        store.close()
+
     return ServiceSpec(
         part="tezzeret",
         service_name="esper.tezzeret.v1.TezzeretService",
-        servicer=rpc.TezzeretServiceServicer(),
+        servicer=TezzeretServicer(core),
         add_to_server=rpc.add_TezzeretServiceServicer_to_server,
+        write_methods=frozenset({"Compile"}),
+        on_start=on_start,
+        on_stop=on_stop,
     )

@@ -1,0 +1,51 @@
+"""Tezzeret's settings (`ctx.settings["tezzeret"]`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from esper.errors import ConfigError
+
+
+@dataclass(kw_only=True, frozen=True)
+class TezzeretConfig:
+    signing_key_file: str = ""
+    """PEM file of the Ed25519 signing key; empty: ESPER_SIGNING_KEY / ESPER_SIGNING_KEY_FILE,
+    else a key created on first start at `<data_dir>/tezzeret/signing_key.pem`."""
+    trusted_keys_dir: str = ""
+    """Where Tezzeret publishes its public key (`tezzeret-<key id>.pub`) for Urza and the
+    loaders to trust; empty: ESPER_TRUSTED_KEYS_DIR, else `<data_dir>/trusted_keys`."""
+    benchmark_iters: int = 20
+    """Timed forward passes per compile (0: no latency benchmark)."""
+    benchmark_batch_size: int = 8
+    """Batch size of the latency benchmark."""
+    urza_timeout_s: float = 10.0
+    """Deadline of each call to Urza (retries fit inside it)."""
+    catalog_sites: tuple[dict[str, Any], ...] = ()
+    """Sites ({layout, channels, spatial}) to compile the built-in catalog for at start."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.benchmark_iters <= 10_000:
+            raise ConfigError(f"benchmark_iters={self.benchmark_iters}: must be in [0, 10000]")
+        if not 1 <= self.benchmark_batch_size <= 4096:
+            raise ConfigError(f"benchmark_batch_size={self.benchmark_batch_size}: must be in "
+                              "[1, 4096]")
+        if not self.urza_timeout_s > 0:
+            raise ConfigError(f"urza_timeout_s={self.urza_timeout_s}: must be > 0")
+        for s in self.catalog_sites:
+            if not isinstance(s, dict) or not {"layout", "channels"} <= set(s) or \
+                    not set(s) <= {"layout", "channels", "spatial"}:
+                raise ConfigError(f"catalog_sites entry {s!r}: needs layout and channels, "
+                                  "optional spatial, nothing else")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> TezzeretConfig:
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown tezzeret settings {unknown}; allowed: {sorted(known)}")
+        if "catalog_sites" in d:
+            d["catalog_sites"] = tuple(d["catalog_sites"])
+        return cls(**d)
