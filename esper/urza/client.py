@@ -132,11 +132,12 @@ class UrzaClient:
             return retrying(once)
         except DeadlineExceededError:
             raise
-        except UnavailableError as exc:
-            if exc.reason != "CIRCUIT_OPEN" and time.monotonic() >= deadline - 0.01:
+        except (UnavailableError, _TransferCorrupt) as exc:
+            if _retryable(exc) and time.monotonic() >= deadline - 0.01:
                 raise DeadlineExceededError(
-                    f"{what}: Urza at {self.target} did not answer within {timeout_s}s "
-                    f"({retrying.statistics.get('attempt_number', 1)} attempts; last: {exc})"
+                    f"{what}: no complete answer from Urza at {self.target} within "
+                    f"{timeout_s}s ({retrying.statistics.get('attempt_number', 1)} attempts; "
+                    f"last: {exc})"
                 ) from exc
             raise
 
