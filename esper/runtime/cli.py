@@ -1,0 +1,266 @@
+"""Built-in subcommands: `esper serve <part>`, `esper up`, `esper status`.
+
+`esper up` hosts every service on ONE grpc.aio server (one port, one process, one
+health service with an entry per service) plus a local nats-server with JetStream whose
+store lives under `<data-dir>/nats`. It writes `<data-dir>/endpoints.json`
+(`{"pid", "endpoints": {part: "host:port"}, "services": {part: proto name}, "nats_url",
+"api_keys_file"}`) for `esper status` and for clients, and removes it on a clean exit.
+Without ESPER_API_KEYS / ESPER_API_KEYS_FILE it creates `<data-dir>/api-keys` (mode 0600,
+one key with scope "*", kept across runs) and uses that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import os
+import secrets
+import socket
+from pathlib import Path
+from typing import Any
+
+from esper.errors import ConfigError, FailedPreconditionError, UnavailableError
+from esper.runtime.auth import ENV_KEYS, ENV_KEYS_FILE, AuthConfig, parse_keys
+from esper.runtime.config import PlatformConfig
+from esper.runtime.spec import PARTS, PlatformContext, ServiceSpec
+
+log = logging.getLogger("esper.cli")
+
+ENDPOINTS_FILE = "endpoints.json"
+KEYS_FILE = "api-keys"
+ENV_ENDPOINTS = "ESPER_ENDPOINTS"
+ENV_NATS_URL = "ESPER_NATS_URL"
+ENV_API_KEY = "ESPER_API_KEY"
+"""Key this process sends on its own outbound calls (e.g. Tolaria → Tamiyo)."""
+
+
+def parse_endpoints(text: str) -> dict[str, str]:
+    """"urza=host:port,tamiyo=host:port" → {part: target}.
+
+    Raises:
+        ConfigError: an entry that is not part=host:port or names an unknown part.
+    """
+    out: dict[str, str] = {}
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        part, eq, target = entry.partition("=")
+        if not eq or part not in PARTS or ":" not in target:
+            raise ConfigError(f"{ENV_ENDPOINTS} entry {entry!r} must be part=host:port with part in {list(PARTS)}")
+        out[part] = target
+    return out
+
+
+def _common(p: argparse.ArgumentParser, *, data_dir_default: str | None) -> None:
+    p.add_argument("--config", type=Path, help="platform config YAML (see esper.runtime.config)")
+    p.add_argument("--data-dir", type=Path, default=data_dir_default, help="state directory")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--grace-s", type=float, help="drain period on SIGTERM (default 3)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="accept calls without API keys (logged loudly; private machines only)")
+
+
+def _config(args: argparse.Namespace, port: int | None) -> PlatformConfig:
+    cfg = PlatformConfig.load(args.config)
+    return cfg.with_overrides(data_dir=args.data_dir, host=args.host, base_port=port, grace_s=args.grace_s,
+                              log_level=args.log_level, insecure_no_auth=True if args.insecure_no_auth else None)
+
+
+def _create(part: str, ctx: PlatformContext) -> ServiceSpec:
+    module = importlib.import_module(f"esper.{part}.service")
+    spec = module.create_service(ctx)
+    if not isinstance(spec, ServiceSpec) or spec.part != part:
+        raise ConfigError(f"esper.{part}.service.create_service returned {spec!r}, not a ServiceSpec for {part!r}")
+    return spec
+
+
+def _run_host(specs: list[ServiceSpec], cfg: PlatformConfig, auth: AuthConfig, port: int,
+              ready: Any) -> None:
+    from esper.runtime.host import serve
+
+    asyncio.run(serve(specs, host=cfg.host, port=port, grace_s=cfg.grace_s, auth=auth, ready=ready))
+
+
+# --- esper serve ---------------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from esper.runtime.logging import configure_logging
+
+    cfg = _config(args, args.port)
+    configure_logging(cfg.log_level)
+    auth = AuthConfig.from_env(disabled=cfg.insecure_no_auth)
+    ctx = PlatformContext(
+        data_dir=cfg.data_dir,
+        endpoints=parse_endpoints(os.environ.get(ENV_ENDPOINTS, "")),
+        api_key=os.environ.get(ENV_API_KEY) or None,
+        nats_url=os.environ.get(ENV_NATS_URL) or None,
+        settings={k: dict(v) for k, v in cfg.settings.items()},
+    )
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    spec = _create(args.part, ctx)
+
+    def ready(port: int) -> None:
+        print(f"{args.part} serving {spec.service_name} on {cfg.host}:{port}", flush=True)
+
+    _run_host([spec], cfg, auth, cfg.base_port, ready)
+    return 0
+
+
+# --- esper up -----------------------------------------------------------------------------
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _platform_keys(cfg: PlatformConfig) -> tuple[AuthConfig, str | None, Path | None]:
+    """(auth, key for the services' own calls, keys file written here or None)."""
+    if cfg.insecure_no_auth:
+        return AuthConfig(disabled=True), None, None
+    if os.environ.get(ENV_KEYS) or os.environ.get(ENV_KEYS_FILE):
+        auth = AuthConfig.from_env()
+        own = os.environ.get(ENV_API_KEY)
+        if not own:
+            # The services call each other; give them a key of their own for this run only.
+            own = secrets.token_urlsafe(32)
+            auth = AuthConfig(keys={**auth.keys, own: frozenset({"*"})})
+        return auth, own, None
+    path = cfg.data_dir / KEYS_FILE
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"# Created by `esper up`: an admin key for this data dir.\n{secrets.token_urlsafe(32)}=*\n")
+    keys = parse_keys(path.read_text(), source=str(path), separator="\n")
+    admin = next((k for k, scopes in keys.items() if "*" in scopes), None)
+    if admin is None:
+        raise ConfigError(f"{path} has no key with scope '*'; add one or delete the file to get a new one")
+    return AuthConfig(keys=keys), admin, path
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from esper.oona.natsd import NatsServer
+    from esper.runtime.logging import configure_logging
+
+    cfg = _config(args, args.base_port)
+    configure_logging(cfg.log_level)
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    endpoints_path = cfg.data_dir / ENDPOINTS_FILE
+    if endpoints_path.exists():
+        other = json.loads(endpoints_path.read_text()).get("pid")
+        if isinstance(other, int) and _alive(other):
+            raise FailedPreconditionError(
+                f"esper up (pid {other}) already runs with data dir {cfg.data_dir}; "
+                "stop it first or choose another --data-dir")
+    auth, own_key, keys_file = _platform_keys(cfg)
+    port = cfg.base_port or _free_port(cfg.host)
+    target = f"{cfg.host}:{port}"
+
+    with NatsServer(cfg.data_dir / "nats") as nats:
+        ctx = PlatformContext(
+            data_dir=cfg.data_dir,
+            endpoints={part: target for part in PARTS},
+            api_key=own_key,
+            nats_url=nats.url,
+            settings={k: dict(v) for k, v in cfg.settings.items()},
+        )
+        specs = [_create(part, ctx) for part in PARTS]
+
+        def ready(bound: int) -> None:
+            info = {
+                "pid": os.getpid(),
+                "endpoints": {s.part: f"{cfg.host}:{bound}" for s in specs},
+                "services": {s.part: s.service_name for s in specs},
+                "nats_url": nats.url,
+                "api_keys_file": str(keys_file.resolve()) if keys_file else None,
+                "auth": not auth.disabled,
+            }
+            tmp = endpoints_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(info, indent=2) + "\n")
+            tmp.replace(endpoints_path)
+            width = max(len(p) for p in PARTS)
+            for s in specs:
+                print(f"{s.part:<{width}}  {cfg.host}:{bound}  {s.service_name}")
+            print(f"{'nats':<{width}}  {nats.url}  (JetStream, store {nats.store_dir})")
+            if keys_file is not None:
+                print(f"api keys: {keys_file} (send one as 'x-api-key' metadata)")
+            elif auth.disabled:
+                print("api keys: NONE — authentication is disabled")
+            print(f"endpoints: {endpoints_path}", flush=True)
+
+        try:
+            _run_host(specs, cfg, auth, port, ready)
+        finally:
+            endpoints_path.unlink(missing_ok=True)
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --- esper status -------------------------------------------------------------------------
+
+def _status_targets(data_dir: Path) -> dict[str, tuple[str, str]]:
+    """part → (target, proto service name), from endpoints.json or ESPER_ENDPOINTS."""
+    path = data_dir / ENDPOINTS_FILE
+    if path.exists():
+        info = json.loads(path.read_text())
+        return {p: (t, info["services"][p]) for p, t in info["endpoints"].items()}
+    env = os.environ.get(ENV_ENDPOINTS)
+    if env:
+        names = {p: f"esper.{p}.v1.{p.capitalize()}Service" for p in PARTS}
+        return {p: (t, names[p]) for p, t in parse_endpoints(env).items()}
+    raise UnavailableError(f"no {path} (is `esper up --data-dir {data_dir}` running?) and no {ENV_ENDPOINTS} set")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    targets = _status_targets(args.data_dir)
+    worst = 0
+    width = max(len(p) for p in targets)
+    channels: dict[str, grpc.Channel] = {}
+    try:
+        for part, (target, service) in targets.items():
+            ch = channels.setdefault(target, grpc.insecure_channel(target))
+            try:
+                resp = health_pb2_grpc.HealthStub(ch).Check(
+                    health_pb2.HealthCheckRequest(service=service), timeout=args.timeout)
+                state = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+            except grpc.RpcError as e:
+                state = f"UNREACHABLE ({e.code().name}: {e.details()})"
+            if state != "SERVING":
+                worst = 1
+            print(f"{part:<{width}}  {target:<21}  {state}")
+    finally:
+        for ch in channels.values():
+            ch.close()
+    return worst
+
+
+def register_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("serve", help="host one service")
+    p.add_argument("part", choices=PARTS)
+    p.add_argument("--port", type=int, help="port to bind (default 0: pick a free one)")
+    _common(p, data_dir_default=None)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("up", help="every service in one process on loopback, plus nats-server")
+    p.add_argument("--base-port", type=int, help="port of the one gRPC server (default 0: pick a free one)")
+    _common(p, data_dir_default=".esper")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("status", help="health of each service (exit 1 unless all SERVING)")
+    p.add_argument("--data-dir", type=Path, default=Path(".esper"))
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds per health check")
+    p.set_defaults(func=cmd_status)
