@@ -34,9 +34,19 @@ from generated.esper.oona.v1 import events_pb2 as ev
 
 def envelope(i: int) -> ev.EventEnvelope:
     return make_envelope(
-        ev.EpochMetrics(epoch=i, total_epochs=30, train_loss=0.5, val_loss=0.6, val_accuracy=0.8,
-                        parameters=12345, alphas={"body.1": 0.5}),
-        run_id="bench", source="bench", epoch=i, sequence=i,
+        ev.EpochMetrics(
+            epoch=i,
+            total_epochs=30,
+            train_loss=0.5,
+            val_loss=0.6,
+            val_accuracy=0.8,
+            parameters=12345,
+            alphas={"body.1": 0.5},
+        ),
+        run_id="bench",
+        source="bench",
+        epoch=i,
+        sequence=i,
     )
 
 
@@ -82,30 +92,49 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000, help="publishes per setting per round")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    settings = [("2m (nats default, baseline)", "2m"), ("1s", "1s"), ("always (Esper default)", "always")]
-    samples: dict[str, tuple[list[float], list[float], list[float]]] = {s[0]: ([], [], []) for s in settings}
+    settings = [
+        ("2m (nats default, baseline)", "2m"),
+        ("1s", "1s"),
+        ("always (Esper default)", "always"),
+    ]
+    samples: dict[str, tuple[list[float], list[float], list[float]]] = {
+        s[0]: ([], [], []) for s in settings
+    }
     for _ in range(args.rounds):
         for label, sync in settings:
-            with tempfile.TemporaryDirectory(dir=Path(__file__).parent) as d, \
-                    NatsServer(Path(d), config=NatsServerConfig(sync_interval=sync)) as server:
+            with (
+                tempfile.TemporaryDirectory(dir=Path(__file__).parent) as d,
+                NatsServer(Path(d), config=NatsServerConfig(sync_interval=sync)) as server,
+            ):
                 lat = asyncio.run(ack_latencies(server.url, args.n))
                 calls, rate = publisher_costs(server.url, args.n)
             samples[label][0].extend(lat)
             samples[label][1].extend(calls)
             samples[label][2].append(rate)
     rows = {
-        label: (statistics.median(lat), pct(lat, 0.99), statistics.median(calls), pct(calls, 0.99),
-                statistics.median(rates))
+        label: (
+            statistics.median(lat),
+            pct(lat, 0.99),
+            statistics.median(calls),
+            pct(calls, 0.99),
+            statistics.median(rates),
+        )
         for label, (lat, calls, rates) in samples.items()
     }
     base = rows[settings[0][0]]
-    print(f"JetStream publish+ack, file storage (ext4 under the repo), {args.rounds} rounds x "
-          f"{args.n} publishes per setting")
-    print(f"{'sync_interval':<30} {'ack p50 ms':>10} {'ack p99 ms':>10} {'p50 ratio':>9} "
-          f"{'publish() p50 µs':>16} {'p99 µs':>8} {'Publisher msg/s':>15} {'rate ratio':>10}")
+    print(
+        f"JetStream publish+ack, file storage (ext4 under the repo), {args.rounds} rounds x "
+        f"{args.n} publishes per setting"
+    )
+    print(
+        f"{'sync_interval':<30} {'ack p50 ms':>10} {'ack p99 ms':>10} {'p50 ratio':>9} "
+        f"{'publish() p50 µs':>16} {'p99 µs':>8} {'Publisher msg/s':>15} {'rate ratio':>10}"
+    )
     for label, (p50, p99, c50, c99, rate) in rows.items():
-        print(f"{label:<30} {p50:>10.3f} {p99:>10.3f} {p50 / base[0]:>8.2f}x "
-              f"{c50:>16.1f} {c99:>8.1f} {rate:>15.0f} {rate / base[4]:>9.2f}x")
+        print(
+            f"{label:<30} {p50:>10.3f} {p99:>10.3f} {p50 / base[0]:>8.2f}x "
+            f"{c50:>16.1f} {c99:>8.1f} {rate:>15.0f} {rate / base[4]:>9.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Oona: Esper's event bus on NATS JetStream (server launcher, streams, envelope, publisher, consumer).
+"""Oona: Esper's event bus on NATS JetStream.
+
+Server launcher, streams, envelope, publisher, consumer.
 
 Submodules are imported lazily so that `import esper.oona` (e.g. from the CLI) does not
 pull in nats-py or OpenTelemetry until they are used.
@@ -38,4 +40,23 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "DEFAULT_STREAMS",
+    "Consumer",
+    "ConsumerConfig",
+    "MemorySeenStore",
+    "NatsServer",
+    "NatsServerConfig",
+    "Publisher",
+    "PublisherConfig",
+    "PublisherStats",
+    "SqliteSeenStore",
+    "adrain",
+    "drain",
+    "ensure_streams",
+    "extract_context",
+    "headers_for",
+    "make_envelope",
+    "subject_for",
+    "tail",
+]

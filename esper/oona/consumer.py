@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import nats
 import nats.errors
@@ -40,7 +40,12 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import APIError, NotFoundError
 from opentelemetry import trace
 
-from esper.errors import ConfigError, FailedPreconditionError, InvalidArgumentError, UnavailableError
+from esper.errors import (
+    ConfigError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    UnavailableError,
+)
 from esper.oona.envelope import decode, extract_context
 from esper.oona.subjects import DEFAULT_STREAMS, StreamSpec, ensure_streams
 from generated.esper.oona.v1.events_pb2 import EventEnvelope
@@ -168,9 +173,13 @@ class ConsumerConfig:
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.durable):
-            raise ConfigError(f"consumer durable {self.durable!r} must be 1-64 characters of [A-Za-z0-9_-]")
+            raise ConfigError(
+                f"consumer durable {self.durable!r} must be 1-64 characters of [A-Za-z0-9_-]"
+            )
         if not self.subject_filter or " " in self.subject_filter:
-            raise ConfigError(f"consumer subject_filter {self.subject_filter!r} must be a NATS subject")
+            raise ConfigError(
+                f"consumer subject_filter {self.subject_filter!r} must be a NATS subject"
+            )
         if self.deliver not in _DELIVER:
             raise ConfigError(f"consumer deliver must be 'all' or 'new', got {self.deliver!r}")
         if self.max_deliver == 0 or self.max_deliver < -1:
@@ -233,8 +242,13 @@ class Consumer:
         # One line instead of nats-py's traceback per refused reconnect.
         self._errors += 1
         if self._errors <= 3 or self._errors % 100 == 0:
-            log.warning("oona consumer %s: NATS error #%d: %s: %s",
-                        self.config.durable, self._errors, type(exc).__name__, exc)
+            log.warning(
+                "oona consumer %s: NATS error #%d: %s: %s",
+                self.config.durable,
+                self._errors,
+                type(exc).__name__,
+                exc,
+            )
 
     async def start(self) -> Consumer:
         """Connect, make sure the stream and the durable consumer exist, and bind to it.
@@ -246,12 +260,17 @@ class Consumer:
         cfg = self.config
         try:
             self._nc = await asyncio.wait_for(
-                nats.connect(self.url, name=f"esper-oona-consumer-{cfg.durable}",
-                             connect_timeout=cfg.connect_timeout_s, max_reconnect_attempts=-1,
-                             reconnect_time_wait=0.5, error_cb=self._error_cb),
+                nats.connect(
+                    self.url,
+                    name=f"esper-oona-consumer-{cfg.durable}",
+                    connect_timeout=cfg.connect_timeout_s,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    error_cb=self._error_cb,
+                ),
                 cfg.connect_timeout_s,
             )
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise UnavailableError(
                 f"NATS at {self.url} not reachable within {cfg.connect_timeout_s}s "
                 f"(consumer {cfg.durable})"
@@ -265,18 +284,22 @@ class Consumer:
             if info.config.filter_subject != cfg.subject_filter:
                 raise FailedPreconditionError(
                     f"durable consumer {cfg.durable!r} on {stream} already filters "
-                    f"{info.config.filter_subject!r}, not {cfg.subject_filter!r}; use another durable name"
+                    f"{info.config.filter_subject!r}, not {cfg.subject_filter!r}; "
+                    "use another durable name"
                 )
         except NotFoundError:
-            await js.add_consumer(stream, config=api.ConsumerConfig(
-                name=cfg.durable,
-                durable_name=cfg.durable,
-                filter_subject=cfg.subject_filter,
-                deliver_policy=_DELIVER[cfg.deliver],
-                ack_policy=api.AckPolicy.EXPLICIT,
-                ack_wait=cfg.ack_wait_s,
-                max_deliver=cfg.max_deliver,
-            ))
+            await js.add_consumer(
+                stream,
+                config=api.ConsumerConfig(
+                    name=cfg.durable,
+                    durable_name=cfg.durable,
+                    filter_subject=cfg.subject_filter,
+                    deliver_policy=_DELIVER[cfg.deliver],
+                    ack_policy=api.AckPolicy.EXPLICIT,
+                    ack_wait=cfg.ack_wait_s,
+                    max_deliver=cfg.max_deliver,
+                ),
+            )
         self._sub = await js.pull_subscribe_bind(durable=cfg.durable, stream=stream)
         return self
 
@@ -285,7 +308,7 @@ class Consumer:
             nc, self._nc, self._sub = self._nc, None, None
             await nc.close()
 
-    async def __aenter__(self) -> Consumer:
+    async def __aenter__(self) -> Self:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
@@ -302,8 +325,12 @@ class Consumer:
         try:
             env = decode(msg.data)
         except InvalidArgumentError as exc:
-            log.error("oona consumer %s: terminating poison message on %s: %s",
-                      self.config.durable, msg.subject, exc)
+            log.error(
+                "oona consumer %s: terminating poison message on %s: %s",
+                self.config.durable,
+                msg.subject,
+                exc,
+            )
             self.stats.poison += 1
             await msg.term()
             return
@@ -313,19 +340,30 @@ class Consumer:
             return
         ctx = extract_context(msg.headers)
         with _tracer.start_as_current_span(
-            f"oona consume {msg.subject}", context=ctx, kind=trace.SpanKind.CONSUMER,
-            attributes={"messaging.system": "nats", "messaging.destination.name": msg.subject,
-                        "messaging.message.id": env.event_id},
+            f"oona consume {msg.subject}",
+            context=ctx,
+            kind=trace.SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.destination.name": msg.subject,
+                "messaging.message.id": env.event_id,
+            },
         ):
             try:
                 result = handler(env)
                 if inspect.isawaitable(result):
                     await result
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any handler failure means: redeliver
                 self.stats.handler_failures += 1
-                log.warning("oona consumer %s: handler failed on event %s (delivery %d), redelivering in %.1fs: %s",
-                            self.config.durable, env.event_id, msg.metadata.num_delivered,
-                            self.config.nak_delay_s, exc)
+                log.warning(
+                    "oona consumer %s: handler failed on event %s (delivery %d), "
+                    "redelivering in %.1fs: %s",
+                    self.config.durable,
+                    env.event_id,
+                    msg.metadata.num_delivered,
+                    self.config.nak_delay_s,
+                    exc,
+                )
                 await msg.nak(delay=self.config.nak_delay_s)
                 return
         self.seen.add(env.event_id)
@@ -343,7 +381,9 @@ class Consumer:
         """Fetch and handle messages until `stop` is set, no message came for `idle_timeout_s`,
         or `max_events` events were handled. Survives NATS outages (retries the fetch)."""
         if self._sub is None:
-            raise FailedPreconditionError("consumer not started; use `async with Consumer(...)` or await start()")
+            raise FailedPreconditionError(
+                "consumer not started; use `async with Consumer(...)` or await start()"
+            )
         last = time.monotonic()
         while not (stop is not None and stop.is_set()):
             if max_events is not None and self.stats.handled >= max_events:
@@ -355,11 +395,17 @@ class Consumer:
                 want = max(1, min(want, max_events - self.stats.handled))
             try:
                 msgs = await self._sub.fetch(want, timeout=self.config.fetch_timeout_s)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):  # no message within the wait
+            except (TimeoutError, nats.errors.TimeoutError):  # no message within the wait
                 continue
-            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError,
-                    nats.errors.NoRespondersError, APIError) as exc:
-                log.warning("oona consumer %s: fetch failed (%s); retrying", self.config.durable, exc)
+            except (
+                nats.errors.ConnectionClosedError,
+                nats.errors.ConnectionReconnectingError,
+                nats.errors.NoRespondersError,
+                APIError,
+            ) as exc:
+                log.warning(
+                    "oona consumer %s: fetch failed (%s); retrying", self.config.durable, exc
+                )
                 await asyncio.sleep(0.5)
                 continue
             last = time.monotonic()
@@ -369,20 +415,36 @@ class Consumer:
 
 
 async def adrain(
-    url: str, subject_filter: str, durable: str, timeout: float, *, stream: str | None = None,
+    url: str,
+    subject_filter: str,
+    durable: str,
+    timeout: float,
+    *,
+    stream: str | None = None,
     seen: SeenStore | None = None,
 ) -> list[EventEnvelope]:
     """Consume everything available (until no message came for `timeout` s) and return it."""
     out: list[EventEnvelope] = []
-    consumer = Consumer(url, seen=seen, durable=durable, subject_filter=subject_filter, stream=stream,
-                        fetch_timeout_s=min(timeout, 1.0))
+    consumer = Consumer(
+        url,
+        seen=seen,
+        durable=durable,
+        subject_filter=subject_filter,
+        stream=stream,
+        fetch_timeout_s=min(timeout, 1.0),
+    )
     async with consumer:
         await consumer.consume(out.append, idle_timeout_s=timeout)
     return out
 
 
 def drain(
-    url: str, subject_filter: str, durable: str, timeout: float, *, stream: str | None = None,
+    url: str,
+    subject_filter: str,
+    durable: str,
+    timeout: float,
+    *,
+    stream: str | None = None,
     seen: SeenStore | None = None,
 ) -> list[EventEnvelope]:
     """Synchronous `adrain` for tests and tools; works inside or outside a running event loop."""
@@ -397,7 +459,7 @@ def drain(
     def run() -> None:
         try:
             box["result"] = asyncio.run(coro)
-        except BaseException as exc:  # re-raised in the caller's thread below
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread below
             box["error"] = exc
 
     t = threading.Thread(target=run, name="oona-drain")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from google.protobuf.message import DecodeError, Message
 from opentelemetry import propagate
@@ -56,7 +56,9 @@ def make_envelope(
             field="payload",
         )
     if not source:
-        raise InvalidArgumentError("source must name the emitting component, got ''", field="source")
+        raise InvalidArgumentError(
+            "source must name the emitting component, got ''", field="source"
+        )
     for name, value in (("step", step), ("epoch", epoch), ("sequence", sequence)):
         if value < 0:
             raise InvalidArgumentError(f"{name} must be >= 0, got {value}", field=name)
@@ -70,7 +72,7 @@ def make_envelope(
     )
     if not env.event_id:
         raise InvalidArgumentError("event_id must be non-empty when given", field="event_id")
-    env.emitted_at.FromDatetime(emitted_at or datetime.now(timezone.utc))
+    env.emitted_at.FromDatetime(emitted_at or datetime.now(UTC))
     getattr(env, field).CopyFrom(payload)
     return env
 
@@ -99,7 +101,9 @@ def subject_for(env: EventEnvelope) -> str:
 def headers_for(env: EventEnvelope, *, context: Context | None = None) -> dict[str, str]:
     """`Nats-Msg-Id` plus the trace context of `context` (default: the current one)."""
     if not env.event_id:
-        raise InvalidArgumentError("envelope event_id is empty; it is the Nats-Msg-Id", field="event_id")
+        raise InvalidArgumentError(
+            "envelope event_id is empty; it is the Nats-Msg-Id", field="event_id"
+        )
     headers: dict[str, str] = {}
     propagate.inject(headers, context=context)
     headers[MSG_ID_HEADER] = env.event_id

@@ -34,7 +34,7 @@ import weakref
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from esper.errors import ConfigError, FailedPreconditionError, UnavailableError
 
@@ -59,10 +59,12 @@ def _valid_duration(value: str) -> bool:
         if i == 0:
             return False
         rest = rest[i:]
-        unit = next((u for u in sorted(_DURATION_UNITS, key=len, reverse=True) if rest.startswith(u)), None)
+        unit = next(
+            (u for u in sorted(_DURATION_UNITS, key=len, reverse=True) if rest.startswith(u)), None
+        )
         if unit is None:
             return False
-        rest = rest[len(unit):]
+        rest = rest[len(unit) :]
     return True
 
 
@@ -89,14 +91,18 @@ class NatsServerConfig:
         if not self.host:
             raise ConfigError("nats host must be a non-empty address, got ''")
         if not 0 <= self.port <= 65535:
-            raise ConfigError(f"nats port must be in 0..65535 (0 = pick a free one), got {self.port}")
+            raise ConfigError(
+                f"nats port must be in 0..65535 (0 = pick a free one), got {self.port}"
+            )
         if self.sync_interval != "always" and not _valid_duration(self.sync_interval):
             raise ConfigError(
                 f"nats sync_interval must be 'always' or a Go duration like '1s' or '100ms', "
                 f"got {self.sync_interval!r}"
             )
         if self.max_store_bytes is not None and self.max_store_bytes <= 0:
-            raise ConfigError(f"nats max_store_bytes must be positive or None, got {self.max_store_bytes}")
+            raise ConfigError(
+                f"nats max_store_bytes must be positive or None, got {self.max_store_bytes}"
+            )
         if self.startup_timeout_s <= 0:
             raise ConfigError(f"nats startup_timeout_s must be > 0, got {self.startup_timeout_s}")
         if self.stop_timeout_s <= 0:
@@ -107,7 +113,9 @@ class NatsServerConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"unknown nats server config keys {unknown}; allowed: {sorted(known)}")
+            raise ConfigError(
+                f"unknown nats server config keys {unknown}; allowed: {sorted(known)}"
+            )
         return cls(**data)
 
 
@@ -192,7 +200,9 @@ class NatsServer:
         if config is None:
             config = NatsServerConfig(host=host, port=port, jetstream=jetstream)
         elif (host, port, jetstream) != ("127.0.0.1", 0, True):
-            raise ConfigError("pass host/port/jetstream either as arguments or inside config=, not both")
+            raise ConfigError(
+                "pass host/port/jetstream either as arguments or inside config=, not both"
+            )
         self.config = config
         self.data_dir = Path(data_dir)
         self.binary = Path(binary) if binary is not None else find_binary()
@@ -216,7 +226,9 @@ class NatsServer:
     @property
     def port(self) -> int:
         if self._port == 0:
-            raise FailedPreconditionError("nats-server has not been started yet; its port is not known")
+            raise FailedPreconditionError(
+                "nats-server has not been started yet; its port is not known"
+            )
         return self._port
 
     @property
@@ -252,7 +264,9 @@ class NatsServer:
         """
         with self._lock:
             if self.running:
-                raise FailedPreconditionError(f"nats-server already running (pid {self.pid}) at {self.url}")
+                raise FailedPreconditionError(
+                    f"nats-server already running (pid {self.pid}) at {self.url}"
+                )
             self.data_dir.mkdir(parents=True, exist_ok=True)
             ports_dir = self.data_dir / "ports"
             ports_dir.mkdir(exist_ok=True)
@@ -262,14 +276,22 @@ class NatsServer:
             log_file = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
             try:
                 self._proc = subprocess.Popen(
-                    [str(self.binary), "-c", str(self.config_path), "--ports_file_dir", str(ports_dir)],
+                    [
+                        str(self.binary),
+                        "-c",
+                        str(self.config_path),
+                        "--ports_file_dir",
+                        str(ports_dir),
+                    ],
                     stdin=subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
                     # Own session: a terminal's Ctrl-C reaches only the parent, which then
                     # stops the bus after its publishers have flushed.
                     start_new_session=True,
-                    preexec_fn=_pdeathsig_preexec(),
+                    # The hook makes one C call resolved before fork() (no imports, no
+                    # Python-level locks), which is what preexec_fn is safe for with threads.
+                    preexec_fn=_pdeathsig_preexec(),  # noqa: PLW1509
                 )
             finally:
                 log_file.close()
@@ -279,8 +301,13 @@ class NatsServer:
             except BaseException:
                 self._terminate()
                 raise
-            log.info("nats-server pid %d listening at %s (jetstream=%s, sync_interval=%s)",
-                     self._proc.pid, self.url, self.config.jetstream, self.config.sync_interval)
+            log.info(
+                "nats-server pid %d listening at %s (jetstream=%s, sync_interval=%s)",
+                self._proc.pid,
+                self.url,
+                self.config.jetstream,
+                self.config.sync_interval,
+            )
             return self
 
     def _log_tail(self, n: int = 20) -> str:
@@ -298,7 +325,8 @@ class NatsServer:
             rc = self._proc.poll()
             if rc is not None:
                 raise UnavailableError(
-                    f"nats-server exited with code {rc} during start-up; log tail:\n{self._log_tail()}"
+                    f"nats-server exited with code {rc} during start-up; "
+                    f"log tail:\n{self._log_tail()}"
                 )
             if time.monotonic() > deadline:
                 raise UnavailableError(
@@ -335,7 +363,10 @@ class NatsServer:
         return bool(info.get("jetstream")) or not self.config.jetstream
 
     def stop(self) -> int | None:
-        """SIGTERM, wait up to stop_timeout_s, then SIGKILL. Returns the exit code (None if not running)."""
+        """SIGTERM, wait up to stop_timeout_s, then SIGKILL.
+
+        Returns the exit code, or None when it was not running.
+        """
         with self._lock:
             return self._terminate()
 
@@ -351,8 +382,11 @@ class NatsServer:
         try:
             return proc.wait(timeout=self.config.stop_timeout_s)
         except subprocess.TimeoutExpired:
-            log.warning("nats-server pid %d ignored SIGTERM for %.1fs; sending SIGKILL",
-                        proc.pid, self.config.stop_timeout_s)
+            log.warning(
+                "nats-server pid %d ignored SIGTERM for %.1fs; sending SIGKILL",
+                proc.pid,
+                self.config.stop_timeout_s,
+            )
             proc.kill()
             return proc.wait()
 
@@ -367,11 +401,14 @@ class NatsServer:
             proc.kill()
             proc.wait()
 
-    def __enter__(self) -> NatsServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.stop()
 

@@ -38,7 +38,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Self
 
 import nats
 import nats.errors
@@ -92,7 +92,9 @@ class PublisherConfig:
     name: str = "esper-oona-publisher"
     """Connection name shown by the server's monitoring."""
     breaker: BreakerConfig = field(
-        default_factory=lambda: BreakerConfig(window_size=20, minimum_calls=5, open_wait_s=1.0, half_open_calls=1)
+        default_factory=lambda: BreakerConfig(
+            window_size=20, minimum_calls=5, open_wait_s=1.0, half_open_calls=1
+        )
     )
     """Circuit breaker over publish batches while connected."""
 
@@ -145,7 +147,7 @@ class PublisherStats:
 
 
 class _Item:
-    __slots__ = ("subject", "data", "headers")
+    __slots__ = ("data", "headers", "subject")
 
     def __init__(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
         self.subject = subject
@@ -166,7 +168,9 @@ class Publisher:
         **settings: Any,
     ) -> None:
         if config is not None and settings:
-            raise ConfigError(f"pass publisher settings {sorted(settings)} inside config=, not both")
+            raise ConfigError(
+                f"pass publisher settings {sorted(settings)} inside config=, not both"
+            )
         self.config = config if config is not None else PublisherConfig.from_dict(settings)
         self.url = url
         self._on_degraded = on_degraded
@@ -272,14 +276,17 @@ class Publisher:
                 self._stopping = True
                 left = len(self._queue) + self._in_flight
             if not flushed:
-                log.warning("oona publisher closing with %d envelopes unpublished (NATS at %s unreachable)",
-                            left, self.url)
+                log.warning(
+                    "oona publisher closing with %d envelopes unpublished (NATS at %s unreachable)",
+                    left,
+                    self.url,
+                )
             assert self._loop is not None and self._wake is not None
             self._loop.call_soon_threadsafe(self._wake.set)
         self._thread.join()
         return self.stats()
 
-    def __enter__(self) -> Publisher:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -314,7 +321,9 @@ class Publisher:
 
     def _breaker_changed(self, name: str, old: BreakerState, new: BreakerState) -> None:
         if new is BreakerState.OPEN:
-            self._emit("breaker_open", f"{name}: publishes kept failing ({self._last_error}); pausing")
+            self._emit(
+                "breaker_open", f"{name}: publishes kept failing ({self._last_error}); pausing"
+            )
 
     def _mark_down(self, why: str) -> None:
         with self._lock:
@@ -327,8 +336,12 @@ class Publisher:
         if self._connected_evt is not None:
             self._connected_evt.clear()
         if was_healthy:
-            log.warning("oona: NATS at %s unavailable (%s); buffering up to %d envelopes",
-                        self.url, why, self.config.max_queue)
+            log.warning(
+                "oona: NATS at %s unavailable (%s); buffering up to %d envelopes",
+                self.url,
+                why,
+                self.config.max_queue,
+            )
             self._emit("unavailable", f"NATS at {self.url} unavailable: {why}")
 
     def _mark_up(self) -> None:
@@ -342,9 +355,15 @@ class Publisher:
         self._connected_evt.set()
         self._need_streams = self.config.ensure_streams
         if not was_healthy:
-            log.info("oona: NATS at %s reachable again after %.1fs; %d envelopes dropped meanwhile",
-                     self.url, outage, lost)
-            self._emit("recovered", f"NATS at {self.url} reachable after {outage:.1f}s; {lost} dropped")
+            log.info(
+                "oona: NATS at %s reachable again after %.1fs; %d envelopes dropped meanwhile",
+                self.url,
+                outage,
+                lost,
+            )
+            self._emit(
+                "recovered", f"NATS at {self.url} reachable after {outage:.1f}s; {lost} dropped"
+            )
 
     async def _error_cb(self, exc: Exception) -> None:
         # One line per error instead of nats-py's default traceback per refused connect;
@@ -441,7 +460,7 @@ class Publisher:
     async def _wait(self, evt: asyncio.Event, timeout: float) -> None:
         try:
             await asyncio.wait_for(evt.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass  # periodic wake-up to check overflow and shutdown
 
     def _take_batch(self) -> list[_Item]:
@@ -472,8 +491,12 @@ class Publisher:
 
     async def _publish_batch(self, js: JetStreamContext, batch: list[_Item]) -> None:
         results = await asyncio.gather(
-            *(js.publish(it.subject, it.data, timeout=self.config.ack_timeout_s, headers=it.headers)
-              for it in batch),
+            *(
+                js.publish(
+                    it.subject, it.data, timeout=self.config.ack_timeout_s, headers=it.headers
+                )
+                for it in batch
+            ),
             return_exceptions=True,
         )
         retry: list[_Item] = []
@@ -508,8 +531,12 @@ class Publisher:
         else:
             self._breaker.record_success()
         for item, exc in rejected:
-            log.error("oona: JetStream rejected %s (%d bytes): %s", item.subject, len(item.data), exc)
-            self._emit("rejected", f"{item.subject} (Nats-Msg-Id {item.headers.get('Nats-Msg-Id')}): {exc}")
+            log.error(
+                "oona: JetStream rejected %s (%d bytes): %s", item.subject, len(item.data), exc
+            )
+            self._emit(
+                "rejected", f"{item.subject} (Nats-Msg-Id {item.headers.get('Nats-Msg-Id')}): {exc}"
+            )
 
     def _report_overflow(self) -> None:
         with self._lock:
@@ -518,10 +545,17 @@ class Publisher:
                 self._overflow_reported = True
             dropped = self._dropped
         if report:
-            log.warning("oona: publish queue full (%d); dropping %s envelopes (%d so far)",
-                        self.config.max_queue, self.config.drop, dropped)
-            self._emit("dropping", f"queue of {self.config.max_queue} full; dropping {self.config.drop} "
-                                   f"envelopes, {dropped} dropped so far")
+            log.warning(
+                "oona: publish queue full (%d); dropping %s envelopes (%d so far)",
+                self.config.max_queue,
+                self.config.drop,
+                dropped,
+            )
+            self._emit(
+                "dropping",
+                f"queue of {self.config.max_queue} full; dropping {self.config.drop} "
+                f"envelopes, {dropped} dropped so far",
+            )
 
     def _finish(self) -> None:
         with self._lock:

@@ -1,7 +1,8 @@
 """Subjects and JetStream stream definitions of the Esper bus.
 
 Subjects:
-    esper.events.v1.<run_id>.<kind>   lifecycle, gate, decision, epoch_metrics, degradation, run_state
+    esper.events.v1.<run_id>.<kind>   lifecycle, gate, decision, epoch_metrics, degradation,
+                                      run_state
     esper.telemetry.v1.<run_id>       health snapshots (high volume, short retention)
     esper.kernels.v1.published        kernel published by Tezzeret (outside any run)
 
@@ -110,16 +111,23 @@ class StreamSpec:
                 f"got {self.max_msgs_per_subject}"
             )
         if self.max_msg_bytes <= 0:
-            raise ConfigError(f"stream {self.name}: max_msg_bytes must be > 0, got {self.max_msg_bytes}")
+            raise ConfigError(
+                f"stream {self.name}: max_msg_bytes must be > 0, got {self.max_msg_bytes}"
+            )
         if not 0 < self.duplicate_window_s <= self.max_age_s:
             raise ConfigError(
-                f"stream {self.name}: duplicate_window_s must be in (0, max_age_s={self.max_age_s}], "
+                f"stream {self.name}: duplicate_window_s must be in "
+                f"(0, max_age_s={self.max_age_s}], "
                 f"got {self.duplicate_window_s}"
             )
         if self.replicas not in (1, 3, 5):
-            raise ConfigError(f"stream {self.name}: replicas must be 1, 3 or 5, got {self.replicas}")
+            raise ConfigError(
+                f"stream {self.name}: replicas must be 1, 3 or 5, got {self.replicas}"
+            )
         if self.discard not in _DISCARD:
-            raise ConfigError(f"stream {self.name}: discard must be 'old' or 'new', got {self.discard!r}")
+            raise ConfigError(
+                f"stream {self.name}: discard must be 'old' or 'new', got {self.discard!r}"
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StreamSpec:
@@ -165,8 +173,18 @@ DEFAULT_STREAMS: tuple[StreamSpec, ...] = (EVENTS_STREAM, TELEMETRY_STREAM)
 
 
 def _differs(have: api.StreamConfig, want: api.StreamConfig) -> list[str]:
-    keys = ("subjects", "max_age", "max_bytes", "max_msgs_per_subject", "max_msg_size",
-            "duplicate_window", "num_replicas", "discard", "storage", "retention")
+    keys = (
+        "subjects",
+        "max_age",
+        "max_bytes",
+        "max_msgs_per_subject",
+        "max_msg_size",
+        "duplicate_window",
+        "num_replicas",
+        "discard",
+        "storage",
+        "retention",
+    )
     out = []
     for k in keys:
         a, b = getattr(have, k), getattr(want, k)
@@ -216,9 +234,9 @@ __all__ = [
     "EVENTS_STREAM",
     "KERNELS_PUBLISHED",
     "NO_RUN",
-    "StreamSpec",
     "TELEMETRY_PREFIX",
     "TELEMETRY_STREAM",
+    "StreamSpec",
     "check_run_id",
     "ensure_streams",
     "event_subject",

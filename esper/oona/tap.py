@@ -47,23 +47,27 @@ async def atail(
         UnavailableError: NATS could not be reached.
     """
     try:
-        nc = await asyncio.wait_for(nats.connect(url, connect_timeout=connect_timeout_s,
-                                                 max_reconnect_attempts=-1), connect_timeout_s)
-    except asyncio.TimeoutError as exc:
+        nc = await asyncio.wait_for(
+            nats.connect(url, connect_timeout=connect_timeout_s, max_reconnect_attempts=-1),
+            connect_timeout_s,
+        )
+    except TimeoutError as exc:
         raise UnavailableError(f"NATS at {url} not reachable within {connect_timeout_s}s") from exc
     printed = 0
     try:
         js = nc.jetstream()
         subjects = [run_events_filter(run_id)] + ([telemetry_subject(run_id)] if telemetry else [])
-        subs = [await js.subscribe(s, ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL)
-                for s in subjects]
+        subs = [
+            await js.subscribe(s, ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL)
+            for s in subjects
+        ]
         last = time.monotonic()
         while idle_timeout_s is None or time.monotonic() - last < idle_timeout_s:
             got = False
             for sub in subs:
                 try:
                     msg = await sub.next_msg(timeout=0.2)
-                except (nats.errors.TimeoutError, asyncio.TimeoutError):  # no message within the wait
+                except (TimeoutError, nats.errors.TimeoutError):  # no message within the wait
                     continue
                 got = True
                 try:
@@ -79,19 +83,33 @@ async def atail(
     return printed
 
 
-def tail(url: str, run_id: str, *, out: TextIO = sys.stdout, telemetry: bool = False,
-         idle_timeout_s: float | None = None) -> int:
+def tail(
+    url: str,
+    run_id: str,
+    *,
+    out: TextIO = sys.stdout,
+    telemetry: bool = False,
+    idle_timeout_s: float | None = None,
+) -> int:
     """Synchronous `atail` (for the CLI)."""
-    return asyncio.run(atail(url, run_id, out=out, telemetry=telemetry, idle_timeout_s=idle_timeout_s))
+    return asyncio.run(
+        atail(url, run_id, out=out, telemetry=telemetry, idle_timeout_s=idle_timeout_s)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m esper.oona.tap", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m esper.oona.tap", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--url", default="nats://127.0.0.1:4222", help="NATS server URL")
     parser.add_argument("--run", required=True, help="run id whose events to print")
     parser.add_argument("--telemetry", action="store_true", help="also print health snapshots")
-    parser.add_argument("--idle-timeout", type=float, default=None,
-                        help="exit after this many seconds without an event (default: follow forever)")
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=None,
+        help="exit after this many seconds without an event (default: follow forever)",
+    )
     args = parser.parse_args(argv)
     try:
         tail(args.url, args.run, telemetry=args.telemetry, idle_timeout_s=args.idle_timeout)

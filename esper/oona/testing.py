@@ -1,10 +1,10 @@
 """Test helpers other parts may import: a real nats-server with JetStream on a free port.
 
-    from esper.oona.testing import nats_server
+from esper.oona.testing import nats_server
 
-    @pytest.fixture
-    def nats(tmp_path):
-        yield from nats_server(tmp_path)
+@pytest.fixture
+def nats(tmp_path):
+    yield from nats_server(tmp_path)
 """
 
 from __future__ import annotations

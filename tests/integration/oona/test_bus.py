@@ -26,8 +26,14 @@ pytestmark = pytest.mark.integration
 
 
 def lifecycle(run_id: str, seq: int, **kw) -> ev.EventEnvelope:
-    return make_envelope(ev.LifecycleEvent(slot_id=f"slot{seq % 3}", reason=f"n{seq}"),
-                         run_id=run_id, source="test", sequence=seq, step=seq * 10, **kw)
+    return make_envelope(
+        ev.LifecycleEvent(slot_id=f"slot{seq % 3}", reason=f"n{seq}"),
+        run_id=run_id,
+        source="test",
+        sequence=seq,
+        step=seq * 10,
+        **kw,
+    )
 
 
 async def stream_messages(url: str, stream: str) -> int:
@@ -40,8 +46,15 @@ async def stream_messages(url: str, stream: str) -> int:
 
 def test_round_trip(natsd: NatsServer) -> None:
     sent = [lifecycle("run1", i) for i in range(5)]
-    sent.append(make_envelope(ev.EpochMetrics(epoch=1, val_accuracy=0.75, alphas={"s": 0.5}),
-                              run_id="run1", source="tolaria", epoch=1, sequence=5))
+    sent.append(
+        make_envelope(
+            ev.EpochMetrics(epoch=1, val_accuracy=0.75, alphas={"s": 0.5}),
+            run_id="run1",
+            source="tolaria",
+            epoch=1,
+            sequence=5,
+        )
+    )
     with Publisher(natsd.url) as pub:
         for env in sent:
             assert pub.publish(env)
@@ -62,7 +75,9 @@ def test_same_event_published_twice_is_stored_once(natsd: NatsServer) -> None:
         stats = pub.stats()
     assert stats.published == 2 and stats.duplicates == 1
     assert asyncio.run(stream_messages(natsd.url, "ESPER_EVENTS")) == 1
-    assert [e.event_id for e in drain(natsd.url, "esper.events.v1.dup.>", "d", timeout=1.0)] == [env.event_id]
+    assert [e.event_id for e in drain(natsd.url, "esper.events.v1.dup.>", "d", timeout=1.0)] == [
+        env.event_id
+    ]
 
 
 async def test_durable_consumer_resumes_where_it_left_off(natsd: NatsServer) -> None:
@@ -72,7 +87,9 @@ async def test_durable_consumer_resumes_where_it_left_off(natsd: NatsServer) -> 
             pub.publish(env)
         assert pub.flush(10)
         seen: list[str] = []
-        async with Consumer(natsd.url, durable="resume", subject_filter="esper.events.v1.dur.>") as c:
+        async with Consumer(
+            natsd.url, durable="resume", subject_filter="esper.events.v1.dur.>"
+        ) as c:
             await c.consume(lambda e: seen.append(e.lifecycle.reason), max_events=3)
         assert seen == ["n0", "n1", "n2"]
         for env in sent[5:]:
@@ -112,8 +129,12 @@ def test_ordering_per_run(natsd: NatsServer) -> None:
 
 def test_publish_never_blocks_while_nats_is_down(natsd: NatsServer) -> None:
     degraded: list[tuple[str, str]] = []
-    pub = Publisher(natsd.url, max_queue=10_000, ack_timeout_s=10.0,
-                    on_degraded=lambda k, d: degraded.append((k, d)))
+    pub = Publisher(
+        natsd.url,
+        max_queue=10_000,
+        ack_timeout_s=10.0,
+        on_degraded=lambda k, d: degraded.append((k, d)),
+    )
     try:
         pub.publish(lifecycle("down", 0))
         assert pub.flush(10)
@@ -128,7 +149,9 @@ def test_publish_never_blocks_while_nats_is_down(natsd: NatsServer) -> None:
         stats = pub.stats()
         assert stats.queued == 10_000 and stats.dropped == 1_000 and not stats.connected
         deadline = time.monotonic() + 5
-        while {"unavailable", "dropping"} - {k for k, _ in degraded} and time.monotonic() < deadline:
+        while {"unavailable", "dropping"} - {
+            k for k, _ in degraded
+        } and time.monotonic() < deadline:
             time.sleep(0.05)
         kinds = [k for k, _ in degraded]
         assert kinds[:2] == ["unavailable", "dropping"]
@@ -143,7 +166,9 @@ def test_publish_never_blocks_while_nats_is_down(natsd: NatsServer) -> None:
 
 def test_publishing_resumes_after_restart(natsd: NatsServer) -> None:
     degraded: list[str] = []
-    with Publisher(natsd.url, reconnect_wait_s=0.1, on_degraded=lambda k, d: degraded.append(k)) as pub:
+    with Publisher(
+        natsd.url, reconnect_wait_s=0.1, on_degraded=lambda k, d: degraded.append(k)
+    ) as pub:
         for i in range(10):
             pub.publish(lifecycle("back", i))
         assert pub.flush(10)
@@ -176,7 +201,9 @@ def test_publisher_started_before_the_server(tmp_path: Path) -> None:
             assert pub.flush(20)
             assert pub.stats().published == 1
             assert degraded[:2] == ["unavailable", "recovered"]
-            assert [e.sequence for e in drain(url, "esper.events.v1.late.>", "late", timeout=0.5)] == [0]
+            assert [
+                e.sequence for e in drain(url, "esper.events.v1.late.>", "late", timeout=0.5)
+            ] == [0]
 
 
 def test_trace_context_round_trips_through_headers(natsd: NatsServer) -> None:
@@ -190,8 +217,10 @@ def test_trace_context_round_trips_through_headers(natsd: NatsServer) -> None:
     async def read() -> tuple[dict, int]:
         parents: list[int] = []
         async with Consumer(natsd.url, durable="tr", subject_filter="esper.events.v1.trace.>") as c:
-            await c.consume(lambda e: parents.append(trace.get_current_span().get_span_context().trace_id),
-                            max_events=1)
+            await c.consume(
+                lambda e: parents.append(trace.get_current_span().get_span_context().trace_id),
+                max_events=1,
+            )
         nc = await nats.connect(natsd.url)
         try:
             msg = await nc.jetstream().get_last_msg("ESPER_EVENTS", subject_for(env))
@@ -214,7 +243,9 @@ async def test_failed_handler_is_redelivered_and_applied_once(natsd: NatsServer)
     # The same event stored a second time under another Nats-Msg-Id (e.g. re-sent after the
     # duplicate window): only the consumer's seen-set can keep it from applying twice.
     nc = await nats.connect(natsd.url)
-    await nc.jetstream().publish(subject_for(envs[1]), encode(envs[1]), headers={"Nats-Msg-Id": "other"})
+    await nc.jetstream().publish(
+        subject_for(envs[1]), encode(envs[1]), headers={"Nats-Msg-Id": "other"}
+    )
     await nc.close()
 
     attempts: dict[str, int] = {}
@@ -226,8 +257,9 @@ async def test_failed_handler_is_redelivered_and_applied_once(natsd: NatsServer)
             raise RuntimeError("transient failure in the handler")
         applied.append(e.sequence)
 
-    async with Consumer(natsd.url, durable="redo", subject_filter="esper.events.v1.redo.>",
-                        nak_delay_s=0.2) as c:
+    async with Consumer(
+        natsd.url, durable="redo", subject_filter="esper.events.v1.redo.>", nak_delay_s=0.2
+    ) as c:
         stats = await c.consume(handler, idle_timeout_s=1.5)
     assert sorted(applied) == [0, 1, 2]
     assert attempts[envs[1].event_id] == 2
@@ -241,8 +273,9 @@ async def test_poison_message_is_terminated(natsd: NatsServer) -> None:
     await ensure_streams(js)
     await js.publish("esper.events.v1.poison.lifecycle", b"\xff\xff\xff")
     await nc.close()
-    async with Consumer(natsd.url, durable="poison", subject_filter="esper.events.v1.poison.>",
-                        nak_delay_s=0.1) as c:
+    async with Consumer(
+        natsd.url, durable="poison", subject_filter="esper.events.v1.poison.>", nak_delay_s=0.1
+    ) as c:
         stats = await c.consume(lambda e: None, idle_timeout_s=1.0)
     assert (stats.poison, stats.delivered, stats.handled) == (1, 1, 0)
 
@@ -257,11 +290,15 @@ async def test_sqlite_seen_set_survives_consumer_restart(natsd: NatsServer, tmp_
     await nc.close()
     applied: list[str] = []
     store = SqliteSeenStore(tmp_path / "seen.db")
-    async with Consumer(natsd.url, durable="sq", subject_filter="esper.events.v1.sq.>", seen=store) as c:
+    async with Consumer(
+        natsd.url, durable="sq", subject_filter="esper.events.v1.sq.>", seen=store
+    ) as c:
         await c.consume(lambda e: applied.append(e.event_id), max_events=1)
     store.close()
     store = SqliteSeenStore(tmp_path / "seen.db")
-    async with Consumer(natsd.url, durable="sq", subject_filter="esper.events.v1.sq.>", seen=store) as c:
+    async with Consumer(
+        natsd.url, durable="sq", subject_filter="esper.events.v1.sq.>", seen=store
+    ) as c:
         stats = await c.consume(lambda e: applied.append(e.event_id), idle_timeout_s=0.5)
     store.close()
     assert applied == [env.event_id] and stats.skipped_duplicates == 1
@@ -272,7 +309,10 @@ async def test_ensure_streams_is_idempotent_and_updates(natsd: NatsServer) -> No
     js = nc.jetstream()
     try:
         assert await ensure_streams(js) == {"ESPER_EVENTS": "created", "ESPER_TELEMETRY": "created"}
-        assert await ensure_streams(js) == {"ESPER_EVENTS": "unchanged", "ESPER_TELEMETRY": "unchanged"}
+        assert await ensure_streams(js) == {
+            "ESPER_EVENTS": "unchanged",
+            "ESPER_TELEMETRY": "unchanged",
+        }
         shorter = StreamSpec.from_dict({**EVENTS_STREAM.__dict__, "max_age_s": 3600.0})
         assert await ensure_streams(js, (shorter,)) == {"ESPER_EVENTS": "updated"}
         info = await js.stream_info("ESPER_EVENTS")
@@ -285,7 +325,9 @@ async def test_ensure_streams_is_idempotent_and_updates(natsd: NatsServer) -> No
 
 
 def test_rejected_envelope_is_counted_and_does_not_block_the_queue(natsd: NatsServer) -> None:
-    small = tuple(StreamSpec.from_dict({**s.__dict__, "max_msg_bytes": 1024}) for s in DEFAULT_STREAMS)
+    small = tuple(
+        StreamSpec.from_dict({**s.__dict__, "max_msg_bytes": 1024}) for s in DEFAULT_STREAMS
+    )
     degraded: list[str] = []
     big = make_envelope(ev.LifecycleEvent(reason="x" * 4096), run_id="big", source="t", sequence=0)
     with Publisher(natsd.url, streams=small, on_degraded=lambda k, d: degraded.append(k)) as pub:
@@ -294,14 +336,18 @@ def test_rejected_envelope_is_counted_and_does_not_block_the_queue(natsd: NatsSe
         assert pub.flush(10)
         stats = pub.stats()
     assert (stats.rejected, stats.published) == (1, 1) and degraded == ["rejected"]
-    assert [e.sequence for e in drain(natsd.url, "esper.events.v1.big.>", "big", timeout=0.5)] == [1]
+    assert [e.sequence for e in drain(natsd.url, "esper.events.v1.big.>", "big", timeout=0.5)] == [
+        1
+    ]
 
 
 def test_publish_from_many_threads(natsd: NatsServer) -> None:
     with Publisher(natsd.url) as pub:
+
         def work(t: int) -> None:
             for i in range(100):
                 pub.publish(lifecycle(f"th{t}", i))
+
         threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
         for t in threads:
             t.start()
@@ -331,4 +377,22 @@ def test_memory_seen_store_bound() -> None:
     store = MemorySeenStore(max_entries=2)
     for i in range(3):
         store.add(str(i))
-    assert (store.contains("0"), store.contains("1"), store.contains("2"), len(store)) == (False, True, True, 2)
+    assert (store.contains("0"), store.contains("1"), store.contains("2"), len(store)) == (
+        False,
+        True,
+        True,
+        2,
+    )
+
+
+def test_acked_events_survive_a_server_crash(natsd: NatsServer) -> None:
+    with Publisher(natsd.url, reconnect_wait_s=0.1) as pub:
+        for i in range(200):
+            pub.publish(lifecycle("crash", i))
+        assert pub.flush(20)
+        natsd.kill()  # SIGKILL: no graceful JetStream shutdown
+        natsd.start()
+        pub.publish(lifecycle("crash", 200))
+        assert pub.flush(20)
+    got = drain(natsd.url, "esper.events.v1.crash.>", "crash", timeout=1.0)
+    assert [e.sequence for e in got] == list(range(201))

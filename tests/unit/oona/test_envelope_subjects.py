@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -49,12 +49,19 @@ def test_every_payload_kind_has_a_subject(kind: str) -> None:
 
 
 def test_envelope_fields_and_fresh_event_ids() -> None:
-    at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
-    a = E.make_envelope(ev.LifecycleEvent(slot_id="s"), run_id="r", source="kasmina",
-                        step=10, epoch=2, sequence=7, emitted_at=at)
+    at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    a = E.make_envelope(
+        ev.LifecycleEvent(slot_id="s"),
+        run_id="r",
+        source="kasmina",
+        step=10,
+        epoch=2,
+        sequence=7,
+        emitted_at=at,
+    )
     b = E.make_envelope(ev.LifecycleEvent(slot_id="s"), run_id="r", source="kasmina")
     assert (a.run_id, a.step, a.epoch, a.sequence, a.source) == ("r", 10, 2, 7, "kasmina")
-    assert a.emitted_at.ToDatetime(tzinfo=timezone.utc) == at
+    assert a.emitted_at.ToDatetime(tzinfo=UTC) == at
     assert a.lifecycle.slot_id == "s"
     assert a.event_id != b.event_id and len(a.event_id) == 36
     assert E.make_envelope(ev.GateEvent(), source="x", event_id="fixed").event_id == "fixed"
@@ -111,12 +118,19 @@ def test_headers_carry_msg_id_and_w3c_traceparent() -> None:
         headers = E.headers_for(env)
     sc = span.get_span_context()
     assert headers["Nats-Msg-Id"] == env.event_id
-    assert headers["traceparent"] == f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
+    assert (
+        headers["traceparent"]
+        == f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
+    )
     assert sc.trace_flags.sampled
     from opentelemetry import trace
 
     restored = trace.get_current_span(E.extract_context(headers)).get_span_context()
-    assert (restored.trace_id, restored.span_id, restored.is_remote) == (sc.trace_id, sc.span_id, True)
+    assert (restored.trace_id, restored.span_id, restored.is_remote) == (
+        sc.trace_id,
+        sc.span_id,
+        True,
+    )
 
 
 def test_encode_decode_round_trip_and_garbage() -> None:
@@ -155,8 +169,12 @@ def test_stream_spec_validation(override: dict, word: str) -> None:
 
 
 def test_stream_spec_from_dict() -> None:
-    spec = StreamSpec.from_dict({"name": "S", "subjects": ["a.>"], "max_age_s": 600.0, "max_bytes": 10})
-    assert spec.subjects == ("a.>",) and spec.max_age_s == 600.0 and spec.duplicate_window_s == 120.0
+    spec = StreamSpec.from_dict(
+        {"name": "S", "subjects": ["a.>"], "max_age_s": 600.0, "max_bytes": 10}
+    )
+    assert (
+        spec.subjects == ("a.>",) and spec.max_age_s == 600.0 and spec.duplicate_window_s == 120.0
+    )
     with pytest.raises(ConfigError, match="duplicate_window_s"):
         StreamSpec.from_dict({"name": "S", "subjects": ["a.>"], "max_age_s": 60.0, "max_bytes": 10})
     with pytest.raises(ConfigError, match="retention"):

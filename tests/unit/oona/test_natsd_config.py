@@ -52,7 +52,9 @@ def test_binary_is_found_in_this_environment() -> None:
     assert path.name == "nats-server" and path.is_file()
 
 
-def test_binary_override_must_be_executable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_binary_override_must_be_executable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("ESPER_NATS_SERVER", str(tmp_path / "missing"))
     with pytest.raises(FailedPreconditionError, match="missing"):
         find_binary()
@@ -70,7 +72,9 @@ def test_config_and_arguments_are_exclusive(tmp_path: Path) -> None:
 
 
 def test_config_file_states_sync_setting(tmp_path: Path) -> None:
-    server = NatsServer(tmp_path, config=NatsServerConfig(sync_interval="250ms", max_store_bytes=1 << 20))
+    server = NatsServer(
+        tmp_path, config=NatsServerConfig(sync_interval="250ms", max_store_bytes=1 << 20)
+    )
     server._write_config()
     text = server.config_path.read_text()
     assert "sync_interval: 250ms" in text
