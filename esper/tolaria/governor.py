@@ -88,7 +88,8 @@ class Governor:
         """Take a last-known-good snapshot (deep copies: training goes on mutating the live ones)."""
         self.good = GoodState(
             epoch=epoch,
-            model={k: v.detach().clone() for k, v in model_state.items()},
+            model={k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                   for k, v in model_state.items()},
             optimizer=copy.deepcopy(dict(optimizer_state)),
         )
 

@@ -1,0 +1,120 @@
+"""Checkpoints resume bit for bit; the governor rolls back on NaN."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+
+from esper.kasmina import SeedStage
+from esper.tolaria import checkpoint as ckpt
+
+from .conftest import tiny_config
+
+PLAN = {1: [("GERMINATE", "act2", "bottleneck_mlp")], 3: [("GERMINATE", "act1", "lowrank_adapter")]}
+
+
+def final_state(trainer) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in trainer.model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def test_resume_is_bit_identical(make_trainer) -> None:
+    config = tiny_config(epochs=4)
+    straight, straight_events = make_trainer(config, plan=PLAN)
+    straight.run()
+
+    first, _ = make_trainer(config, plan=PLAN, ckpt="a")
+    for _ in range(2):
+        first.train_epoch()
+        first.evaluate()
+        first.maybe_control()
+        first.maybe_checkpoint()
+    assert [e for e, _ in ckpt.list_checkpoints(first.checkpoint_dir)] == [1, 2]
+    assert first.model.slots["act2"].current_stage is not SeedStage.DORMANT
+
+    second, _ = make_trainer(config, plan=PLAN, ckpt="a")
+    assert second.resume()
+    assert second.epoch == 2 and second.model.slots["act2"].seed is not None
+    result = second.run()
+    a, b = final_state(straight), final_state(second)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert result.history.val_loss == straight.history.val_loss
+    assert result.train_flops == straight.flops.total
+    assert second.model.slots["act1"].current_stage is straight.model.slots["act1"].current_stage
+
+
+def test_stop_mid_epoch_then_resume_is_bit_identical(make_trainer) -> None:
+    config = tiny_config(epochs=3)
+    straight, _ = make_trainer(config, plan=PLAN)
+    straight.run()
+
+    stop = threading.Event()
+    first, _ = make_trainer(config, plan=PLAN, ckpt="b", stop=stop)
+    first.train_epoch()
+    first.evaluate()
+    first.maybe_control()
+    batches_done = []
+    original = first._train_step
+
+    def step_then_maybe_stop(x, y):
+        loss = original(x, y)
+        batches_done.append(1)
+        if len(batches_done) == 5:
+            stop.set()
+        return loss
+
+    first._train_step = step_then_maybe_stop
+    result = first.run()
+    assert not result.completed and first._step_in_epoch == 5
+
+    second, _ = make_trainer(config, plan=PLAN, ckpt="b")
+    assert second.resume() and second._step_in_epoch == 5
+    second.run()
+    a, b = final_state(straight), final_state(second)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_checkpoint_write_is_atomic_and_pickle_free(tmp_path) -> None:
+    path = ckpt.checkpoint_path(tmp_path, 3)
+    ckpt.save(path, {"w": torch.arange(4.0)}, {"epoch": 3})
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-000003.safetensors"]
+    tensors, meta = ckpt.load(path)
+    assert torch.equal(tensors["w"], torch.arange(4.0)) and meta["epoch"] == 3
+    assert path.read_bytes()[8:9] == b"{"  # a safetensors JSON header, not a pickle stream
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+    opt.param_groups[0]["params"][0].grad = torch.ones(3)
+    opt.step()
+    flat, structure = ckpt.flatten_optimizer(opt.state_dict(), "o/")
+    back = ckpt.unflatten_optimizer(flat, structure)
+    assert torch.equal(back["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert back["param_groups"][0]["lr"] == 0.1
+
+
+def test_governor_rolls_back_on_nan_prunes_seeds_and_resets_optimizer(make_trainer) -> None:
+    plan = {1: [("GERMINATE", "act2", "bottleneck_mlp")]}
+    trainer, events = make_trainer(tiny_config(epochs=4), plan=plan)
+    trainer.train_epoch()
+    trainer.evaluate()
+    trainer.maybe_control()
+    good_host = {k: v.clone() for k, v in trainer.model.host.state_dict().items()}
+    assert trainer.optimizer.state  # AdamW moments of the host after epoch 1
+    with torch.no_grad():
+        for p in trainer.model.slots["act2"].seed.parameters():
+            p.fill_(float("inf"))
+    trainer.train_epoch()
+    slot = trainer.model.slots["act2"]
+    assert slot.current_stage in (SeedStage.PRUNED, SeedStage.EMBARGOED, SeedStage.RESETTING)
+    assert slot.seed is None
+    for k, v in trainer.model.host.state_dict().items():
+        assert torch.equal(v, good_host[k]), k
+    assert not trainer.optimizer.state
+    assert trainer.governor.rollbacks == 1
+    rollback = [e.degradation for e in events if e.WhichOneof("payload") == "degradation"]
+    assert rollback and rollback[0].component == "governor" and rollback[0].kind == "rollback"
+    assert "loss is nan" in rollback[0].detail and "act2" in rollback[0].detail
+    result = trainer.run()
+    assert result.completed and all(torch.isfinite(p).all() for p in trainer.model.parameters())
