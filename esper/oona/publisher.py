@@ -414,7 +414,18 @@ class Publisher:
                     done, _ = await asyncio.wait({connect_task}, timeout=0.25)
                     if not done:
                         continue
-                    nc = self._nc = connect_task.result()
+                    try:
+                        nc = self._nc = connect_task.result()
+                    except (nats.errors.Error, OSError, ValueError) as exc:
+                        # Refused connections are retried inside nats-py; this is what it gives
+                        # up on (bad URL, auth). Keep trying: the operator may fix the server.
+                        log.error(
+                            "oona: cannot connect to %s: %s: %s", self.url, type(exc).__name__, exc
+                        )
+                        self._mark_down(f"connect failed: {type(exc).__name__}: {exc}")
+                        await asyncio.sleep(self.config.reconnect_wait_s * 4)
+                        connect_task = asyncio.ensure_future(self._connect())
+                        continue
                     js = nc.jetstream(timeout=self.config.ack_timeout_s)
                     self._mark_up()
                     continue

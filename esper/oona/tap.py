@@ -35,7 +35,7 @@ async def atail(
     url: str,
     run_id: str,
     *,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
     telemetry: bool = False,
     idle_timeout_s: float | None = None,
     connect_timeout_s: float = 5.0,
@@ -53,6 +53,7 @@ async def atail(
         )
     except TimeoutError as exc:
         raise UnavailableError(f"NATS at {url} not reachable within {connect_timeout_s}s") from exc
+    out = out if out is not None else sys.stdout  # looked up per call: stdout may be redirected
     printed = 0
     try:
         js = nc.jetstream()
@@ -87,7 +88,7 @@ def tail(
     url: str,
     run_id: str,
     *,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
     telemetry: bool = False,
     idle_timeout_s: float | None = None,
 ) -> int:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,20 @@ def test_sqlite_seen_store_persists_and_prunes(tmp_path: Path) -> None:
     again.close()
     with pytest.raises(ConfigError, match="max_entries"):
         MemorySeenStore(0)
+
+
+def test_unusable_url_keeps_the_publisher_alive_and_reports_it() -> None:
+    degraded: list[tuple[str, str]] = []
+    pub = Publisher(
+        "nats://", reconnect_wait_s=0.05, on_degraded=lambda k, d: degraded.append((k, d))
+    )
+    try:
+        env = make_envelope(ev.GateEvent(), run_id="r", source="t")
+        assert pub.publish(env)
+        deadline = time.monotonic() + 5
+        while not degraded and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert degraded and degraded[0][0] == "unavailable" and "connect failed" in degraded[0][1]
+        assert pub._thread.is_alive() and pub.stats().queued == 1
+    finally:
+        pub.close(timeout=0.05)
