@@ -4,7 +4,7 @@
 health service with an entry per service) plus a local nats-server with JetStream whose
 store lives under `<data-dir>/nats`. It writes `<data-dir>/endpoints.json`
 (`{"pid", "endpoints": {part: "host:port"}, "services": {part: proto name}, "nats_url",
-"api_keys_file"}`) for `esper status` and for clients, and removes it on a clean exit.
+"nats_pid", "api_keys_file", "auth"}`) for `esper status` and for clients, and removes it on a clean exit.
 Without ESPER_API_KEYS / ESPER_API_KEYS_FILE it creates `<data-dir>/api-keys` (mode 0600,
 one key with scope "*", kept across runs) and uses that.
 """
@@ -174,6 +174,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 "endpoints": {s.part: f"{cfg.host}:{bound}" for s in specs},
                 "services": {s.part: s.service_name for s in specs},
                 "nats_url": nats.url,
+                "nats_pid": nats.pid,
                 "api_keys_file": str(keys_file.resolve()) if keys_file else None,
                 "auth": not auth.disabled,
             }
