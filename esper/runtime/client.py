@@ -35,7 +35,7 @@ from esper.runtime.errors import as_esper_error
 from esper.runtime.interceptors import inbound_deadline
 from esper.runtime.spec import PARTS, PlatformContext
 
-__all__ = ["DEFAULT_TIMEOUT_S", "EsperChannel", "RETRY_POLICY", "as_esper_error", "channel", "resolve_target", "sync_channel"]
+__all__ = ["DEFAULT_TIMEOUT_S", "RETRY_POLICY", "EsperChannel", "as_esper_error", "channel", "resolve_target", "sync_channel"]
 
 DEFAULT_TIMEOUT_S = 30.0
 RETRY_POLICY: dict[str, Any] = {
@@ -87,9 +87,10 @@ def _method_name(method: str | bytes) -> str:
 class _Outbound:
     """What both the aio and the sync interceptor add to a call."""
 
-    def __init__(self, api_key: str | None, default_timeout_s: float | None) -> None:
+    def __init__(self, api_key: str | None, default_timeout_s: float | None, traced: bool = True) -> None:
         self.api_key = api_key
         self.default_timeout_s = default_timeout_s
+        self.traced = traced
 
     def outgoing(self, method: str | bytes, metadata: Any, timeout: float | None,
                  unary: bool) -> tuple[list[tuple[str, str]], trace.Span | None, float | None]:
@@ -98,11 +99,10 @@ class _Outbound:
         if self.api_key is not None:
             md.append(("x-api-key", self.api_key))
         span = None
-        t = tracing.tracer()
+        t = tracing.tracer() if self.traced else None
         if t is not None:
             span = tracing.start_span(t, _method_name(method), SpanKind.CLIENT, None)
-            with trace.use_span(span, end_on_exit=False):
-                tracing.inject(md)
+            tracing.inject(md, trace.set_span_in_context(span))
         elif trace.get_current_span().get_span_context().is_valid:
             # No exporter here, but keep the caller's trace connected downstream.
             tracing.inject(md)
@@ -264,12 +264,16 @@ def channel(
     api_key: str | None = None,
     default_timeout_s: float | None = DEFAULT_TIMEOUT_S,
     options: Sequence[tuple[str, Any]] = (),
+    traced: bool = True,
 ) -> EsperChannel:
-    """An aio channel to a part (or "host:port"); `api_key` overrides `ctx.api_key`."""
+    """An aio channel to a part (or "host:port"); `api_key` overrides `ctx.api_key`.
+
+    `traced=False` skips CLIENT spans on this channel (trace context is still forwarded).
+    """
     target = resolve_target(target_or_part, ctx)
     key = api_key if api_key is not None else (ctx.api_key if ctx is not None else None)
     return EsperChannel(grpc.aio.insecure_channel(target, options=[*_OPTIONS, *options]),
-                        _Outbound(key, default_timeout_s))
+                        _Outbound(key, default_timeout_s, traced))
 
 
 def sync_channel(

@@ -52,6 +52,8 @@ class HostConfig:
     """How long in-flight calls may run after the server stops accepting new ones."""
     notice_s: float = 0.2
     """How long NOT_SERVING is visible before the server stops accepting calls."""
+    tracing: bool = True
+    """Make SERVER spans when the OTEL_* environment enables tracing; False: never."""
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -173,7 +175,8 @@ class Host:
                 "method of %s. Never run like this outside a private machine.",
                 ", ".join(s.service_name for s in self.specs),
             )
-        tracer = tracing.setup_tracing(f"esper-{'+'.join(s.part for s in self.specs)}")
+        tracer = (tracing.setup_tracing(f"esper-{'+'.join(s.part for s in self.specs)}")
+                  if self.config.tracing else None)
         pipeline = Pipeline(checker=KeyChecker(self.auth), tracer=tracer, on_enter=self._enter, on_leave=self._leave)
         server = grpc.aio.server()
         for spec in self.specs:

@@ -38,8 +38,8 @@ from opentelemetry.trace import SpanKind
 from esper import errors as E
 from esper.runtime import tracing
 from esper.runtime.auth import KeyChecker, key_from_metadata
-from esper.runtime.logging import call_log
 from esper.runtime.errors import abort_with, as_esper_error, to_rich_status, trailing_metadata
+from esper.runtime.logging import call_log
 from esper.runtime.validation import check as validate_message
 
 log = logging.getLogger("esper.runtime")
@@ -226,7 +226,7 @@ class Pipeline:
                             yield item
                     except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
                         raise
-                    except Exception as e:
+                    except Exception as e:  # noqa: BLE001 - every other failure becomes a status, never UNKNOWN
                         await fail(context, path, e)
                     finally:
                         if deadline_token is not None:
@@ -253,7 +253,7 @@ class Pipeline:
                     return result
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 - every other failure becomes a status, never UNKNOWN
                     await fail(context, path, e)
                 finally:
                     if deadline_token is not None:

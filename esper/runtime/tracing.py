@@ -79,7 +79,11 @@ def setup_tracing(default_service_name: str, env: Mapping[str, str] | None = Non
             return None
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+        from opentelemetry.sdk.trace.export import (
+            BatchSpanProcessor,
+            ConsoleSpanExporter,
+            SpanExporter,
+        )
 
         provider = TracerProvider(resource=Resource.create({"service.name": cfg.service_name}))
         exporter: SpanExporter
@@ -135,12 +139,16 @@ _GETTER = _MetadataGetter()
 _SETTER = _ListSetter()
 
 
-def extract(metadata: Iterable[tuple[str, str | bytes]] | None) -> otel_context.Context:
-    return propagate.extract(tuple(metadata or ()), getter=_GETTER)
+def extract(metadata: Iterable[tuple[str, str | bytes]] | None) -> otel_context.Context | None:
+    """The caller's trace context from call metadata (None when it sent none)."""
+    carrier = metadata or ()
+    if not any(k == "traceparent" for k, _ in carrier):
+        return None
+    return propagate.extract(carrier, getter=_GETTER)
 
 
-def inject(metadata: list[tuple[str, str]]) -> None:
-    propagate.inject(metadata, setter=_SETTER)
+def inject(metadata: list[tuple[str, str]], context: otel_context.Context | None = None) -> None:
+    propagate.inject(metadata, context=context, setter=_SETTER)
 
 
 def split_method(method: str) -> tuple[str, str]:

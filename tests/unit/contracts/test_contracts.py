@@ -40,7 +40,7 @@ def build_image(proto_root: Path, out: Path) -> None:
 
 
 def _git(*args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True)
+    return subprocess.run(["git", *args], cwd=ROOT, check=False, capture_output=True)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_buf_lint_is_clean(image: Path) -> None:
-    r = subprocess.run([str(BUF), "lint", str(image), "--path", "esper"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([str(BUF), "lint", str(image), "--path", "esper"], cwd=ROOT, check=False, capture_output=True, text=True)
     assert r.returncode == 0, f"buf lint found problems:\n{r.stdout}{r.stderr}"
 
 
@@ -62,14 +62,14 @@ def test_buf_lint_catches_a_violation(tmp_path: Path) -> None:
         'syntax = "proto3";\npackage esper.bad.v1;\nenum Color { RED = 0; }\n')
     build_image(tmp_path, tmp_path / "bad.binpb")
     r = subprocess.run([str(BUF), "lint", str(tmp_path / "bad.binpb"), "--path", "esper"],
-                       cwd=ROOT, capture_output=True, text=True)
+                       cwd=ROOT, check=False, capture_output=True, text=True)
     assert r.returncode != 0
     assert "UNSPECIFIED" in r.stdout + r.stderr
 
 
 def test_generated_code_is_up_to_date() -> None:
     r = subprocess.run([sys.executable, str(ROOT / "scripts/gen_protos.py"), "--check"],
-                       cwd=ROOT, capture_output=True, text=True)
+                       cwd=ROOT, check=False, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "up to date" in r.stdout
 
@@ -94,7 +94,7 @@ def test_buf_breaking_against_main(image: Path, tmp_path: Path) -> None:
     against = tmp_path / "against.binpb"
     build_image(tmp_path / "proto", against)
     r = subprocess.run([str(BUF), "breaking", str(image), "--against", str(against), "--path", "esper"],
-                       cwd=ROOT, capture_output=True, text=True)
+                       cwd=ROOT, check=False, capture_output=True, text=True)
     assert r.returncode == 0, f"proto/ breaks {ref}'s contracts:\n{r.stdout}{r.stderr}"
 
 
@@ -111,6 +111,6 @@ def test_buf_breaking_detects_a_renumbered_field(image: Path, tmp_path: Path) ->
     changed = tmp_path / "changed.binpb"
     build_image(tmp_path / "proto", changed)
     r = subprocess.run([str(BUF), "breaking", str(changed), "--against", str(image), "--path", "esper"],
-                       cwd=ROOT, capture_output=True, text=True)
+                       cwd=ROOT, check=False, capture_output=True, text=True)
     assert r.returncode != 0
     assert "GetBlueprintRequest" in r.stdout + r.stderr

@@ -249,8 +249,9 @@ async def test_deadline_is_visible_and_propagated_downstream() -> None:
         (upstream_left,) = up_lib.deadlines
         (downstream_left,) = down_lib.deadlines
         assert upstream_left is not None and 0 < upstream_left <= 1.5
-        # The downstream call asked for 60 s but got at most what the upstream call had left.
-        assert downstream_left is not None and 0 < downstream_left <= upstream_left
+        # The downstream call asked for 60 s but got what the upstream call had left (give or
+        # take the grpc-timeout header's rounding and transit time), not 60 s.
+        assert downstream_left is not None and 0 < downstream_left <= upstream_left + 0.05
     finally:
         await up.stop()
         await down.stop()

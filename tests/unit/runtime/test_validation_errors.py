@@ -6,7 +6,13 @@ import grpc
 import pytest
 
 from esper import errors as E
-from esper.runtime.errors import RequestValidationError, as_esper_error, code_for, to_rich_status, trailing_metadata
+from esper.runtime.errors import (
+    RequestValidationError,
+    as_esper_error,
+    code_for,
+    to_rich_status,
+    trailing_metadata,
+)
 from esper.runtime.validation import check, violations_of
 from generated.esper.common.v1 import blueprint_pb2
 
