@@ -50,6 +50,7 @@ class Library(rpc.UrzaServiceServicer):
         self.deadlines: list[float | None] = []
         self.chunks_seen = 0
         self.downstream: str | None = None
+        self.attempts = 0
 
     async def GetBlueprint(self, request: pb.GetBlueprintRequest, context: grpc.aio.ServicerContext) -> pb.GetBlueprintResponse:
         bid = request.blueprint_id
@@ -69,6 +70,16 @@ class Library(rpc.UrzaServiceServicer):
                 async with channel(self.downstream, api_key=ADMIN, default_timeout_s=60.0) as ch:
                     await rpc.UrzaServiceStub(ch).GetBlueprint(pb.GetBlueprintRequest(blueprint_id=SEES_DEADLINE))
         return pb.GetBlueprintResponse(blueprint=blueprint_pb2.Blueprint(blueprint_id=bid, family="residual_mlp"))
+
+    async def ListBlueprints(self, request: pb.ListBlueprintsRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ListBlueprintsResponse:
+        # page_size picks the failure: 1 → two UNAVAILABLE then success, 2 → always INTERNAL-class.
+        self.attempts += 1
+        if request.page_size == 1 and self.attempts <= 2:
+            raise E.UnavailableError(f"store busy (attempt {self.attempts})")
+        if request.page_size == 2:
+            raise E.FailedPreconditionError("store closed")
+        return pb.ListBlueprintsResponse(next_page_token=str(self.attempts))
 
     async def PutKernel(self, request_iterator: AsyncIterator[pb.PutKernelRequest],
                         context: grpc.aio.ServicerContext) -> pb.PutKernelResponse:
@@ -326,6 +337,22 @@ def test_sync_channel_sends_key_and_maps_errors(tmp_path: Path) -> None:
             await h.stop()
 
     asyncio.run(scenario())
+
+
+async def test_channel_retries_unavailable_only() -> None:
+    lib = Library()
+    h = Host([make_spec(lib)], config=HostConfig(notice_s=0), auth=AUTH)
+    await h.start()
+    try:
+        async with channel(target(h), api_key=ADMIN) as ch:
+            stub = rpc.UrzaServiceStub(ch)
+            resp = await stub.ListBlueprints(pb.ListBlueprintsRequest(page_size=1))
+            assert resp.next_page_token == "3" and lib.attempts == 3  # two retries, then success
+            lib.attempts = 0
+            err = await rpc_error(stub.ListBlueprints(pb.ListBlueprintsRequest(page_size=2)))
+            assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and lib.attempts == 1
+    finally:
+        await h.stop()
 
 
 def test_write_methods_must_exist() -> None:
