@@ -54,7 +54,7 @@ def _reject_unknown_fields(msg, path: str) -> None:  # noqa: ANN001 - any protob
     for fd, value in msg.ListFields():
         if fd.message_type is None or fd.message_type.GetOptions().map_entry:
             continue
-        if fd.label == fd.LABEL_REPEATED:
+        if fd.is_repeated:
             for i, item in enumerate(value):
                 _reject_unknown_fields(item, f"{path}.{fd.name}[{i}]")
         elif fd.message_type.full_name.startswith("esper."):

@@ -34,7 +34,7 @@ import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
-from esper.errors import DataLossError, EsperError
+from esper.errors import EsperError
 from esper.runtime import tracing
 from esper.runtime.client import as_esper_error, sync_channel
 from esper.tolaria.control import OutcomeReporter, RemoteController, RemoteKernelProvider
@@ -43,8 +43,6 @@ from generated.esper.common.v1 import decision_pb2, health_pb2
 from generated.esper.oona.v1 import events_pb2
 from generated.esper.tamiyo.v1 import tamiyo_service_pb2 as tamiyo_pb
 from generated.esper.tamiyo.v1 import tamiyo_service_pb2_grpc as tamiyo_rpc
-from generated.esper.urza.v1 import urza_service_pb2 as urza_pb
-from generated.esper.urza.v1 import urza_service_pb2_grpc as urza_rpc
 
 log = logging.getLogger("esper.tolaria.worker")
 
@@ -119,41 +117,6 @@ def tamiyo_decide(channel: grpc.Channel):  # noqa: ANN201 - returns the decide c
     return decide
 
 
-def urza_fetch(channel: grpc.Channel):  # noqa: ANN201 - returns the fetch callable
-    """`fetch(kernel_id, timeout_s) -> bytes` for Kasmina's loader (which verifies the bytes)."""
-    stub = urza_rpc.UrzaServiceStub(channel)
-
-    def fetch(kernel_id: str, timeout_s: float) -> bytes:
-        parts: list[bytes] = []
-        expected = 0
-        try:
-            for msg in stub.GetKernel(urza_pb.GetKernelRequest(kernel_id=kernel_id), timeout=timeout_s):
-                if msg.WhichOneof("part") == "info":
-                    expected = msg.info.artifact_size
-                else:
-                    parts.append(msg.chunk.data)
-        except grpc.RpcError as e:
-            raise as_esper_error(e) from e
-        data = b"".join(parts)
-        if len(data) != expected:
-            raise DataLossError(f"kernel {kernel_id}: Urza sent {len(data)} of {expected} bytes")
-        return data
-
-    return fetch
-
-
-def urza_record(channel: grpc.Channel):  # noqa: ANN201 - returns the record callable
-    stub = urza_rpc.UrzaServiceStub(channel)
-
-    def record(req: urza_pb.RecordOutcomeRequest, timeout_s: float) -> bool:
-        try:
-            return stub.RecordOutcome(req, timeout=timeout_s).created
-        except grpc.RpcError as e:
-            raise as_esper_error(e) from e
-
-    return record
-
-
 # ---- main ---------------------------------------------------------------------------------
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m esper.tolaria.worker", description=__doc__.splitlines()[0])
@@ -162,16 +125,23 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--nats-url", default=None, help="Oona (NATS) URL; omitted: events only in the log")
     ap.add_argument("--trusted-keys", type=Path, default=None,
                     help="directory of trusted kernel-signing public keys, *.pub / *.pem "
-                         "(default: <data-dir>/keys/trusted)")
+                         "(default: $ESPER_TRUSTED_KEYS_DIR, else <data-dir>/keys/trusted)")
     ap.add_argument("--kernel-cache", type=Path, default=None,
                     help="verified-kernel disk cache (default: <run-dir>/../../kernel-cache)")
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="intra-op threads for torch (default 1: the hosts are tiny, and more "
+                         "threads than cores shared with other runs slow each step down many-fold)")
     return ap.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch
+
     from esper.tolaria.config import RunConfig, RunConfigError
+
+    torch.set_num_threads(args.torch_threads)
 
     run_dir: Path = args.run_dir
     run_id = run_dir.name
@@ -224,6 +194,7 @@ def _train(cfg: Any, run_id: str, run_dir: Path, args: argparse.Namespace, endpo
     from esper.kasmina.loader import KernelLoader
     from esper.tolaria.governor import RunDivergedError
     from esper.tolaria.trainer import Trainer
+    from esper.urza.client import UrzaClient, fetcher
 
     channels: list[grpc.Channel] = []
 
@@ -235,15 +206,19 @@ def _train(cfg: Any, run_id: str, run_dir: Path, args: argparse.Namespace, endpo
         return ch
 
     data_dir = run_dir.parent.parent.parent
-    urza_ch = chan("urza")
-    loader = KernelLoader(
-        urza_fetch(urza_ch),
-        TrustedKeys.from_dir(args.trusted_keys or data_dir / "keys" / "trusted"),
-        args.kernel_cache or run_dir.parent.parent / "kernel-cache",
+    if "urza" not in endpoints:
+        raise EsperError(f"no endpoint for 'urza'; the worker got {sorted(endpoints)}")
+    urza = UrzaClient(endpoints["urza"], api_key)
+    keys_dir = args.trusted_keys or Path(os.environ.get("ESPER_TRUSTED_KEYS_DIR") or data_dir / "keys" / "trusted")
+    loader = KernelLoader(fetcher(urza), TrustedKeys.from_dir(keys_dir),
+                          args.kernel_cache or run_dir.parent.parent / "kernel-cache")
+    # Fetching a kernel is a stream of chunks: it gets more time than one Decide. The
+    # Urza client carries its own breaker and retries.
+    kernels = RemoteKernelProvider(loader.load, timeout_s=max(cfg.decide_timeout_s, 5.0), breaker=None)
+    outcomes = OutcomeReporter(
+        run_id, cfg.task, lambda req, t: urza.record_outcome(req.report, t, request_id=req.request_id),
+        degrade=events.degrade,
     )
-    # Fetching a kernel is a stream of chunks: it gets more time than one Decide.
-    kernels = RemoteKernelProvider(loader.load, timeout_s=max(cfg.decide_timeout_s, 5.0))
-    outcomes = OutcomeReporter(run_id, cfg.task, urza_record(urza_ch), degrade=events.degrade)
     events.observers.append(outcomes.observe)
     controller = None
     if cfg.controller != "none":
@@ -287,6 +262,7 @@ def _train(cfg: Any, run_id: str, run_dir: Path, args: argparse.Namespace, endpo
     finally:
         for ch in channels:
             ch.close()
+        urza.close()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import grpc
 import pytest
 
 from esper.errors import UnavailableError
-from esper.runtime.breaker import BreakerState
+from esper.runtime.breaker import BreakerState, CircuitBreaker
+from esper.tolaria.control import CONTROL_BREAKER
 from esper.runtime.client import sync_channel
 from esper.tolaria.control import OutcomeReporter, RemoteController, RemoteKernelProvider
 from esper.tolaria.runs import new_envelope
@@ -76,7 +77,7 @@ def test_kernel_provider_breaker_counts_urza_failures():
         calls.append(kernel_id)
         raise UnavailableError(f"Urza at 127.0.0.1:1 is unreachable (kernel {kernel_id})")
 
-    prov = RemoteKernelProvider(load, timeout_s=0.1)
+    prov = RemoteKernelProvider(load, timeout_s=0.1, breaker=CircuitBreaker("urza", CONTROL_BREAKER))
     for _ in range(3):
         with pytest.raises(UnavailableError):
             prov.load("sha256:" + "a" * 64, None)
