@@ -78,12 +78,23 @@ def parse_enum(enum: type[IntEnum], value: str | int, what: str) -> IntEnum:
     raise ConfigError(f"{what}={value!r} is not one of: {allowed}")
 
 
+_PLAIN_ATTRS = frozenset({"_value", "_start", "_target", "_elapsed", "_duration", "_curve",
+                          "_direction", "_unit"})
+
+
 class AlphaController(nn.Module):
     """Ramps alpha from a start value to a target over `duration` ticks of one unit.
 
     `alpha` (a 0-d float32 buffer) is what the blend reads on the device; everything else
-    is bookkeeping kept as buffers for checkpoints.
+    is bookkeeping kept as buffers for checkpoints, written when a `state_dict` is taken.
     """
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # Skip nn.Module's parameter/buffer/module checks for plain per-step state.
+        if name in _PLAIN_ATTRS:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def __init__(self) -> None:
         super().__init__()
@@ -145,7 +156,7 @@ class AlphaController(nn.Module):
             self._direction = AlphaDirection.DOWN
         else:
             self._direction = AlphaDirection.HOLD
-        self._flush()
+        self.alpha.fill_(self._value)
 
     def hold(self, value: float) -> None:
         """Pin alpha at `value` with no ramp."""
@@ -154,7 +165,7 @@ class AlphaController(nn.Module):
         self._value = self._start = self._target = float(value)
         self._elapsed = self._duration = 0
         self._direction = AlphaDirection.HOLD
-        self._flush()
+        self.alpha.fill_(self._value)
 
     def tick(self, unit: ScheduleUnit) -> bool:
         """Advance one tick of `unit` if the ramp counts that unit; True if alpha changed."""
@@ -174,22 +185,20 @@ class AlphaController(nn.Module):
         return True
 
     def _flush(self) -> None:
-        # fill_ with a Python scalar is an asynchronous device write: no sync.
-        self.alpha.fill_(self._value)
+        # Only at state_dict time: build on the host, one copy to the buffers' device.
         vals_i = (self._elapsed, self._duration, int(self._curve), int(self._direction),
                   int(self._unit))
-        for i, v in enumerate(vals_i):
-            self.state_i[i].fill_(v)
-        self.state_f[0].fill_(self._start)
-        self.state_f[1].fill_(self._target)
-        self.state_f[2].fill_(self._value)
+        self.state_i.copy_(torch.tensor(vals_i, dtype=torch.int64))
+        self.state_f.copy_(torch.tensor((self._start, self._target, self._value),
+                                        dtype=torch.float64))
+        self.alpha.fill_(self._value)
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
         self._flush()
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):  # noqa: ANN001 - torch signature
+                              unexpected_keys, error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         if prefix + "state_i" not in state_dict:

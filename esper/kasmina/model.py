@@ -203,8 +203,19 @@ def _signature(slot_id: str, out: torch.Tensor, hint: str, config: KasminaConfig
     )
 
 
+_PLAIN_ATTRS = frozenset({"_global_step", "_epoch", "_germinations", "_optimizer",
+                          "_host_param_ids", "_event_sink", "_kernel_resolver", "_slots"})
+
+
 class MorphogeneticModel(nn.Module):
     """A host model with seed slots. Build it with `esper.kasmina.wrap`."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Per-step counters bypass nn.Module's parameter/buffer/module checks.
+        if name in _PLAIN_ATTRS:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def __init__(
         self,
@@ -556,13 +567,13 @@ class MorphogeneticModel(nn.Module):
 
     # ---- persistence ------------------------------------------------------------------
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001
-        for i, v in enumerate((self._global_step, self._epoch, self._germinations)):
-            self.counters[i].fill_(v)
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.counters.copy_(torch.tensor((self._global_step, self._epoch, self._germinations),
+                                         dtype=torch.int64))
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):  # noqa: ANN001
+                              unexpected_keys, error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         if prefix + "counters" in state_dict:

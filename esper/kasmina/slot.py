@@ -56,8 +56,24 @@ Emit = Callable[[KasminaEvent], None]
 Resolver = Callable[[str], nn.Module]
 
 
+# Plain Python state of a slot. nn.Module.__setattr__ checks parameters, buffers and
+# submodules on every assignment (tens of microseconds); these names are never any of
+# those, so they bypass it — they are written on every step.
+_PLAIN_ATTRS = frozenset({
+    "_stage", "_steps_in_stage", "_epochs_in_stage", "_embargo_left", "_germination_index",
+    "_contribution", "kernel_id", "blueprint_id", "_armed", "_force_zero", "_stats_suspended",
+    "_hook_handle", "_counts", "_last_epoch", "_resolver",
+})
+
+
 class SeedSlot(nn.Module):
     """A seed slot at one site of the host. Created by `esper.kasmina.wrap`."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _PLAIN_ATTRS:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def __init__(
         self,
@@ -194,14 +210,18 @@ class SeedSlot(nn.Module):
         return y
 
     def _record_activation(self, h: torch.Tensor, s: torch.Tensor | None) -> None:
+        # Sums and L2 norms are single passes that allocate nothing of the activation's
+        # size; scaling by 1/n turns them into the per-forward mean and mean square.
         hf = h.detach().float()
+        n = max(hf.numel(), 1)
+        norm = torch.linalg.vector_norm
         if s is None:
-            vals = torch.stack((hf.mean(), hf.square().mean()))
-            self.acc[:, _ACT_MEAN : _ACT_SQ + 1] += vals
+            vals = torch.stack((hf.sum(), norm(hf).square()))
+            self.acc[:, _ACT_MEAN : _ACT_SQ + 1].add_(vals, alpha=1.0 / n)
         else:
             sf = s.detach().float()
-            vals = torch.stack((hf.mean(), hf.square().mean(), sf.square().mean()))
-            self.acc[:, _ACT_MEAN : _SEED_SQ + 1] += vals
+            vals = torch.stack((hf.sum(), norm(hf).square(), norm(sf).square()))
+            self.acc[:, _ACT_MEAN : _SEED_SQ + 1].add_(vals, alpha=1.0 / n)
         for w in (_EPOCH, _STAGE):
             self._counts[w][_N_ACT] += 1
 
@@ -311,8 +331,8 @@ class SeedSlot(nn.Module):
             seed.train(was_training)
         if not isinstance(out, torch.Tensor) or out.shape != probe.shape:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            self._gate("germination", [(False, f"seed output {shape} != site activation "
-                                               f"{tuple(probe.shape)}")], {})
+            why = f"seed output {shape} != site activation {tuple(probe.shape)}"
+            self._gate("germination", [(False, why)], {})
             raise InvalidArgumentError(
                 f"slot {self.slot_id!r}: seed maps {tuple(probe.shape)} to {shape}; a seed must "
                 "return a tensor shaped like the site's activation",
@@ -366,8 +386,8 @@ class SeedSlot(nn.Module):
         if need is not None:
             c = self._contribution
             if c is None:
-                checks.append((False, "contribution not measured in HOLDING "
-                                      "(call measure_contribution first)"))
+                why = "contribution not measured in HOLDING (call measure_contribution first)"
+                checks.append((False, why))
             else:
                 measures["contribution"] = c
                 checks.append((c >= need, f"contribution {c:.4g} vs required {need:.4g}"))
@@ -527,24 +547,24 @@ class SeedSlot(nn.Module):
         self.kernel_id = str(state["kernel_id"])
         self.blueprint_id = str(state["blueprint_id"])
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - torch signature
+    def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
         # `.half()` casts every floating buffer; the accumulators must stay float32.
         if self.acc.dtype != torch.float32:
             self.acc = self.acc.float()
         return self
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
         vals = (self._steps_in_stage, self._epochs_in_stage, self._embargo_left,
                 self._germination_index)
-        for i, v in enumerate(vals):
-            self.counters[i].fill_(v)
-        self.contribution[0].fill_(self._contribution or 0.0)
-        self.contribution[1].fill_(1.0 if self._contribution is not None else 0.0)
+        self.counters.copy_(torch.tensor(vals, dtype=torch.int64))
+        measured = self._contribution is not None
+        self.contribution.copy_(torch.tensor((self._contribution or 0.0, float(measured)),
+                                             dtype=torch.float64))
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):  # noqa: ANN001
+                              unexpected_keys, error_msgs):
         stage_key = prefix + "stage"
         extra_key = prefix + "_extra_state"
         if stage_key in state_dict:

@@ -92,7 +92,7 @@ class FusedBlend(torch.autograd.Function):
     """`y = h + alpha * s` with CuPy kernels; backward `dh = g`, `ds = alpha * g`."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, s: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, h: torch.Tensor, s: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         _check(h, s, alpha)
         h_c = h.contiguous()
         s_c = s.contiguous()
@@ -109,7 +109,7 @@ class FusedBlend(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):  # noqa: ANN001, ANN205
+    def backward(ctx, grad_out: torch.Tensor):
         (a,) = ctx.saved_tensors
         g = grad_out.contiguous()
         grad_h = g if ctx.needs_input_grad[0] else None

@@ -49,7 +49,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         host = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
                              nn.Linear(16, 2))
         mm = wrap(host, sites=["1", "3"], example_input=torch.randn(4, 8),
-                  config=KasminaConfig(incubation=3, gate_interval=1, blend_duration=4))
+                  config=KasminaConfig(stats_interval=1, incubation=3, gate_interval=1, blend_duration=4))
         events: list = []
         mm._event_sink = events.append
         opt = torch.optim.SGD(host.parameters(), lr=0.05)

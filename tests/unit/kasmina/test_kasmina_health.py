@@ -17,7 +17,7 @@ def _mm(events: list | None = None, **cfg: object):
     host = mlp()
     x = torch.randn(32, 8)
     mm = wrap(host, sites=["1", "3"], example_input=x,
-              config=KasminaConfig(**{"incubation": 3, "gate_interval": 2, "blend_duration": 2,
+              config=KasminaConfig(**{"stats_interval": 1, "incubation": 3, "gate_interval": 2, "blend_duration": 2,
                                       **cfg}),
               event_sink=None if events is None else events.append)
     return host, mm, x
@@ -65,7 +65,7 @@ def test_health_statistics_equal_direct_computation() -> None:
 def test_host_grad_norm_of_a_parametrised_site() -> None:
     host = mlp()
     x = torch.randn(32, 8)
-    mm = wrap(host, sites=["2"], example_input=x)
+    mm = wrap(host, sites=["2"], example_input=x, config=KasminaConfig(stats_interval=1))
     opt = torch.optim.SGD(host.parameters(), lr=0.0)
     train_steps(mm, opt, x, 3)
     expected = torch.linalg.vector_norm(
@@ -144,7 +144,7 @@ def test_contribution_is_the_counterfactual_loss_difference() -> None:
         h = host[3].forward(host[2](host[1].forward(host[0](x))))
         target = host[4](2 * h)
         without = (host[4](h) - target).pow(2).mean().item()
-    loss = lambda y, t: (y - t).pow(2).mean()  # noqa: E731
+    loss = lambda y, t: (y - t).pow(2).mean()
     mm.train()
     contrib = mm.measure_contribution(x, target, loss)
     assert contrib["3"] == pytest.approx(without, rel=1e-5) and contrib["3"] > 0

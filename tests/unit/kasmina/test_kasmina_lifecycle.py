@@ -18,7 +18,7 @@ def _mm(events: list | None = None, **cfg: object):
     host = mlp()
     x = torch.randn(32, 8)
     mm = wrap(host, sites=["1", "3"], example_input=x,
-              config=KasminaConfig(**{"incubation": 2, "gate_interval": 1, "blend_duration": 2,
+              config=KasminaConfig(**{"stats_interval": 1, "incubation": 2, "gate_interval": 1, "blend_duration": 2,
                                       **cfg}),
               event_sink=None if events is None else events.append)
     return host, mm, x
@@ -49,7 +49,7 @@ def test_training_seed_learns_while_output_and_host_grads_are_bit_identical() ->
 
 
 def test_germination_is_function_preserving_in_eval() -> None:
-    host, mm, x = _mm()
+    _host, mm, x = _mm()
     mm.eval()
     before = mm(x)
     _germinate(mm)
@@ -57,7 +57,7 @@ def test_germination_is_function_preserving_in_eval() -> None:
 
 
 def test_non_zero_seed_is_refused_and_the_slot_stays_dormant(events: list) -> None:
-    host, mm, x = _mm(events)
+    _host, mm, _x = _mm(events)
     seed = ZeroOutSeed(mm.site_signature("3"))
     nn.init.normal_(seed.out.weight)
     with pytest.raises(InvalidArgumentError, match="not function-preserving"):
@@ -69,13 +69,13 @@ def test_non_zero_seed_is_refused_and_the_slot_stays_dormant(events: list) -> No
 
 
 def test_wrong_shape_seed_is_refused() -> None:
-    host, mm, x = _mm()
+    _host, mm, _x = _mm()
     with pytest.raises(InvalidArgumentError, match=r"\(8, 16\) to \(8, 4\)"):
         _germinate(mm, seed=nn.Linear(16, 4))
 
 
 def test_seed_sharing_host_parameters_is_refused() -> None:
-    host, mm, x = _mm()
+    host, mm, _x = _mm()
     with pytest.raises(InvalidArgumentError, match="host parameters"):
         _germinate(mm, "1", seed=nn.Sequential(host[2]))
 
@@ -98,7 +98,7 @@ def test_mechanical_auto_advance_and_events(events: list) -> None:
                            (S.TRAINING, S.BLENDING), (S.BLENDING, S.HOLDING)]
     gates = [(e.gate, e.passed) for e in events if e.kind == "gate"]
     assert gates == [("germination", True), ("blending", True)]
-    blending = [e for e in events if e.gate == "blending"][0]
+    blending = next(e for e in events if e.gate == "blending")
     assert blending.measurements["seed_grad_norm"] > 0 and "seed grad norm" in blending.reason
     assert all(e.slot_id == "3" and e.kernel_id == "sha256:k" for e in events)
     msg = blending.to_proto()
@@ -146,7 +146,7 @@ def test_epoch_schedule_ramps_per_epoch() -> None:
 
 
 def test_illegal_strategic_actions_raise() -> None:
-    host, mm, x = _mm()
+    _host, mm, _x = _mm()
     with pytest.raises(IllegalTransitionError, match="prune needs"):
         mm.prune("3", "no seed")
     with pytest.raises(IllegalTransitionError, match="fossilize needs HOLDING"):
@@ -223,7 +223,7 @@ def test_fossilize_contribution_gate(events: list) -> None:
     assert info.value.reason == "GATE_FAILED"
     with torch.no_grad():
         seed.lin.bias.fill_(1.0)  # shifts the output: the seed now hurts mean(y**2)
-    loss = lambda y, t: (y - t).pow(2).mean()  # noqa: E731
+    loss = lambda y, t: (y - t).pow(2).mean()
     target = torch.zeros(32, 4)
     contrib = mm.measure_contribution(x, target, loss)
     assert contrib["3"] < 0

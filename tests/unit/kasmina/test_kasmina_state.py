@@ -13,7 +13,7 @@ from esper.errors import FailedPreconditionError
 from esper.kasmina import KasminaConfig, SeedStage, wrap
 from tests.unit.kasmina.kasmina_hosts import ZeroOutSeed, mlp, train_steps
 
-CFG = KasminaConfig(incubation=2, gate_interval=1, blend_duration=8, blend_curve="cosine")
+CFG = KasminaConfig(stats_interval=1, incubation=2, gate_interval=1, blend_duration=8, blend_curve="cosine")
 
 
 class Library:
@@ -50,7 +50,7 @@ def _fresh(library: Library | None = None):
 
 
 def test_to_moves_and_casts_slot_state() -> None:
-    host, mm, opt, x = _trained()
+    _host, mm, _opt, _x = _trained()
     mm.to(torch.float64)
     slot = mm.slots["3"]
     assert slot.alpha_ctl.alpha.dtype == torch.float64 and slot.probe.dtype == torch.float64
@@ -62,7 +62,7 @@ def test_to_moves_and_casts_slot_state() -> None:
 
 
 def test_checkpoint_mid_blend_restores_and_continues_the_ramp() -> None:
-    host, mm, opt, x = _trained(steps=5)
+    _host, mm, _opt, x = _trained(steps=5)
     slot = mm.slots["3"]
     assert slot.current_stage is SeedStage.BLENDING and 0 < slot.alpha < 1
     state = mm.state_dict()
@@ -85,7 +85,7 @@ def test_checkpoint_mid_blend_restores_and_continues_the_ramp() -> None:
 
 
 def test_checkpoint_through_safetensors_and_json_without_pickle(tmp_path) -> None:
-    host, mm, opt, x = _trained(steps=4)
+    _host, mm, _opt, x = _trained(steps=4)
     state = mm.state_dict()
     tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
     extras = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
@@ -101,14 +101,14 @@ def test_checkpoint_through_safetensors_and_json_without_pickle(tmp_path) -> Non
 
 
 def test_checkpoint_with_a_seed_needs_a_kernel_resolver() -> None:
-    host, mm, opt, x = _trained(steps=1)
+    _host, mm, _opt, _x = _trained(steps=1)
     _, mm2 = _fresh(None)
     with pytest.raises(FailedPreconditionError, match="sha256:abc.*kernel_resolver"):
         mm2.load_state_dict(mm.state_dict())
 
 
 def test_optimizer_state_of_seeds_survives_a_checkpoint() -> None:
-    host, mm, opt, x = _trained(steps=4)
+    _host, mm, opt, x = _trained(steps=4)
     # deepcopy: a real checkpoint is serialized; state_dict() shares the state tensors
     model_state, opt_state = copy.deepcopy(mm.state_dict()), copy.deepcopy(opt.state_dict())
     host2, mm2 = _fresh(Library(mm))

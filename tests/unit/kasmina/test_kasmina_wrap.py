@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.unit.kasmina.kasmina_hosts import HOSTS, TinyTransformer, cnn1d, mlp
 from torch import nn
 
 from esper.errors import ConfigError, NotFoundError
 from esper.kasmina import KasminaConfig, MorphogeneticModel, wrap
 from generated.esper.common.v1 import seed_pb2
+from tests.unit.kasmina.kasmina_hosts import HOSTS, TinyTransformer, cnn1d, mlp
 
 
 def test_wrap_uses_the_host_in_place_without_copying_parameters() -> None:
