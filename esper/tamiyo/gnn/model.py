@@ -1,0 +1,136 @@
+"""The learned policy network (torch-geometric) and its deep ensemble.
+
+One member: node features and broadcast global features → linear projection → GATv2
+multi-head attention layers (residual, LayerNorm) → per-slot heads:
+
+* action logits over ACTIONS (WAIT, GERMINATE, PRUNE, FOSSILIZE);
+* a blueprint score per candidate kernel: MLP(slot embedding, blueprint embedding, kernel
+  numbers), the blueprint embedding looked up by Urza blueprint id in the vocabulary the
+  policy was trained with (unknown ids share index 0, so a new blueprint is judged on its
+  numbers alone);
+* a value head on the mean-pooled graph and global features (state value for the
+  advantage-weighted objective; reported, not used to choose actions).
+
+The ensemble holds K members trained from different initialisations; the spread of
+their action distributions is the uncertainty reported with every decision.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch_geometric.nn import GATv2Conv, global_mean_pool
+
+from esper.errors import ConfigError
+from esper.tamiyo.gnn.features import GLOBAL_FEATURES, NODE_FEATURES
+from esper.tamiyo.policy import KernelCandidate
+
+ACTIONS: tuple[str, ...] = ("wait", "germinate", "prune", "fossilize")
+KERNEL_FEATURES = 5
+
+
+@dataclass(kw_only=True, frozen=True)
+class NetConfig:
+    """Architecture of one ensemble member (stored in the policy file)."""
+
+    hidden: int = 32
+    """Width of node embeddings."""
+    heads: int = 4
+    """Attention heads per GATv2 layer (hidden must divide by it)."""
+    layers: int = 2
+    """Message-passing layers."""
+    blueprint_dim: int = 8
+    """Width of a blueprint embedding."""
+    members: int = 4
+    """Ensemble size."""
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "heads", "layers", "blueprint_dim", "members"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and 1 <= v <= 1024):
+                raise ConfigError(f"gnn net {name}={v!r} must be an integer in [1, 1024]")
+        if self.hidden % self.heads:
+            raise ConfigError(f"gnn net hidden={self.hidden} must be divisible by heads={self.heads}")
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def kernel_features(c: KernelCandidate, host_parameters: int) -> list[float]:
+    n = c.outcomes
+    return [
+        math.log1p(c.parameters) / 12,
+        min(c.parameters / max(host_parameters, 1), 4.0) / 4,
+        math.log1p(n) / 5,
+        (c.fossilized + 1) / (n + 2),
+        math.tanh(c.mean_contribution / 0.05) if math.isfinite(c.mean_contribution) else 0.0,
+    ]
+
+
+class PolicyNet(nn.Module):
+    """One ensemble member."""
+
+    def __init__(self, cfg: NetConfig, vocab_size: int) -> None:
+        super().__init__()
+        h = cfg.hidden
+        self.inp = nn.Linear(len(NODE_FEATURES) + len(GLOBAL_FEATURES), h)
+        self.convs = nn.ModuleList(
+            GATv2Conv(h, h // cfg.heads, heads=cfg.heads, concat=True, add_self_loops=False) for _ in range(cfg.layers)
+        )
+        self.norms = nn.ModuleList(nn.LayerNorm(h) for _ in range(cfg.layers))
+        self.slot = nn.Sequential(nn.Linear(h + len(GLOBAL_FEATURES), h), nn.ReLU())
+        self.action = nn.Linear(h, len(ACTIONS))
+        # Index 0: a blueprint id not in the training vocabulary.
+        self.blueprint = nn.Embedding(vocab_size + 1, cfg.blueprint_dim)
+        self.kernel = nn.Sequential(
+            nn.Linear(h + cfg.blueprint_dim + KERNEL_FEATURES, h), nn.ReLU(), nn.Linear(h, 1)
+        )
+        self.value = nn.Sequential(nn.Linear(h + len(GLOBAL_FEATURES), h), nn.ReLU(), nn.Linear(h, 1))
+
+    def encode(self, x: torch.Tensor, edge_index: torch.Tensor, u: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        z = torch.relu(self.inp(torch.cat([x, u[batch]], dim=-1)))
+        for conv, norm in zip(self.convs, self.norms, strict=True):
+            z = norm(z + torch.relu(conv(z, edge_index)))
+        return z
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        edge_index: torch.Tensor,
+        u: torch.Tensor,
+        batch: torch.Tensor,
+        slot_nodes: torch.Tensor,
+        slot_graph: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (slot embeddings [S, h], action logits [S, len(ACTIONS)], value [graphs])."""
+        z = self.encode(x, edge_index, u, batch)
+        s = self.slot(torch.cat([z[slot_nodes], u[slot_graph]], dim=-1))
+        pooled = global_mean_pool(z, batch, size=u.shape[0])
+        value = self.value(torch.cat([pooled, u], dim=-1)).squeeze(-1)
+        return s, self.action(s), value
+
+    def kernel_scores(self, slot_emb: torch.Tensor, bp_index: torch.Tensor, kfeat: torch.Tensor) -> torch.Tensor:
+        """Scores [K] of K candidates for the slots `slot_emb` [K, h] (one row per candidate)."""
+        return self.kernel(torch.cat([slot_emb, self.blueprint(bp_index), kfeat], dim=-1)).squeeze(-1)
+
+
+class Ensemble(nn.Module):
+    """K independently initialised members; predictions are averaged, their spread is the uncertainty."""
+
+    def __init__(self, cfg: NetConfig, vocab: Sequence[str], *, seed: int = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vocab = list(vocab)
+        self._index = {b: i + 1 for i, b in enumerate(self.vocab)}
+        members = []
+        for k in range(cfg.members):
+            torch.manual_seed(seed * 1000 + k)
+            members.append(PolicyNet(cfg, len(self.vocab)))
+        self.members = nn.ModuleList(members)
+
+    def blueprint_index(self, blueprint_ids: Sequence[str]) -> torch.Tensor:
+        return torch.tensor([self._index.get(b, 0) for b in blueprint_ids], dtype=torch.long)

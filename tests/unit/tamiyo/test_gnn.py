@@ -1,0 +1,223 @@
+"""The learned policy: features reach the network, masks hold, the gate falls back, files are safe."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from esper.tamiyo.gnn import ACTIONS, Ensemble, GnnPolicy, NetConfig, PolicyFileError, load_policy, save_policy
+from esper.tamiyo.gnn.features import GLOBAL_FEATURES, NODE_FEATURES, build_graph
+from esper.tamiyo.gnn.train import imitation_accuracy, sample_snapshot, synthetic_examples, train_imitation
+from esper.tamiyo.policy import check_decisions, legal_actions, stage_name
+from generated.esper.common.v1 import decision_pb2 as D
+from generated.esper.common.v1 import seed_pb2
+from tests.unit.tamiyo.snapshots import IMPROVING, S, candidate, slot, snapshot
+
+ALL_STAGES = [v for v in seed_pb2.SeedStage.values() if v != S.SEED_STAGE_UNSPECIFIED]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny graphs on a shared 2-core machine: intra-op threads only add contention.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def ensemble(members: int = 3, seed: int = 0) -> Ensemble:
+    return Ensemble(NetConfig(hidden=16, heads=2, members=members), vocab=[candidate("a", 1).blueprint_id], seed=seed)
+
+
+def two_slot_snapshot(**kw):
+    slots = [slot("s0", depth=0, host_grad_norm=0.5), slot("s1", S.SEED_STAGE_HOLDING, depth=1, contribution=0.02, measured=True)]
+    return snapshot(slots, graph_nodes=16, **kw)
+
+
+def test_graph_nodes_edges_and_slot_positions_follow_the_snapshot() -> None:
+    snap = two_slot_snapshot()
+    g = build_graph(snap)
+    assert g.x.shape == (16, len(NODE_FEATURES)) and g.u.shape == (len(GLOBAL_FEATURES),)
+    names = [n.slot_id for n in snap.graph.nodes]
+    assert [names[i] for i in g.slot_nodes.tolist()] == ["s0", "s1"]
+    pairs = set(map(tuple, g.edge_index.t().tolist()))
+    assert (0, 1) in pairs and (1, 0) in pairs and (5, 5) in pairs
+    assert g.edge_index.shape[1] == 2 * 15 + 16
+    # Without a graph, the slots alone form a chain by depth.
+    bare = build_graph(snapshot([slot("b", depth=1), slot("a", depth=0)]))
+    assert bare.x.shape[0] == 2 and bare.slot_nodes.tolist() == [1, 0]  # nodes in depth order
+    assert {(1, 0), (0, 1)} <= set(map(tuple, bare.edge_index.t().tolist()))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "feature"),
+    [
+        ("host_grad_norm", 7.0, "log_host_grad_norm"),
+        ("contribution", -0.04, "contribution"),
+        ("activation_std", 4.0, "log_activation_std"),
+        ("epochs_in_stage", 5, "log_epochs_in_stage"),
+    ],
+)
+def test_changing_one_health_input_changes_the_policy_input_and_output(field: str, value: float, feature: str) -> None:
+    policy = GnnPolicy(ensemble(), uncertainty_threshold=1.0)
+    cands = {"s0": [candidate("a", 100), candidate("b", 200)]}
+    base = two_slot_snapshot()
+    changed = two_slot_snapshot()
+    setattr(changed.slots[1], field, value)
+    g0, g1 = build_graph(base), build_graph(changed)
+    diff = (g0.x != g1.x).nonzero().tolist()
+    s1_node = int(g0.slot_nodes[1])
+    assert diff == [[s1_node, NODE_FEATURES.index(feature)]]
+    _, p0 = policy.evaluate(base, cands)
+    _, p1 = policy.evaluate(changed, cands)
+    assert not torch.allclose(p0, p1)
+
+
+def test_a_global_trend_reaches_the_network() -> None:
+    policy = GnnPolicy(ensemble(), uncertainty_threshold=1.0)
+    a, b = two_slot_snapshot(), two_slot_snapshot(val_loss=IMPROVING)
+    ga, gb = build_graph(a), build_graph(b)
+    assert ga.u[GLOBAL_FEATURES.index("val_loss_trend_3")] != gb.u[GLOBAL_FEATURES.index("val_loss_trend_3")]
+    assert not torch.allclose(policy.evaluate(a, {})[1], policy.evaluate(b, {})[1])
+
+
+def _biased(ens: Ensemble, action: str) -> Ensemble:
+    """Every member strongly prefers `action` whatever the input."""
+    with torch.no_grad():
+        for m in ens.members:
+            m.action.bias.zero_()
+            m.action.bias[ACTIONS.index(action)] = 50.0
+    return ens
+
+
+@pytest.mark.parametrize("stage", ALL_STAGES, ids=stage_name)
+@pytest.mark.parametrize("preferred", ACTIONS)
+def test_masked_actions_are_never_emitted(stage: int, preferred: str) -> None:
+    policy = GnnPolicy(_biased(ensemble(), preferred), uncertainty_threshold=1.0)
+    slots = [slot(f"s{i}", stage, depth=i, embargo=1 if i == 2 else 0) for i in range(3)]
+    snap = snapshot(slots, parameters_left=150)
+    # s1 is offered only a kernel too large for the budget; s2 is embargoed.
+    cands = {"s0": [candidate("a", 100)], "s1": [candidate("big", 151)], "s2": [candidate("a", 100)]}
+    ds = policy.decide(snap, cands)
+    allowed, withheld = check_decisions(snap, ds, cands)
+    assert withheld == []
+    acted = {(d.kind, d.slot_id) for d in ds if d.kind != D.DECISION_KIND_WAIT}
+    for kind, slot_id in acted:
+        assert {D.DECISION_KIND_GERMINATE: "germinate", D.DECISION_KIND_PRUNE: "prune", D.DECISION_KIND_FOSSILIZE: "fossilize"}[kind] in legal_actions(stage)
+    if preferred == "germinate" and stage == S.SEED_STAGE_DORMANT:
+        assert acted == {(D.DECISION_KIND_GERMINATE, "s0")}
+    if preferred in ("prune", "fossilize") and preferred in legal_actions(stage):
+        assert len(acted) == 3
+    for d in ds:
+        assert d.policy == "gnn" and d.reason and 0.0 <= d.uncertainty <= 1.0
+
+
+def test_uncertain_choices_fall_back_to_the_heuristic_and_say_so() -> None:
+    slots = [slot("s0", S.SEED_STAGE_BLENDING, contribution=-0.3, measured=True), slot("s1", depth=1)]
+    snap = snapshot(slots)
+    cands = {"s1": [candidate("a", 100)]}
+    # Members that disagree: opposite biases on the two legal actions of s0.
+    ens = ensemble(members=2)
+    with torch.no_grad():
+        for m, a in zip(ens.members, ("wait", "prune"), strict=True):
+            m.action.bias.zero_()
+            m.action.bias[ACTIONS.index(a)] = 30.0
+    gated = GnnPolicy(ens, uncertainty_threshold=0.2).decide(snap, cands)
+    s0 = [d for d in gated if d.slot_id == "s0"]
+    assert len(s0) == 1 and s0[0].fallback and s0[0].kind == D.DECISION_KIND_PRUNE
+    assert s0[0].uncertainty > 0.9 and "fallback to heuristic" in s0[0].reason
+    # With the gate open the learned choice stands (the members' mean picks one, no fallback).
+    free = GnnPolicy(ens, uncertainty_threshold=1.0).decide(snap, cands)
+    assert not any(d.fallback for d in free)
+
+
+def test_policy_file_round_trip_is_exact_and_uses_no_pickle(tmp_path: Path) -> None:
+    ens = ensemble()
+    path = save_policy(ens, tmp_path / "policy.json", version="test-1", training={"examples": 0})
+    weights = (tmp_path / "policy.safetensors").read_bytes()
+    header_len = int.from_bytes(weights[:8], "little")
+    assert weights[8:9] == b"{" and json.loads(weights[8 : 8 + header_len])["__metadata__"]["format"] == "esper.tamiyo.gnn"
+    assert b"\x80\x04" not in weights[:2]  # not a pickle stream
+    loaded, meta = load_policy(path)
+    assert meta["version"] == "test-1"
+    snap, cands = two_slot_snapshot(), {"s0": [candidate("a", 100)]}
+    a = GnnPolicy(ens, uncertainty_threshold=1.0).evaluate(snap, cands)[1]
+    b = GnnPolicy(loaded, uncertainty_threshold=1.0).evaluate(snap, cands)[1]
+    assert torch.equal(a, b)
+
+
+def test_tampered_policy_files_are_rejected(tmp_path: Path) -> None:
+    path = save_policy(ensemble(), tmp_path / "p.json", version="v")
+    wpath = tmp_path / "p.safetensors"
+    good = wpath.read_bytes()
+    flipped = bytearray(good)
+    flipped[-3] ^= 0x01
+    wpath.write_bytes(bytes(flipped))
+    with pytest.raises(PolicyFileError, match="changed after training"):
+        load_policy(path)
+    wpath.write_bytes(good)
+    config = json.loads(path.read_text())
+    # A config edited to describe another network is caught by the shape check, not trusted.
+    config["net"]["hidden"] = 32
+    path.write_text(json.dumps(config))
+    with pytest.raises(PolicyFileError, match="configured network needs"):
+        load_policy(path)
+    config["net"]["hidden"] = 16
+    config["extra"] = 1
+    path.write_text(json.dumps(config))
+    with pytest.raises(PolicyFileError, match="expected exactly"):
+        load_policy(path)
+    del config["extra"]
+    config["weights_file"] = "../p.safetensors"
+    path.write_text(json.dumps(config))
+    with pytest.raises(PolicyFileError, match="bare file name"):
+        load_policy(path)
+
+
+def test_imitation_learns_the_heuristic_and_uncertainty_rises_out_of_distribution() -> None:
+    train = synthetic_examples(160, seed=1)
+    held = synthetic_examples(80, seed=2)
+    vocab = sorted({k.blueprint_id for e in train for ks in e.candidates.values() for k in ks})
+    ens = Ensemble(NetConfig(hidden=16, heads=2, members=4), vocab=vocab, seed=3)
+    before = imitation_accuracy(ens, held)
+    train_imitation(ens, train, steps=80, lr=1e-2)
+    after = imitation_accuracy(ens, held)
+    assert after >= 0.85 and after > before
+    policy = GnnPolicy(ens, uncertainty_threshold=0.2)
+    rng = random.Random(11)
+
+    def uncertainty(pairs) -> float:
+        return statistics.mean(c.uncertainty for s, cs in pairs for c in policy.evaluate(s, cs)[0] if len(c.legal) > 1)
+
+    in_dist = [sample_snapshot(rng) for _ in range(60)]
+    far = []
+    for snap, cands in (sample_snapshot(rng) for _ in range(60)):
+        # Health far outside anything the sampler produces: exploding gradients and activations,
+        # a loss a thousand times larger than the training runs ever saw.
+        for s in snap.slots:
+            s.host_grad_norm *= 1e4
+            s.seed_grad_norm = s.seed_grad_norm * 1e4 + 1e3
+            s.activation_mean, s.activation_std = 40.0, s.activation_std * 300
+        snap.val_loss_history[:] = [v * 1e3 for v in snap.val_loss_history]
+        far.append((snap, cands))
+    u_in, u_far = uncertainty(in_dist), uncertainty(far)
+    assert u_far > 2 * u_in, (u_in, u_far)
+
+
+def test_the_heuristic_path_never_imports_torch_geometric(tmp_path: Path) -> None:
+    code = (
+        "import sys; from pathlib import Path; from esper.runtime.spec import PlatformContext;"
+        "from esper.tamiyo.service import create_service;"
+        f"create_service(PlatformContext(data_dir=Path({str(tmp_path)!r})));"
+        "print('torch_geometric' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[3])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
