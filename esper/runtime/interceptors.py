@@ -16,7 +16,8 @@ runs interceptors as a chain of Python coroutines per call, and four pass-throug
 interceptors alone cost ≈ 40% of a loopback round trip here (benchmarks/rpc_overhead.py
 has the budget: ≤ 30% for the whole stack). The stages keep their order and meaning.
 Only methods of hosted Esper services are wrapped; health and reflection are registered
-as they are (and therefore open).
+as they are (and therefore open). Client-stream validation covers the request iterator a
+servicer receives; a servicer that reads with `context.read()` instead bypasses it.
 """
 
 from __future__ import annotations
@@ -168,11 +169,11 @@ class Pipeline:
         return _deadline.set(time.monotonic() + remaining)
 
     # --- observability ------------------------------------------------------------------
-    def begin(self, context: grpc.aio.ServicerContext, path: str) -> tuple[trace.Span | None, object, str]:
+    def begin(self, metadata: Any, path: str) -> tuple[trace.Span | None, object, str]:
         self.on_enter()
         if self.tracer is None:
             return None, None, ""
-        span = tracing.start_span(self.tracer, path, SpanKind.SERVER, tracing.extract(context.invocation_metadata()))
+        span = tracing.start_span(self.tracer, path, SpanKind.SERVER, tracing.extract(metadata))
         token = otel_context.attach(trace.set_span_in_context(span))
         return span, token, format(span.get_span_context().trace_id, "032x")
 
@@ -200,9 +201,9 @@ class Pipeline:
                 validate_message(msg)
                 yield msg
 
-        async def admit(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def admit(request: Any, context: grpc.aio.ServicerContext, metadata: Any) -> Any:
             """Auth, then validation of a unary request; returns what the servicer gets."""
-            denied = authorize(context.invocation_metadata(), info)
+            denied = authorize(metadata, info)
             if denied is not None:
                 await abort_with(context, denied)
             if h.request_streaming:
@@ -216,10 +217,11 @@ class Pipeline:
         if h.response_streaming:
             async def stream_behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 t0 = time.perf_counter()
-                span, token, trace_id = begin(context, path)
+                metadata = context.invocation_metadata()
+                span, token, trace_id = begin(metadata, path)
                 code: str | None = None
                 try:
-                    request = await admit(request, context)
+                    request = await admit(request, context, metadata)
                     deadline_token = await start_deadline(context, path)
                     try:
                         async for item in _iterate(inner(request, context)):
@@ -241,10 +243,11 @@ class Pipeline:
 
         async def unary_behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
             t0 = time.perf_counter()
-            span, token, trace_id = begin(context, path)
+            metadata = context.invocation_metadata()
+            span, token, trace_id = begin(metadata, path)
             code: str | None = None
             try:
-                request = await admit(request, context)
+                request = await admit(request, context, metadata)
                 deadline_token = await start_deadline(context, path)
                 try:
                     result = inner(request, context)
