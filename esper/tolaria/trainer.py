@@ -287,9 +287,15 @@ class Trainer:
         o = self.config.optimizer
         params = list(self.model.host.parameters())
         if o.name == "sgd":
-            return torch.optim.SGD(params, lr=o.learning_rate, momentum=o.momentum,
-                                   weight_decay=o.weight_decay)
-        return torch.optim.AdamW(params, lr=o.learning_rate, weight_decay=o.weight_decay)
+            opt: torch.optim.Optimizer = torch.optim.SGD(
+                params, lr=o.learning_rate, momentum=o.momentum, weight_decay=o.weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=o.learning_rate, weight_decay=o.weight_decay)
+        # Kasmina removes a pruned seed's group with `param_groups.remove(group)`, which
+        # compares groups by value and raises on their tensors once two seed groups exist;
+        # groups are identities, so remove them by identity.
+        opt.param_groups = _IdentityList(opt.param_groups)
+        return opt
 
     # ----- one step -----
 
@@ -672,6 +678,17 @@ class Trainer:
             stages={k: int(v) for k, v in stages.items()},
             control_ms=self._control_ms,
         ))
+
+
+class _IdentityList(list):
+    """A list whose `remove` finds the element by identity, not equality."""
+
+    def remove(self, value: Any) -> None:
+        for i, item in enumerate(self):
+            if item is value:
+                del self[i]
+                return
+        raise ValueError("param group not in the optimizer")
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
