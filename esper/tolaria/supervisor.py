@@ -137,10 +137,16 @@ class RunSupervisor:
         return self.store.get(rec.run_id)
 
     def get_run(self, run_id: str) -> RunRecord:
-        return self.store.get(run_id)
+        """The run as of its last logged event (WatchRun may already have shown it)."""
+        rec = self.store.get(run_id)
+        live = self._live.get(run_id)
+        if live is not None:
+            # Same loop as the monitor: folding the unread tail here cannot race it.
+            live.offset = self._fold(rec, self.store.event_log(run_id), live.offset)
+        return rec
 
     async def stop_run(self, run_id: str, reason: str) -> RunRecord:
-        rec = self.store.get(run_id)
+        rec = self.get_run(run_id)
         if rec.ended:
             raise FailedPreconditionError(
                 f"run {run_id} already ended in state {pb.RunState.Name(rec.state)}; "

@@ -128,6 +128,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                          "(default: $ESPER_TRUSTED_KEYS_DIR, else <data-dir>/keys/trusted)")
     ap.add_argument("--kernel-cache", type=Path, default=None,
                     help="verified-kernel disk cache (default: <run-dir>/../../kernel-cache)")
+    ap.add_argument("--oona-max-queue", type=int, default=10_000,
+                    help="events buffered while NATS is down before the oldest are dropped (counted)")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="intra-op threads for torch (default 1: the hosts are tiny, and more "
                          "threads than cores shared with other runs slow each step down many-fold)")
@@ -161,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.nats_url:
         from esper.oona.publisher import Publisher
 
-        publisher = Publisher(args.nats_url, on_degraded=lambda kind, detail: events.degrade("oona", kind, detail))
+        publisher = Publisher(args.nats_url, max_queue=args.oona_max_queue,
+                              on_degraded=lambda kind, detail: events.degrade("oona", kind, detail))
         events.publisher = publisher
 
     tracer = trace.get_tracer("esper.tolaria.worker")
@@ -252,6 +255,8 @@ def _train(cfg: Any, run_id: str, run_dir: Path, args: argparse.Namespace, endpo
         detail = (f"{result.epochs} epochs in {result.wall_seconds:.1f} s; test accuracy "
                   f"{100 * result.test_accuracy:.2f}%, {result.parameters:,} parameters, "
                   f"{len(result.fossilized)} seed(s) fossilized")
+        if events.publisher is not None and events.publisher.stats().dropped:
+            detail += f"; oona dropped {events.publisher.stats().dropped} event(s) while NATS was down"
         events.emit(run_state=events_pb2.RunStateChanged(state="succeeded", detail=detail))
         return 0
     except EsperError as e:

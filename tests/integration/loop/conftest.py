@@ -43,7 +43,8 @@ def tiny_config(**overrides) -> RunConfig:
 class LoopPlatform:
     """Every part on its own loopback port; stop/start one with `stop_part`/`start_part`."""
 
-    def __init__(self, root: Path, *, tamiyo: dict | None = None, with_nats: bool = True) -> None:
+    def __init__(self, root: Path, *, tamiyo: dict | None = None, with_nats: bool = True,
+                 worker_args: list[str] | None = None) -> None:
         self.root = root
         self.keys_dir = root / "keys" / "trusted"
         self.signing_key = SigningKey.generate()
@@ -54,7 +55,7 @@ class LoopPlatform:
             settings={
                 "urza": {"trusted_keys_dir": str(self.keys_dir)},
                 "tamiyo": {"heuristic": FAST_HEURISTIC, **(tamiyo or {})},
-                "tolaria": {"worker_args": ["--trusted-keys", str(self.keys_dir)],
+                "tolaria": {"worker_args": ["--trusted-keys", str(self.keys_dir), *(worker_args or [])],
                             "supervisor": {"poll_interval_s": 0.05}},
             },
         )
