@@ -1,11 +1,12 @@
 """Tamiyo Decide latency over gRPC for model graphs of 16, 64 and 256 nodes.
 
-    .venv/bin/python benchmarks/tamiyo_latency.py [--policy heuristic|gnn|...] [--calls 500]
+    .venv/bin/python benchmarks/tamiyo_latency.py [--policies heuristic,gnn] [--calls 300]
 
 Tamiyo is served on loopback by a grpc.aio server in a background thread; Urza is a
 second grpc.aio server answering QueryKernels from a small catalog (after the first call
 the candidates come from Tamiyo's cache, as in a run). The client is `TamiyoClient`, as
-Tolaria calls it. Baseline measured in the same run: a GetPolicyInfo round trip (the bare
+Tolaria calls it. The gnn rows time the full ensemble (4 members by default) plus the
+heuristic it runs for its fallback. Baseline measured in the same run: a GetPolicyInfo round trip (the bare
 cost of one gRPC call on this machine). Each Decide uses a fresh request_id, so nothing
 is served from the idempotency cache.
 """
@@ -173,49 +174,82 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--policy", default="heuristic")
-    ap.add_argument("--gnn-policy-file", default="", help="policy file for --policy gnn")
-    ap.add_argument("--calls", type=int, default=400)
-    ap.add_argument("--warmup", type=int, default=30)
-    args = ap.parse_args()
-    settings: dict = {"policy": args.policy, "decide_reserve_s": 0.002}
-    if args.policy == "gnn":
-        settings["gnn"] = {"policy_file": args.gnn_policy_file} if args.gnn_policy_file else {}
+def gnn_policy_file(directory: Path) -> str:
+    """A policy file with the default architecture, freshly initialised.
+
+    Latency does not depend on the weights' values, only on the architecture, so the
+    benchmark needs no trained policy (pass --gnn-policy-file to time a trained one).
+    """
+    from esper.tamiyo.gnn import Ensemble, NetConfig, save_policy
+
+    return str(save_policy(Ensemble(NetConfig(), vocab=[]), directory / "bench_gnn.json", version="bench-untrained"))
+
+
+def measure(settings: dict, calls: int, warmup: int) -> tuple[list[float], list[tuple], object]:
     rows = []
     with Servers(settings) as srv, TamiyoClient(srv.target) as client:
-        for _ in range(args.warmup):
+        for _ in range(warmup):
             client.policy_info()
         rtt = []
-        for _ in range(args.calls):
+        for _ in range(calls):
             t = time.perf_counter()
             client.policy_info()
             rtt.append((time.perf_counter() - t) * 1e3)
         for nodes in (16, 64, 256):
-            snaps = [snapshot_for(nodes, 10 + e) for e in range(args.calls + args.warmup)]
-            for s in snaps[: args.warmup]:
-                client.decide(s, timeout_s=2.0)
+            snaps = [snapshot_for(nodes, 10 + e) for e in range(calls + warmup)]
+            for s in snaps[:warmup]:
+                client.decide(s, timeout_s=5.0)
             lat, server = [], []
-            for s in snaps[args.warmup :]:
+            for s in snaps[warmup:]:
                 t = time.perf_counter()
-                resp = client.decide(s, timeout_s=2.0)
+                resp = client.decide(s, timeout_s=5.0)
                 lat.append((time.perf_counter() - t) * 1e3)
                 server.append(resp.latency_ms)
             rows.append((nodes, len(snaps[0].slots), resp.policy, lat, server))
         info = client.policy_info()
+    return rtt, rows, info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--policies", default="heuristic,gnn", help="comma-separated: heuristic, random, fixed, gnn")
+    ap.add_argument("--gnn-policy-file", default="", help="trained policy for gnn (default: untrained, same architecture)")
+    ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--torch-threads", type=int, default=1, help="intra-op threads for the gnn (tiny graphs: 1)")
+    args = ap.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for policy in args.policies.split(","):
+            settings: dict = {"policy": policy, "decide_reserve_s": 0.002}
+            if policy == "gnn":
+                import torch
+
+                torch.set_num_threads(args.torch_threads)
+                settings["gnn"] = {"policy_file": args.gnn_policy_file or gnn_policy_file(Path(tmp))}
+            results.append((policy, *measure(settings, args.calls, args.warmup)))
+    rtt = [x for _, r, _, _ in results for x in r]
     rtt50 = statistics.median(rtt)
-    print(f"Tamiyo Decide over gRPC (loopback, sync client), policy={info.policy} v{info.policy_version}, {args.calls} calls each")
-    print(f"baseline: GetPolicyInfo round trip p50 {rtt50:.3f} ms, p99 {pct(rtt, 0.99):.3f} ms")
+    heur = {n: statistics.median(lat) for p, _, rows, _ in results if p == "heuristic" for n, _, _, lat, _ in rows}
+    print(f"Tamiyo Decide over gRPC (loopback, sync TamiyoClient), {args.calls} calls per row, fresh request_id each")
+    print(f"baseline: GetPolicyInfo round trip p50 {rtt50:.3f} ms, p99 {pct(rtt, 0.99):.3f} ms (bare gRPC cost)")
+    for policy, _, _, info in results:
+        print(f"  {policy}: serving {info.policy} v{info.policy_version} {dict(info.settings) if policy == 'gnn' else ''}")
     print()
-    hdr = f"{'nodes':>5} {'slots':>5} {'policy':>10} {'p50 ms':>8} {'p99 ms':>8} {'server p50':>10} {'server p99':>10} {'p50/RTT':>8}"
+    hdr = (
+        f"{'nodes':>5} {'slots':>5} {'policy':>10} {'p50 ms':>8} {'p99 ms':>8} {'server p50':>10} "
+        f"{'server p99':>10} {'p50/RTT':>8} {'p50/heur':>8}"
+    )
     print(hdr)
     print("-" * len(hdr))
-    for nodes, slots, policy, lat, server in rows:
-        print(
-            f"{nodes:>5} {slots:>5} {policy:>10} {statistics.median(lat):>8.3f} {pct(lat, 0.99):>8.3f} "
-            f"{statistics.median(server):>10.3f} {pct(server, 0.99):>10.3f} {statistics.median(lat) / rtt50:>8.2f}"
-        )
+    for _, _, rows, _ in results:
+        for nodes, slots, policy, lat, server in rows:
+            p50 = statistics.median(lat)
+            vs = f"{p50 / heur[nodes]:>8.2f}" if nodes in heur else f"{'-':>8}"
+            print(
+                f"{nodes:>5} {slots:>5} {policy:>10} {p50:>8.3f} {pct(lat, 0.99):>8.3f} "
+                f"{statistics.median(server):>10.3f} {pct(server, 0.99):>10.3f} {p50 / rtt50:>8.2f} {vs}"
+            )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 
 from esper.runtime.breaker import CircuitBreaker
-from esper.tamiyo.errors import as_esper_error
+from esper.runtime.errors import as_esper_error
 from generated.esper.common.v1 import health_pb2
 from generated.esper.tamiyo.v1 import tamiyo_service_pb2 as pb
 from generated.esper.tamiyo.v1 import tamiyo_service_pb2_grpc as rpc
@@ -62,7 +62,7 @@ class TamiyoClient:
         try:
             return method(req, timeout=timeout_s, metadata=self._metadata)
         except grpc.RpcError as e:
-            raise as_esper_error(e, what=f"Tamiyo {type(req).__name__.removesuffix('Request')} at {self.target}") from e
+            raise as_esper_error(e) from e
 
     def close(self) -> None:
         self._channel.close()

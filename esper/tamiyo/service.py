@@ -15,7 +15,7 @@ from esper.errors import EsperError
 from esper.runtime.spec import PlatformContext, ServiceSpec
 from esper.tamiyo.config import TamiyoConfig
 from esper.tamiyo.controller import CandidateSource, TamiyoController
-from esper.tamiyo.errors import status_code_of
+from esper.runtime.errors import abort_with
 from esper.tamiyo.registry import make_policy
 from esper.tamiyo.urza_source import UrzaCandidateSource
 from generated.esper.tamiyo.v1 import tamiyo_service_pb2 as pb
@@ -37,7 +37,7 @@ class TamiyoServicer(rpc.TamiyoServiceServicer):
                 time_remaining_s=context.time_remaining(),
             )
         except EsperError as e:
-            await context.abort(status_code_of(e), str(e))
+            await abort_with(context, e)
         return pb.DecideResponse(
             decisions=result.decisions,
             policy=result.policy,

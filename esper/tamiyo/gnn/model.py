@@ -17,12 +17,14 @@ their action distributions is the uncertainty reported with every decision.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
 from torch_geometric.nn import GATv2Conv, global_mean_pool
 
 from esper.errors import ConfigError
@@ -131,6 +133,45 @@ class Ensemble(nn.Module):
             torch.manual_seed(seed * 1000 + k)
             members.append(PolicyNet(cfg, len(self.vocab)))
         self.members = nn.ModuleList(members)
+
+    def forward_all(
+        self,
+        x: torch.Tensor,
+        edge_index: torch.Tensor,
+        u: torch.Tensor,
+        batch: torch.Tensor,
+        slot_nodes: torch.Tensor,
+        slot_graph: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every member at once (vmap over stacked weights): [M, S, h], [M, S, A], [M, graphs].
+
+        One vectorised pass instead of M sequential ones: on CPU the small graphs of a
+        Decide are dominated by per-op overhead, which this divides by M.
+        """
+        params, buffers = self._stacked()
+        return vmap(self._call_member, in_dims=(0, 0, None, None, None, None, None, None))(
+            params, buffers, x, edge_index, u, batch, slot_nodes, slot_graph
+        )
+
+    def _call_member(self, params, buffers, *args):  # noqa: ANN001, ANN002, ANN202
+        return functional_call(self._template, (params, buffers), args)
+
+    def _stacked(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        # Keyed on the parameters' in-place version counters, so training or editing a
+        # member invalidates the stacked copy without anyone having to remember to.
+        key = tuple(p._version for p in self.parameters()) + tuple(id(p) for p in self.parameters())
+        if getattr(self, "_stack_key", None) != key:
+            params, buffers = stack_module_state(list(self.members))
+            self._stack = ({k: v.detach() for k, v in params.items()}, buffers)
+            self._stack_key = key
+            if not hasattr(self, "_template_holder"):
+                # A weightless copy of one member's structure, outside the module tree.
+                self._template_holder = [copy.deepcopy(self.members[0]).to("meta")]
+        return self._stack
+
+    @property
+    def _template(self) -> nn.Module:
+        return self._template_holder[0]
 
     def blueprint_index(self, blueprint_ids: Sequence[str]) -> torch.Tensor:
         return torch.tensor([self._index.get(b, 0) for b in blueprint_ids], dtype=torch.long)

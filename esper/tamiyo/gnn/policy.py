@@ -133,7 +133,7 @@ class GnnPolicy(Policy):
             rows.append([a == "wait" or a in legal for a in ACTIONS])
         return torch.tensor(rows, dtype=torch.bool).reshape(len(rows), len(ACTIONS))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def evaluate(self, snapshot: health_pb2.HealthSnapshot, candidates: Candidates) -> tuple[list[SlotChoice], torch.Tensor]:
         """Per-slot masked choices and the members' action probabilities [M, S, A]."""
         g = build_graph(snapshot)
@@ -142,12 +142,8 @@ class GnnPolicy(Policy):
         slot_graph = torch.zeros(len(g.slot_ids), dtype=torch.long)
         u = g.u.unsqueeze(0)
         mask = self.legal_mask(snapshot, candidates)
-        embs, probs = [], []
-        for m in self.ensemble.members:
-            emb, logits, _ = m(g.x, g.edge_index, u, batch, g.slot_nodes, slot_graph)
-            probs.append(torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1))
-            embs.append(emb)
-        member_probs = torch.stack(probs) if probs else torch.zeros(0, len(g.slot_ids), len(ACTIONS))
+        embs, logits, _ = self.ensemble.forward_all(g.x, g.edge_index, u, batch, g.slot_nodes, slot_graph)
+        member_probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
         mean = member_probs.mean(0)
         unc = _mutual_information(member_probs, mask.sum(-1))
         choices = []
@@ -157,13 +153,13 @@ class GnnPolicy(Policy):
             legal = tuple(a for j, a in enumerate(ACTIONS) if mask[i, j])
             c = SlotChoice(slot_id=slot_id, action=action, probs=p, uncertainty=float(unc[i]), legal=legal)
             if action == "germinate":
-                c.kernel, k_unc = self._pick_kernel(snapshot, candidates, slot_id, [e[i] for e in embs])
+                c.kernel, k_unc = self._pick_kernel(snapshot, candidates, slot_id, embs[:, i])
                 c.uncertainty = max(c.uncertainty, k_unc)
             choices.append(c)
         return choices, member_probs
 
     def _pick_kernel(
-        self, snapshot: health_pb2.HealthSnapshot, candidates: Candidates, slot_id: str, embs: list[torch.Tensor]
+        self, snapshot: health_pb2.HealthSnapshot, candidates: Candidates, slot_id: str, embs: torch.Tensor
     ) -> tuple[KernelCandidate, float]:
         ks = affordable(snapshot, candidates.get(slot_id, ()))
         bp = self.ensemble.blueprint_index([k.blueprint_id for k in ks])

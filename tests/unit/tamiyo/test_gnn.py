@@ -221,3 +221,29 @@ def test_the_heuristic_path_never_imports_torch_geometric(tmp_path: Path) -> Non
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[3])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+async def test_service_serves_the_gnn_policy_from_its_file(tmp_path: Path) -> None:
+    from generated.esper.tamiyo.v1 import tamiyo_service_pb2 as pb
+    from tests.unit.tamiyo.test_service import GOOD, CatalogUrza, Platform, plateau_snapshot
+    from tests.unit.tamiyo.snapshots import record
+
+    path = save_policy(ensemble(), tmp_path / "gnn.json", version="2026-11-27.1")
+    settings = {"policy": "gnn", "gnn": {"policy_file": str(path), "uncertainty_threshold": 0.5}}
+    async with Platform(tmp_path, CatalogUrza([record(GOOD)]), settings) as p:
+        info = await p.stub.GetPolicyInfo(pb.GetPolicyInfoRequest(), timeout=5)
+        assert (info.policy, info.policy_version, info.fallback_policy) == ("gnn", "2026-11-27.1", "heuristic")
+        assert info.settings["uncertainty_threshold"] == "0.5" and info.settings["ensemble_members"] == "3"
+        resp = await p.stub.Decide(pb.DecideRequest(snapshot=plateau_snapshot()), timeout=5)
+        assert resp.policy == "gnn" and resp.decisions
+        assert all(d.policy == "gnn" and d.reason for d in resp.decisions)
+        for d in resp.decisions:
+            if d.kind == D.DECISION_KIND_GERMINATE:
+                assert d.kernel_id == GOOD.kernel_id
+    (tmp_path / "gnn.safetensors").write_bytes(b"\0" * 64)
+    from esper.errors import ArtifactError
+    from esper.runtime.spec import PlatformContext
+    from esper.tamiyo.service import create_service
+
+    with pytest.raises(ArtifactError, match="changed after training"):
+        create_service(PlatformContext(data_dir=tmp_path, settings={"tamiyo": settings}))
