@@ -27,6 +27,7 @@ from opentelemetry import trace
 from torch import nn
 
 from esper.errors import DeadlineExceededError, EsperError, UnavailableError
+from esper.runtime import tracing
 from esper.runtime.breaker import BreakerConfig, CircuitBreaker
 from generated.esper.common.v1 import decision_pb2, health_pb2, seed_pb2
 from generated.esper.oona.v1 import events_pb2
@@ -43,7 +44,10 @@ CONTROL_BREAKER = BreakerConfig(
     failure_rate_threshold=50.0, window_size=4, minimum_calls=2, open_wait_s=3.0, half_open_calls=1
 )
 
-_tracer = trace.get_tracer("esper.tolaria.worker")
+def _tracer() -> trace.Tracer:
+    """The process's configured tracer (spans exported), else the API's no-op one, which
+    still carries the caller's trace context through to the gRPC calls below it."""
+    return tracing.tracer() or trace.get_tracer("esper.tolaria.worker")
 
 
 def _kind_of(exc: BaseException) -> str:
@@ -76,7 +80,7 @@ class RemoteController:
         if self._on_snapshot is not None:
             self._on_snapshot(snapshot)
         t0 = time.perf_counter()
-        with _tracer.start_as_current_span("tolaria.decide") as span:
+        with _tracer().start_as_current_span("tolaria.decide") as span:
             span.set_attribute("esper.run_id", snapshot.run_id)
             span.set_attribute("esper.epoch", snapshot.epoch)
             try:
@@ -105,7 +109,7 @@ class RemoteKernelProvider:
         `site` is not needed to fetch: the loader checks the artifact against its own
         manifest, and Kasmina checks the module against the slot at germination.
         """
-        with _tracer.start_as_current_span("tolaria.load_kernel") as span:
+        with _tracer().start_as_current_span("tolaria.load_kernel") as span:
             span.set_attribute("esper.kernel_id", kernel_id)
             if self.breaker is None:
                 return self._load(kernel_id, self.timeout_s)

@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               on_degraded=lambda kind, detail: events.degrade("oona", kind, detail))
         events.publisher = publisher
 
-    tracer = trace.get_tracer("esper.tolaria.worker")
+    tracer = tracing.tracer() or trace.get_tracer("esper.tolaria.worker")
     exit_code = 0
     try:
         with tracer.start_as_current_span("tolaria.worker.run") as span:
