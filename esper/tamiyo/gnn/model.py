@@ -159,14 +159,15 @@ class Ensemble(nn.Module):
     def _stacked(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         # Keyed on the parameters' in-place version counters, so training or editing a
         # member invalidates the stacked copy without anyone having to remember to.
-        key = tuple(p._version for p in self.parameters()) + tuple(id(p) for p in self.parameters())
+        if not hasattr(self, "_template_holder"):
+            # A weightless copy of one member's structure and the parameter list, both kept
+            # outside the module tree (state_dict stays exactly the members' tensors).
+            self._template_holder = [copy.deepcopy(self.members[0]).to("meta"), list(self.parameters())]
+        key = tuple(p._version for p in self._template_holder[1])
         if getattr(self, "_stack_key", None) != key:
             params, buffers = stack_module_state(list(self.members))
             self._stack = ({k: v.detach() for k, v in params.items()}, buffers)
             self._stack_key = key
-            if not hasattr(self, "_template_holder"):
-                # A weightless copy of one member's structure, outside the module tree.
-                self._template_holder = [copy.deepcopy(self.members[0]).to("meta")]
         return self._stack
 
     @property
