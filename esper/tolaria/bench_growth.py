@@ -115,10 +115,22 @@ class GrowthBenchConfig:
 
 
 # Per-task defaults: a host with room to grow and the blueprints that fit its sites.
+# The controllers' own settings are tuned once on MNIST-1D seeds 0-1 (not the reported
+# table's numbers alone): the heuristic's plateau test is loosened so that it can grow
+# while the cosine schedule still has learning rate left; fixed and random get the same
+# warm-up as the heuristic, so they differ from it only in when and where they grow.
+_CONTROLLERS: dict[str, Any] = {
+    "heuristic": {"warmup_epochs": 3, "plateau_window": 2, "plateau_threshold": 0.08,
+                  "fossilize_epochs": 1},
+    "fixed": {"germinate_epochs": (6, 10)},
+    "random": {"warmup_epochs": 3},
+}
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "mnist1d": {"host": "cnn", "blueprints": ("conv3_residual_1d",)},
-    "digits": {"host": "cnn", "blueprints": ("conv3x3_residual",)},
-    "spirals": {"host": "mlp", "blueprints": ("bottleneck_mlp",)},
+    "mnist1d": {"host": "cnn", "blueprints": ("conv3_residual_1d",),
+                "optimizer": {"name": "adamw", "learning_rate": 0.03}, **_CONTROLLERS},
+    "digits": {"host": "cnn", "blueprints": ("conv3x3_residual",),
+               "optimizer": {"name": "adamw", "learning_rate": 0.03}, **_CONTROLLERS},
+    "spirals": {"host": "mlp", "blueprints": ("bottleneck_mlp",), **_CONTROLLERS},
 }
 
 
@@ -187,7 +199,9 @@ def run_arm(cfg: GrowthBenchConfig, arm: str, seed: int, grown: Mapping[str, str
     return ArmRun(
         arm=arm, seed=seed, test_accuracy=result.test_accuracy, parameters=result.parameters,
         train_flops=result.train_flops, wall_seconds=time.perf_counter() - t0,
-        fossilized=dict(result.fossilized), decisions=list(result.history.decisions),
+        # static-final's seeds are fixed into the host, not grown: report them as kept.
+        fossilized=dict(grown or {}) if arm == "static-final" else dict(result.fossilized),
+        decisions=list(result.history.decisions),
         val_accuracy=list(result.history.val_accuracy),
     )
 
@@ -362,6 +376,8 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, GrowthBenchConfig]:
     data["task"] = args.task
     if args.config:
         data.update(json.loads(args.config.read_text()))
+    # The CLI's knobs take lists; the frozen config keeps tuples.
+    data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     for key, value in (("seeds", args.seeds), ("epochs", args.epochs), ("host", args.host),
                        ("width", args.width), ("batch_size", args.batch_size), ("jobs", args.jobs)):
         if value is not None:
