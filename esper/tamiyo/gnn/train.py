@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,11 @@ class Example:
     """Teacher's action index per slot (snapshot.slots order)."""
     kernel: tuple[int, int] | None = None
     """(slot index, index into that slot's affordable candidates) of the teacher's germination."""
+    rejected: list[tuple[int, int]] = field(default_factory=list)
+    """(slot index, action index) taken here that a gate later rejected or the governor rolled
+    back (field reports' `rejected_by_gate` / `rolled_back`): the safety regulariser's targets."""
+    value_target: float | None = None
+    """Observed return from this boundary (advantage-weighted stage); None: no value loss."""
 
 
 def _kernel(name: str, parameters: int, outcomes: int, fossilized: int, contribution: float) -> KernelCandidate:
@@ -218,6 +223,24 @@ def _kernel_targets(examples: Sequence[Example], ensemble: Ensemble) -> dict[str
     }
 
 
+def _safety_targets(examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, acts = [], []
+    row = 0
+    for ex in examples:
+        for i, a in ex.rejected:
+            rows.append(row + i)
+            acts.append(a)
+        row += len(ex.snapshot.slots)
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(acts, dtype=torch.long)
+
+
+def _value_targets(examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = [g for g, ex in enumerate(examples) if ex.value_target is not None]
+    return torch.tensor(idx, dtype=torch.long), torch.tensor(
+        [examples[g].value_target for g in idx], dtype=torch.float32
+    )
+
+
 def train_imitation(
     ensemble: Ensemble,
     examples: Sequence[Example],
@@ -225,8 +248,17 @@ def train_imitation(
     steps: int = 200,
     lr: float = 3e-3,
     seed: int = 0,
+    safety_weight: float = 1.0,
+    value_weight: float = 0.5,
 ) -> list[float]:
-    """Fit every member on its own bootstrap resample; returns each member's final loss."""
+    """Fit every member on its own bootstrap resample; returns each member's final loss.
+
+    Loss = cross-entropy to the teacher's masked action per slot
+    + cross-entropy to the teacher's kernel where it germinated
+    + `safety_weight` × mean −log(1 − p(action)) over actions a gate rejected or the
+      governor rolled back (drives their probability towards 0 even where imitated)
+    + `value_weight` × mean squared error of the value head where a return is known.
+    """
     policy = GnnPolicy(ensemble, uncertainty_threshold=1.0)
     finals = []
     for k, member in enumerate(ensemble.members):
@@ -234,15 +266,22 @@ def train_imitation(
         sample = [examples[rng.randrange(len(examples))] for _ in examples]
         data = _collate(sample, policy)
         kernels = _kernel_targets(sample, ensemble)
+        unsafe_rows, unsafe_actions = _safety_targets(sample)
+        value_idx, value_y = _value_targets(sample)
         opt = torch.optim.Adam(member.parameters(), lr=lr)
         member.train()
         loss = torch.tensor(0.0)
         for _ in range(steps):
-            emb, logits, _value = member(
+            emb, logits, value = member(
                 data["x"], data["edge_index"], data["u"], data["batch"], data["slot_nodes"], data["slot_graph"]
             )
             logits = logits.masked_fill(~data["mask"], -1e9)
             loss = F.cross_entropy(logits, data["actions"])
+            if len(unsafe_rows) and safety_weight > 0:
+                p = torch.softmax(logits, dim=-1)[unsafe_rows, unsafe_actions]
+                loss = loss - safety_weight * torch.log((1 - p).clamp_min(1e-6)).mean()
+            if len(value_idx) and value_weight > 0:
+                loss = loss + value_weight * F.mse_loss(value[value_idx], value_y)
             if kernels is not None:
                 scores = member.kernel_scores(emb[kernels["rows"]], kernels["bp"], kernels["kf"])
                 log_p = torch.log(pyg_softmax(scores, kernels["group"]).clamp_min(1e-12))

@@ -247,3 +247,20 @@ async def test_service_serves_the_gnn_policy_from_its_file(tmp_path: Path) -> No
 
     with pytest.raises(ArtifactError, match="changed after training"):
         create_service(PlatformContext(data_dir=tmp_path, settings={"tamiyo": settings}))
+
+
+def test_safety_regulariser_pushes_down_actions_the_gates_rejected() -> None:
+    examples = synthetic_examples(120, seed=5)
+    germinations = [(e, i) for e in examples for i, a in enumerate(e.actions) if ACTIONS[a] == "germinate"]
+    assert len(germinations) >= 5
+
+    def germinate_probability(safety: bool) -> float:
+        for e in examples:
+            e.rejected = [(i, ACTIONS.index("germinate")) for x, i in germinations if x is e] if safety else []
+        ens = Ensemble(NetConfig(hidden=16, heads=2, members=2), vocab=[], seed=4)
+        train_imitation(ens, examples, steps=60, lr=1e-2, safety_weight=3.0)
+        policy = GnnPolicy(ens, uncertainty_threshold=1.0)
+        return statistics.mean(policy.evaluate(e.snapshot, e.candidates)[0][i].probs["germinate"] for e, i in germinations)
+
+    plain, regularised = germinate_probability(False), germinate_probability(True)
+    assert regularised < 0.5 * plain, (plain, regularised)
