@@ -25,14 +25,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import grpc  # noqa: E402
+import grpc
 
-from esper.runtime.spec import PlatformContext  # noqa: E402
-from esper.tamiyo.client import TamiyoClient  # noqa: E402
-from esper.tamiyo.service import create_service  # noqa: E402
-from generated.esper.common.v1 import health_pb2, kernel_pb2, seed_pb2  # noqa: E402
-from generated.esper.urza.v1 import urza_service_pb2 as upb  # noqa: E402
-from generated.esper.urza.v1 import urza_service_pb2_grpc as urpc  # noqa: E402
+from esper.runtime.spec import PlatformContext
+from esper.tamiyo.client import TamiyoClient
+from esper.tamiyo.service import create_service
+from generated.esper.common.v1 import health_pb2, kernel_pb2, seed_pb2
+from generated.esper.urza.v1 import urza_service_pb2 as upb
+from generated.esper.urza.v1 import urza_service_pb2_grpc as urpc
 
 SITE = seed_pb2.SiteSignature(layout=seed_pb2.ACTIVATION_LAYOUT_NC, channels=64, dtype=seed_pb2.D_TYPE_FLOAT32)
 

@@ -12,10 +12,10 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from esper.errors import EsperError
+from esper.runtime.errors import abort_with
 from esper.runtime.spec import PlatformContext, ServiceSpec
 from esper.tamiyo.config import TamiyoConfig
 from esper.tamiyo.controller import CandidateSource, TamiyoController
-from esper.runtime.errors import abort_with
 from esper.tamiyo.registry import make_policy
 from esper.tamiyo.urza_source import UrzaCandidateSource
 from generated.esper.tamiyo.v1 import tamiyo_service_pb2 as pb

@@ -14,7 +14,6 @@ from esper.tamiyo._config import settings_in_words
 from esper.tamiyo.baselines.config import FixedConfig, RandomConfig
 from esper.tamiyo.policy import (
     FOSSILIZE,
-    GERMINATE,
     PRUNE,
     Candidates,
     Policy,

@@ -163,7 +163,10 @@ def slot_features(s: health_pb2.SlotHealth, max_depth: int) -> list[float]:
 
 def global_features(snap: health_pb2.HealthSnapshot) -> list[float]:
     val, train, acc = list(snap.val_loss_history), list(snap.train_loss_history), list(snap.val_accuracy_history)
-    last = lambda h: _f(h[-1]) if h else 0.0  # noqa: E731
+
+    def last(h: list[float]) -> float:
+        return _f(h[-1]) if h else 0.0
+
     in_flight = sum(1 for s in snap.slots if s.stage in IN_FLIGHT_STAGES)
     return [
         snap.epoch / max(snap.total_epochs, snap.epoch, 1),

@@ -153,7 +153,9 @@ class Ensemble(nn.Module):
             params, buffers, x, edge_index, u, batch, slot_nodes, slot_graph
         )
 
-    def _call_member(self, params, buffers, *args):  # noqa: ANN001, ANN002, ANN202
+    def _call_member(
+        self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], *args: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return functional_call(self._template, (params, buffers), args)
 
     def _stacked(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -15,7 +15,6 @@ boundary (the most probable one); every decision carries confidence and uncertai
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path

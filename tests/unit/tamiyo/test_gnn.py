@@ -12,9 +12,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from esper.tamiyo.gnn import ACTIONS, Ensemble, GnnPolicy, NetConfig, PolicyFileError, load_policy, save_policy
+from esper.tamiyo.gnn import (
+    ACTIONS,
+    Ensemble,
+    GnnPolicy,
+    NetConfig,
+    PolicyFileError,
+    load_policy,
+    save_policy,
+)
 from esper.tamiyo.gnn.features import GLOBAL_FEATURES, NODE_FEATURES, build_graph
-from esper.tamiyo.gnn.train import imitation_accuracy, sample_snapshot, synthetic_examples, train_imitation
+from esper.tamiyo.gnn.train import (
+    imitation_accuracy,
+    sample_snapshot,
+    synthetic_examples,
+    train_imitation,
+)
 from esper.tamiyo.policy import check_decisions, legal_actions, stage_name
 from generated.esper.common.v1 import decision_pb2 as D
 from generated.esper.common.v1 import seed_pb2
@@ -106,7 +119,7 @@ def test_masked_actions_are_never_emitted(stage: int, preferred: str) -> None:
     # s1 is offered only a kernel too large for the budget; s2 is embargoed.
     cands = {"s0": [candidate("a", 100)], "s1": [candidate("big", 151)], "s2": [candidate("a", 100)]}
     ds = policy.decide(snap, cands)
-    allowed, withheld = check_decisions(snap, ds, cands)
+    _, withheld = check_decisions(snap, ds, cands)
     assert withheld == []
     acted = {(d.kind, d.slot_id) for d in ds if d.kind != D.DECISION_KIND_WAIT}
     for kind, slot_id in acted:
@@ -225,8 +238,8 @@ def test_the_heuristic_path_never_imports_torch_geometric(tmp_path: Path) -> Non
 
 async def test_service_serves_the_gnn_policy_from_its_file(tmp_path: Path) -> None:
     from generated.esper.tamiyo.v1 import tamiyo_service_pb2 as pb
-    from tests.unit.tamiyo.test_service import GOOD, CatalogUrza, Platform, plateau_snapshot
     from tests.unit.tamiyo.snapshots import record
+    from tests.unit.tamiyo.test_service import GOOD, CatalogUrza, Platform, plateau_snapshot
 
     path = save_policy(ensemble(), tmp_path / "gnn.json", version="2026-11-27.1")
     settings = {"policy": "gnn", "gnn": {"policy_file": str(path), "uncertainty_threshold": 0.5}}

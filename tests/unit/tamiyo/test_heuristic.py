@@ -8,7 +8,7 @@ from esper.errors import ConfigError
 from esper.tamiyo.heuristic import HeuristicConfig, HeuristicPolicy
 from esper.tamiyo.heuristic.policy import kernel_score, relative_improvement
 from generated.esper.common.v1 import decision_pb2 as D
-from tests.unit.tamiyo.snapshots import IMPROVING, PLATEAU, S, candidate, slot, snapshot
+from tests.unit.tamiyo.snapshots import IMPROVING, S, candidate, slot, snapshot
 
 G, P, F, W = D.DECISION_KIND_GERMINATE, D.DECISION_KIND_PRUNE, D.DECISION_KIND_FOSSILIZE, D.DECISION_KIND_WAIT
 

@@ -69,7 +69,7 @@ def test_no_policy_emits_an_illegal_action(stage: int, contribution: float, meas
     for pol, val_loss in itertools.product(_policies(), (PLATEAU, IMPROVING)):
         ds = pol.decide(snapshot(slots, val_loss=val_loss), cands)
         assert ds, f"{pol.name} returned no decision"
-        allowed, withheld = check_decisions(snapshot(slots, val_loss=val_loss), ds, cands)
+        _, withheld = check_decisions(snapshot(slots, val_loss=val_loss), ds, cands)
         assert withheld == [], [w.why for w in withheld]
         for d in ds:
             assert d.reason, f"{pol.name} gave no reason for {d}"

@@ -11,7 +11,6 @@ import asyncio
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -179,10 +178,6 @@ async def test_idempotent_on_request_id_and_a_reused_id_for_another_snapshot_is_
         first = await p.stub.Decide(pb.DecideRequest(request_id=rid, snapshot=snap), timeout=2)
         again = await p.stub.Decide(pb.DecideRequest(request_id=rid, snapshot=snap), timeout=2)
         assert again.SerializeToString(deterministic=True) == first.SerializeToString(deterministic=True)
-        concurrent = await asyncio.gather(
-            *(p.stub.Decide(pb.DecideRequest(request_id=(r := str(uuid.uuid4())), snapshot=snap), timeout=2) for _ in range(1)),
-        )
-        assert concurrent[0].latency_ms != first.latency_ms
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await p.stub.Decide(pb.DecideRequest(request_id=rid, snapshot=plateau_snapshot(epoch=9)), timeout=2)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
