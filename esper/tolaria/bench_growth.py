@@ -103,7 +103,7 @@ class GrowthBenchConfig:
             raise ConfigError(f"unknown GrowthBenchConfig key(s) {unknown}; allowed: {sorted(known)}")
         return cls(**dict(data))
 
-    def run_config(self, *, seed: int, controller: str):  # noqa: ANN201 - RunConfig, imported lazily
+    def run_config(self, *, seed: int, controller: str):
         from esper.tolaria.config import RunConfig
 
         return RunConfig.from_dict({
@@ -134,13 +134,13 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _kasmina(settings: Mapping[str, Any]):  # noqa: ANN202
+def _kasmina(settings: Mapping[str, Any]):
     from esper.kasmina import KasminaConfig
 
     return KasminaConfig.from_dict(settings)
 
 
-def _policy(arm: str, cfg: GrowthBenchConfig, seed: int):  # noqa: ANN202
+def _policy(arm: str, cfg: GrowthBenchConfig, seed: int):
     from esper.tamiyo.baselines import FixedConfig, FixedPolicy, RandomConfig, RandomPolicy
     from esper.tamiyo.heuristic import HeuristicConfig, HeuristicPolicy
 
@@ -183,7 +183,7 @@ def run_arm(cfg: GrowthBenchConfig, arm: str, seed: int, grown: Mapping[str, str
         controller = PolicyController(_policy(arm, cfg, seed), kernels)
     elif arm == "static-final":
         seeds_to_fix = sorted((grown or {}).items())
-        host_setup = lambda host: attach_static_seeds(host, kernels, seeds_to_fix)  # noqa: E731
+        host_setup = lambda host: attach_static_seeds(host, kernels, seeds_to_fix)
     elif arm != "static-initial":
         raise ConfigError(f"unknown arm {arm!r}; arms: {', '.join(ARMS)}")
     trainer = Trainer(
@@ -206,7 +206,7 @@ def run_arm(cfg: GrowthBenchConfig, arm: str, seed: int, grown: Mapping[str, str
     )
 
 
-def run_bench(cfg: GrowthBenchConfig, *, progress=print) -> list[ArmRun]:  # noqa: ANN001
+def run_bench(cfg: GrowthBenchConfig, *, progress=print) -> list[ArmRun]:
     """Every arm for every seed; static-final waits for its seed's heuristic run."""
     runs: list[ArmRun] = []
     first = [(arm, s) for s in range(cfg.seeds) for arm in ("heuristic", "static-initial", "fixed", "random")]
@@ -240,7 +240,7 @@ def run_bench(cfg: GrowthBenchConfig, *, progress=print) -> list[ArmRun]:  # noq
     return runs
 
 
-def _as_completed(futures):  # noqa: ANN001, ANN202
+def _as_completed(futures):
     from concurrent.futures import FIRST_COMPLETED, wait
 
     finished, _ = wait(futures, return_when=FIRST_COMPLETED)
@@ -292,7 +292,7 @@ def verdict(summary: Mapping[str, ArmSummary]) -> list[str]:
     gain = h.accuracy[0] - si.accuracy[0]
     gap = sf.accuracy[0] - h.accuracy[0]
     ratio = h.flops[0] / sf.flops[0]
-    mark = lambda ok: "met" if ok else "MISSED"  # noqa: E731
+    mark = lambda ok: "met" if ok else "MISSED"
     return [
         f"heuristic − static-initial: {gain:+.1f} points (target ≥ +10): {mark(gain >= 10)}",
         f"static-final − heuristic: {gap:+.1f} points (target ≤ 1): {mark(gap <= 1)}",
@@ -308,10 +308,10 @@ def render_markdown(cfg: GrowthBenchConfig, runs: Sequence[ArmRun], command: str
         "",
         f"Command: `{command}`",
         "",
-        f"Every arm: {cfg.optimizer.get('name', 'adamw')} at peak lr "
-        f"{cfg.optimizer.get('learning_rate')}, cosine schedule decayed to 0 at the last step, "
-        f"batch {cfg.batch_size}; growing arms offered {', '.join(cfg.blueprints)}, "
-        f"at most {cfg.max_seeds} seeds. Mean ± std over seeds 0..{cfg.seeds - 1}.",
+        (f"Every arm: {cfg.optimizer.get('name', 'adamw')} at peak lr "
+         f"{cfg.optimizer.get('learning_rate')}, cosine schedule decayed to 0 at the last step, "
+         f"batch {cfg.batch_size}; growing arms offered {', '.join(cfg.blueprints)}, "
+         f"at most {cfg.max_seeds} seeds. Mean ± std over seeds 0..{cfg.seeds - 1}."),
         "",
         "| arm | test accuracy (%) | parameters | training FLOPs | FLOPs × static-initial | wall (s) | seeds kept |",
         "|---|---|---|---|---|---|---|",
@@ -324,10 +324,10 @@ def render_markdown(cfg: GrowthBenchConfig, runs: Sequence[ArmRun], command: str
         )
     if {"heuristic", "static-initial", "static-final"} <= set(summary):
         lines += ["", "Targets (MNIST-1D):", ""] + [f"- {v}" for v in verdict(summary)]
-    lines += ["", "Training FLOPs count forward + backward of every training step "
-              "(`torch.utils.flop_counter`); a seed costs FLOPs from germination on, while "
-              "its output is still withheld. Wall time is per run, with "
-              f"{cfg.jobs} run(s) sharing the machine.", ""]
+    lines += ["", ("Training FLOPs count forward + backward of every training step "
+                   "(`torch.utils.flop_counter`); a seed costs FLOPs from germination on, while "
+                   "its output is still withheld. Wall time is per run, with "
+                   f"{cfg.jobs} run(s) sharing the machine."), ""]
     return "\n".join(lines)
 
 

@@ -95,7 +95,7 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             raise FailedPreconditionError(
                 f"{path} has checkpoint format {meta.get('format')!r}; this version reads {FORMAT!r}"
             )
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open, not a dict
     return tensors, meta
 
 

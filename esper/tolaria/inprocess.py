@@ -14,17 +14,24 @@ alone, as Kasmina's `kernel_resolver` requires.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from esper.blueprints import blueprint_id, build_module, builtin_blueprints, site_key, site_shape, supports
+from esper.blueprints import (
+    blueprint_id,
+    build_module,
+    builtin_blueprints,
+    site_key,
+    site_shape,
+    supports,
+)
 from esper.blueprints import site_signature as make_site_signature
 from esper.errors import ConfigError, NotFoundError
-from esper.tolaria.tasks.hosts import STATIC_SEED
 from esper.tamiyo.policy import KernelCandidate, Policy, check_decisions
+from esper.tolaria.tasks.hosts import STATIC_SEED
 from generated.esper.common.v1 import blueprint_pb2, decision_pb2, health_pb2, seed_pb2
 
 _log = logging.getLogger(__name__)

@@ -41,9 +41,9 @@ from esper.kasmina import KasminaConfig, KasminaEvent, MorphogeneticModel, SeedS
 from esper.tolaria import checkpoint as ckpt
 from esper.tolaria.config import RunConfig
 from esper.tolaria.flops import FlopMeter
-from esper.tolaria.tasks.hosts import STATIC_SEED
 from esper.tolaria.governor import Governor, GovernorConfig
 from esper.tolaria.tasks import TaskData, get_task, resolve_sites
+from esper.tolaria.tasks.hosts import STATIC_SEED
 from generated.esper.common.v1 import decision_pb2, health_pb2, seed_pb2
 from generated.esper.oona.v1 import events_pb2
 
@@ -208,7 +208,8 @@ class Trainer:
         self.host_parameters = _count(self.model.host.parameters())
         self.optimizer = self._build_optimizer()
         self.model.attach_optimizer(self.optimizer)
-        self.total_steps = config.epochs * math.ceil(len(self.data.y_train) / config.batch_size)
+        self.steps_per_epoch = math.ceil(len(self.data.y_train) / config.batch_size)
+        self.total_steps = config.epochs * self.steps_per_epoch
         self._contribution_batch = (self.data.x_val[:CONTRIBUTION_ROWS],
                                     self.data.y_val[:CONTRIBUTION_ROWS])
         self._started = time.perf_counter()
@@ -319,14 +320,15 @@ class Trainer:
         return value
 
     def learning_rate_factor(self, step: int) -> float:
-        """Multiplier of the peak rate at optimizer step `step` (0-based).
+        """Multiplier of the peak rate at step position `step` of the run (0-based).
 
-        Cosine reaches exactly 0 at the run's last step, so every arm of a comparison
-        ends fully decayed at the same point whatever it grew.
+        The position is epoch × steps per epoch + batch index, not a count of steps taken,
+        so steps skipped by a governor rollback do not shift the schedule. Cosine reaches
+        exactly 0 at the run's last step, so every arm of a comparison ends fully decayed
+        at the same point whatever it grew.
         """
         o = self.config.optimizer
-        steps_per_epoch = self.total_steps // self.config.epochs
-        warm = o.warmup_epochs * steps_per_epoch
+        warm = o.warmup_epochs * self.steps_per_epoch
         if step < warm:
             return (step + 1) / warm
         if o.schedule == "constant":
@@ -336,7 +338,7 @@ class Trainer:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def _set_learning_rate(self) -> None:
-        factor = self.learning_rate_factor(self.global_step)
+        factor = self.learning_rate_factor(self.epoch * self.steps_per_epoch + self._step_in_epoch)
         peak = self.config.optimizer.learning_rate
         seed_peak = self.model.config.seed_lr
         for group in self.optimizer.param_groups:

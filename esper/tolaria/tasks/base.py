@@ -63,7 +63,7 @@ def split(x: np.ndarray, y: np.ndarray, *, fractions: Sequence[float], seed: int
     x, y = x[order], y[order]
     parts, start = [], 0
     for i, f in enumerate(fractions):
-        end = len(y) if i == len(fractions) - 1 else start + int(round(f * len(y)))
+        end = len(y) if i == len(fractions) - 1 else start + round(f * len(y))
         parts.append(
             (torch.as_tensor(x[start:end], dtype=torch.float32),
              torch.as_tensor(y[start:end], dtype=torch.int64))

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from torch import nn
 
-
 STATIC_SEED = "static_seed"
 """Child name, under a site module, of a seed fixed into the host from the start
 (`esper.tolaria.inprocess.attach_static_seeds`, the static-final baseline)."""

@@ -21,7 +21,7 @@ def final_state(trainer) -> dict[str, torch.Tensor]:
 
 def test_resume_is_bit_identical(make_trainer) -> None:
     config = tiny_config(epochs=4)
-    straight, straight_events = make_trainer(config, plan=PLAN)
+    straight, _ = make_trainer(config, plan=PLAN)
     straight.run()
 
     first, _ = make_trainer(config, plan=PLAN, ckpt="a")

@@ -138,3 +138,15 @@ def test_flops_count_forward_and_backward_and_grow_with_seeds(make_trainer) -> N
 def test_bad_site_lists_available_modules(make_trainer) -> None:
     with pytest.raises(RunConfigError, match="available: flatten, fc1, act1, fc2, act2, head"):
         make_trainer(tiny_config(sites=["act9"]))
+
+
+def test_schedule_warms_up_then_decays_to_exactly_zero(make_trainer) -> None:
+    trainer, _ = make_trainer(tiny_config(epochs=3, optimizer={"learning_rate": 0.02, "warmup_epochs": 1}))
+    spe = trainer.steps_per_epoch
+    assert spe == 17  # 2100 spirals / batch 128
+    f = trainer.learning_rate_factor
+    assert f(0) == pytest.approx(1 / spe) and f(spe - 1) == 1.0
+    assert f(spe) == 1.0 and 0.0 < f(2 * spe) < 1.0
+    assert f(trainer.total_steps - 1) == 0.0
+    trainer.run()
+    assert trainer.history.learning_rate[-1] == 0.0
