@@ -48,10 +48,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         torch.manual_seed(0)  # same host on every rank (DDP also broadcasts rank 0's)
         host = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
                              nn.Linear(16, 2))
-        mm = wrap(host, sites=["1", "3"], example_input=torch.randn(4, 8),
-                  config=KasminaConfig(stats_interval=1, incubation=3, gate_interval=1, blend_duration=4))
         events: list = []
-        mm._event_sink = events.append
+        mm = wrap(host, sites=["1", "3"], example_input=torch.randn(4, 8),
+                  config=KasminaConfig(stats_interval=1, incubation=3, gate_interval=1,
+                                       blend_duration=4),
+                  event_sink=events.append)
         opt = torch.optim.SGD(host.parameters(), lr=0.05)
         mm.attach_optimizer(opt)
         ddp = DDP(mm, broadcast_buffers=False)

@@ -70,7 +70,7 @@ def test_non_zero_seed_is_refused_and_the_slot_stays_dormant(events: list) -> No
 
 def test_wrong_shape_seed_is_refused() -> None:
     _host, mm, _x = _mm()
-    with pytest.raises(InvalidArgumentError, match=r"\(8, 16\) to \(8, 4\)"):
+    with pytest.raises(InvalidArgumentError, match=r"\(2, 16\) to \(2, 4\)"):
         _germinate(mm, seed=nn.Linear(16, 4))
 
 
