@@ -125,7 +125,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--nats-url", default=None, help="Oona (NATS) URL; omitted: events only in the log")
     ap.add_argument("--trusted-keys", type=Path, default=None,
                     help="directory of trusted kernel-signing public keys, *.pub / *.pem "
-                         "(default: $ESPER_TRUSTED_KEYS_DIR, else <data-dir>/keys/trusted)")
+                         "(default: $ESPER_TRUSTED_KEYS_DIR, else <data-dir>/trusted_keys, "
+                         "where Tezzeret publishes its key)")
     ap.add_argument("--kernel-cache", type=Path, default=None,
                     help="verified-kernel disk cache (default: <run-dir>/../../kernel-cache)")
     ap.add_argument("--oona-max-queue", type=int, default=10_000,
@@ -212,7 +213,7 @@ def _train(cfg: Any, run_id: str, run_dir: Path, args: argparse.Namespace, endpo
     if "urza" not in endpoints:
         raise EsperError(f"no endpoint for 'urza'; the worker got {sorted(endpoints)}")
     urza = UrzaClient(endpoints["urza"], api_key)
-    keys_dir = args.trusted_keys or Path(os.environ.get("ESPER_TRUSTED_KEYS_DIR") or data_dir / "keys" / "trusted")
+    keys_dir = args.trusted_keys or Path(os.environ.get("ESPER_TRUSTED_KEYS_DIR") or data_dir / "trusted_keys")
     loader = KernelLoader(fetcher(urza), TrustedKeys.from_dir(keys_dir),
                           args.kernel_cache or run_dir.parent.parent / "kernel-cache")
     # Fetching a kernel is a stream of chunks: it gets more time than one Decide. The

@@ -1,0 +1,31 @@
+"""Tolaria's subcommands: `esper demo` (the README's first command) and `esper bench growth`.
+
+Heavy imports (torch, the platform) stay inside the commands: every `esper` invocation
+imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from esper import demo
+
+    demo.register_cli(sub)
+    bench = sub.add_parser("bench", help="reproducible benchmarks")
+    kinds = bench.add_subparsers(dest="bench", metavar="<benchmark>")
+    kinds.required = True
+    growth = kinds.add_parser(
+        "growth", add_help=False, prefix_chars="\0",
+        help="compute-matched growth proof: static-initial, static-final, fixed, random, heuristic "
+             "(`esper bench growth --help` for its options)")
+    # Its own parser owns the options (and --help); everything after "growth" goes to it.
+    growth.add_argument("argv", nargs="*")
+    growth.set_defaults(func=_bench_growth)
+
+
+def _bench_growth(args: argparse.Namespace) -> int:
+    from esper.tolaria import bench_growth
+
+    return int(bench_growth.main(args.argv) or 0)
