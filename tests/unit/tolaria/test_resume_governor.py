@@ -118,3 +118,26 @@ def test_governor_rolls_back_on_nan_prunes_seeds_and_resets_optimizer(make_train
     assert "loss is nan" in rollback[0].detail and "act2" in rollback[0].detail
     result = trainer.run()
     assert result.completed and all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_governor_detects_explosions_and_limits_rollbacks() -> None:
+    import pytest
+
+    from esper.errors import ConfigError
+    from esper.tolaria.governor import Governor, GovernorConfig, RunDivergedError
+
+    g = Governor(GovernorConfig(explosion_factor=5.0, window=10, min_history=3, max_rollbacks=1))
+    with pytest.raises(RunDivergedError, match="before any known-good state"):
+        g.begin_rollback("loss is nan")
+    assert g.check(float("inf")) == "loss is inf"
+    assert g.check(100.0) is None  # too little history to call anything an explosion
+    for loss in (1.0, 1.2, 0.9):
+        assert g.check(loss) is None
+    why = g.check(60.0)
+    assert why is not None and "exceeds 5 × the running median 1.1" in why
+    g.remember(2, {"w": torch.ones(2)}, {"state": {}, "param_groups": []})
+    assert g.begin_rollback(why).epoch == 2 and g.rollbacks == 1
+    with pytest.raises(RunDivergedError, match="after 1 rollbacks"):
+        g.begin_rollback("loss is nan")
+    with pytest.raises(ConfigError, match="explosion_factor=1"):
+        GovernorConfig(explosion_factor=1)
