@@ -55,22 +55,28 @@ class TezzeretCore:
         return self._urza
 
     async def resolve(self, bp_or_id: blueprint_pb2.Blueprint | str) -> blueprint_pb2.Blueprint:
-        t = self.config.urza_timeout_s
+        """The blueprint to compile. An inline one gets its content id but is NOT stored yet:
+        it reaches Urza only after it passed every check (see `_run`)."""
         if isinstance(bp_or_id, str):
-            return await asyncio.to_thread(self.urza.get_blueprint, bp_or_id, t)
+            return await asyncio.to_thread(self.urza.get_blueprint, bp_or_id,
+                                           self.config.urza_timeout_s)
         bp = blueprint_pb2.Blueprint()
         bp.CopyFrom(bp_or_id)
         bp.blueprint_id = blueprint_id(bp)
-        stored_id, _ = await asyncio.to_thread(self.urza.put_blueprint, bp, t)
+        return bp
+
+    async def _store_blueprint(self, bp: blueprint_pb2.Blueprint) -> None:
+        stored_id, _ = await asyncio.to_thread(self.urza.put_blueprint, bp,
+                                               self.config.urza_timeout_s)
         if stored_id != bp.blueprint_id:
             raise FailedPreconditionError(f"Urza stored blueprint as {stored_id}, Tezzeret "
                                           f"computed {bp.blueprint_id}: id schemes disagree")
-        return bp
 
     async def compile(self, bp_or_id: blueprint_pb2.Blueprint | str,
                       site: seed_pb2.SiteSignature, *, wait: bool,
                       timeout_s: float | None = None) -> pb.CompileJob:
         check_site(site)
+        inline = not isinstance(bp_or_id, str)
         bp = await self.resolve(bp_or_id)
         if site.layout not in bp.layouts:
             raise FailedPreconditionError(
@@ -83,21 +89,22 @@ class TezzeretCore:
             self.store.set_state(job.job_id, pb.COMPILE_JOB_STATE_QUEUED)
             job.state = pb.COMPILE_JOB_STATE_QUEUED
         if job.state != pb.COMPILE_JOB_STATE_SUCCEEDED:
-            task = self._start(job.job_id, bp, site)
+            task = self._start(job.job_id, bp, site, store_blueprint=inline)
             if wait:
                 await asyncio.wait_for(asyncio.shield(task), timeout_s)
         return self.store.get(job.job_id)
 
-    def _start(self, job_id: str, bp: blueprint_pb2.Blueprint, site: seed_pb2.SiteSignature
-               ) -> asyncio.Task[None]:
+    def _start(self, job_id: str, bp: blueprint_pb2.Blueprint, site: seed_pb2.SiteSignature,
+               *, store_blueprint: bool) -> asyncio.Task[None]:
         task = self._tasks.get(job_id)
         if task is None or task.done():
-            task = asyncio.get_running_loop().create_task(self._run(job_id, bp, site))
+            task = asyncio.get_running_loop().create_task(
+                self._run(job_id, bp, site, store_blueprint=store_blueprint))
             self._tasks[job_id] = task
         return task
 
     async def _run(self, job_id: str, bp: blueprint_pb2.Blueprint,
-                   site: seed_pb2.SiteSignature) -> None:
+                   site: seed_pb2.SiteSignature, *, store_blueprint: bool) -> None:
         self.store.set_state(job_id, pb.COMPILE_JOB_STATE_RUNNING)
         t = self.config.urza_timeout_s
         try:
@@ -112,6 +119,10 @@ class TezzeretCore:
                 compile_kernel, bp, site, self.key,
                 benchmark_iters=self.config.benchmark_iters,
                 benchmark_batch_size=self.config.benchmark_batch_size)
+            # compile_kernel validated the blueprint for this site: only now may an inline
+            # blueprint enter the library (a rejected proposal never reaches Urza).
+            if store_blueprint:
+                await self._store_blueprint(bp)
             stored, _ = await asyncio.to_thread(self.urza.put_kernel, ck.artifact_bytes, t)
             if stored != ck.kernel_id:
                 raise FailedPreconditionError(f"Urza stored kernel as {stored}, expected "
