@@ -414,6 +414,15 @@ class MorphogeneticModel(nn.Module):
         optimizer rebuilt after `load_state_dict` has its groups in the order of the saved
         optimizer and `optimizer.load_state_dict` restores the seeds' state.
         """
+        seed_ids = {id(p) for p in self.seed_parameters()}
+        foreign = [i for i, g in enumerate(optimizer.param_groups)
+                   if "kasmina_slot" not in g and any(id(p) in seed_ids for p in g["params"])]
+        if foreign:
+            raise InvalidArgumentError(
+                f"optimizer param group(s) {foreign} hold seed parameters; build the optimizer "
+                "over mm.host.parameters() and let attach_optimizer add the seeds",
+                field="optimizer",
+            )
         self._optimizer = optimizer
         self._sync_optimizer()
 
@@ -437,15 +446,20 @@ class MorphogeneticModel(nn.Module):
             group["weight_decay"] = self.config.seed_weight_decay
         self._optimizer.add_param_group(group)
 
+    def _drop_group(self, group: dict[str, Any]) -> None:
+        assert self._optimizer is not None
+        groups = self._optimizer.param_groups
+        # By identity: list.remove compares dicts by value, which compares their tensors.
+        del groups[next(i for i, g in enumerate(groups) if g is group)]
+        for p in group["params"]:
+            self._optimizer.state.pop(p, None)
+
     def _leave_optimizer(self, slot: SeedSlot) -> None:
         if self._optimizer is None:
             return
         group = self._group_for(slot)
-        if group is None:
-            return
-        self._optimizer.param_groups.remove(group)
-        for p in group["params"]:
-            self._optimizer.state.pop(p, None)
+        if group is not None:
+            self._drop_group(group)
 
     def _sync_optimizer(self) -> None:
         if self._optimizer is None:
@@ -458,9 +472,7 @@ class MorphogeneticModel(nn.Module):
             slot = live.get(sid)
             current = {id(p) for p in slot.seed.parameters()} if slot is not None else set()
             if {id(p) for p in group["params"]} != current:
-                self._optimizer.param_groups.remove(group)
-                for p in group["params"]:
-                    self._optimizer.state.pop(p, None)
+                self._drop_group(group)
         for slot in sorted(live.values(), key=lambda s: s.germination_index):
             if self._group_for(slot) is None:
                 self._join_optimizer(slot)

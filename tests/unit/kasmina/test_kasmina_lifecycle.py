@@ -232,3 +232,26 @@ def test_fossilize_contribution_gate(events: list) -> None:
     fossil_gates = [e for e in events if e.gate == "fossilize"]
     assert [e.passed for e in fossil_gates] == [False, False]
     assert mm.slots["3"].current_stage is S.HOLDING
+
+
+def test_two_seed_groups_leave_the_optimizer_independently() -> None:
+    host, mm, x = _mm()
+    opt = torch.optim.Adam(host.parameters(), lr=0.01)
+    mm.attach_optimizer(opt)
+    s1 = _germinate(mm, "1")
+    s3 = _germinate(mm, "3")
+    train_steps(mm, opt, x, 1)
+    assert [g.get("kasmina_slot") for g in opt.param_groups] == [None, "1", "3"]
+    mm.prune("3", "first")  # a value comparison of groups would raise on their tensors
+    assert [g.get("kasmina_slot") for g in opt.param_groups] == [None, "1"]
+    assert {id(p) for p in s1.parameters()} <= {id(p) for p in opt.state}
+    assert not {id(p) for p in s3.parameters()} & {id(p) for p in opt.state}
+    mm.prune("1", "second")
+    assert len(opt.param_groups) == 1
+
+
+def test_optimizer_already_holding_seed_parameters_is_refused() -> None:
+    _host, mm, _x = _mm()
+    _germinate(mm)
+    with pytest.raises(InvalidArgumentError, match=r"mm.host.parameters\(\)"):
+        mm.attach_optimizer(torch.optim.SGD(mm.parameters(), lr=0.1))
