@@ -40,6 +40,8 @@ class TamiyoConfig:
     """Deadline assumed when the caller sets none."""
     idempotency_cache_size: int = 1024
     """Recent Decide responses remembered by request_id."""
+    reload_check_s: float = 5.0
+    """How often a file-backed policy (gnn) checks its files for a new version; 0: never."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -47,7 +49,7 @@ class TamiyoConfig:
         for name in ("heuristic", "random", "fixed", "gnn"):
             if not isinstance(getattr(self, name), Mapping):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a mapping of settings")
-        for name in ("candidate_ttl_s", "urza_timeout_s", "urza_cooldown_s", "decide_reserve_s"):
+        for name in ("candidate_ttl_s", "urza_timeout_s", "urza_cooldown_s", "decide_reserve_s", "reload_check_s"):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name}={v!r} must be a finite number of seconds >= 0")

@@ -98,8 +98,16 @@ class TamiyoController:
         self._responses: OrderedDict[str, tuple[bytes, DecideResult]] = OrderedDict()
         self._in_flight: dict[str, asyncio.Future[DecideResult]] = {}
         self.loaded_at = time.time()
+        self.reload_error = ""
+        """Why the last hot reload was refused (empty: none failed since the last success)."""
         self.decisions_served = 0
         self.urza_failures = 0
+
+    def swap_policy(self, policy: Policy) -> None:
+        """Serve `policy` from the next Decide on (called between Decides on the event loop)."""
+        self.policy = policy
+        self.loaded_at = time.time()
+        self.reload_error = ""
 
     async def decide(
         self,

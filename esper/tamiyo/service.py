@@ -16,7 +16,9 @@ from esper.runtime.errors import abort_with
 from esper.runtime.spec import PlatformContext, ServiceSpec
 from esper.tamiyo.config import TamiyoConfig
 from esper.tamiyo.controller import CandidateSource, TamiyoController
+from esper.tamiyo.policy import Policy
 from esper.tamiyo.registry import make_policy
+from esper.tamiyo.reload import PolicyReloader, watched_files
 from esper.tamiyo.urza_source import UrzaCandidateSource
 from generated.esper.tamiyo.v1 import tamiyo_service_pb2 as pb
 from generated.esper.tamiyo.v1 import tamiyo_service_pb2_grpc as rpc
@@ -51,11 +53,14 @@ class TamiyoServicer(rpc.TamiyoServiceServicer):
         c = self.controller
         loaded = timestamp_pb2.Timestamp()
         loaded.FromNanoseconds(int(c.loaded_at * 1e9))
+        settings = c.policy.settings()
+        if c.reload_error:
+            settings["reload_error"] = c.reload_error
         return pb.GetPolicyInfoResponse(
             policy=c.policy.name,
             policy_version=c.policy.version,
             loaded_at=loaded,
-            settings=c.policy.settings(),
+            settings=settings,
             fallback_policy=getattr(c.policy, "fallback_name", ""),
         )
 
@@ -70,11 +75,35 @@ def build_controller(ctx: PlatformContext, *, source: CandidateSource | None = N
     return TamiyoController(make_policy(config), source, config)
 
 
+def _reload_gnn(config: TamiyoConfig, controller: TamiyoController) -> Policy:
+    """A freshly verified GNN policy that keeps the serving policy's heuristic (and its history)."""
+    policy = make_policy(config)
+    old_fallback = getattr(controller.policy, "fallback", None)
+    if old_fallback is not None:
+        policy.fallback = old_fallback  # type: ignore[attr-defined]
+    return policy
+
+
 def create_service(ctx: PlatformContext) -> ServiceSpec:
     controller = build_controller(ctx)
     source = controller.source
+    config = controller.config
+    reloader: PolicyReloader | None = None
+    if config.policy == "gnn" and config.reload_check_s > 0:
+        reloader = PolicyReloader(
+            controller,
+            watched_files(str(config.gnn.get("policy_file", ""))),
+            lambda: _reload_gnn(config, controller),
+            every_s=config.reload_check_s,
+        )
+
+    async def on_start() -> None:
+        if reloader is not None:
+            reloader.start()
 
     async def on_stop() -> None:
+        if reloader is not None:
+            await reloader.stop()
         if isinstance(source, UrzaCandidateSource):
             await source.close()
 
@@ -83,5 +112,6 @@ def create_service(ctx: PlatformContext) -> ServiceSpec:
         service_name="esper.tamiyo.v1.TamiyoService",
         servicer=TamiyoServicer(controller),
         add_to_server=rpc.add_TamiyoServiceServicer_to_server,
+        on_start=on_start,
         on_stop=on_stop,
     )

@@ -277,3 +277,39 @@ def test_safety_regulariser_pushes_down_actions_the_gates_rejected() -> None:
 
     plain, regularised = germinate_probability(False), germinate_probability(True)
     assert regularised < 0.5 * plain, (plain, regularised)
+
+
+async def test_a_new_policy_file_is_hot_reloaded_and_a_tampered_one_never_serves(tmp_path: Path) -> None:
+    import asyncio
+
+    from generated.esper.tamiyo.v1 import tamiyo_service_pb2 as pb
+    from tests.unit.tamiyo.test_service import CatalogUrza, Platform
+
+    path = save_policy(ensemble(), tmp_path / "gnn.json", version="v1")
+    settings = {"policy": "gnn", "gnn": {"policy_file": str(path)}, "reload_check_s": 0.05}
+
+    async def info_when(p: Platform, ok, timeout_s: float = 10.0) -> pb.GetPolicyInfoResponse:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            info = await p.stub.GetPolicyInfo(pb.GetPolicyInfoRequest(), timeout=5)
+            if ok(info) or asyncio.get_running_loop().time() > deadline:
+                return info
+            await asyncio.sleep(0.05)
+
+    async with Platform(tmp_path, CatalogUrza([]), settings) as p:
+        first = await p.stub.GetPolicyInfo(pb.GetPolicyInfoRequest(), timeout=5)
+        assert first.policy_version == "v1"
+        save_policy(ensemble(members=2, seed=9), path, version="v2")
+        info = await info_when(p, lambda i: i.policy_version == "v2")
+        assert info.policy_version == "v2" and info.settings["ensemble_members"] == "2"
+        assert info.loaded_at.ToNanoseconds() >= first.loaded_at.ToNanoseconds()
+        resp = await p.stub.Decide(pb.DecideRequest(snapshot=two_slot_snapshot()), timeout=5)
+        assert resp.policy_version == "v2"
+        # Weights changed after the fact: refused, v2 keeps serving, and GetPolicyInfo says why.
+        w = tmp_path / "gnn.safetensors"
+        data = w.read_bytes()
+        w.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+        info = await info_when(p, lambda i: "reload_error" in i.settings)
+        assert info.policy_version == "v2" and "changed after training" in info.settings["reload_error"]
+        resp = await p.stub.Decide(pb.DecideRequest(snapshot=two_slot_snapshot()), timeout=5)
+        assert resp.policy_version == "v2"

@@ -77,6 +77,8 @@ class Platform:
         ctx = PlatformContext(data_dir=self.tmp, endpoints=endpoints, api_key="k" * 20, settings={"tamiyo": self.settings})
         self.spec = create_service(ctx)
         self.tamiyo_server, self.target = await _server(lambda s: self.spec.add_to_server(self.spec.servicer, s))
+        if self.spec.on_start:
+            await self.spec.on_start()
         self.channel = grpc.aio.insecure_channel(self.target)
         self.stub = rpc.TamiyoServiceStub(self.channel)
         return self
