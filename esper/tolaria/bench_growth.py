@@ -115,10 +115,12 @@ class GrowthBenchConfig:
 
 
 # Per-task defaults: a host with room to grow and the blueprints that fit its sites.
-# The controllers' own settings are tuned once on MNIST-1D seeds 0-1 (not the reported
-# table's numbers alone): the heuristic's plateau test is loosened so that it can grow
-# while the cosine schedule still has learning rate left; fixed and random get the same
-# warm-up as the heuristic, so they differ from it only in when and where they grow.
+# Shared setup (host, lr 0.03, 30 epochs, catalog) was chosen on MNIST-1D seeds 0-1 so
+# that static-initial and static-final differ by about 10 points. The heuristic's plateau
+# test at plateau_threshold 0.05 grew late there (epoch 10: +7.8 points over
+# static-initial, 1.2 below static-final, at 70% of its FLOPs); 0.08 lets it grow while
+# the cosine schedule still has learning rate left. Fixed and random get the heuristic's
+# warm-up, so they differ from it only in when and where they grow.
 _CONTROLLERS: dict[str, Any] = {
     "heuristic": {"warmup_epochs": 3, "plateau_window": 2, "plateau_threshold": 0.08,
                   "fossilize_epochs": 1},
@@ -296,7 +298,7 @@ def verdict(summary: Mapping[str, ArmSummary]) -> list[str]:
     return [
         f"heuristic − static-initial: {gain:+.1f} points (target ≥ +10): {mark(gain >= 10)}",
         f"static-final − heuristic: {gap:+.1f} points (target ≤ 1): {mark(gap <= 1)}",
-        f"heuristic training FLOPs / static-final: {100 * ratio:.0f}% (target ≤ 75%): {mark(ratio <= 0.75)}",
+        f"heuristic training FLOPs / static-final: {100 * ratio:.1f}% (target ≤ 75%): {mark(ratio <= 0.75)}",
     ]
 
 
