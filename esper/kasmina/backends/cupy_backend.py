@@ -54,9 +54,22 @@ def _max_blocks(device_index: int) -> int:
 def _launch(name: str, device: torch.device, work_items: int, args: tuple) -> None:
     idx = device.index if device.index is not None else torch.cuda.current_device()
     blocks = max(1, min((work_items + _THREADS - 1) // _THREADS, _max_blocks(idx)))
-    stream = torch.cuda.current_stream(device).cuda_stream
-    with cupy.cuda.Device(idx), cupy.cuda.ExternalStream(stream, idx):
+    stream = _stream(idx, torch.cuda.current_stream(device))
+    with cupy.cuda.Device(idx), stream:
         _function(idx, name)((blocks,), (_THREADS,), args)
+
+
+_streams: dict[tuple[int, int], cupy.cuda.Stream] = {}
+
+
+def _stream(idx: int, torch_stream: torch.cuda.Stream) -> cupy.cuda.Stream:
+    # One CuPy wrapper per torch stream (via the CUDA stream protocol); the wrapper keeps
+    # the torch stream object alive, so its handle cannot be reused while cached.
+    key = (idx, torch_stream.cuda_stream)
+    stream = _streams.get(key)
+    if stream is None:
+        stream = _streams[key] = cupy.cuda.Stream.from_external(torch_stream)
+    return stream
 
 
 def _ptr(t: torch.Tensor) -> np.uint64:
