@@ -69,6 +69,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 def save_policy(ensemble: Ensemble, path: Path, *, version: str, training: dict[str, Any] | None = None) -> Path:
     """Write `path` (JSON) and its weights next to it; returns the JSON path."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     weights_path = path.with_suffix(".safetensors")
     tensors = {k: v.detach().contiguous().clone() for k, v in ensemble.state_dict().items()}
     data = st_save(tensors, metadata={"format": FORMAT, "version": version})

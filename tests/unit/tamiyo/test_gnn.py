@@ -313,3 +313,13 @@ async def test_a_new_policy_file_is_hot_reloaded_and_a_tampered_one_never_serves
         assert info.policy_version == "v2" and "changed after training" in info.settings["reload_error"]
         resp = await p.stub.Decide(pb.DecideRequest(snapshot=two_slot_snapshot()), timeout=5)
         assert resp.policy_version == "v2"
+
+
+def test_train_entry_point_writes_a_loadable_versioned_policy(tmp_path: Path, capsys) -> None:
+    from esper.tamiyo.gnn.train import main
+
+    main(["--out", str(tmp_path / "p" / "gnn.json"), "--examples", "60", "--steps", "10", "--members", "2", "--hidden", "16", "--version", "t-1"])
+    ens, meta = load_policy(tmp_path / "p" / "gnn.json")
+    assert meta["version"] == "t-1" and len(ens.members) == 2
+    assert meta["training"]["examples"] == 60 and 0.0 <= meta["training"]["heldout_agreement"] <= 1.0
+    assert "held-out agreement" in capsys.readouterr().out
