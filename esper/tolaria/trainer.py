@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from google.protobuf.timestamp_pb2 import Timestamp
 from torch import nn
 
-from esper.errors import EsperError, NotFoundError
+from esper.errors import EsperError, FailedPreconditionError, NotFoundError
 from esper.kasmina import KasminaConfig, KasminaEvent, MorphogeneticModel, SeedStage, wrap
 from esper.tolaria import checkpoint as ckpt
 from esper.tolaria.config import RunConfig
@@ -369,8 +369,8 @@ class Trainer:
             epoch=self.epoch,
             total_epochs=self.config.epochs,
             global_step=self.global_step,
-            train_loss_history=_finite(self.history.train_loss),
-            val_loss_history=_finite(self.history.val_loss),
+            train_loss_history=self.history.train_loss,
+            val_loss_history=self.history.val_loss,
             val_accuracy_history=self.history.val_accuracy,
             host_parameters=self.host_parameters,
             total_parameters=self.parameters(),
@@ -510,6 +510,14 @@ class Trainer:
             if path is None:
                 return False
         tensors, meta = ckpt.load(path)
+        saved = meta["config"]
+        current = self.config.to_dict()
+        differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if differ:
+            raise FailedPreconditionError(
+                f"checkpoint {path} is of a run with a different config ({', '.join(differ)} "
+                f"differ); resume it with the config it was written with"
+            )
         model_state: dict[str, Any] = {k[len("model/"):]: v for k, v in tensors.items()
                                        if k.startswith("model/")}
         model_state.update(meta["model_extra"])
@@ -700,10 +708,6 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 def _count(params: Any) -> int:
     return sum(p.numel() for p in params)
-
-
-def _finite(values: Sequence[float]) -> list[float]:
-    return [v if math.isfinite(v) else 0.0 for v in values]
 
 
 def _now() -> Timestamp:

@@ -141,3 +141,15 @@ def test_governor_detects_explosions_and_limits_rollbacks() -> None:
         g.begin_rollback("loss is nan")
     with pytest.raises(ConfigError, match="explosion_factor=1"):
         GovernorConfig(explosion_factor=1)
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(make_trainer) -> None:
+    import pytest
+
+    from esper.errors import FailedPreconditionError
+
+    first, _ = make_trainer(tiny_config(epochs=1), ckpt="c")
+    first.run()
+    other, _ = make_trainer(tiny_config(epochs=1, batch_size=64), ckpt="c")
+    with pytest.raises(FailedPreconditionError, match="batch_size"):
+        other.resume()
