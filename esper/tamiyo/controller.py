@@ -96,7 +96,7 @@ class TamiyoController:
         self._urza_down_until = 0.0
         self._urza_last_error = ""
         self._responses: OrderedDict[str, tuple[bytes, DecideResult]] = OrderedDict()
-        self._in_flight: dict[str, asyncio.Future[DecideResult]] = {}
+        self._in_flight: dict[str, tuple[bytes, asyncio.Future[DecideResult]]] = {}
         self.loaded_at = time.time()
         self.reload_error = ""
         """Why the last hot reload was refused (empty: none failed since the last success)."""
@@ -139,22 +139,31 @@ class TamiyoController:
             self._check_same(request_id, seen[0], fingerprint)
             self._responses.move_to_end(request_id)
             return seen[1]
-        pending = self._in_flight.get(request_id)
-        if pending is not None:
-            # A retry that arrives while the first attempt still runs waits for its answer.
-            result = await asyncio.shield(pending)
-            self._check_same(request_id, self._responses[request_id][0], fingerprint)
-            return result
+        entry = self._in_flight.get(request_id)
+        if entry is not None:
+            self._check_same(request_id, entry[0], fingerprint)
+            pending = entry[1]
+            try:
+                # A retry that arrives while the first attempt still runs waits for its answer.
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                if not pending.cancelled():
+                    raise  # this call itself was cancelled
+                # The first attempt was abandoned (its caller went away): decide here instead.
         fut: asyncio.Future[DecideResult] = asyncio.get_running_loop().create_future()
-        self._in_flight[request_id] = fut
+        self._in_flight[request_id] = (fingerprint, fut)
         try:
             result = await self._decide(snapshot, allowed_blueprints, start, deadline)
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
         except BaseException as e:
             fut.set_exception(e)
             fut.exception()  # retrieved here so an unawaited future does not log it again
             raise
         finally:
-            del self._in_flight[request_id]
+            if self._in_flight.get(request_id, (None, None))[1] is fut:
+                del self._in_flight[request_id]
         self._responses[request_id] = (fingerprint, result)
         while len(self._responses) > self.config.idempotency_cache_size:
             self._responses.popitem(last=False)
