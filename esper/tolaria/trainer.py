@@ -455,6 +455,9 @@ class Trainer:
             # Urza down or an unverifiable artifact: growth waits, training does not.
             self._degrade("urza", e.reason.lower(), f"kernel {d.kernel_id!r} not loaded: {e}")
             return f"kernel unavailable: {e}"
+        if "urza" in self.degraded:
+            self.degraded.discard("urza")
+            self._degrade("urza", "recovered", f"kernel {d.kernel_id!r} loaded", recovered=True)
         added = _count(seed.parameters())
         if added > self.parameters_left():
             return f"kernel adds {added} parameters, more than the {self.parameters_left()} left"

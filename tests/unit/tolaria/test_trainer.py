@@ -150,3 +150,29 @@ def test_schedule_warms_up_then_decays_to_exactly_zero(make_trainer) -> None:
     assert f(trainer.total_steps - 1) == 0.0
     trainer.run()
     assert trainer.history.learning_rate[-1] == 0.0
+
+
+def test_kernel_source_down_defers_growth_then_recovers(make_trainer) -> None:
+    plan = {1: [("GERMINATE", "act1", "bottleneck_mlp")], 2: [("GERMINATE", "act1", "bottleneck_mlp")]}
+    trainer, events = make_trainer(tiny_config(epochs=3), plan=plan)
+    builtin = trainer.kernels
+    calls = []
+
+    class Flaky:
+        """Urza is down for the first fetch, then answers (the built-in catalog)."""
+
+        def load(self, kernel_id, site=None):
+            calls.append(kernel_id)
+            if len(calls) == 1:
+                raise UnavailableError("urza at 127.0.0.1:1 is unreachable")
+            return builtin.load(kernel_id, site)
+
+    trainer.kernels = Flaky()
+    result = trainer.run()
+    assert result.completed and len(calls) == 2
+    decisions = payloads(events, "decision")
+    assert "kernel unavailable" in decisions[0].rejected[0]
+    assert dict(decisions[1].rejected) == {}
+    assert [(d.component, d.kind) for d in payloads(events, "degradation")] == [
+        ("urza", "unavailable"), ("urza", "recovered")]
+    assert trainer.model.slots["act1"].seed is not None
