@@ -60,7 +60,9 @@ class GrowthBenchConfig:
     optimizer: Mapping[str, Any] = field(default_factory=lambda: {"name": "adamw", "learning_rate": 0.01})
     """Optimizer settings for every arm (`OptimizerConfig` keys; cosine to 0 by default)."""
     seeds: int = 5
-    """Independent repetitions (run seeds 0..n-1)."""
+    """Independent repetitions (run seeds first_seed .. first_seed + n - 1)."""
+    first_seed: int = 0
+    """First run seed; tune on seeds the reported table does not use."""
     blueprints: tuple[str, ...] = ("conv3_residual_1d",)
     """Catalog offered to every growing arm (names of built-in blueprints)."""
     max_seeds: int = 2
@@ -81,6 +83,8 @@ class GrowthBenchConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"GrowthBenchConfig.{name}={v!r} must be an integer >= 1")
+        if isinstance(self.first_seed, bool) or not isinstance(self.first_seed, int) or self.first_seed < 0:
+            raise ConfigError(f"GrowthBenchConfig.first_seed={self.first_seed!r} must be an integer >= 0")
         if isinstance(self.max_seeds, bool) or not isinstance(self.max_seeds, int) or self.max_seeds < 0:
             raise ConfigError(f"GrowthBenchConfig.max_seeds={self.max_seeds!r} must be an integer >= 0")
         object.__setattr__(self, "sites", tuple(self.sites))
@@ -211,7 +215,8 @@ def run_arm(cfg: GrowthBenchConfig, arm: str, seed: int, grown: Mapping[str, str
 def run_bench(cfg: GrowthBenchConfig, *, progress=print) -> list[ArmRun]:
     """Every arm for every seed; static-final waits for its seed's heuristic run."""
     runs: list[ArmRun] = []
-    first = [(arm, s) for s in range(cfg.seeds) for arm in ("heuristic", "static-initial", "fixed", "random")]
+    seeds = range(cfg.first_seed, cfg.first_seed + cfg.seeds)
+    first = [(arm, s) for s in seeds for arm in ("heuristic", "static-initial", "fixed", "random")]
 
     def done(r: ArmRun) -> None:
         runs.append(r)
@@ -222,7 +227,7 @@ def run_bench(cfg: GrowthBenchConfig, *, progress=print) -> list[ArmRun]:
     if cfg.jobs == 1:
         for arm, s in first:
             done(run_arm(cfg, arm, s))
-        for s in range(cfg.seeds):
+        for s in seeds:
             done(run_arm(cfg, "static-final", s, _grown(runs, s)))
         return runs
     with ProcessPoolExecutor(max_workers=cfg.jobs) as pool:
@@ -313,7 +318,8 @@ def render_markdown(cfg: GrowthBenchConfig, runs: Sequence[ArmRun], command: str
         (f"Every arm: {cfg.optimizer.get('name', 'adamw')} at peak lr "
          f"{cfg.optimizer.get('learning_rate')}, cosine schedule decayed to 0 at the last step, "
          f"batch {cfg.batch_size}; growing arms offered {', '.join(cfg.blueprints)}, "
-         f"at most {cfg.max_seeds} seeds. Mean ± std over seeds 0..{cfg.seeds - 1}."),
+         f"at most {cfg.max_seeds} seeds. Mean ± std over seeds "
+         f"{cfg.first_seed}..{cfg.first_seed + cfg.seeds - 1}."),
         "",
         "| arm | test accuracy (%) | parameters | training FLOPs | FLOPs × static-initial | wall (s) | seeds kept |",
         "|---|---|---|---|---|---|---|",
@@ -365,6 +371,7 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, GrowthBenchConfig]:
     p = argparse.ArgumentParser(prog="esper bench growth", description=__doc__.split("\n\n")[0])
     p.add_argument("--task", default="mnist1d", choices=sorted(TASK_DEFAULTS))
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--first-seed", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--host")
     p.add_argument("--width", type=float)
@@ -381,7 +388,7 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, GrowthBenchConfig]:
         data.update(json.loads(args.config.read_text()))
     # The CLI's knobs take lists; the frozen config keeps tuples.
     data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-    for key, value in (("seeds", args.seeds), ("epochs", args.epochs), ("host", args.host),
+    for key, value in (("seeds", args.seeds), ("first_seed", args.first_seed), ("epochs", args.epochs), ("host", args.host),
                        ("width", args.width), ("batch_size", args.batch_size), ("jobs", args.jobs)):
         if value is not None:
             data[key] = value
