@@ -170,6 +170,17 @@ def host_section(name: str, make: Callable, rounds: int, iters: int) -> list[tup
     rows.append((name, "=> dormant: mm.step() alone", own * 1e3, own / base * 100))
     blend_over = (t["blending (kasmina)"] - t["seed inline (reference)"]) / base * 100
     rows.append((name, "=> blend overhead beyond seed compute", None, blend_over))
+    # The same comparison for the forward alone (less noisy than whole steps) and
+    # Kasmina's own per-step work with a seed in BLENDING.
+    mm_blend.eval(), inline_host.eval()
+    with torch.no_grad():
+        f = interleaved({"inline": lambda: inline_host(x), "kasmina": lambda: mm_blend(x)},
+                        rounds, iters)
+    mm_blend.train(), inline_host.train()
+    rows.append((name, "=> blend forward: kasmina vs inline", (f["kasmina"] - f["inline"]) * 1e3,
+                 (f["kasmina"] - f["inline"]) / base * 100))
+    own_b = interleaved({"step": mm_blend.step}, rounds, 200)["step"]
+    rows.append((name, "=> blending: mm.step() alone", own_b * 1e3, own_b / base * 100))
 
     # -- germination latency: materialize from in-memory safetensors + attach.
     # Build on the meta device and assign the loaded tensors: no random init that the
@@ -240,7 +251,8 @@ def main() -> None:
             if isinstance(ms, tuple):
                 ms_s = f"{ms[0]:.3f} / {ms[1]:.3f}"
             else:
-                ms_s = f"{ms:9.3f}" if ms is not None else " " * 9
+                ms_s = f"{ms:+9.3f}" if ms is not None and ms < 0 else (
+                f"{ms:9.3f}" if ms is not None else " " * 9)
             pct_s = f"{pct:+8.2f}%" if pct is not None else ""
             print(f"{host:<5} {variant:<40} {ms_s} {pct_s}")
     print("\ntargets: dormant <= +1%, blend overhead beyond seed compute <= 5%, "
