@@ -87,11 +87,8 @@ class RunHistory:
 
     @property
     def slots(self) -> list[str]:
-        seen: dict[str, None] = {}
-        for m in self.epochs:
-            for s in m.alphas:
-                seen.setdefault(s, None)
-        return list(seen)
+        # Protobuf maps have no order; sorted names keep colours stable across runs.
+        return sorted({s for m in self.epochs for s in m.alphas})
 
 
 def write_report(

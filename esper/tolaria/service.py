@@ -81,7 +81,7 @@ class TolariaServicer(rpc.TolariaServiceServicer):
         return pb.GetRunResponse(run=self.sup.get_run(request.run_id).to_proto())
 
     async def ListRuns(self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext) -> pb.ListRunsResponse:
-        runs, token = self.sup.store.list(
+        runs, token = self.sup.list_runs(
             page_size=request.page_size, page_token=request.page_token, state=request.state
         )
         return pb.ListRunsResponse(runs=[r.to_proto() for r in runs], next_page_token=token)
@@ -117,7 +117,7 @@ def create_service(ctx: PlatformContext) -> ServiceSpec:
         nats_url=ctx.nats_url,
         api_key=ctx.api_key,
         validate=validate_run_config,
-        config=SupervisorConfig(**sup_cfg) if isinstance(sup_cfg, dict) else sup_cfg,
+        config=SupervisorConfig.from_dict(dict(sup_cfg)),
         worker_args=[str(a) for a in settings.get("worker_args", [])],
     )
 

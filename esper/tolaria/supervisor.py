@@ -18,9 +18,10 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
-from esper.errors import FailedPreconditionError
+from esper.errors import ConfigError, FailedPreconditionError
 from esper.tolaria.runs import (
     TERMINAL_STATES,
     EventLog,
@@ -57,6 +58,16 @@ class SupervisorConfig:
             raise ValueError(f"poll_interval_s={self.poll_interval_s!r}: must be in (0, 5]")
         if self.stop_grace_s <= 0:
             raise ValueError(f"stop_grace_s={self.stop_grace_s!r}: must be > 0")
+        if not self.worker_module or not all(p.isidentifier() for p in self.worker_module.split(".")):
+            raise ValueError(f"worker_module={self.worker_module!r}: must be a dotted module name")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SupervisorConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown tolaria supervisor settings {unknown}; allowed: {sorted(known)}")
+        return cls(**data)
 
 
 @dataclass(kw_only=True)
@@ -144,6 +155,12 @@ class RunSupervisor:
             # Same loop as the monitor: folding the unread tail here cannot race it.
             live.offset = self._fold(rec, self.store.event_log(run_id), live.offset)
         return rec
+
+    def list_runs(self, *, page_size: int, page_token: str, state: int) -> tuple[list[RunRecord], str]:
+        """A page of runs, every live run's record brought up to its log first."""
+        for run_id in list(self._live):
+            self.get_run(run_id)
+        return self.store.list(page_size=page_size, page_token=page_token, state=state)
 
     async def stop_run(self, run_id: str, reason: str) -> RunRecord:
         rec = self.get_run(run_id)
