@@ -32,25 +32,25 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from esper.blueprints.artifact import SigningKey, TrustedKeys  # noqa: E402
-from esper.kasmina import KasminaConfig  # noqa: E402
-from esper.kasmina.loader import KernelLoader  # noqa: E402
-from esper.oona.natsd import NatsServer  # noqa: E402
-from esper.oona.publisher import Publisher  # noqa: E402
-from esper.runtime.auth import AuthConfig  # noqa: E402
-from esper.runtime.client import sync_channel  # noqa: E402
-from esper.runtime.host import Host, HostConfig  # noqa: E402
-from esper.runtime.spec import PlatformContext  # noqa: E402
-from esper.tamiyo.heuristic import HeuristicConfig, HeuristicPolicy  # noqa: E402
-from esper.tezzeret.compiler import compile_catalog  # noqa: E402
-from esper.tolaria.config import RunConfig  # noqa: E402
-from esper.tolaria.control import RemoteController, RemoteKernelProvider  # noqa: E402
-from esper.tolaria.inprocess import BuiltinKernels, PolicyController  # noqa: E402
-from esper.tolaria.kernels import site_signatures  # noqa: E402
-from esper.tolaria.runs import EventLog  # noqa: E402
-from esper.tolaria.trainer import Trainer  # noqa: E402
-from esper.tolaria.worker import RunEvents, tamiyo_decide  # noqa: E402
-from esper.urza.client import UrzaClient, fetcher  # noqa: E402
+from esper.blueprints.artifact import SigningKey, TrustedKeys
+from esper.kasmina import KasminaConfig
+from esper.kasmina.loader import KernelLoader
+from esper.oona.natsd import NatsServer
+from esper.oona.publisher import Publisher
+from esper.runtime.auth import AuthConfig
+from esper.runtime.client import sync_channel
+from esper.runtime.host import Host, HostConfig
+from esper.runtime.spec import PlatformContext
+from esper.tamiyo.heuristic import HeuristicConfig, HeuristicPolicy
+from esper.tezzeret.compiler import compile_catalog
+from esper.tolaria.config import RunConfig
+from esper.tolaria.control import RemoteController, RemoteKernelProvider
+from esper.tolaria.inprocess import BuiltinKernels, PolicyController
+from esper.tolaria.kernels import site_signatures
+from esper.tolaria.runs import EventLog
+from esper.tolaria.trainer import Trainer
+from esper.tolaria.worker import RunEvents, tamiyo_decide
+from esper.urza.client import UrzaClient, fetcher
 
 HEURISTIC = {"warmup_epochs": 2, "plateau_window": 2, "plateau_threshold": 0.05,
              "fossilize_epochs": 1, "holding_patience_epochs": 3}
@@ -96,7 +96,7 @@ class TimedSink:
         self.calls = 0
         self.control_ms: list[float] = []
 
-    def __call__(self, env) -> None:  # noqa: ANN001
+    def __call__(self, env) -> None:
         t0 = time.perf_counter()
         self.inner(env)
         self.seconds += time.perf_counter() - t0

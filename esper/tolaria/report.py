@@ -115,7 +115,7 @@ def _epochs(h: RunHistory) -> list[int]:
     return [m.epoch for m in h.epochs]
 
 
-def _draw_marks(ax, h: RunHistory, *, with_labels: bool) -> None:  # noqa: ANN001 - matplotlib Axes
+def _draw_marks(ax, h: RunHistory, *, with_labels: bool) -> None:
     drawn: set[str] = set()
     for m in h.marks:
         _, colour, _ = next(v for v in _MARKS.values() if v[0] == m.kind)
@@ -218,14 +218,14 @@ def _markdown(h: RunHistory, title: str, pngs: dict[str, Path]) -> str:
             f"| final validation loss | {last.val_loss:.4f} |",
             f"| parameters (first → last epoch) | {first.parameters:,} → {last.parameters:,} |",
             f"| training FLOPs | {last.train_flops:.3e} |",
-            f"| mean control cost per boundary | "
-            f"{sum(m.control_ms for m in h.epochs) / len(h.epochs):.2f} ms |",
+            (f"| mean control cost per boundary | "
+             f"{sum(m.control_ms for m in h.epochs) / len(h.epochs):.2f} ms |"),
             f"| training time (sum of epochs) | {sum(m.epoch_seconds for m in h.epochs):.1f} s |",
         ]
     lines += [
         f"| wall time (first to last event) | {wall:.1f} s |",
-        f"| seeds germinated / fossilized / pruned | "
-        f"{count['germinate']} / {count['fossilize']} / {count['prune']} |",
+        (f"| seeds germinated / fossilized / pruned | "
+         f"{count['germinate']} / {count['fossilize']} / {count['prune']} |"),
         f"| controller actions (non-WAIT) / rejected | {h.decisions} / {h.decisions_rejected} |",
         f"| degradation events | {len(h.degradations)} |",
         "",

@@ -244,10 +244,7 @@ CREATE TABLE IF NOT EXISTS runs (
     stop_requested INTEGER NOT NULL
 )
 """
-_COLUMNS = (
-    "run_id request_id config state epoch global_step val_accuracy val_loss parameters "
-    "created_at updated_at detail degraded last_sequence worker_pid restarts stop_requested"
-).split()
+_COLUMNS = ["run_id", "request_id", "config", "state", "epoch", "global_step", "val_accuracy", "val_loss", "parameters", "created_at", "updated_at", "detail", "degraded", "last_sequence", "worker_pid", "restarts", "stop_requested"]
 
 
 class RunStore:

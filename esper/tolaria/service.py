@@ -41,7 +41,7 @@ def validate_run_config(msg: pb.RunConfig) -> None:
         raise InvalidArgumentError(str(e), field=f"config.{e.field}") from e
 
 
-def _reject_unknown_fields(msg, path: str) -> None:  # noqa: ANN001 - any protobuf message
+def _reject_unknown_fields(msg, path: str) -> None:
     """A field this build does not know would be silently dropped: refuse it instead."""
     unknown = unknown_fields.UnknownFieldSet(msg)
     if len(unknown):

@@ -23,7 +23,6 @@ from typing import Any
 
 from esper.errors import ConfigError, FailedPreconditionError
 from esper.tolaria.runs import (
-    TERMINAL_STATES,
     EventLog,
     RunRecord,
     RunStore,

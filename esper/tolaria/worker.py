@@ -104,7 +104,7 @@ class RunEvents:
 
 
 # ---- remote calls (generated stubs over esper.runtime.client channels) ---------------------
-def tamiyo_decide(channel: grpc.Channel):  # noqa: ANN201 - returns the decide callable
+def tamiyo_decide(channel: grpc.Channel):
     stub = tamiyo_rpc.TamiyoServiceStub(channel)
 
     def decide(snapshot: health_pb2.HealthSnapshot, timeout_s: float) -> list[decision_pb2.Decision]:

@@ -32,10 +32,10 @@ FAST_HEURISTIC = {"warmup_epochs": 1, "plateau_window": 1, "plateau_threshold": 
 
 
 def tiny_config(**overrides) -> RunConfig:
-    base = dict(task="spirals", host="mlp", controller="heuristic", epochs=12, batch_size=32,
-                checkpoint_every=1, decide_timeout_s=1.0, seed=1,
-                budget={"max_seeds": 2, "max_added_parameters": 0},
-                optimizer={"name": "adamw", "learning_rate": 0.01, "schedule": "constant"})
+    base = {"task": "spirals", "host": "mlp", "controller": "heuristic", "epochs": 12, "batch_size": 32,
+                "checkpoint_every": 1, "decide_timeout_s": 1.0, "seed": 1,
+                "budget": {"max_seeds": 2, "max_added_parameters": 0},
+                "optimizer": {"name": "adamw", "learning_rate": 0.01, "schedule": "constant"}}
     base.update(overrides)
     return RunConfig.from_dict(base)
 

@@ -4,7 +4,6 @@ NATS publishes carry that trace's context, as an OTLP receiver in the test sees 
 from __future__ import annotations
 
 import asyncio
-import os
 
 import nats
 import pytest

@@ -11,9 +11,13 @@ import pytest
 
 from esper.errors import UnavailableError
 from esper.runtime.breaker import BreakerState, CircuitBreaker
-from esper.tolaria.control import CONTROL_BREAKER
 from esper.runtime.client import sync_channel
-from esper.tolaria.control import OutcomeReporter, RemoteController, RemoteKernelProvider
+from esper.tolaria.control import (
+    CONTROL_BREAKER,
+    OutcomeReporter,
+    RemoteController,
+    RemoteKernelProvider,
+)
 from esper.tolaria.runs import new_envelope
 from esper.tolaria.worker import tamiyo_decide
 from generated.esper.common.v1 import decision_pb2, health_pb2, seed_pb2

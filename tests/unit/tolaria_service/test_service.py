@@ -32,7 +32,7 @@ async def tolaria(tmp_path):
 
 
 def _good(**kw) -> pb.RunConfig:
-    base = dict(task="mnist1d", host="cnn", controller="heuristic", epochs=4, batch_size=32)
+    base = {"task": "mnist1d", "host": "cnn", "controller": "heuristic", "epochs": 4, "batch_size": 32}
     return pb.RunConfig(**{**base, **kw})
 
 
