@@ -312,7 +312,8 @@ class SeedSlot(nn.Module):
         self.kernel_id, self.blueprint_id = kernel_id, blueprint_id
         try:
             self._germination_gate(seed)
-        except InvalidArgumentError:
+        except BaseException:
+            # Whatever refused the seed, the slot stays an untouched DORMANT slot.
             self.kernel_id = self.blueprint_id = ""
             raise
         self.seed = seed
@@ -327,6 +328,16 @@ class SeedSlot(nn.Module):
         try:
             with torch.no_grad():
                 out = seed(probe)
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            # A seed built for another site fails inside torch (e.g. a width mismatch);
+            # that is a bad argument to germinate, not a crash of the training process.
+            why = f"seed raised {type(e).__name__} on the site's activation: {e}"
+            self._gate("germination", [(False, why)], {})
+            raise InvalidArgumentError(
+                f"slot {self.slot_id!r}: seed cannot run on the site's activation "
+                f"{tuple(probe.shape)} {probe.dtype}: {type(e).__name__}: {e}",
+                field="seed_module",
+            ) from e
         finally:
             seed.train(was_training)
         if not isinstance(out, torch.Tensor) or out.shape != probe.shape:

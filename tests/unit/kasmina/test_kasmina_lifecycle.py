@@ -74,6 +74,23 @@ def test_wrong_shape_seed_is_refused() -> None:
         _germinate(mm, seed=nn.Linear(16, 4))
 
 
+def test_seed_that_cannot_run_on_the_site_is_refused_typed_and_leaves_no_trace(
+    events: list,
+) -> None:
+    _host, mm, _x = _mm(events)
+    # Built for 7 input features; the site carries 16: its forward raises inside torch.
+    with pytest.raises(InvalidArgumentError, match=r"cannot run on the site's activation"):
+        _germinate(mm, seed=nn.Linear(7, 16))
+    slot = mm.slots["3"]
+    assert slot.current_stage is S.DORMANT and slot.seed is None
+    assert (slot.kernel_id, slot.blueprint_id) == ("", "")
+    gate = [e for e in events if e.kind == "gate"][-1]
+    assert gate.gate == "germination" and gate.passed is False
+    assert "RuntimeError" in gate.reason
+    _germinate(mm)  # the slot is still usable
+    assert slot.current_stage is S.TRAINING
+
+
 def test_seed_sharing_host_parameters_is_refused() -> None:
     host, mm, _x = _mm()
     with pytest.raises(InvalidArgumentError, match="host parameters"):
