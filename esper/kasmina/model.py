@@ -560,7 +560,9 @@ class MorphogeneticModel(nn.Module):
                                           SeedStage.FOSSILIZED)]
         if not targets:
             return {}
-        was_training = self.training
+        # Per module, not `self.train(was_training)`: a caller may keep parts of the host
+        # in eval mode while training (frozen BatchNorm), and must find them so again.
+        modes = [(m, m.training) for m in self.modules()]
         self.eval()
         try:
             base = float(loss_fn(_call(self, x), y))
@@ -574,7 +576,8 @@ class MorphogeneticModel(nn.Module):
                 result[slot.slot_id] = ablated - base
                 slot.set_contribution(ablated - base)
         finally:
-            self.train(was_training)
+            for m, mode in modes:
+                m.training = mode
         return result
 
     # ---- persistence ------------------------------------------------------------------

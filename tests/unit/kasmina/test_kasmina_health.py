@@ -153,6 +153,20 @@ def test_contribution_is_the_counterfactual_loss_difference() -> None:
     assert h3.contribution_measured and h3.contribution == contrib["3"]
 
 
+def test_measure_contribution_restores_each_module_s_own_mode() -> None:
+    host, mm, x = _mm()
+    opt = torch.optim.SGD(host.parameters(), lr=0.0)
+    mm.attach_optimizer(opt)
+    mm.germinate("3", LinearSeed(16), kernel_id="k", blueprint_id="b")
+    train_steps(mm, opt, x, 5)
+    assert mm.slots["3"].current_stage is SeedStage.HOLDING
+    mm.train()
+    host[0].eval()  # e.g. a frozen block the caller keeps in eval mode while training
+    mm.measure_contribution(x, None, lambda y, t: y.sum())
+    assert host[0].training is False
+    assert host[2].training is True and mm.training is True
+
+
 def test_host_and_seed_gradients_are_clipped_separately() -> None:
     host, mm, x = _mm()
     opt = torch.optim.SGD(host.parameters(), lr=0.0)
