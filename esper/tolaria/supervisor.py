@@ -19,6 +19,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from esper.errors import ConfigError, FailedPreconditionError
@@ -109,7 +110,16 @@ class RunSupervisor:
                 # Not our child: it cannot be waited on, only watched until it is gone.
                 self._watch(rec.run_id, None)
             else:
-                self._spawn(rec, traceparent=None, why="service restarted and the worker was gone")
+                rec.restarts += 1
+                self.store.update(rec)
+                env = new_envelope(rec.run_id, source="tolaria", step=rec.global_step, epoch=rec.epoch)
+                env.degradation.component = "worker"
+                env.degradation.kind = "restarted"
+                env.degradation.detail = (
+                    f"the service restarted and worker pid {rec.worker_pid} was gone; "
+                    "resuming from the last checkpoint")
+                self._append(rec, env)
+                self._spawn(rec, traceparent=None, why="after a service restart")
 
     async def close(self) -> None:
         """Ask every worker to checkpoint and stop, then wait for them."""
@@ -321,13 +331,21 @@ class RunSupervisor:
 
 
 def _alive(pid: int) -> bool:
+    """Whether `pid` is a running process (a zombie, exited but not yet reaped, is not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        # /proc/<pid>/stat: "pid (comm) S ..."; comm may hold spaces, the state follows ")".
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # no procfs: kill(0) is all we know
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _exited(live: _Live, rec: RunRecord) -> tuple[bool, int | None]:

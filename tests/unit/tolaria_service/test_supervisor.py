@@ -119,3 +119,32 @@ async def test_invalid_config_creates_no_run_and_request_id_is_idempotent(tmp_pa
     assert a.run_id == b.run_id and len(sup.store.list(page_size=10)[0]) == 1
     await asyncio.wait_for(_collect(sup, a.run_id), 30)
     await sup.close()
+
+
+async def test_a_restarted_service_adopts_live_workers_and_restarts_dead_ones(tmp_path):
+    first = _sup(tmp_path, epoch_seconds=0.15)
+    live = await first.start_run(_cfg(6), request_id=None, traceparent=None)
+    dead = await first.start_run(_cfg(6), request_id=None, traceparent=None)
+    await asyncio.sleep(0.4)
+    # The service process dies: its monitors stop, its workers go on without it.
+    for state in first._live.values():
+        state.task.cancel()
+    dead_pid = first.worker_pid(dead.run_id)
+    os.kill(dead_pid, signal.SIGKILL)
+    first._live[dead.run_id].proc.wait(10)  # gone before the new service looks
+    second = _sup(tmp_path, epoch_seconds=0.15)
+    await second.resume_active()
+    seen = {}
+    for run_id in (live.run_id, dead.run_id):
+        seen[run_id] = await asyncio.wait_for(_collect(second, run_id), 60)
+        assert seen[run_id][-1].run_state.state == "succeeded"
+    told = [e.degradation.detail for e in seen[dead.run_id] if e.HasField("degradation")]
+    assert len(told) == 1 and "the service restarted" in told[0]
+    assert not any(e.HasField("degradation") for e in seen[live.run_id])
+    await asyncio.sleep(0.2)
+    assert second.get_run(live.run_id).restarts == 0
+    restarted = second.get_run(dead.run_id)
+    assert restarted.state == pb.RUN_STATE_SUCCEEDED and restarted.worker_pid != dead_pid
+    assert restarted.restarts == 1
+    assert restarted.epoch == 6
+    await second.close()
