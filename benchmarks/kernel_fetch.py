@@ -21,17 +21,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from esper.blueprints import build_module, make_blueprint, node, site_signature  # noqa: E402
-from esper.blueprints.artifact import (  # noqa: E402
+from esper.blueprints import build_module, make_blueprint, node, site_signature
+from esper.blueprints.artifact import (
     SigningKey,
     TrustedKeys,
     pack_kernel,
     verify_artifact,
 )
-from esper.kasmina.loader import KernelLoader  # noqa: E402
-from generated.esper.common.v1 import kernel_pb2  # noqa: E402
+from esper.kasmina.loader import KernelLoader
+from generated.esper.common.v1 import kernel_pb2
 
 
 def kernel_of_size(target_bytes: int, key: SigningKey) -> tuple[str, bytes]:
@@ -97,7 +97,7 @@ def urza_rows(key: SigningKey, iters: int, tmp: Path) -> list[tuple[str, float, 
                 rows.append((f"fetch from Urza, uncached ({label})", p50, p99, len(data)))
                 trusted = TrustedKeys([key])
 
-                def fetch_verify_attach(kid: str = kid) -> None:
+                def fetch_verify_attach(kid: str = kid, trusted: TrustedKeys = trusted) -> None:
                     with tempfile.TemporaryDirectory() as d:
                         KernelLoader(client.get_kernel, trusted, d).load(kid, 30.0)
 
@@ -113,8 +113,8 @@ def urza_rows(key: SigningKey, iters: int, tmp: Path) -> list[tuple[str, float, 
 
 def urza_available() -> bool:
     try:
-        from generated.esper.urza.v1 import urza_service_pb2_grpc as rpc
         from esper.urza import service
+        from generated.esper.urza.v1 import urza_service_pb2_grpc as rpc
     except ImportError:
         return False
     return type(service.create_service(__import__("esper.runtime.spec", fromlist=["x"])

@@ -105,7 +105,7 @@ def _real_header(weights: bytes) -> tuple[dict, bytes]:
 
 def corpus(key: SigningKey, untrusted: SigningKey, canary: str) -> dict[str, Case]:
     kid, data = genuine(key)
-    art, man = _parts(data)
+    art, _ = _parts(data)
     header, body = _real_header(art.weights)
     cases: dict[str, Case] = {}
 

@@ -14,7 +14,7 @@ from esper.errors import InvalidArgumentError, UnavailableError
 from esper.kasmina.loader import KernelLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
-import malicious  # noqa: E402
+import malicious
 
 KEY = SigningKey.from_bytes(b"33" * 32)
 
@@ -109,7 +109,7 @@ def test_concurrent_loads_fetch_once(kernel, tmp_path):
     def worker():
         try:
             results.append(loader.load(kid, 10.0))
-        except BaseException as e:  # collected and asserted below
+        except BaseException as e:  # noqa: BLE001 - collected and asserted below
             errors.append(e)
 
     threads = [threading.Thread(target=worker) for _ in range(8)]

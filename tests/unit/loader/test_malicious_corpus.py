@@ -16,7 +16,7 @@ from esper.errors import ArtifactError
 from esper.kasmina.loader import KernelLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
-import malicious  # noqa: E402
+import malicious
 
 KEY = SigningKey.from_bytes(b"11" * 32)
 OTHER = SigningKey.from_bytes(b"22" * 32)

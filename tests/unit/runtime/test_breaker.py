@@ -131,16 +131,13 @@ def test_half_open_reopens_when_trials_fail() -> None:
 
 def test_guard_counts_caller_errors_as_success_and_transport_errors_as_failure() -> None:
     b = _breaker(Clock(), minimum_calls=3, window_size=3)
-    with pytest.raises(NotFoundError):
-        with b.guard():
-            raise NotFoundError("kernel sha256:00 not found")
-    with pytest.raises(ConnectionError):
-        with b.guard():
-            raise ConnectionError("refused")
+    with pytest.raises(NotFoundError), b.guard():
+        raise NotFoundError("kernel sha256:00 not found")
+    with pytest.raises(ConnectionError), b.guard():
+        raise ConnectionError("refused")
     assert b.failure_rate() == pytest.approx(50.0)
-    with pytest.raises(UnavailableError):
-        with b.guard():
-            raise UnavailableError("urza unreachable")
+    with pytest.raises(UnavailableError), b.guard():
+        raise UnavailableError("urza unreachable")
     assert b.state is BreakerState.OPEN  # 2/3 failures
 
 

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 
 from esper.blueprints import builtin_blueprints, make_blueprint, node, site_signature
 from esper.blueprints.artifact import SigningKey, TrustedKeys, verify_artifact
-from esper.errors import BlueprintError, FailedPreconditionError, NotFoundError, UnavailableError
+from esper.errors import (
+    BlueprintError,
+    ConfigError,
+    FailedPreconditionError,
+    NotFoundError,
+    UnavailableError,
+)
 from esper.kasmina.loader import KernelLoader
 from esper.tezzeret.compiler import compile_catalog, compile_kernel, validate_kernel
 from esper.tezzeret.config import TezzeretConfig
 from esper.tezzeret.jobs import JobStore
 from esper.tezzeret.service import TezzeretCore
-from esper.errors import ConfigError
 from generated.esper.tezzeret.v1 import tezzeret_service_pb2 as pb
 
 KEY = SigningKey.from_bytes(b"55" * 32)
@@ -171,7 +174,7 @@ async def test_upload_failure_marks_job_failed(core):
 
 
 async def test_unknown_blueprint_and_layout(core):
-    c, lib, _ = core
+    c, _lib, _ = core
     with pytest.raises(NotFoundError):
         await c.compile("bp-0000000000000000", site_signature("NC", 4), wait=True)
     with pytest.raises(FailedPreconditionError, match="supports layouts"):
