@@ -149,3 +149,34 @@ async def test_sigkilled_worker_resumes_from_its_checkpoint_with_seeds_intact(pl
     run = await p.get_run(run_id)
     assert run.state == pb.RUN_STATE_SUCCEEDED and run.degraded == []
     store.close()
+
+
+async def test_urza_down_defers_germination_until_it_is_back(platform_factory):
+    cfg = tiny_config(epochs=12)
+    p = await platform_factory(cfg)
+    run_id = await p.start_run(cfg)
+    marks: dict[str, int] = {}
+
+    async def on_event(env):
+        if not env.HasField("epoch_metrics"):
+            return
+        # Tamiyo has cached Urza's kernel list by epoch 1; then Urza goes away.
+        if env.epoch_metrics.epoch == 1 and "down" not in marks:
+            marks["down"] = env.sequence
+            await p.stop_part("urza")
+        elif env.epoch_metrics.epoch == 4 and "up" not in marks:
+            marks["up"] = env.sequence
+            await p.start_part("urza")
+
+    events = await p.watch(run_id, timeout=150, on_event=on_event)
+    assert events[-1].run_state.state == "succeeded", p.worker_log(run_id)
+    outage = [e for e in events if marks["down"] < e.sequence <= marks["up"]]
+    urza = [e.degradation for e in outage if e.HasField("degradation") and e.degradation.component == "urza"]
+    assert urza and all(d.kind in ("unavailable", "deadline_exceeded", "circuit_open") for d in urza)
+    # Tamiyo still asked to germinate; the kernel could not be had, so nothing was attached.
+    rejected = [r for e in outage if e.HasField("decision") for r in e.decision.rejected.values()]
+    assert rejected and all("kernel unavailable" in r for r in rejected)
+    assert not [e for e in outage if e.HasField("lifecycle")]
+    # Once Urza is back the deferred germination happens.
+    after = [e for e in events if e.sequence > marks["up"]]
+    assert any(e.HasField("lifecycle") and e.lifecycle.to_stage == S.SEED_STAGE_GERMINATED for e in after)
