@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from esper.blueprints.artifact import SigningKey, TrustedKeys
-from esper.errors import InvalidArgumentError, UnavailableError
+from esper.errors import InvalidArgumentError, UnavailableError, UntrustedKeyError
 from esper.kasmina.loader import KernelLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -65,6 +65,20 @@ def test_disk_cache_survives_a_new_loader(kernel, tmp_path):
     second.load(kid, 5.0)
     assert lib.calls == [kid]
     assert second.stats.disk_hits == 1
+
+
+def test_cached_kernel_of_a_no_longer_trusted_key_is_dropped_not_attached(kernel, tmp_path):
+    kid, data = kernel
+    lib = Library({kid: data})
+    KernelLoader(lib, TrustedKeys([KEY]), tmp_path).load(kid, 5.0)
+    other = SigningKey.from_bytes(b"44" * 32)
+    revoked = KernelLoader(lib, TrustedKeys([other]), tmp_path)
+    with pytest.raises(UntrustedKeyError, match=KEY.key_id):
+        revoked.load(kid, 5.0)
+    # The disk entry was verified again, refused, removed, and the fresh fetch refused too.
+    assert revoked.stats.disk_hits == 0 and revoked.stats.disk_evictions == 1
+    assert revoked.stats.fetches == 1 and revoked.stats.rejected == 2
+    assert not revoked.path_for(kid).exists()
 
 
 def test_lru_evicts_oldest(tmp_path):
