@@ -117,6 +117,19 @@ def tamiyo_decide(channel: grpc.Channel):
     return decide
 
 
+def tamiyo_policy(channel: grpc.Channel, timeout_s: float, events: RunEvents) -> str | None:
+    """The policy Tamiyo serves, or None (with a degradation event) when it cannot be asked."""
+    stub = tamiyo_rpc.TamiyoServiceStub(channel)
+    try:
+        return stub.GetPolicyInfo(tamiyo_pb.GetPolicyInfoRequest(), timeout=max(timeout_s, 2.0)).policy
+    except grpc.RpcError as e:
+        err = as_esper_error(e)
+        events.degrade("tamiyo", err.reason.lower(),
+                       f"could not ask Tamiyo which policy it serves ({err}); the run goes on and "
+                       "grows only when Tamiyo answers")
+        return None
+
+
 # ---- main ---------------------------------------------------------------------------------
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m esper.tolaria.worker", description=__doc__.splitlines()[0])
@@ -226,8 +239,19 @@ def _train(cfg: Any, run_id: str, run_dir: Path, args: argparse.Namespace, endpo
     events.observers.append(outcomes.observe)
     controller = None
     if cfg.controller != "none":
+        tamiyo_ch = chan("tamiyo")
+        served = tamiyo_policy(tamiyo_ch, cfg.decide_timeout_s, events)
+        if served is not None and served != cfg.controller:
+            # Training under another policy than the one asked for would be a silent lie.
+            events.emit(run_state=events_pb2.RunStateChanged(state="failed", detail=(
+                f"the run asks for controller {cfg.controller!r} but Tamiyo at {endpoints['tamiyo']} "
+                f"serves {served!r}; start Tamiyo with that policy or change the run's controller")))
+            for ch in channels:
+                ch.close()
+            urza.close()
+            return 0
         controller = RemoteController(
-            tamiyo_decide(chan("tamiyo")), timeout_s=cfg.decide_timeout_s,
+            tamiyo_decide(tamiyo_ch), timeout_s=cfg.decide_timeout_s,
             on_snapshot=outcomes.observe_snapshot,
         )
     try:

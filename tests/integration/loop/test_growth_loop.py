@@ -73,3 +73,16 @@ async def test_run_germinates_on_tamiyo_decision_and_finishes_the_seed(platform_
     # A second pass of the same durable consumer gets nothing new: it acked everything.
     again = await adrain(p.nats.url, run_events_filter(run_id), durable="loop-test", timeout=1.0)
     assert again == []
+
+
+async def test_a_run_asking_for_another_policy_than_tamiyo_serves_fails_loudly(platform_factory):
+    cfg = tiny_config(controller="random", epochs=3)
+    p = await platform_factory(cfg)
+    run_id = await p.start_run(cfg)
+    events = await p.watch(run_id, timeout=60)
+    assert events[-1].run_state.state == "failed"
+    assert "asks for controller 'random'" in events[-1].run_state.detail
+    assert "serves 'heuristic'" in events[-1].run_state.detail
+    assert not any(e.HasField("epoch_metrics") for e in events)
+    run = await p.get_run(run_id)
+    assert run.state == pb.RUN_STATE_FAILED and "worker" not in run.degraded
