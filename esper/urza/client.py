@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -33,7 +34,7 @@ from esper.errors import (
     UnavailableError,
 )
 from esper.runtime.breaker import BreakerConfig, CircuitBreaker
-from esper.runtime.client import as_esper_error, sync_channel
+from esper.runtime.client import as_esper_error
 from generated.esper.common.v1 import blueprint_pb2, kernel_pb2, seed_pb2
 from generated.esper.urza.v1 import urza_service_pb2 as pb
 from generated.esper.urza.v1 import urza_service_pb2_grpc as rpc
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 URZA_BREAKER = BreakerConfig(failure_rate_threshold=50.0, window_size=20, minimum_calls=10,
-                             open_wait_s=0.5, half_open_calls=3)
+                             open_wait_s=0.3, half_open_calls=3)
 """Short open wait: a restarted Urza is back in use within about a second."""
 
 # A killed server must be found again quickly once it is back: gRPC's default reconnect
@@ -50,8 +51,9 @@ URZA_BREAKER = BreakerConfig(failure_rate_threshold=50.0, window_size=20, minimu
 _CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 300),
     ("grpc.max_receive_message_length", 8 << 20),
+    ("grpc.enable_retries", 0),
 )
 UPLOAD_CHUNK = 1 << 20
 
@@ -85,14 +87,22 @@ class UrzaClient:
                  channel: grpc.Channel | None = None) -> None:
         self.target = target
         self.breaker = breaker or CircuitBreaker(f"urza@{target}", URZA_BREAKER)
-        self._channel = channel or sync_channel(target, api_key=api_key,
-                                                options=_CHANNEL_OPTIONS)
+        # A plain channel without gRPC's own retry policy: retries are done here, inside
+        # the deadline. With channel-level retries on, server-streaming calls to a
+        # SIGKILLed server were seen blocking in __next__ past their deadline (and past
+        # cancel()) in grpcio 1.85 (tests/integration/urza/test_faults.py).
+        self._channel = channel or grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("x-api-key", api_key),) if api_key else ())
         self._stub = rpc.UrzaServiceStub(self._channel)
         self.resumed_downloads = 0
         """Downloads that continued from a byte offset after a broken stream."""
 
     def close(self) -> None:
         self._channel.close()
+
+    def _opts(self, left: float) -> dict[str, object]:
+        return {"timeout": left, "metadata": self._metadata}
 
     def __enter__(self) -> UrzaClient:
         return self
@@ -165,7 +175,19 @@ class UrzaClient:
                 self.resumed_downloads += 1
             stream = self._stub.GetKernel(
                 pb.GetKernelRequest(kernel_id=kernel_id, offset=offset, chunk_size=chunk_size),
-                timeout=left)
+                **self._opts(left))
+            # Seen here: with the server SIGKILLed mid-stream, a streaming call's
+            # __next__ can outlive its deadline; cancelling it ourselves bounds the wait.
+            watchdog = threading.Timer(left + 0.05, stream.cancel)
+            watchdog.daemon = True
+            watchdog.start()
+            try:
+                return _consume(stream)
+            finally:
+                watchdog.cancel()
+
+        def _consume(stream: Iterator[pb.GetKernelResponse]
+                     ) -> tuple[kernel_pb2.KernelRecord, bytes]:
             for msg in stream:
                 if msg.WhichOneof("part") == "info":
                     info = msg.info
@@ -218,7 +240,7 @@ class UrzaClient:
                 yield pb.PutKernelRequest(chunk=artifact[off:off + chunk_size])
 
         resp = self._call("PutKernel", timeout_s,
-                          lambda left: self._stub.PutKernel(messages(), timeout=left))
+                          lambda left: self._stub.PutKernel(messages(), **self._opts(left)))
         return resp.kernel_id, resp.created
 
     def query_kernels(self, timeout_s: float, *, blueprint_id: str = "",
@@ -232,7 +254,7 @@ class UrzaClient:
         if site is not None:
             req.site.CopyFrom(site)
         resp = self._call("QueryKernels", timeout_s,
-                          lambda left: self._stub.QueryKernels(req, timeout=left))
+                          lambda left: self._stub.QueryKernels(req, **self._opts(left)))
         return list(resp.kernels), resp.next_page_token
 
     def record_outcome(self, report: pb.FieldReport, timeout_s: float, *,
@@ -243,7 +265,7 @@ class UrzaClient:
         """
         req = pb.RecordOutcomeRequest(request_id=request_id or str(uuid.uuid4()), report=report)
         return self._call("RecordOutcome", timeout_s,
-                          lambda left: self._stub.RecordOutcome(req, timeout=left)).created
+                          lambda left: self._stub.RecordOutcome(req, **self._opts(left))).created
 
     # -- blueprints -----------------------------------------------------------------------------
 
@@ -251,13 +273,13 @@ class UrzaClient:
                       ) -> tuple[str, bool]:
         req = pb.PutBlueprintRequest(request_id=str(uuid.uuid4()), blueprint=blueprint)
         resp = self._call("PutBlueprint", timeout_s,
-                          lambda left: self._stub.PutBlueprint(req, timeout=left))
+                          lambda left: self._stub.PutBlueprint(req, **self._opts(left)))
         return resp.blueprint_id, resp.created
 
     def get_blueprint(self, blueprint_id: str, timeout_s: float) -> blueprint_pb2.Blueprint:
         req = pb.GetBlueprintRequest(blueprint_id=blueprint_id)
         return self._call("GetBlueprint", timeout_s,
-                          lambda left: self._stub.GetBlueprint(req, timeout=left)).blueprint
+                          lambda left: self._stub.GetBlueprint(req, **self._opts(left))).blueprint
 
     def list_blueprints(self, timeout_s: float, *, family: str = "", tags: Iterable[str] = (),
                         layout: int = 0, page_size: int = 0, page_token: str = ""
@@ -265,7 +287,7 @@ class UrzaClient:
         req = pb.ListBlueprintsRequest(family=family, tags=list(tags), layout=layout,
                                        page_size=page_size, page_token=page_token)
         resp = self._call("ListBlueprints", timeout_s,
-                          lambda left: self._stub.ListBlueprints(req, timeout=left))
+                          lambda left: self._stub.ListBlueprints(req, **self._opts(left)))
         return list(resp.blueprints), resp.next_page_token
 
 
