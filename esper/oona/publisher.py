@@ -186,6 +186,7 @@ class Publisher:
         self._last_error: str | None = None
         self._connected = False
         self._closed = False
+        self._dead = False  # the background thread ended on an unexpected error
         self._stopping = False
         self._idle = False
         self._overflowing = False
@@ -224,6 +225,9 @@ class Publisher:
                 raise FailedPreconditionError(
                     f"publisher for {self.url} is closed; event {envelope.event_id} not sent"
                 )
+            if self._dead:
+                self._dropped += 1
+                return False
             accepted = True
             if len(self._queue) >= self.config.max_queue:
                 self._dropped += 1
@@ -240,7 +244,12 @@ class Publisher:
             self._idle = False
         if wake:
             assert self._loop is not None and self._wake is not None
-            self._loop.call_soon_threadsafe(self._wake.set)
+            try:
+                self._loop.call_soon_threadsafe(self._wake.set)
+            except RuntimeError:
+                # The thread died after we queued: its death path already counted this
+                # envelope as dropped and reported the failure through on_degraded.
+                log.debug("oona publisher loop closed; envelope %s dropped", envelope.event_id)
         return accepted
 
     def stats(self) -> PublisherStats:
@@ -282,7 +291,8 @@ class Publisher:
                     self.url,
                 )
             assert self._loop is not None and self._wake is not None
-            self._loop.call_soon_threadsafe(self._wake.set)
+            if not self._dead:
+                self._loop.call_soon_threadsafe(self._wake.set)
         self._thread.join()
         return self.stats()
 
@@ -302,6 +312,16 @@ class Publisher:
         started.set()
         try:
             loop.run_until_complete(self._run())
+        except Exception as exc:
+            # A bug here must not surface in the training thread: from now on every publish
+            # is counted as a drop, and the caller hears about it once through on_degraded.
+            log.exception("oona publisher thread for %s died", self.url)
+            with self._lock:
+                self._dead = True
+                self._last_error = f"publisher thread died: {exc!r}"
+                self._dropped += len(self._queue)
+                self._queue.clear()
+            self._emit("failed", f"publisher thread died: {exc!r}; further events are dropped")
         finally:
             # nats-py may leave its reconnect task cancelling; let it finish before closing.
             pending = asyncio.all_tasks(loop)
