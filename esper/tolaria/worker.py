@@ -117,6 +117,48 @@ def tamiyo_decide(channel: grpc.Channel):
     return decide
 
 
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, d: grpc.ClientCallDetails, metadata: list[tuple[str, str]]) -> None:
+        self.method, self.timeout, self.credentials = d.method, d.timeout, d.credentials
+        self.metadata = metadata
+        self.wait_for_ready = getattr(d, "wait_for_ready", None)
+        self.compression = getattr(d, "compression", None)
+
+
+class TraceContextInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                              grpc.StreamUnaryClientInterceptor):
+    """Puts the caller's W3C trace context in each call's metadata, and nothing else.
+
+    For the Urza client, which must run on a plain channel (no channel-level retries: they
+    left server streams hanging past their deadline after a SIGKILL, see
+    esper/urza/client.py) and so gets none of `esper.runtime.client`'s interceptors; without
+    this the worker's GetKernel and RecordOutcome calls would start traces of their own.
+    """
+
+    @staticmethod
+    def _details(d: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        metadata = list(d.metadata or ())
+        tracing.inject(metadata)
+        return _CallDetails(d, metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+def urza_channel(target: str) -> grpc.Channel:
+    """The Urza client's own plain channel, plus trace-context propagation."""
+    from esper.urza.client import _CHANNEL_OPTIONS
+
+    return grpc.intercept_channel(grpc.insecure_channel(target, options=_CHANNEL_OPTIONS),
+                                  TraceContextInterceptor())
+
+
 def tamiyo_policy(channel: grpc.Channel, timeout_s: float, events: RunEvents) -> str | None:
     """The policy Tamiyo serves, or None (with a degradation event) when it cannot be asked."""
     stub = tamiyo_rpc.TamiyoServiceStub(channel)
@@ -225,7 +267,7 @@ def _train(cfg: Any, run_id: str, run_dir: Path, args: argparse.Namespace, endpo
     data_dir = run_dir.parent.parent.parent
     if "urza" not in endpoints:
         raise EsperError(f"no endpoint for 'urza'; the worker got {sorted(endpoints)}")
-    urza = UrzaClient(endpoints["urza"], api_key)
+    urza = UrzaClient(endpoints["urza"], api_key, channel=urza_channel(endpoints["urza"]))
     keys_dir = args.trusted_keys or Path(os.environ.get("ESPER_TRUSTED_KEYS_DIR") or data_dir / "trusted_keys")
     loader = KernelLoader(fetcher(urza), TrustedKeys.from_dir(keys_dir),
                           args.kernel_cache or run_dir.parent.parent / "kernel-cache")

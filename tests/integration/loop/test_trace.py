@@ -52,8 +52,7 @@ async def test_one_trace_from_start_run_to_decide_and_get_kernel(platform_factor
         server = {s.name for s in spans if s.kind == 2}
         return {"esper.tolaria.v1.TolariaService/StartRun", "esper.tamiyo.v1.TamiyoService/Decide",
                 "esper.urza.v1.UrzaService/GetKernel"} <= server and any(
-            s.service_name == "esper-tolaria-worker" and s.name.endswith("UrzaService/GetKernel")
-            for s in spans)
+            s.service_name == "esper-tolaria-worker" and s.name == "tolaria.worker.run" for s in spans)
 
     spans = await asyncio.to_thread(otlp.wait_for, connected, 30.0)
     start = next(s for s in spans if s.name.endswith("TolariaService/StartRun") and s.kind == 2)
@@ -66,14 +65,16 @@ async def test_one_trace_from_start_run_to_decide_and_get_kernel(platform_factor
     assert ("esper-tolaria-worker", "tolaria.worker.run") in names, sorted(names)
     run_span = by_name[("esper-tolaria-worker", "tolaria.worker.run", 1)]
     assert run_span.parent_span_id == start.span_id
-    # ... called Tamiyo's Decide and Urza's GetKernel inside it (CLIENT spans), and the
-    # servers' spans (the platform process) are their children in the same trace.
-    for method in ("esper.tamiyo.v1.TamiyoService/Decide", "esper.urza.v1.UrzaService/GetKernel"):
-        clients = {s.span_id for s in trace if s.name == method and s.kind == 3
-                   and s.service_name == "esper-tolaria-worker"}
-        servers = [s for s in trace if s.name == method and s.kind == 2]
-        assert clients and servers, sorted(names)
-        assert all(s.parent_span_id in clients for s in servers)
+    # ... called Tamiyo's Decide inside it (a CLIENT span per call, the server's span its child)
+    decide = "esper.tamiyo.v1.TamiyoService/Decide"
+    clients = {s.span_id for s in trace if s.name == decide and s.kind == 3
+               and s.service_name == "esper-tolaria-worker"}
+    servers = [s for s in trace if s.name == decide and s.kind == 2]
+    assert clients and servers and all(s.parent_span_id in clients for s in servers), sorted(names)
+    # ... and fetched the germinated kernel from Urza inside its tolaria.load_kernel span.
+    loads = {s.span_id for s in trace if s.name == "tolaria.load_kernel"}
+    fetches = [s for s in trace if s.name == "esper.urza.v1.UrzaService/GetKernel" and s.kind == 2]
+    assert loads and fetches and all(s.parent_span_id in loads for s in fetches), sorted(names)
     # The bus: each published event carries a traceparent of the same trace.
     parents = await _traceparents(p.nats.url, run_id)
     assert parents and all(tp.split("-")[1] == start.trace_id for tp in parents), parents[:3]
