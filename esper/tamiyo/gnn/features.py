@@ -21,6 +21,8 @@ visible to the network without poisoning it with NaN.
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -186,12 +188,39 @@ def global_features(snap: health_pb2.HealthSnapshot) -> list[float]:
     ]
 
 
-def build_graph(snap: health_pb2.HealthSnapshot) -> GraphInput:
-    """Graph tensors for one snapshot (see the module docstring for what each feature is)."""
-    slots = {s.slot_id: s for s in snap.slots}
-    max_depth = max((s.depth for s in snap.slots), default=0)
+@dataclass(kw_only=True, frozen=True)
+class _Topology:
+    """What a snapshot's graph gives before any health number: host rows, edges, slot rows."""
+
+    base_x: torch.Tensor
+    """[nodes, len(NODE_FEATURES)]: kind one-hot and log-parameters; slot health columns 0."""
+    edge_index: torch.Tensor
+    slot_nodes: torch.Tensor
+    """Node index of each slot in `snapshot.slots` order."""
+
+
+_CACHE_SIZE = 128
+_cache: OrderedDict[bytes, _Topology] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def _topology_key(snap: health_pb2.HealthSnapshot) -> bytes:
+    slots = "\0".join(f"{s.slot_id}\1{s.depth}" for s in snap.slots)
+    return snap.graph.SerializeToString(deterministic=True) + b"\0\0" + slots.encode()
+
+
+def _topology(snap: health_pb2.HealthSnapshot) -> _Topology:
+    """The topology part of the graph, cached: it changes only when a seed is germinated or
+    pruned (a slot node's parameter count) or the host changes, not from epoch to epoch."""
+    key = _topology_key(snap)
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+            return hit
     n_kind = len(KINDS)
     width = len(NODE_FEATURES)
+    slot_ids = {s.slot_id for s in snap.slots}
     rows: list[list[float]] = []
     node_of_slot: dict[str, int] = {}
     for i, n in enumerate(snap.graph.nodes):
@@ -199,9 +228,8 @@ def build_graph(snap: health_pb2.HealthSnapshot) -> GraphInput:
         kind = _kind(n.kind)
         row[KINDS.index(kind)] = 1.0
         row[n_kind] = math.log1p(n.parameters) / 12
-        if kind == "slot" and n.slot_id in slots and n.slot_id not in node_of_slot:
+        if kind == "slot" and n.slot_id in slot_ids and n.slot_id not in node_of_slot:
             node_of_slot[n.slot_id] = i
-            row[n_kind + 1 :] = slot_features(slots[n.slot_id], max_depth)
         rows.append(row)
     edges = [(e.src, e.dst) for e in snap.graph.edges if e.src < len(rows) and e.dst < len(rows)]
     previous: int | None = None
@@ -209,7 +237,6 @@ def build_graph(snap: health_pb2.HealthSnapshot) -> GraphInput:
         if s.slot_id not in node_of_slot:
             row = [0.0] * width
             row[KINDS.index("slot")] = 1.0
-            row[n_kind + 1 :] = slot_features(s, max_depth)
             node_of_slot[s.slot_id] = len(rows)
             rows.append(row)
             if previous is not None:
@@ -219,12 +246,35 @@ def build_graph(snap: health_pb2.HealthSnapshot) -> GraphInput:
         rows.append([0.0] * width)
     # Self-loops added once here rather than by every attention layer of every member.
     both = edges + [(d, s) for s, d in edges] + [(i, i) for i in range(len(rows))]
-    edge_index = torch.tensor(both, dtype=torch.long).t().contiguous() if both else torch.zeros(2, 0, dtype=torch.long)
-    slot_ids = [s.slot_id for s in snap.slots]
+    topo = _Topology(
+        base_x=torch.tensor(rows, dtype=torch.float32),
+        edge_index=torch.tensor(both, dtype=torch.long).t().contiguous(),
+        slot_nodes=torch.tensor([node_of_slot[s.slot_id] for s in snap.slots], dtype=torch.long),
+    )
+    with _cache_lock:
+        _cache[key] = topo
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return topo
+
+
+def build_graph(snap: health_pb2.HealthSnapshot) -> GraphInput:
+    """Graph tensors for one snapshot (see the module docstring for what each feature is).
+
+    The topology (host rows, edges) comes from a cache keyed by the graph and the slots'
+    ids and depths; only the slot rows' health numbers and the globals are computed per
+    call. `edge_index` may be shared between calls: never modify it in place.
+    """
+    topo = _topology(snap)
+    max_depth = max((s.depth for s in snap.slots), default=0)
+    x = topo.base_x.clone()
+    if len(snap.slots):
+        health = torch.tensor([slot_features(s, max_depth) for s in snap.slots], dtype=torch.float32)
+        x[topo.slot_nodes, len(KINDS) + 1 :] = health
     return GraphInput(
-        x=torch.tensor(rows, dtype=torch.float32),
-        edge_index=edge_index,
+        x=x,
+        edge_index=topo.edge_index,
         u=torch.tensor(global_features(snap), dtype=torch.float32),
-        slot_nodes=torch.tensor([node_of_slot[i] for i in slot_ids], dtype=torch.long),
-        slot_ids=slot_ids,
+        slot_nodes=topo.slot_nodes,
+        slot_ids=[s.slot_id for s in snap.slots],
     )

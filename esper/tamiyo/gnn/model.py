@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from torch_geometric.nn import GATv2Conv, global_mean_pool
+from torch_geometric.utils import softmax as segment_softmax
 
 from esper.errors import ConfigError
 from esper.tamiyo.gnn.features import GLOBAL_FEATURES, NODE_FEATURES
@@ -172,9 +173,61 @@ class Ensemble(nn.Module):
             self._stack_key = key
         return self._stack
 
+    def infer(
+        self, x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, u: torch.Tensor, slot_nodes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference on ONE graph for every member at once: slot embeddings [M, S, h], action logits [M, S, A].
+
+        The same computation as `forward_all` (each member's `PolicyNet.forward`, GATv2 as
+        torch-geometric defines it: x_l = W_l z, x_r = W_r z, e_ji = att · LeakyReLU_0.2(x_l[j]
+        + x_r[i]), softmax over i's incoming edges, sum of e_ji x_l[j], + bias), written on
+        the members' stacked weights as batched matmuls. On CPU a Decide's graphs are small
+        enough that per-op dispatch dominates; this path issues a few dozen ops for the
+        whole ensemble where the module path (vmap over functional_call through
+        MessagePassing) costs several times more. `test_gnn` checks the two agree.
+        """
+        p, _ = self._stacked()
+        cfg = self.cfg
+        m, n = len(self.members), x.shape[0]
+        heads, width = cfg.heads, cfg.hidden // cfg.heads
+        z = torch.relu(_linear(torch.cat([x, u.expand(n, -1)], dim=-1), p["inp.weight"], p["inp.bias"]))
+        for i in range(cfg.layers):
+            c = f"convs.{i}."
+            xl = _linear(z, p[c + "lin_l.weight"], p[c + "lin_l.bias"]).view(m, n, heads, width)
+            xr = _linear(z, p[c + "lin_r.weight"], p[c + "lin_r.bias"]).view(m, n, heads, width)
+            xj = xl[:, src]
+            e = (torch.nn.functional.leaky_relu(xj + xr[:, dst], 0.2) * p[c + "att"]).sum(-1)
+            alpha = segment_softmax(e, dst, num_nodes=n, dim=1)
+            out = torch.zeros(m, n, heads, width, dtype=z.dtype).index_add_(1, dst, xj * alpha.unsqueeze(-1))
+            out = out.view(m, n, cfg.hidden) + p[c + "bias"].unsqueeze(1)
+            h = z + torch.relu(out)
+            norm = f"norms.{i}."
+            h = torch.nn.functional.layer_norm(h, (cfg.hidden,))
+            z = h * p[norm + "weight"].unsqueeze(1) + p[norm + "bias"].unsqueeze(1)
+        zs = z[:, slot_nodes]
+        s = torch.relu(_linear(torch.cat([zs, u.expand(m, len(slot_nodes), -1)], dim=-1),
+                               p["slot.0.weight"], p["slot.0.bias"]))
+        return s, _linear(s, p["action.weight"], p["action.bias"])
+
+    def infer_kernel_scores(self, slot_emb: torch.Tensor, bp_index: torch.Tensor, kfeat: torch.Tensor) -> torch.Tensor:
+        """Every member's `kernel_scores` at once: slot_emb [M, K, h], bp_index [K], kfeat [K, F] → [M, K]."""
+        p, _ = self._stacked()
+        m, k = slot_emb.shape[0], bp_index.shape[0]
+        bp = p["blueprint.weight"][:, bp_index]
+        hidden = torch.relu(_linear(torch.cat([slot_emb, bp, kfeat.expand(m, k, -1)], dim=-1),
+                                    p["kernel.0.weight"], p["kernel.0.bias"]))
+        return _linear(hidden, p["kernel.2.weight"], p["kernel.2.bias"]).squeeze(-1)
+
     @property
     def _template(self) -> nn.Module:
         return self._template_holder[0]
 
     def blueprint_index(self, blueprint_ids: Sequence[str]) -> torch.Tensor:
         return torch.tensor([self._index.get(b, 0) for b in blueprint_ids], dtype=torch.long)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Per-member linear layer: x [N, in] or [M, N, in], weight [M, out, in], bias [M, out] → [M, N, out]."""
+    if x.dim() == 2:
+        return torch.baddbmm(bias.unsqueeze(1), x.expand(weight.shape[0], -1, -1), weight.transpose(1, 2))
+    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))

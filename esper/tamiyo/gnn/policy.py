@@ -134,43 +134,47 @@ class GnnPolicy(Policy):
 
     @torch.inference_mode()
     def evaluate(self, snapshot: health_pb2.HealthSnapshot, candidates: Candidates) -> tuple[list[SlotChoice], torch.Tensor]:
-        """Per-slot masked choices and the members' action probabilities [M, S, A]."""
+        """Per-slot masked choices and the members' action probabilities [M, S, A].
+
+        One batched pass of the whole ensemble over the graph (`Ensemble.infer`), then one
+        batched kernel-scoring pass over every germinating slot's candidates.
+        """
         g = build_graph(snapshot)
-        n = g.x.shape[0]
-        batch = torch.zeros(n, dtype=torch.long)
-        slot_graph = torch.zeros(len(g.slot_ids), dtype=torch.long)
-        u = g.u.unsqueeze(0)
         mask = self.legal_mask(snapshot, candidates)
-        embs, logits, _ = self.ensemble.forward_all(g.x, g.edge_index, u, batch, g.slot_nodes, slot_graph)
+        embs, logits = self.ensemble.infer(g.x, g.edge_index[0], g.edge_index[1], g.u, g.slot_nodes)
         member_probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
         mean = member_probs.mean(0)
-        unc = _mutual_information(member_probs, mask.sum(-1))
+        unc = _mutual_information(member_probs, mask.sum(-1)).tolist()
+        best = mean.argmax(-1).tolist()
+        mean_rows, mask_rows = mean.tolist(), mask.tolist()
         choices = []
         for i, slot_id in enumerate(g.slot_ids):
-            p = {a: float(mean[i, j]) for j, a in enumerate(ACTIONS)}
-            action = ACTIONS[int(mean[i].argmax())]
-            legal = tuple(a for j, a in enumerate(ACTIONS) if mask[i, j])
-            c = SlotChoice(slot_id=slot_id, action=action, probs=p, uncertainty=float(unc[i]), legal=legal)
-            if action == "germinate":
-                c.kernel, k_unc = self._pick_kernel(snapshot, candidates, slot_id, embs[:, i])
-                c.uncertainty = max(c.uncertainty, k_unc)
-            choices.append(c)
+            p = dict(zip(ACTIONS, mean_rows[i], strict=True))
+            legal = tuple(a for a, ok in zip(ACTIONS, mask_rows[i], strict=True) if ok)
+            choices.append(SlotChoice(slot_id=slot_id, action=ACTIONS[best[i]], probs=p, uncertainty=unc[i], legal=legal))
+        germinating = [i for i, c in enumerate(choices) if c.action == "germinate"]
+        if germinating:
+            self._pick_kernels(snapshot, candidates, [choices[i] for i in germinating], embs[:, germinating])
         return choices, member_probs
 
-    def _pick_kernel(
-        self, snapshot: health_pb2.HealthSnapshot, candidates: Candidates, slot_id: str, embs: torch.Tensor
-    ) -> tuple[KernelCandidate, float]:
-        ks = affordable(snapshot, candidates.get(slot_id, ()))
-        bp = self.ensemble.blueprint_index([k.blueprint_id for k in ks])
-        kf = torch.tensor([kernel_features(k, snapshot.host_parameters) for k in ks], dtype=torch.float32)
-        member = torch.stack(
-            [
-                torch.softmax(m.kernel_scores(e.expand(len(ks), -1), bp, kf), dim=-1)
-                for m, e in zip(self.ensemble.members, embs, strict=True)
-            ]
-        )
-        unc = _mutual_information(member.unsqueeze(1), torch.tensor([len(ks)]))[0]
-        return ks[int(member.mean(0).argmax())], float(unc)
+    def _pick_kernels(
+        self, snapshot: health_pb2.HealthSnapshot, candidates: Candidates, choices: list[SlotChoice], embs: torch.Tensor
+    ) -> None:
+        """Sets `kernel` on each germinating choice and raises its uncertainty to the kernel
+        choice's where that is higher; embs [M, len(choices), h]."""
+        offered = [affordable(snapshot, candidates.get(c.slot_id, ())) for c in choices]
+        rows = torch.tensor([j for j, ks in enumerate(offered) for _ in ks], dtype=torch.long)
+        bp = self.ensemble.blueprint_index([k.blueprint_id for ks in offered for k in ks])
+        kf = torch.tensor([kernel_features(k, snapshot.host_parameters) for ks in offered for k in ks],
+                          dtype=torch.float32)
+        scores = self.ensemble.infer_kernel_scores(embs[:, rows], bp, kf)
+        start = 0
+        for c, ks in zip(choices, offered, strict=True):
+            member = torch.softmax(scores[:, start : start + len(ks)], dim=-1)
+            start += len(ks)
+            unc = float(_mutual_information(member.unsqueeze(1), torch.tensor([len(ks)]))[0])
+            c.kernel = ks[int(member.mean(0).argmax())]
+            c.uncertainty = max(c.uncertainty, unc)
 
     def decide(self, snapshot: health_pb2.HealthSnapshot, candidates: Candidates) -> list[decision_pb2.Decision]:
         # The heuristic runs every boundary so its per-run history stays complete for fallbacks.

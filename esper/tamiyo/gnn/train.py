@@ -51,6 +51,12 @@ class Example:
     back (field reports' `rejected_by_gate` / `rolled_back`): the safety regulariser's targets."""
     value_target: float | None = None
     """Observed return from this boundary (advantage-weighted stage); None: no value loss."""
+    group: str = ""
+    """Run the example came from: the advantage stage's value baseline for a run is fitted
+    without that run's own returns (cross-fitting)."""
+    weight: float = 1.0
+    """Weight of this example's action and kernel log-likelihood (the advantage weight
+    exp(A/β) in the advantage-weighted stage; 1 for plain imitation)."""
 
 
 def _kernel(name: str, parameters: int, outcomes: int, fossilized: int, contribution: float) -> KernelCandidate:
@@ -190,6 +196,9 @@ def _collate(examples: Sequence[Example], policy: GnnPolicy) -> dict:
         "slot_graph": torch.cat(slot_graph),
         "mask": torch.cat(masks),
         "actions": torch.tensor(actions, dtype=torch.long),
+        "slot_weight": torch.tensor(
+            [ex.weight for ex in examples for _ in ex.snapshot.slots], dtype=torch.float32
+        ),
     }
 
 
@@ -199,11 +208,12 @@ def _kernel_targets(examples: Sequence[Example], ensemble: Ensemble) -> dict[str
     rows: slot row (in the collated batch) each candidate belongs to; group: which
     germination it belongs to; target: flat index of the teacher's kernel per group.
     """
-    rows, bps, kfs, groups, targets = [], [], [], [], []
+    rows, bps, kfs, groups, targets, weights = [], [], [], [], [], []
     row = offset = 0
     for ex in examples:
         if ex.kernel is not None:
             i, target = ex.kernel
+            weights.append(ex.weight)
             ks = affordable(ex.snapshot, ex.candidates.get(ex.snapshot.slots[i].slot_id, ()))
             rows += [row + i] * len(ks)
             bps.append(ensemble.blueprint_index([k.blueprint_id for k in ks]))
@@ -220,6 +230,7 @@ def _kernel_targets(examples: Sequence[Example], ensemble: Ensemble) -> dict[str
         "kf": torch.tensor(kfs, dtype=torch.float32),
         "group": torch.tensor(groups, dtype=torch.long),
         "target": torch.tensor(targets, dtype=torch.long),
+        "weight": torch.tensor(weights, dtype=torch.float32),
     }
 
 
@@ -255,6 +266,8 @@ def train_imitation(
 
     Loss = cross-entropy to the teacher's masked action per slot
     + cross-entropy to the teacher's kernel where it germinated
+    (both multiplied by each example's `weight` when any weight differs from 1: the
+    advantage-weighted stage)
     + `safety_weight` × mean −log(1 − p(action)) over actions a gate rejected or the
       governor rolled back (drives their probability towards 0 even where imitated)
     + `value_weight` × mean squared error of the value head where a return is known.
@@ -268,6 +281,7 @@ def train_imitation(
         kernels = _kernel_targets(sample, ensemble)
         unsafe_rows, unsafe_actions = _safety_targets(sample)
         value_idx, value_y = _value_targets(sample)
+        weighted = bool((data["slot_weight"] != 1).any())
         opt = torch.optim.Adam(member.parameters(), lr=lr)
         member.train()
         loss = torch.tensor(0.0)
@@ -276,7 +290,11 @@ def train_imitation(
                 data["x"], data["edge_index"], data["u"], data["batch"], data["slot_nodes"], data["slot_graph"]
             )
             logits = logits.masked_fill(~data["mask"], -1e9)
-            loss = F.cross_entropy(logits, data["actions"])
+            if weighted:
+                ce = F.cross_entropy(logits, data["actions"], reduction="none")
+                loss = (ce * data["slot_weight"]).mean()
+            else:
+                loss = F.cross_entropy(logits, data["actions"])
             if len(unsafe_rows) and safety_weight > 0:
                 p = torch.softmax(logits, dim=-1)[unsafe_rows, unsafe_actions]
                 loss = loss - safety_weight * torch.log((1 - p).clamp_min(1e-6)).mean()
@@ -285,7 +303,10 @@ def train_imitation(
             if kernels is not None:
                 scores = member.kernel_scores(emb[kernels["rows"]], kernels["bp"], kernels["kf"])
                 log_p = torch.log(pyg_softmax(scores, kernels["group"]).clamp_min(1e-12))
-                loss = loss - log_p[kernels["target"]].mean()
+                if weighted:
+                    loss = loss - (log_p[kernels["target"]] * kernels["weight"]).mean()
+                else:
+                    loss = loss - log_p[kernels["target"]].mean()
             opt.zero_grad()
             loss.backward()
             opt.step()

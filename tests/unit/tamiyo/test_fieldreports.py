@@ -157,6 +157,7 @@ def test_exploration_replaces_decisions_with_legal_ones_and_says_so() -> None:
         snap.epoch = epoch
         (d,) = always.decide(snap, cands)
         allowed, withheld = check_decisions(snap, [d], cands)
+        assert allowed == [d]
         assert withheld == [] and d.policy == EXPLORE and d.slot_id != "c"
         kinds.add(D.DecisionKind.Name(d.kind))
         assert all(x.policy == "heuristic" for x in never.decide(snap, cands))
