@@ -24,6 +24,8 @@ class TezzeretConfig:
     """Deadline of each call to Urza (retries fit inside it)."""
     catalog_sites: tuple[dict[str, Any], ...] = ()
     """Sites ({layout, channels, spatial}) to compile the built-in catalog for at start."""
+    catalog_blueprints: tuple[str, ...] = ()
+    """Names of the built-in blueprints to compile for `catalog_sites`; empty: all of them."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.benchmark_iters <= 10_000:
@@ -33,6 +35,13 @@ class TezzeretConfig:
                               "[1, 4096]")
         if not self.urza_timeout_s > 0:
             raise ConfigError(f"urza_timeout_s={self.urza_timeout_s}: must be > 0")
+        from esper.blueprints import builtin_blueprints
+
+        names = {bp.name for bp in builtin_blueprints()}
+        unknown_bps = sorted(set(self.catalog_blueprints) - names)
+        if unknown_bps:
+            raise ConfigError(f"catalog_blueprints {unknown_bps}: not built-in blueprints; "
+                              f"known: {sorted(names)}")
         for s in self.catalog_sites:
             if not isinstance(s, dict) or not {"layout", "channels"} <= set(s) or \
                     not set(s) <= {"layout", "channels", "spatial"}:
@@ -46,6 +55,7 @@ class TezzeretConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown tezzeret settings {unknown}; allowed: {sorted(known)}")
-        if "catalog_sites" in d:
-            d["catalog_sites"] = tuple(d["catalog_sites"])
+        for key in ("catalog_sites", "catalog_blueprints"):
+            if key in d:
+                d[key] = tuple(d[key])
         return cls(**d)

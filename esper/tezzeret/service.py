@@ -217,6 +217,8 @@ def create_service(ctx: PlatformContext, *, urza: Callable[[], Library] | None =
     core = TezzeretCore(store, key, urza or (lambda: _urza_client(ctx)), config)
     sites = [site_signature(s["layout"], s["channels"], tuple(s.get("spatial", ())))
              for s in config.catalog_sites]
+    catalog = [bp for bp in builtin_blueprints()
+               if not config.catalog_blueprints or bp.name in config.catalog_blueprints]
     background: list[asyncio.Task[Any]] = []
 
     async def on_start() -> None:
@@ -229,10 +231,10 @@ def create_service(ctx: PlatformContext, *, urza: Callable[[], Library] | None =
             except EsperError as e:
                 store.fail(job_id, f"resuming: {type(e).__name__}: {e}")
                 continue
-            core._start(job_id, bp, job.site)
+            core._start(job_id, bp, job.site, store_blueprint=False)  # resolved from Urza
         if sites:
             task = asyncio.get_running_loop().create_task(
-                core.ensure_catalog(sites, builtin_blueprints()))
+                core.ensure_catalog(sites, catalog))
             task.add_done_callback(_report_catalog)
             background.append(task)
 

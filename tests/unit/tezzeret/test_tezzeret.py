@@ -179,3 +179,44 @@ async def test_unknown_blueprint_and_layout(core):
         await c.compile("bp-0000000000000000", site_signature("NC", 4), wait=True)
     with pytest.raises(FailedPreconditionError, match="supports layouts"):
         await c.compile(BPS["conv3x3_residual"], site_signature("NC", 4), wait=True)
+
+
+def test_config_catalog_blueprints_must_be_builtin():
+    cfg = TezzeretConfig.from_dict({"catalog_blueprints": ["norm_scale"]})
+    assert cfg.catalog_blueprints == ("norm_scale",)
+    with pytest.raises(ConfigError, match="catalog_blueprints \\['nope'\\]: not built-in"):
+        TezzeretConfig.from_dict({"catalog_blueprints": ["nope"]})
+
+
+async def test_service_start_resumes_unfinished_jobs_and_compiles_only_the_named_catalog(tmp_path):
+    from esper.runtime.spec import PlatformContext
+    from esper.tezzeret.service import create_service
+
+    lib = MemoryLibrary()
+    key_file = tmp_path / "signing.pem"
+    KEY.save(key_file)
+    bp = BPS["lowrank_adapter"]
+    lib.blueprints[bp.blueprint_id] = bp
+    # A job a crashed Tezzeret left QUEUED: the next start must finish it.
+    (tmp_path / "tezzeret").mkdir()
+    store = JobStore(tmp_path / "tezzeret" / "jobs.sqlite")
+    job, _ = store.get_or_create(bp.blueprint_id, site_signature("NC", 8))
+    store.close()
+    ctx = PlatformContext(data_dir=tmp_path, settings={"tezzeret": {
+        "signing_key_file": str(key_file), "benchmark_iters": 0,
+        "trusted_keys_dir": str(tmp_path / "trusted"),
+        "catalog_sites": [{"layout": "NC", "channels": 4}],
+        "catalog_blueprints": ["norm_scale"]}})
+    spec = create_service(ctx, urza=lambda: lib)
+    await spec.on_start()
+    import asyncio
+
+    for _ in range(200):  # the catalog compiles in the background
+        names = {m.blueprint_name for m, _ in lib.kernels.values()}
+        if {"lowrank_adapter", "norm_scale"} <= names:
+            break
+        await asyncio.sleep(0.05)
+    await spec.on_stop()
+    sites = {(m.blueprint_name, m.site.channels) for m, _ in lib.kernels.values()}
+    assert ("lowrank_adapter", 8) in sites  # the resumed job
+    assert {name for name, ch in sites if ch == 4} == {"norm_scale"}  # only the named catalog
