@@ -60,14 +60,22 @@ class DemoConfig:
         if self.platform_timeout_s <= 0:
             raise ConfigError(f"platform_timeout_s={self.platform_timeout_s!r}: must be > 0")
 
+    def task_defaults(self) -> dict[str, Any]:
+        """The growth benchmark's settings for this task (learning rate, heuristic, catalog):
+        the demo shows the configuration whose numbers the README reports."""
+        from esper.tolaria.bench_growth import TASK_DEFAULTS
+
+        return TASK_DEFAULTS.get(self.task, {})
+
     def run_config(self) -> Any:
         from esper.tolaria.config import RunConfig
 
+        lr = self.task_defaults().get("optimizer", {}).get("learning_rate", 0.01)
         return RunConfig.from_dict({
             "task": self.task, "host": self.host, "controller": "heuristic", "epochs": self.epochs,
             "seed": self.seed, "batch_size": 64, "checkpoint_every": 5, "decide_timeout_s": 1.0,
             "budget": {"max_seeds": self.max_seeds, "max_added_parameters": 0},
-            "optimizer": {"name": "adamw", "learning_rate": 0.01, "schedule": "cosine"},
+            "optimizer": {"name": "adamw", "learning_rate": lr, "schedule": "cosine"},
             "labels": {"launched_by": "esper demo"},
         })
 
@@ -223,8 +231,11 @@ def run_demo(cfg: DemoConfig) -> Path:
     signatures = site_signatures(run_cfg)
     console.print(f"seed sites of {run_cfg.task}/{run_cfg.host}: {', '.join(signatures)}")
     data_dir = out / "platform"
+    defaults = cfg.task_defaults()
     settings = {
-        "tezzeret": {"catalog_sites": _site_settings(signatures), "benchmark_iters": 5},
+        "tezzeret": {"catalog_sites": _site_settings(signatures), "benchmark_iters": 5,
+                     "catalog_blueprints": list(defaults.get("blueprints", ()))},
+        "tamiyo": {"policy": "heuristic", "heuristic": dict(defaults.get("heuristic", {}))},
         "urza": {"trusted_keys_dir": str(data_dir / "trusted_keys")},
     }
     # Tezzeret writes its public key here at start; Urza and the workers trust what is here.
