@@ -61,11 +61,13 @@ class DemoConfig:
             raise ConfigError(f"platform_timeout_s={self.platform_timeout_s!r}: must be > 0")
 
     def task_defaults(self) -> dict[str, Any]:
-        """The growth benchmark's settings for this task (learning rate, heuristic, catalog):
-        the demo shows the configuration whose numbers the README reports."""
+        """The growth benchmark's settings for this task and host (learning rate, heuristic,
+        catalog): the demo shows the configuration whose numbers the README reports. Another
+        host than the benchmark's gets the platform defaults and the whole catalog."""
         from esper.tolaria.bench_growth import TASK_DEFAULTS
 
-        return TASK_DEFAULTS.get(self.task, {})
+        defaults = TASK_DEFAULTS.get(self.task, {})
+        return defaults if defaults.get("host") == self.host else {}
 
     def run_config(self) -> Any:
         from esper.tolaria.config import RunConfig
