@@ -11,7 +11,7 @@ are `bench_growth.run_arm` itself, the gnn run is the same trainer with the lear
 accuracy, final parameters, training FLOPs, seeds kept, and for gnn the share of its slot
 decisions that fell back to the heuristic (uncertainty above the threshold).
 
-    esper bench-controllers [--quick] [--policy policies/gnn.json] [--out bench-out/controllers]
+    esper bench controllers [--quick] [--policy policies/gnn.json] [--out bench-out/controllers]
 """
 
 from __future__ import annotations
@@ -242,7 +242,7 @@ def _refuse_leaks(evals: Sequence[tuple[str, Sequence[int]]], trained: set[tuple
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="esper bench-controllers", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="esper bench controllers", description=__doc__.split("\n\n")[0])
     p.add_argument("--policy", type=Path, help="a trained policy JSON (default: train one on --train-*)")
     p.add_argument("--train-tasks", default="mnist1d,spirals")
     p.add_argument("--train-seeds", default="0-4")
@@ -301,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     order = {j: i for i, j in enumerate(jobs)}
     runs.sort(key=lambda r: order[(r.task, r.controller, r.seed)])
     meta = {
-        "command": "esper bench-controllers " + " ".join(argv),
+        "command": "esper bench controllers " + " ".join(argv),
         "policy": str(args.policy), "version": pmeta["version"], "threshold": args.threshold,
         "trained_on": ", ".join(f"{t} seed {s}" for t, s in sorted(_trained_runs(pmeta))) or "synthetic boundaries only",
         "evaluated_on": "; ".join(f"{t} seeds {list(s)}" for t, s in evals),

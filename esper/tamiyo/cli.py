@@ -1,8 +1,7 @@
-"""Tamiyo's subcommands: `esper tamiyo train` and `esper bench-controllers`.
+"""Tamiyo's subcommand `esper tamiyo train`.
 
-`esper bench controllers` would be the natural name, but the `bench` group belongs to
-`esper/tolaria/cli.py`, which creates it as a local parser with no hook for other packages
-(and tamiyo registers before tolaria), so the controller benchmark is `esper bench-controllers`.
+The controller benchmark, `esper bench controllers`, is registered with the other benchmarks
+in `esper/tolaria/cli.py`'s `bench` group.
 
 Heavy imports (torch, torch_geometric) stay inside the commands.
 """
@@ -48,12 +47,6 @@ def register_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     t.add_argument("--durable", default="tamiyo-field-reports", help="JetStream durable consumer name")
     t.set_defaults(func=_train)
 
-    b = sub.add_parser(
-        "bench-controllers", add_help=False, prefix_chars="\0",
-        help="learned vs heuristic vs random vs fixed on held-out tasks and seeds "
-             "(`esper bench-controllers --help` for its options)")
-    b.add_argument("argv", nargs="*")
-    b.set_defaults(func=_bench)
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -101,7 +94,3 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from esper import bench_controllers
-
-    return int(bench_controllers.main(args.argv) or 0)

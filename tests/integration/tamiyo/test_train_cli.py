@@ -1,5 +1,5 @@
 """`esper tamiyo train` as a real process → TamiyoService serves its policy over gRPC, hot-reloads
-the next version, GetPolicyInfo and Decide say which; `esper bench-controllers --quick` end to end."""
+the next version, GetPolicyInfo and Decide say which; `esper bench controllers --quick` end to end."""
 
 from __future__ import annotations
 
