@@ -17,12 +17,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from google.protobuf.message import DecodeError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
 from esper.blueprints.builder import construct
@@ -261,7 +262,7 @@ def pack_kernel(bp: blueprint_pb2.Blueprint, site: seed_pb2.SiteSignature, modul
         if v.dtype not in _TORCH_TO_PROTO:
             raise ArtifactError(f"tensor {k!r} has dtype {v.dtype}; allowed: "
                                 f"{sorted(str(t) for t in _TORCH_TO_PROTO)}")
-    weights = safetensors.torch.save(state)
+    weights = save_safetensors_bytes(state)
     ir_bytes = bp.ir.SerializeToString(deterministic=True)
     manifest = kernel_pb2.KernelManifest(
         format_version=FORMAT_VERSION,
@@ -364,7 +365,7 @@ def verify_artifact(data: bytes, trusted: TrustedKeys, *, expected_kernel_id: st
     header = parse_safetensors_header(artifact.weights)
     _check_tensors(header, manifest, plan)
     try:
-        tensors = safetensors.torch.load(artifact.weights)
+        tensors = load_safetensors_bytes(artifact.weights)  # no code runs: safetensors
     except Exception as e:  # safetensors raises its own SafetensorError; surface it typed
         raise ArtifactWeightsError(f"safetensors rejected the weights: {e}") from e
     return VerifiedKernel(kernel_id=kernel_id, manifest=manifest, ir=ir, plan=plan,
