@@ -8,7 +8,7 @@ Jepsen (2025) lost acknowledged writes with that default. Esper writes a config 
 before the ack; `NatsServerConfig.sync_interval` accepts a Go duration ("1s") for
 deployments that prefer throughput. The cost is measured by `benchmarks/oona_publish.py`.
 
-Orphans: the child gets `PR_SET_PDEATHSIG=SIGTERM` on Linux, so a parent killed with
+Orphans: the child gets `PR_SET_PDEATHSIG=SIGTERM` on Linux (via `setpriv`), so a parent killed with
 SIGKILL still takes its nats-server down, and an `atexit` hook stops every server still
 running at interpreter exit. PDEATHSIG fires when the *thread* that spawned the child
 exits, so call `start()` from a long-lived thread (the main thread, or the thread that
@@ -18,7 +18,6 @@ will also call `stop()`), never from a short-lived worker thread.
 from __future__ import annotations
 
 import atexit
-import ctypes
 import json
 import logging
 import os
@@ -43,7 +42,6 @@ log = logging.getLogger(__name__)
 BINARY_ENV = "ESPER_NATS_SERVER"
 """Environment variable that overrides which nats-server binary is run."""
 
-_PR_SET_PDEATHSIG = 1
 _DURATION_UNITS = ("ns", "us", "µs", "ms", "s", "m", "h")
 
 
@@ -154,21 +152,21 @@ def find_binary() -> Path:
     )
 
 
-def _pdeathsig_preexec() -> Any:
-    """A preexec_fn that makes the kernel SIGTERM the child when its parent thread dies."""
+def _pdeathsig_prefix() -> list[str]:
+    """Command prefix that makes the kernel SIGTERM the child when its parent thread dies.
+
+    util-linux's `setpriv --pdeathsig` sets PR_SET_PDEATHSIG and execs the server, so no
+    Python runs between fork and exec: a `preexec_fn` doing the same crashed now and then
+    in the forked child of a process with gRPC threads. Without setpriv (not Linux, or a
+    stripped image) the atexit hook is the only guard, and a warning says so.
+    """
     if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)
-    prctl = libc.prctl  # resolved before fork: the child then only makes one C call
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        # The parent may have died between fork and prctl; then nobody would signal us.
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return preexec
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        log.warning("setpriv not found: a nats-server whose parent is SIGKILLed will outlive it")
+        return []
+    return [setpriv, "--pdeathsig", "TERM", "--"]
 
 
 _live: weakref.WeakSet[NatsServer] = weakref.WeakSet()
@@ -277,6 +275,7 @@ class NatsServer:
             try:
                 self._proc = subprocess.Popen(
                     [
+                        *_pdeathsig_prefix(),
                         str(self.binary),
                         "-c",
                         str(self.config_path),
@@ -289,9 +288,6 @@ class NatsServer:
                     # Own session: a terminal's Ctrl-C reaches only the parent, which then
                     # stops the bus after its publishers have flushed.
                     start_new_session=True,
-                    # The hook makes one C call resolved before fork() (no imports, no
-                    # Python-level locks), which is what preexec_fn is safe for with threads.
-                    preexec_fn=_pdeathsig_preexec(),  # noqa: PLW1509
                 )
             finally:
                 log_file.close()
