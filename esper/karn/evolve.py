@@ -18,7 +18,7 @@ import hashlib
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ import torch
 from esper.blueprints import blueprint_id, build_module, plan_ir, site_shape
 from esper.blueprints.catalog import node as make_node
 from esper.blueprints.ir import INPUT, IRPlan, check_site, layout_name, site_key
+from esper.config import reject_unknown_keys
 from esper.errors import ConfigError, EsperError, InvalidArgumentError
 from generated.esper.common.v1 import blueprint_pb2, seed_pb2
 
@@ -499,10 +500,7 @@ class EvolveConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> EvolveConfig:
         d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown karn settings {unknown}; allowed: {sorted(known)}")
+        reject_unknown_keys(cls, d, "karn settings")
         return cls(**d)
 
 

@@ -28,7 +28,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -36,6 +36,7 @@ import grpc
 
 from esper.blueprints import plan_ir, site_key, supports
 from esper.blueprints.ir import check_site
+from esper.config import reject_unknown_keys
 from esper.errors import (
     ConfigError,
     DeadlineExceededError,
@@ -76,10 +77,7 @@ class KarnConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> KarnConfig:
         d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown karn settings {unknown}; allowed: {sorted(known)}")
+        reject_unknown_keys(cls, d, "karn settings")
         if "evolve" in d and not isinstance(d["evolve"], EvolveConfig):
             d["evolve"] = EvolveConfig.from_dict(d["evolve"])
         return cls(**d)

@@ -28,7 +28,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Self
 
@@ -40,6 +40,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import APIError, NotFoundError
 from opentelemetry import trace
 
+from esper.config import reject_unknown_keys
 from esper.errors import (
     ConfigError,
     FailedPreconditionError,
@@ -194,10 +195,7 @@ class ConsumerConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ConsumerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown consumer settings {unknown}; allowed: {sorted(known)}")
+        reject_unknown_keys(cls, data, "consumer settings")
         return cls(**data)
 
 

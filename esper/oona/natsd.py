@@ -30,11 +30,12 @@ import sysconfig
 import threading
 import time
 import weakref
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from esper.config import reject_unknown_keys
 from esper.errors import ConfigError, FailedPreconditionError, UnavailableError
 
 log = logging.getLogger(__name__)
@@ -108,12 +109,7 @@ class NatsServerConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NatsServerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown nats server config keys {unknown}; allowed: {sorted(known)}"
-            )
+        reject_unknown_keys(cls, data, "nats server config keys")
         return cls(**data)
 
 

@@ -37,7 +37,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Self
 
 import nats
@@ -46,6 +46,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NoStreamResponseError
 
+from esper.config import reject_unknown_keys
 from esper.errors import ConfigError, FailedPreconditionError, UnavailableError
 from esper.oona.envelope import encode, headers_for, subject_for
 from esper.oona.subjects import DEFAULT_STREAMS, StreamSpec, ensure_streams
@@ -114,10 +115,7 @@ class PublisherConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PublisherConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown publisher settings {unknown}; allowed: {sorted(known)}")
+        reject_unknown_keys(cls, data, "publisher settings")
         data = dict(data)
         if isinstance(data.get("breaker"), dict):
             data["breaker"] = BreakerConfig.from_dict(data["breaker"])

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, NotFoundError
 
+from esper.config import reject_unknown_keys
 from esper.errors import ConfigError, InvalidArgumentError
 
 EVENTS_PREFIX = "esper.events.v1"
@@ -131,10 +132,7 @@ class StreamSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StreamSpec:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown stream settings {unknown}; allowed: {sorted(known)}")
+        reject_unknown_keys(cls, data, "stream settings")
         data = dict(data)
         if "subjects" in data:
             data["subjects"] = tuple(data["subjects"])

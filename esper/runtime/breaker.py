@@ -21,9 +21,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from esper.config import reject_unknown_keys
 from esper.errors import ConfigError, EsperError, UnavailableError
 
 T = TypeVar("T")
@@ -69,12 +70,7 @@ class BreakerConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BreakerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown circuit breaker settings {unknown}; allowed: {sorted(known)}"
-            )
+        reject_unknown_keys(cls, data, "circuit breaker settings")
         return cls(**data)
 
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from esper.config import reject_unknown_keys
 from esper.errors import ConfigError
 from esper.runtime.spec import PARTS
 
@@ -77,10 +78,7 @@ class PlatformConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PlatformConfig:
         """Build from a mapping; unknown keys raise ConfigError naming the allowed ones."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown platform config keys {unknown}; allowed: {sorted(known)}")
+        reject_unknown_keys(cls, data, "platform config keys")
         return cls(**dict(data))
 
     @classmethod

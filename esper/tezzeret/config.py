@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
+from esper.config import reject_unknown_keys
 from esper.errors import ConfigError
 
 
@@ -51,10 +52,7 @@ class TezzeretConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> TezzeretConfig:
         d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown tezzeret settings {unknown}; allowed: {sorted(known)}")
+        reject_unknown_keys(cls, d, "tezzeret settings")
         for key in ("catalog_sites", "catalog_blueprints"):
             if key in d:
                 d[key] = tuple(d[key])

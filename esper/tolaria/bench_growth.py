@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from esper.config import reject_unknown_keys
 from esper.errors import ConfigError
 
 ARMS = ("static-initial", "static-final", "fixed", "random", "heuristic")
@@ -101,10 +102,7 @@ class GrowthBenchConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GrowthBenchConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown GrowthBenchConfig key(s) {unknown}; allowed: {sorted(known)}")
+        reject_unknown_keys(cls, data, "GrowthBenchConfig key(s)")
         return cls(**dict(data))
 
     def run_config(self, *, seed: int, controller: str):

@@ -18,11 +18,12 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from esper.errors import ConfigError, FailedPreconditionError
+from esper.config import reject_unknown_keys
+from esper.errors import FailedPreconditionError
 from esper.tolaria.runs import (
     EventLog,
     RunRecord,
@@ -63,10 +64,7 @@ class SupervisorConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SupervisorConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown tolaria supervisor settings {unknown}; allowed: {sorted(known)}")
+        reject_unknown_keys(cls, data, "tolaria supervisor settings")
         return cls(**data)
 
 

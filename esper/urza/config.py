@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
+from esper.config import reject_unknown_keys
 from esper.errors import ConfigError
 
 MAX_CHUNK = 4 << 20
@@ -45,8 +46,5 @@ class UrzaConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UrzaConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown urza settings {unknown}; allowed: {sorted(known)}")
+        reject_unknown_keys(cls, data, "urza settings")
         return cls(**data)
