@@ -94,6 +94,9 @@ class SeedSlot(nn.Module):
         # A list, not an attribute, so the host's site is not registered as a child
         # (that would duplicate the host's parameters under the wrapper).
         self._site = [site]
+        # A site without parameters (an activation) has no parameter gradient to report;
+        # its host gradient signal is then the gradient arriving at its output.
+        self._site_has_params = any(True for _ in site.parameters())
         self._signature = signature
         self._emit_fn = emit
         self._clock = clock
@@ -207,7 +210,15 @@ class SeedSlot(nn.Module):
             y = h + s
         if record:
             self._record_activation(h, s)
+            if not self._site_has_params and h.requires_grad:
+                h.register_hook(self._record_output_gradient)
         return y
+
+    def _record_output_gradient(self, grad: torch.Tensor) -> None:
+        # Runs in backward, on the device: the norm is accumulated, never read here.
+        self.acc[:, _HOST_GN] += torch.linalg.vector_norm(grad.detach().float()).to(self.acc.device)
+        for w in (_EPOCH, _STAGE):
+            self._counts[w][_N_HOST] += 1
 
     def _record_activation(self, h: torch.Tensor, s: torch.Tensor | None) -> None:
         # Sums and L2 norms are single passes that allocate nothing of the activation's
