@@ -50,6 +50,10 @@ class BreakerConfig:
     """Seconds the breaker stays OPEN before it lets trial calls through."""
     half_open_calls: int = 3
     """Trial calls permitted in HALF_OPEN; their failure rate decides CLOSED or OPEN."""
+    half_open_max_wait_s: float = 10.0
+    """Seconds HALF_OPEN waits for its trial calls to report; past it the breaker opens again
+    and a new round of trials starts. Without it, trials that hang until their deadline
+    (a server that accepts connections but does not answer yet) hold every permit."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.failure_rate_threshold <= 100.0:
@@ -67,6 +71,9 @@ class BreakerConfig:
             raise ConfigError(f"open_wait_s={self.open_wait_s!r}: must be >= 0")
         if self.half_open_calls < 1:
             raise ConfigError(f"half_open_calls={self.half_open_calls!r}: must be >= 1")
+        if self.half_open_max_wait_s <= 0:
+            raise ConfigError(
+                f"half_open_max_wait_s={self.half_open_max_wait_s!r}: must be > 0")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BreakerConfig:
@@ -95,6 +102,10 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._half_open_permits = 0
         self._half_open_results: list[bool] = []
+        self._half_open_since = 0.0
+        # Which HALF_OPEN round a trial belongs to: a trial of an abandoned round that
+        # reports late must not decide the current one.
+        self._round = 0
         self.rejected_calls = 0
         """Calls refused because the breaker was OPEN (or HALF_OPEN with no permit left)."""
 
@@ -109,22 +120,23 @@ class CircuitBreaker:
         with self._lock:
             return _rate(self._window)
 
-    def acquire(self) -> None:
+    def acquire(self) -> int | None:
         """Ask to make one call; raises `UnavailableError` when the breaker refuses it.
 
         Every successful `acquire` must be followed by exactly one `record_success`
-        or `record_failure`.
+        or `record_failure` (pass them the returned ticket: the HALF_OPEN round of a
+        trial call, None for a call admitted while CLOSED).
         """
         with self._lock:
             self._maybe_half_open()
             if self._state is BreakerState.CLOSED:
-                return
+                return None
             if (
                 self._state is BreakerState.HALF_OPEN
                 and self._half_open_permits < self.config.half_open_calls
             ):
                 self._half_open_permits += 1
-                return
+                return self._round
             self.rejected_calls += 1
             remaining = max(0.0, self._opened_at + self.config.open_wait_s - self._clock())
         raise UnavailableError(
@@ -134,29 +146,32 @@ class CircuitBreaker:
             reason="CIRCUIT_OPEN",
         )
 
-    def record_success(self) -> None:
-        self._record(failed=False)
+    def record_success(self, ticket: int | None = None) -> None:
+        self._record(failed=False, ticket=ticket)
 
-    def record_failure(self) -> None:
-        self._record(failed=True)
+    def record_failure(self, ticket: int | None = None) -> None:
+        self._record(failed=True, ticket=ticket)
 
     @contextmanager
-    def guard(self, is_failure: Callable[[BaseException], bool] | None = None) -> Iterator[None]:
+    def guard(self, is_failure: Callable[[BaseException], bool] | None = None
+              ) -> Iterator[int | None]:
         """Run the block as one call; an exception counts as a failure when `is_failure` says so.
+
+        Yields the call's ticket: not None when it is a HALF_OPEN trial call.
 
         By default every exception counts except `EsperError`s that are the caller's
         fault (bad argument, not found, ...): those say the dependency is healthy.
         """
-        self.acquire()
+        ticket = self.acquire()
         try:
-            yield
+            yield ticket
         except BaseException as exc:
             if (is_failure or default_is_failure)(exc):
-                self.record_failure()
+                self.record_failure(ticket)
             else:
-                self.record_success()
+                self.record_success(ticket)
             raise
-        self.record_success()
+        self.record_success(ticket)
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         with self.guard():
@@ -166,15 +181,23 @@ class CircuitBreaker:
 
     def _maybe_half_open(self) -> None:
         if (
+            self._state is BreakerState.HALF_OPEN
+            and self._clock() - self._half_open_since >= self.config.half_open_max_wait_s
+        ):
+            self._open()  # the trials never reported: try again after open_wait_s
+        if (
             self._state is BreakerState.OPEN
             and self._clock() - self._opened_at >= self.config.open_wait_s
         ):
             self._transition(BreakerState.HALF_OPEN)
             self._half_open_permits = 0
             self._half_open_results = []
+            self._half_open_since = self._clock()
+            self._round += 1
 
-    def _record(self, *, failed: bool) -> None:
+    def _record(self, *, failed: bool, ticket: int | None = None) -> None:
         with self._lock:
+            self._maybe_half_open()
             if self._state is BreakerState.CLOSED:
                 self._window.append(failed)
                 if (
@@ -183,6 +206,8 @@ class CircuitBreaker:
                 ):
                     self._open()
             elif self._state is BreakerState.HALF_OPEN:
+                if ticket is not None and ticket != self._round:
+                    return  # a trial of an abandoned round
                 self._half_open_results.append(failed)
                 if len(self._half_open_results) >= self.config.half_open_calls:
                     if _rate(self._half_open_results) >= self.config.failure_rate_threshold:

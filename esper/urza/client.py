@@ -43,8 +43,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 URZA_BREAKER = BreakerConfig(failure_rate_threshold=50.0, window_size=20, minimum_calls=10,
-                             open_wait_s=0.3, half_open_calls=3)
-"""Short open wait: a restarted Urza is back in use within about a second."""
+                             open_wait_s=0.3, half_open_calls=3, half_open_max_wait_s=0.5)
+"""Short open wait: a restarted Urza is back in use within about a second. Trials that hang
+(Urza restarting: the port accepts, nothing answers yet) are given up after 0.5 s so that
+fresh trials find the server as soon as it serves."""
 
 # A killed server must be found again quickly once it is back: gRPC's default reconnect
 # backoff grows to minutes.
@@ -97,12 +99,17 @@ class UrzaClient:
         self._stub = rpc.UrzaServiceStub(self._channel)
         self.resumed_downloads = 0
         """Downloads that continued from a byte offset after a broken stream."""
+        self._local = threading.local()
 
     def close(self) -> None:
         self._channel.close()
 
     def _opts(self, left: float) -> dict[str, object]:
-        return {"timeout": left, "metadata": self._metadata}
+        # A HALF_OPEN trial call waits for the channel to (re)connect within its deadline
+        # instead of failing at once: right after Urza restarts, the channel may still be
+        # in reconnect backoff, and a trial failed that way would keep the breaker open.
+        return {"timeout": left, "metadata": self._metadata,
+                "wait_for_ready": getattr(self._local, "trial", False)}
 
     def __enter__(self) -> UrzaClient:
         return self
@@ -130,11 +137,14 @@ class UrzaClient:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DeadlineExceededError(f"{what}: no time left of {timeout_s}s")
-            with self.breaker.guard(is_breaker_failure):
+            with self.breaker.guard(is_breaker_failure) as ticket:
+                self._local.trial = ticket is not None
                 try:
                     return attempt(left)
                 except grpc.RpcError as err:
                     raise as_esper_error(err) from err
+                finally:
+                    self._local.trial = False
 
         retrying = Retrying(retry=retry_if_exception(_retryable), wait=wait, stop=stop,
                             reraise=True)

@@ -177,3 +177,31 @@ def test_config_from_dict_rejects_unknown_keys() -> None:
     assert BreakerConfig.from_dict({"window_size": 5, "minimum_calls": 5}).window_size == 5
     with pytest.raises(ConfigError, match="wait_duration"):
         BreakerConfig.from_dict({"wait_duration": 1})
+
+
+def test_half_open_trials_that_never_report_are_abandoned_for_a_new_round() -> None:
+    clock = Clock()
+    b = _breaker(clock, half_open_max_wait_s=0.5)
+    for _ in range(4):
+        _fail(b)
+    assert b.state is BreakerState.OPEN
+    clock.t += 2.0
+    hung = [b.acquire(), b.acquire()]  # both trial permits taken by calls that hang
+    with pytest.raises(UnavailableError):
+        b.acquire()
+    clock.t += 0.5  # the trials did not report in time: open again ...
+    assert b.state is BreakerState.OPEN
+    clock.t += 2.0  # ... and a fresh round of trials is let through
+    fresh = [b.acquire(), b.acquire()]
+    # The abandoned round's trials report late, as failures: they must not decide this round.
+    for t in hung:
+        b.record_failure(t)
+    assert b.state is BreakerState.HALF_OPEN
+    for t in fresh:
+        b.record_success(t)
+    assert b.state is BreakerState.CLOSED
+
+
+def test_half_open_max_wait_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match="half_open_max_wait_s=0"):
+        BreakerConfig(half_open_max_wait_s=0)
