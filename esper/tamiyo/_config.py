@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+from esper.config import reject_unknown_keys
 from esper.errors import ConfigError
 
 T = TypeVar("T")
@@ -18,10 +19,7 @@ def config_from_dict(cls: type[T], data: Mapping[str, Any] | None, *, where: str
     `__post_init__` are re-raised as `ConfigError` with `where` in the message.
     """
     data = dict(data or {})
-    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"unknown {where} key(s) {unknown}; allowed: {sorted(known)}")
+    reject_unknown_keys(cls, data, f"{where} key(s)")
     data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     try:
         return cls(**data)
