@@ -24,7 +24,6 @@ import asyncio
 import hashlib
 import logging
 import secrets
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -34,6 +33,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from esper import localdb
 from esper.blueprints import plan_ir, site_key, supports
 from esper.blueprints.ir import check_site
 from esper.config import reject_unknown_keys
@@ -101,9 +101,8 @@ class RequestStore:
     """Answers by request_id, so a retried ProposeBlueprints returns the first answer."""
 
     def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db = localdb.connect(path, synchronous="FULL")
         self._lock = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS requests (request_id TEXT PRIMARY KEY, "
                          "fingerprint TEXT NOT NULL, response BLOB NOT NULL)")
 

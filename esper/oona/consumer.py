@@ -23,7 +23,6 @@ import asyncio
 import inspect
 import logging
 import re
-import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -40,6 +39,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import APIError, NotFoundError
 from opentelemetry import trace
 
+from esper import localdb
 from esper.config import reject_unknown_keys
 from esper.errors import (
     ConfigError,
@@ -106,9 +106,7 @@ class SqliteSeenStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_entries = max_entries
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = localdb.connect(self.path, synchronous="NORMAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS seen (event_id TEXT PRIMARY KEY, n INTEGER NOT NULL)"
         )

@@ -4,13 +4,13 @@ idempotent across calls and restarts."""
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 import threading
 import time
 from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from esper import localdb
 from esper.blueprints import site_key
 from esper.errors import NotFoundError
 from generated.esper.common.v1 import kernel_pb2, seed_pb2
@@ -50,9 +50,7 @@ class JobStore:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = localdb.connect(self.path, synchronous="FULL")
         self._db.execute(_SCHEMA)
         self._lock = threading.Lock()
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import sqlite3
 import struct
 import threading
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from esper import localdb
 from esper.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 from generated.esper.oona.v1 import events_pb2
 from generated.esper.tolaria.v1 import tolaria_service_pb2 as pb
@@ -254,10 +254,8 @@ class RunStore:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         (root / "runs").mkdir(exist_ok=True)
-        self._db = sqlite3.connect(root / "runs.sqlite", check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
         # A run record is the service's memory across restarts: commit durably.
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = localdb.connect(root / "runs.sqlite", synchronous="FULL", isolation_level="")
         self._db.execute(_SCHEMA)
         self._db.commit()
         self._lock = threading.Lock()

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from esper import localdb
 from esper.urza.store.migrations import LATEST_VERSION
 from esper.urza.store.sql import SqlStore, Tx
 
@@ -51,13 +52,9 @@ class SqliteStore(SqlStore):
         if conn is None:
             if self._closed:
                 raise RuntimeError(f"SqliteStore({self.path}) is closed")
-            # isolation_level=None: transactions are begun explicitly below.
-            conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s,
-                                   isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_s * 1000)}")
+            # Transactions are begun explicitly below (isolation_level=None).
+            conn = localdb.connect(self.path, synchronous="FULL",
+                                   busy_timeout_s=self._busy_timeout_s, foreign_keys=True)
             self._local.conn = conn
             with self._all_lock:
                 self._all.append(conn)

@@ -134,6 +134,31 @@ def test_concurrent_openers_migrate_once(open_store: Opener) -> None:
     assert [r[0] for r in rows] == [1, 2]
 
 
+def test_sqlite_opener_waits_for_a_writer_holding_a_fresh_database(tmp_path: Path) -> None:
+    """Switching a fresh file to WAL needs an exclusive lock, and SQLite answers BUSY at
+    once, without its busy handler, while another connection holds a write lock (its
+    deadlock avoidance) -- what several openers of a fresh database race into. The
+    opener must wait for that connection, not fail with 'database is locked'."""
+    import sqlite3
+
+    from esper.urza.store.sqlite import SqliteStore
+
+    path = tmp_path / "urza.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE t (x INTEGER)")
+    other.execute("BEGIN IMMEDIATE")  # RESERVED lock, as a second opener mid-switch holds
+    other.execute("INSERT INTO t VALUES (1)")
+    release = threading.Timer(0.3, lambda: other.execute("COMMIT"))
+    release.start()
+    try:
+        store = SqliteStore(path, busy_timeout_s=10.0)
+    finally:
+        release.join()
+        other.close()
+    assert store.schema_version() == LATEST_VERSION
+    store.close()
+
+
 # -- blueprints ------------------------------------------------------------------------
 
 
