@@ -7,7 +7,12 @@ OPEN: calls are refused with `UnavailableError` (no remote call is made) until
 `open_wait_s` has passed; the next permission request then moves it to HALF_OPEN.
 HALF_OPEN: `half_open_calls` trial calls are let through (more are refused); when all
 have reported, the breaker CLOSEs if their failure rate is below the threshold and
-OPENs again otherwise.
+OPENs again otherwise. Trials that have not all reported after `half_open_max_wait_s`
+are abandoned: the breaker OPENs and a new round follows. A late *failure* of an
+abandoned round is stale (the call may have been waiting on a server that has since
+come back) and is dropped; a late *success* is a fresh answer from the dependency and
+counts in the current round -- under heavy load a trial can outlast its round and still
+be the best evidence that the dependency is back.
 
 Thread-safe: one lock guards every transition, so a breaker can be shared by a
 pool of fetcher threads.
@@ -120,6 +125,21 @@ class CircuitBreaker:
         with self._lock:
             return _rate(self._window)
 
+    def raise_if_refusing(self) -> None:
+        """Raise the same `UnavailableError` as `acquire` when a call would be refused now,
+        without taking a trial permit. Lets a caller fail fast before it sets up a call
+        (retry state, request objects): with hundreds of callers polling an open
+        breaker, the refusal path is what runs most."""
+        with self._lock:
+            self._maybe_half_open()
+            if self._state is BreakerState.CLOSED or (
+                self._state is BreakerState.HALF_OPEN
+                and self._half_open_permits < self.config.half_open_calls
+            ):
+                return
+            self.rejected_calls += 1
+        raise self._refusal()
+
     def acquire(self) -> int | None:
         """Ask to make one call; raises `UnavailableError` when the breaker refuses it.
 
@@ -138,8 +158,12 @@ class CircuitBreaker:
                 self._half_open_permits += 1
                 return self._round
             self.rejected_calls += 1
-            remaining = max(0.0, self._opened_at + self.config.open_wait_s - self._clock())
-        raise UnavailableError(
+        raise self._refusal()
+
+    def _refusal(self) -> UnavailableError:
+        # Read without the lock: the message is advisory.
+        remaining = max(0.0, self._opened_at + self.config.open_wait_s - self._clock())
+        return UnavailableError(
             f"circuit breaker {self.name!r} is {self._state.value}: calls refused for "
             f"another {remaining:.2f}s (failure rate reached "
             f"{self.config.failure_rate_threshold}%)",
@@ -206,8 +230,8 @@ class CircuitBreaker:
                 ):
                     self._open()
             elif self._state is BreakerState.HALF_OPEN:
-                if ticket is not None and ticket != self._round:
-                    return  # a trial of an abandoned round
+                if failed and ticket is not None and ticket != self._round:
+                    return  # a stale failure: a trial of an abandoned round
                 self._half_open_results.append(failed)
                 if len(self._half_open_results) >= self.config.half_open_calls:
                     if _rate(self._half_open_results) >= self.config.failure_rate_threshold:

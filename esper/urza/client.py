@@ -124,6 +124,9 @@ class UrzaClient:
         with jittered backoff until `timeout_s` has passed."""
         if timeout_s <= 0:
             raise InvalidArgumentError(f"timeout_s={timeout_s}: must be > 0", field="timeout_s")
+        # Fail fast on an open breaker before any retry state is built: with many
+        # fetchers polling while Urza is down, this path is most of the client's CPU.
+        self.breaker.raise_if_refusing()
         deadline = time.monotonic() + timeout_s
         backoff = wait_random_exponential(multiplier=0.05, max=0.5)
 

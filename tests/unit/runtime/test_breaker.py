@@ -202,6 +202,43 @@ def test_half_open_trials_that_never_report_are_abandoned_for_a_new_round() -> N
     assert b.state is BreakerState.CLOSED
 
 
+def test_a_late_success_of_an_abandoned_round_counts_in_the_current_one() -> None:
+    """Under load a trial can outlast its round; its success is still a fresh answer."""
+    clock = Clock()
+    b = _breaker(clock, half_open_max_wait_s=0.5)
+    for _ in range(4):
+        _fail(b)
+    clock.t += 2.0
+    slow = [b.acquire(), b.acquire()]
+    clock.t += 0.5
+    assert b.state is BreakerState.OPEN  # round abandoned
+    clock.t += 2.0
+    current = b.acquire()
+    for t in slow:
+        b.record_success(t)  # late successes: two results decide a round of two trials
+    assert b.state is BreakerState.CLOSED
+    b.record_success(current)  # the current trial reports after the breaker closed
+    assert b.state is BreakerState.CLOSED
+
+
+def test_raise_if_refusing_fails_fast_without_taking_a_permit() -> None:
+    clock = Clock()
+    b = _breaker(clock)
+    b.raise_if_refusing()  # CLOSED: passes
+    for _ in range(4):
+        _fail(b)
+    with pytest.raises(UnavailableError, match="CIRCUIT_OPEN|OPEN"):
+        b.raise_if_refusing()
+    assert b.rejected_calls == 1
+    clock.t += 2.0
+    b.raise_if_refusing()  # HALF_OPEN with permits left
+    b.raise_if_refusing()
+    assert [b.acquire(), b.acquire()] == [1, 1]  # the checks took no permit
+    with pytest.raises(UnavailableError, match="HALF_OPEN"):
+        b.raise_if_refusing()
+    assert b.rejected_calls == 2
+
+
 def test_half_open_max_wait_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="half_open_max_wait_s=0"):
         BreakerConfig(half_open_max_wait_s=0)
