@@ -51,6 +51,8 @@ class Library(rpc.UrzaServiceServicer):
         self.chunks_seen = 0
         self.downstream: str | None = None
         self.attempts = 0
+        self.events: list[str] = []
+        """What the handlers did, in order (shared with a test's own events)."""
 
     async def GetBlueprint(self, request: pb.GetBlueprintRequest, context: grpc.aio.ServicerContext) -> pb.GetBlueprintResponse:
         bid = request.blueprint_id
@@ -62,6 +64,7 @@ class Library(rpc.UrzaServiceServicer):
             return {}[bid]  # a bug: KeyError that is not an EsperError
         if bid == SLOW:
             await asyncio.sleep(0.6)
+            self.events.append("slow_done")
         if bid == SEES_DEADLINE:
             d = inbound_deadline()
             self.deadlines.append(None if d is None else d - time.monotonic())
@@ -269,12 +272,13 @@ async def test_deadline_is_visible_and_propagated_downstream() -> None:
 
 
 async def test_sigterm_path_not_serving_then_drain_then_hooks() -> None:
-    events: list[str] = []
+    lib = Library()
+    events = lib.events  # the handler's completion and the hook land in one ordered list
 
     async def on_stop() -> None:
         events.append("on_stop")
 
-    h = Host([make_spec(on_stop=on_stop)], config=HostConfig(notice_s=0.3, grace_s=3), auth=AUTH)
+    h = Host([make_spec(lib, on_stop=on_stop)], config=HostConfig(notice_s=0.3, grace_s=3), auth=AUTH)
     await h.start()
     async with channel(target(h), api_key=ADMIN) as ch, grpc.aio.insecure_channel(target(h)) as hch:
         stub = rpc.UrzaServiceStub(ch)
@@ -286,8 +290,7 @@ async def test_sigterm_path_not_serving_then_drain_then_hooks() -> None:
         stopping = asyncio.ensure_future(h.stop("test"))
         assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
         events.append("not_serving")
-        resp = await slow  # drained, not cancelled
-        events.append("slow_done")
+        resp = await slow  # drained, not cancelled: the client got its answer
         assert resp.blueprint.blueprint_id == SLOW
         await stopping
         took = time.monotonic() - t0

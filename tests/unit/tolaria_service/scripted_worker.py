@@ -9,6 +9,7 @@ the next epoch boundary like the real worker.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 import time
@@ -47,7 +48,9 @@ def main() -> None:
         env.epoch_metrics.total_epochs = cfg.epochs
         env.epoch_metrics.val_accuracy = epoch / cfg.epochs
         log.append(env, sync=True)
-        progress.write_text(str(epoch))
+        tmp = progress.with_suffix(".tmp")  # atomic: a SIGKILL never leaves it half-written
+        tmp.write_text(str(epoch))
+        os.replace(tmp, progress)
     env = new_envelope(run_id, source="tolaria", epoch=cfg.epochs)
     env.run_state.state = "succeeded"
     log.append(env, sync=True)
