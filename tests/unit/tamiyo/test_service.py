@@ -127,8 +127,9 @@ async def test_deadline_is_kept_when_urza_is_slow_and_the_reply_says_why(tmp_pat
         resp = await p.stub.Decide(pb.DecideRequest(snapshot=plateau_snapshot()), timeout=0.3)
         elapsed = time.monotonic() - t0
         # An answer at all proves the server replied inside the 0.3 s deadline (gRPC would
-        # raise DEADLINE_EXCEEDED otherwise); the elapsed time shows it did not wait on Urza's 3 s.
-        assert elapsed < 0.35
+        # raise DEADLINE_EXCEEDED otherwise); the elapsed time shows it did not wait on Urza's
+        # 3 s (with slack for a loaded machine).
+        assert elapsed < 1.0
         assert [d.kind for d in resp.decisions] == [D.DECISION_KIND_WAIT]
         assert "Urza did not answer" in resp.decisions[0].reason
         assert "plateau" in resp.decisions[0].reason

@@ -52,9 +52,11 @@ def test_controller_raises_while_tamiyo_is_down_breaker_opens_then_recovers():
             ctl.decide(_snapshot())
     # Two failures open the breaker: the next boundary costs no network round trip.
     assert ctl.breaker.state == BreakerState.OPEN
+    rejected = ctl.breaker.rejected_calls
     with pytest.raises(UnavailableError):
         ctl.decide(_snapshot())
-    assert ctl.last_latency_ms < 50
+    assert ctl.breaker.rejected_calls == rejected + 1  # refused without a call
+    assert ctl.last_latency_ms < 250  # well inside the 0.3 s timeout
     server = grpc.server(futures.ThreadPoolExecutor(2))
     trpc.add_TamiyoServiceServicer_to_server(_Germinate(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")

@@ -103,7 +103,9 @@ def test_corruption_on_every_attempt_ends_at_the_deadline(lib, key: SigningKey) 
         t0 = time.monotonic()
         with pytest.raises((DeadlineExceededError, UnavailableError)):
             client.get_kernel(kernel_id, timeout_s=0.8, chunk_size=4096)
-        assert time.monotonic() - t0 < 1.5
+        # Bounded by the 0.8 s deadline (with slack for a loaded CI machine), not by the
+        # million faults the server would serve.
+        assert time.monotonic() - t0 < 2.5
     assert len(servicer.offsets) >= 2
 
 
@@ -123,11 +125,15 @@ def test_breaker_opens_on_a_dead_urza_and_then_fails_fast() -> None:
             with pytest.raises(UnavailableError):
                 client.get_kernel("sha256:" + "a" * 64, timeout_s=0.3)
         assert breaker.state is BreakerState.OPEN
+        rejected = breaker.rejected_calls
         t0 = time.monotonic()
         with pytest.raises(UnavailableError) as err:
             client.get_kernel("sha256:" + "a" * 64, timeout_s=5)
         assert err.value.reason == "CIRCUIT_OPEN"
-        assert time.monotonic() - t0 < 0.05  # refused without a network call or retries
+        # Refused by the breaker, not by a network call that failed: no retries either,
+        # so it returns long before the 5 s deadline.
+        assert breaker.rejected_calls == rejected + 1
+        assert time.monotonic() - t0 < 1.0
         with pytest.raises(InvalidArgumentError, match="timeout_s=0"):
             client.get_kernel("sha256:" + "a" * 64, timeout_s=0)
 
@@ -137,4 +143,4 @@ def test_deadline_bounds_retries_against_a_dead_urza() -> None:
         t0 = time.monotonic()
         with pytest.raises(UnavailableError):
             client.get_kernel("sha256:" + "b" * 64, timeout_s=0.5)
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < 2.0  # the 0.5 s deadline plus slack for a busy machine
