@@ -102,6 +102,12 @@ class OutOfRangeError(InvalidArgumentError):
     reason = "OUT_OF_RANGE"
 
 
+class ResourceExhaustedError(EsperError):
+    """A quota or pool is full (e.g. Tolaria's active runs); retry once capacity frees up."""
+
+    reason = "RESOURCE_EXHAUSTED"
+
+
 class DataLossError(EsperError):
     """Stored data is gone or corrupt (e.g. a blob whose bytes no longer match its hash)."""
 

@@ -124,7 +124,7 @@ _BY_CODE: dict[grpc.StatusCode, type[E.EsperError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: E.FailedPreconditionError,
     grpc.StatusCode.ABORTED: E.FailedPreconditionError,
     grpc.StatusCode.UNAVAILABLE: E.UnavailableError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: E.UnavailableError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: E.ResourceExhaustedError,
     grpc.StatusCode.CANCELLED: E.UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: E.DeadlineExceededError,
     grpc.StatusCode.UNAUTHENTICATED: E.AuthError,

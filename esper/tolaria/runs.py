@@ -278,11 +278,8 @@ class RunStore:
         """
         with self._lock:
             if request_id:
-                row = self._db.execute(
-                    f"SELECT {', '.join(_COLUMNS)} FROM runs WHERE request_id = ?", (request_id,)
-                ).fetchone()
-                if row is not None:
-                    rec = _from_row(row)
+                rec = self._by_request_id(request_id)
+                if rec is not None:
                     if rec.config.SerializeToString(deterministic=True) != config.SerializeToString(
                         deterministic=True
                     ):
@@ -302,6 +299,17 @@ class RunStore:
             )
             self._db.commit()
             return rec, True
+
+    def by_request_id(self, request_id: str) -> RunRecord | None:
+        """The run a StartRun with this request_id created, if any."""
+        with self._lock:
+            return self._by_request_id(request_id)
+
+    def _by_request_id(self, request_id: str) -> RunRecord | None:
+        row = self._db.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM runs WHERE request_id = ?", (request_id,)
+        ).fetchone()
+        return None if row is None else _from_row(row)
 
     def get(self, run_id: str) -> RunRecord:
         with self._lock:

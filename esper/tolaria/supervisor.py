@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from esper.config import reject_unknown_keys
-from esper.errors import FailedPreconditionError
+from esper.errors import FailedPreconditionError, ResourceExhaustedError
 from esper.tolaria.runs import (
     EventLog,
     RunRecord,
@@ -49,6 +49,9 @@ class SupervisorConfig:
     """How often the event log and the worker process are checked."""
     stop_grace_s: float = 30.0
     """Seconds a worker gets to checkpoint and exit after SIGTERM before SIGKILL."""
+    max_active_runs: int = 4
+    """Runs with a live worker at once; StartRun beyond it is RESOURCE_EXHAUSTED. Each
+    worker trains on its own process, so size this to the machine's cores."""
     worker_module: str = "esper.tolaria.worker"
     """Module run as ``python -m <module> --run-dir ...``; tests swap in a scripted worker."""
 
@@ -57,6 +60,8 @@ class SupervisorConfig:
             raise ValueError(f"max_restarts={self.max_restarts!r}: must be >= 0")
         if not 0 < self.poll_interval_s <= 5:
             raise ValueError(f"poll_interval_s={self.poll_interval_s!r}: must be in (0, 5]")
+        if self.max_active_runs < 1:
+            raise ValueError(f"max_active_runs={self.max_active_runs!r}: must be >= 1")
         if self.stop_grace_s <= 0:
             raise ValueError(f"stop_grace_s={self.stop_grace_s!r}: must be > 0")
         if not self.worker_module or not all(p.isidentifier() for p in self.worker_module.split(".")):
@@ -145,6 +150,14 @@ class RunSupervisor:
         if self._closing:
             raise FailedPreconditionError("the Tolaria service is shutting down; retry elsewhere")
         self.validate(config)
+        # A retried StartRun (same request_id) gets its run back even when the pool is full.
+        # No await between this check and the spawn: two calls cannot both take the last slot.
+        replay = bool(request_id) and self.store.by_request_id(request_id) is not None
+        if not replay and len(self._live) >= self.config.max_active_runs:
+            raise ResourceExhaustedError(
+                f"{len(self._live)} runs are already active, the most this Tolaria runs at "
+                f"once (tolaria.supervisor.max_active_runs={self.config.max_active_runs}); "
+                "retry when one ends, stop one with StopRun, or raise the limit")
         rec, created = self.store.create(config, request_id=request_id)
         if created:
             env = new_envelope(rec.run_id, source="tolaria")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
@@ -16,19 +18,33 @@ from generated.esper.tolaria.v1 import tolaria_service_pb2_grpc as rpc
 WORKER = "tests.unit.tolaria_service.scripted_worker"
 
 
-@pytest.fixture
-async def tolaria(tmp_path):
+async def _serve(tmp_path, **supervisor):  # type: ignore[no-untyped-def]
     ctx = PlatformContext(
         data_dir=tmp_path,
-        settings={"tolaria": {"supervisor": {"worker_module": WORKER, "poll_interval_s": 0.02},
+        settings={"tolaria": {"supervisor": {"worker_module": WORKER, "poll_interval_s": 0.02,
+                                             **supervisor},
                               "worker_args": ["--epoch-seconds", "0.05"]}},
     )
     host = Host([create_service(ctx)], auth=AuthConfig(disabled=True))
     port = await host.start()
     ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield rpc.TolariaServiceStub(ch)
-    await ch.close()
-    await host.stop()
+    try:
+        yield rpc.TolariaServiceStub(ch)
+    finally:
+        await ch.close()
+        await host.stop()
+
+
+@pytest.fixture
+async def tolaria(tmp_path):
+    async for stub in _serve(tmp_path):
+        yield stub
+
+
+@pytest.fixture
+async def tolaria_one_slot(tmp_path):
+    async for stub in _serve(tmp_path, max_active_runs=1):
+        yield stub
 
 
 def _good(**kw) -> pb.RunConfig:
@@ -108,3 +124,47 @@ async def test_list_pages_and_stop(tolaria):
         assert events[-1].run_state.state == "stopped"
     stopped = await tolaria.ListRuns(pb.ListRunsRequest(page_size=10, state=pb.RUN_STATE_STOPPED))
     assert sorted(r.run_id for r in stopped.runs) == sorted(ids)
+
+
+def _reason(err: grpc.aio.AioRpcError) -> str:
+    for key, value in err.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            for d in status_pb2.Status.FromString(value).details:
+                if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    info = error_details_pb2.ErrorInfo()
+                    d.Unpack(info)
+                    return info.reason
+    return ""
+
+
+async def test_start_run_beyond_the_worker_pool_is_resource_exhausted(tolaria_one_slot):
+    tolaria = tolaria_one_slot
+    rid = "5b0e8a1c-2f4d-4c6e-9a7b-1d3f5e7a9c0b"
+    first = (await tolaria.StartRun(pb.StartRunRequest(request_id=rid, config=_good(epochs=200)))).run
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await tolaria.StartRun(pb.StartRunRequest(config=_good()))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert _reason(e.value) == "RESOURCE_EXHAUSTED"
+    assert "max_active_runs=1" in e.value.details()
+    # The refused call left nothing behind, and the running run is untouched.
+    listed = await tolaria.ListRuns(pb.ListRunsRequest(page_size=10))
+    assert [r.run_id for r in listed.runs] == [first.run_id]
+    assert listed.runs[0].state in (pb.RUN_STATE_PENDING, pb.RUN_STATE_RUNNING)
+    # A retried StartRun of the run that holds the slot still gets its run back.
+    again = await tolaria.StartRun(pb.StartRunRequest(request_id=rid, config=_good(epochs=200)))
+    assert again.run.run_id == first.run_id
+    # Once it ends, the slot is free again.
+    await tolaria.StopRun(pb.StopRunRequest(run_id=first.run_id, reason="make room"))
+    events = [r.event async for r in tolaria.WatchRun(pb.WatchRunRequest(run_id=first.run_id))]
+    assert events[-1].run_state.state == "stopped"
+    for _ in range(100):  # the supervisor lets go of the worker right after its last event
+        try:
+            second = (await tolaria.StartRun(pb.StartRunRequest(config=_good(epochs=2)))).run
+            break
+        except grpc.aio.AioRpcError as err:
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the slot was not freed after the run stopped")
+    events = [r.event async for r in tolaria.WatchRun(pb.WatchRunRequest(run_id=second.run_id))]
+    assert events[-1].run_state.state == "succeeded"

@@ -153,3 +153,8 @@ async def test_a_restarted_service_adopts_live_workers_and_restarts_dead_ones(tm
     assert restarted.restarts == 1
     assert restarted.epoch == 6
     await second.close()
+
+
+def test_the_worker_pool_size_must_be_positive():
+    with pytest.raises(ValueError, match="max_active_runs=0: must be >= 1"):
+        SupervisorConfig(max_active_runs=0)
