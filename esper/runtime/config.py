@@ -11,11 +11,18 @@
 
 Precedence: command-line flags > environment (ESPER_DATA_DIR, ESPER_HOST, ESPER_BASE_PORT,
 ESPER_GRACE_S, ESPER_LOG_LEVEL) > file > defaults. Unknown keys are an error.
+
+A part's settings can come from the environment too (how deploy/k8s configures pods):
+`ESPER_<PART>_<KEY>=<value>` sets `settings.<part>.<key>`, e.g.
+`ESPER_URZA_DATABASE_URL=postgresql://esper@postgres/urza`. The value is read as a YAML
+scalar or flow mapping (`8` is a number, `{max_active_runs: 2}` a mapping); a key the
+part does not know is refused when the part starts, like one from the file.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,6 +42,7 @@ _ENV = {
     "ESPER_GRACE_S": "grace_s",
     "ESPER_LOG_LEVEL": "log_level",
 }
+_PART_ENV = re.compile(rf"ESPER_({'|'.join(p.upper() for p in PARTS)})_([A-Z0-9_]+)")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -104,8 +112,34 @@ class PlatformConfig:
                     data[key] = int(raw) if key == "base_port" else float(raw) if key == "grace_s" else raw
                 except ValueError as e:
                     raise ConfigError(f"{var}={raw!r} is not a number") from e
+        part_env = sorted((var, raw) for var, raw in env.items() if _PART_ENV.fullmatch(var))
+        if part_env:
+            settings = data.get("settings") or {}
+            if not isinstance(settings, Mapping):
+                raise ConfigError(f"settings must be a mapping, got {type(settings).__name__}")
+            settings = {part: dict(values) if isinstance(values, Mapping) else values
+                        for part, values in settings.items()}
+            for var, raw in part_env:
+                m = _PART_ENV.fullmatch(var)
+                assert m is not None
+                part = settings.setdefault(m.group(1).lower(), {})
+                if isinstance(part, dict):
+                    part[m.group(2).lower()] = _env_value(var, raw)
+            data["settings"] = settings
         return cls.from_dict(data)
 
     def with_overrides(self, **changes: Any) -> PlatformConfig:
         """A copy with the given fields replaced (None values are ignored)."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _env_value(var: str, raw: str) -> Any:
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{var}={raw!r} is not a valid YAML value: {e}") from e
+    # A lone word stays the string it is ("on"/"no" are not booleans here), numbers and
+    # flow mappings/lists are parsed.
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        return raw
+    return raw if value is None else value

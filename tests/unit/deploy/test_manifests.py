@@ -53,3 +53,26 @@ def test_every_part_is_deployed_with_grpc_health_probes(part: str) -> None:
 def test_nats_uses_file_storage_with_fsync_always() -> None:
     conf = next(d for d in _docs(K8S / "nats.yaml") if d["kind"] == "ConfigMap")["data"]["nats.conf"]
     assert "store_dir" in conf and "sync_interval: always" in conf
+
+
+def test_part_settings_in_the_manifests_are_settings_the_parts_know() -> None:
+    """ESPER_<PART>_<KEY> variables set in the manifests reach the part's config (they
+    were once ignored: Urza in the cluster would have used SQLite, not PostgreSQL)."""
+    from esper.runtime.config import PlatformConfig
+    from esper.urza.config import UrzaConfig
+
+    env = {k: str(v) for k, v in next(d for d in _docs(K8S / "config.yaml")
+                                      if d["kind"] == "ConfigMap")["data"].items()}
+    urza = next(d for d in _docs(K8S / "urza.yaml") if d["kind"] == "Deployment")
+    for var in urza["spec"]["template"]["spec"]["containers"][0].get("env", []):
+        if "value" in var:
+            env[var["name"]] = var["value"]
+    settings = PlatformConfig.load(None, env=env).settings
+    assert set(settings) == {"urza"}, "add a check for the new part's settings here"
+    cfg = UrzaConfig.from_dict(dict(settings["urza"]))
+    assert cfg.database_url.startswith("postgresql://") and cfg.blob_dir == "/data/blobs"
+    # Urza authenticates to PostgreSQL with the password the database was created with.
+    pg = next(d for d in _docs(K8S / "postgres.yaml") if d["kind"] == "StatefulSet")
+    pg_env = {v["name"]: v for v in pg["spec"]["template"]["spec"]["containers"][0]["env"]}
+    urza_env = {v["name"]: v for v in urza["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert urza_env["PGPASSWORD"]["valueFrom"] == pg_env["POSTGRES_PASSWORD"]["valueFrom"]

@@ -84,3 +84,26 @@ def test_platform_config_yaml_env_and_unknown_keys(tmp_path: Path) -> None:
         PlatformConfig.load(None, env={"ESPER_GRACE_S": "soon"})
     with pytest.raises(ConfigError, match="unknown parts"):
         PlatformConfig.from_dict({"settings": {"urzaa": {}}})
+
+
+def test_part_settings_from_the_environment_override_the_file(tmp_path: Path) -> None:
+    f = tmp_path / "esper.yaml"
+    f.write_text("settings:\n  urza: {database_url: 'postgresql://file/db', chunk_size: 1024}\n")
+    cfg = PlatformConfig.load(f, env={
+        "ESPER_URZA_DATABASE_URL": "postgresql://esper@postgres:5432/urza",
+        "ESPER_TOLARIA_SUPERVISOR": "{max_active_runs: 2}",
+        "ESPER_URZA_S3_REGION": "on",  # a word stays a word, not YAML's boolean
+        "ESPER_TRUSTED_KEYS_DIR": "/keys",  # not a part: left to its own reader
+    })
+    assert dict(cfg.settings["urza"]) == {"database_url": "postgresql://esper@postgres:5432/urza",
+                                          "chunk_size": 1024, "s3_region": "on"}
+    assert cfg.settings["tolaria"] == {"supervisor": {"max_active_runs": 2}}
+    assert set(cfg.settings) == {"urza", "tolaria"}
+    # A misspelt key is refused by the part, naming it.
+    from esper.urza.config import UrzaConfig
+
+    typo = PlatformConfig.load(None, env={"ESPER_URZA_BLOB_DIRR": "/data/blobs"})
+    with pytest.raises(ConfigError, match="blob_dirr"):
+        UrzaConfig.from_dict(dict(typo.settings["urza"]))
+    with pytest.raises(ConfigError, match="ESPER_URZA_CHUNK_SIZE"):
+        PlatformConfig.load(None, env={"ESPER_URZA_CHUNK_SIZE": "{unclosed"})
