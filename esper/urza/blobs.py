@@ -17,6 +17,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
+from typing import Protocol
 
 from esper.errors import DataLossError, InvalidArgumentError, NotFoundError
 
@@ -26,7 +27,20 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 TMP_PREFIX = ".tmp-"
 
 
-def _check_sha(sha256: str) -> str:
+class Blobs(Protocol):
+    """What Urza's library needs from a blob store: this module's `BlobStore` (a local
+    directory) or `esper.urza.s3blobs.S3BlobStore` (an S3-compatible bucket)."""
+
+    location: str
+    """Where the blobs are, for messages (a path or an s3:// URL)."""
+
+    def put(self, data: bytes) -> str: ...
+    def get(self, sha256: str) -> bytes: ...
+    def exists(self, sha256: str) -> bool: ...
+    def close(self) -> None: ...
+
+
+def check_sha(sha256: str) -> str:
     if not _HEX64.match(sha256):
         raise InvalidArgumentError(
             f"sha256={sha256!r}: must be 64 lower-case hex characters", field="artifact_sha256"
@@ -47,7 +61,7 @@ class BlobWriter:
 
     def __init__(self, store: BlobStore, expected_sha256: str, expected_size: int) -> None:
         self._store = store
-        self.expected_sha256 = _check_sha(expected_sha256)
+        self.expected_sha256 = check_sha(expected_sha256)
         self.expected_size = expected_size
         self._final = store.path_for(expected_sha256)
         self._final.parent.mkdir(parents=True, exist_ok=True)
@@ -114,11 +128,12 @@ class BlobStore:
     def __init__(self, root: str | Path, *, sweep_temp_older_than_s: float = 0.0) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.location = str(self.root)
         self.quarantine = self.root / "quarantine"
         self.swept = self.sweep_temp(older_than_s=sweep_temp_older_than_s)
 
     def path_for(self, sha256: str) -> Path:
-        h = _check_sha(sha256)
+        h = check_sha(sha256)
         return self.root / h[:2] / h[2:4] / h
 
     def writer(self, sha256: str, size: int) -> BlobWriter:
@@ -160,6 +175,9 @@ class BlobStore:
                 reason="BLOB_CORRUPT",
             )
         return data
+
+    def close(self) -> None:
+        """Nothing to release: every write closes its own file."""
 
     def sweep_temp(self, *, older_than_s: float = 0.0) -> int:
         """Delete temp files a crashed writer left behind; returns how many.

@@ -28,7 +28,7 @@ from esper.errors import (
     OutOfRangeError,
     UntrustedKeyError,
 )
-from esper.urza.blobs import BlobStore
+from esper.urza.blobs import Blobs
 from esper.urza.config import UrzaConfig
 from esper.urza.store import (
     BlueprintQuery,
@@ -87,9 +87,10 @@ class TrustedKeySource:
 
 
 class UrzaLibrary:
-    """Blueprints, kernels and field reports over a `MetadataStore` and a `BlobStore`."""
+    """Blueprints, kernels and field reports over a `MetadataStore` and a blob store
+    (`esper.urza.blobs.Blobs`: a local directory or an S3-compatible bucket)."""
 
-    def __init__(self, store: MetadataStore, blobs: BlobStore, trusted: TrustedKeySource,
+    def __init__(self, store: MetadataStore, blobs: Blobs, trusted: TrustedKeySource,
                  config: UrzaConfig | None = None) -> None:
         self.store = store
         self.blobs = blobs
@@ -98,6 +99,7 @@ class UrzaLibrary:
 
     def close(self) -> None:
         self.store.close()
+        self.blobs.close()
 
     # -- blueprints -------------------------------------------------------------------
 
@@ -208,7 +210,7 @@ class UrzaLibrary:
                       record.artifact_sha256)
             raise DataLossError(
                 f"kernel {kernel_id} is listed but its artifact blob is missing from "
-                f"{self.blobs.root}; re-upload it") from exc
+                f"{self.blobs.location}; re-upload it") from exc
         return KernelBytes(record=record, data=data)
 
     def query_kernels(self, *, blueprint_id: str = "", site: seed_pb2.SiteSignature | None = None,

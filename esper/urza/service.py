@@ -16,9 +16,10 @@ import grpc
 
 from esper.errors import InvalidArgumentError
 from esper.runtime.spec import PlatformContext, ServiceSpec
-from esper.urza.blobs import BlobStore
+from esper.urza.blobs import Blobs, BlobStore
 from esper.urza.config import MAX_CHUNK, UrzaConfig
 from esper.urza.library import TrustedKeySource, UrzaLibrary
+from esper.urza.s3blobs import S3BlobStore
 from esper.urza.store import open_store
 from generated.esper.urza.v1 import urza_service_pb2 as pb
 from generated.esper.urza.v1 import urza_service_pb2_grpc as rpc
@@ -114,12 +115,21 @@ def open_library(ctx: PlatformContext) -> UrzaLibrary:
     config = UrzaConfig.from_dict(dict(ctx.settings.get("urza", {})))
     part_dir = ctx.part_dir("urza")
     store = open_store(config.database_url or None, part_dir / "urza.db")
-    # One Urza process owns its blob dir, so every temp file found at open is a crash
-    # leftover and is swept at once.
-    blobs = BlobStore(Path(config.blob_dir) if config.blob_dir else part_dir / "blobs")
+    blobs: Blobs
+    if config.blob_url:
+        try:
+            blobs = S3BlobStore(config.blob_url, endpoint_url=config.s3_endpoint_url,
+                                region=config.s3_region)
+        except BaseException:
+            store.close()
+            raise
+    else:
+        # One Urza process owns its blob dir, so every temp file found at open is a crash
+        # leftover and is swept at once.
+        blobs = BlobStore(Path(config.blob_dir) if config.blob_dir else part_dir / "blobs")
     lib = UrzaLibrary(store, blobs, TrustedKeySource.from_config(config), config)
     log.info("urza: %s metadata (schema v%d), blobs in %s, %d trusted signer key(s)",
-             store.backend, store.schema_version(), blobs.root, len(lib.trusted.keys))
+             store.backend, store.schema_version(), blobs.location, len(lib.trusted.keys))
     return lib
 
 
