@@ -68,7 +68,11 @@ class S3BlobStore:
             signature_version="s3v4")
         self._s3 = boto3.session.Session().client(
             "s3", endpoint_url=self.endpoint_url, region_name=region or None, config=config)
-        self._check_bucket()
+        try:
+            self._check_bucket()
+        except BaseException:
+            self._s3.close()
+            raise
 
     # -- the blob contract (same as esper.urza.blobs.BlobStore) -------------------------
 
