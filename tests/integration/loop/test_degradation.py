@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from esper.oona.consumer import adrain
+from esper.oona.consumer import Consumer, adrain
 from esper.oona.subjects import run_events_filter
 from esper.tolaria.runs import RunStore
 from generated.esper.common.v1 import decision_pb2, seed_pb2
@@ -55,24 +55,38 @@ async def test_tamiyo_killed_mid_run_run_completes_with_degradation(platform_fac
 
 
 async def test_nats_killed_mid_run_drops_counted_and_publishing_resumes(platform_factory):
-    cfg = tiny_config(epochs=10)
+    # Ten epochs after the restart leave the publisher time to reconnect before the run ends.
+    cfg = tiny_config(epochs=16)
     p = await platform_factory(cfg, worker_args=["--oona-max-queue", "8"])
     run_id = await p.start_run(cfg)
     marks: dict[str, int] = {}
 
+    async def kill_once_epoch_2_is_stored() -> None:
+        # Kill NATS once JetStream *holds* epoch 2's metrics (not when the log has them: the
+        # publisher runs behind the log), so what was stored before the kill is known.
+        stored = asyncio.Event()
+
+        def on_stored(env):
+            if env.HasField("epoch_metrics") and env.epoch_metrics.epoch == 2:
+                marks["killed"] = env.sequence
+                stored.set()
+
+        async with Consumer(p.nats.url, durable="kill-trigger", fetch_timeout_s=0.2,
+                            subject_filter=run_events_filter(run_id)) as trigger:
+            await trigger.consume(on_stored, stop=stored)
+        await asyncio.to_thread(p.nats.kill)
+
+    killer = asyncio.create_task(kill_once_epoch_2_is_stored())
+
     async def on_event(env):
-        if not env.HasField("epoch_metrics"):
-            return
-        if env.epoch_metrics.epoch == 2 and "killed" not in marks:
-            marks["killed"] = env.sequence
-            await asyncio.to_thread(p.nats.kill)
-        elif env.epoch_metrics.epoch == 6 and "restarted" not in marks:
+        if env.HasField("epoch_metrics") and env.epoch_metrics.epoch == 6 and "restarted" not in marks:
+            await asyncio.wait_for(killer, 60)
             marks["restarted"] = env.sequence
             await asyncio.to_thread(p.nats.start)
 
     events = await p.watch(run_id, timeout=150, on_event=on_event)
     assert events[-1].run_state.state == "succeeded", p.worker_log(run_id)
-    assert [m.epoch for m in _metrics(events)] == list(range(1, 11))
+    assert [m.epoch for m in _metrics(events)] == list(range(1, 17))
     oona = [e.degradation for e in events if e.HasField("degradation") and e.degradation.component == "oona"]
     kinds = [d.kind for d in oona]
     assert "unavailable" in kinds and "recovered" in kinds, kinds
