@@ -91,17 +91,47 @@ def _report(kernel: int, *, contribution: float = 0.0, fate: int = FATE_FOSSILIZ
 
 
 def test_open_applies_every_migration(store: MetadataStore) -> None:
-    assert store.schema_version() == LATEST_VERSION == 2
+    assert store.schema_version() == LATEST_VERSION == 3
 
 
 def test_pending_migrations_apply_on_reopen_and_keep_data(open_store: Opener) -> None:
     old = open_store(_migrate_upto=1)
     assert old.schema_version() == 1
-    assert old.put_kernel(_kernel(1))
+    kid = f"sha256:{1:064x}"
+    # Rows as a version-1 Urza wrote them, including the infinite contribution it accepted.
+    with old._tx(write=True) as tx:  # type: ignore[attr-defined]
+        tx.execute("INSERT INTO kernels (kernel_id, blueprint_id, site_key, parameters, "
+                   "artifact_sha256, artifact_size, manifest, created_at) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                   (kid, "bp-0000000000000001", "NC/64", 10, "7" * 64, 101, b"m", 0.0))
+        for i, c in enumerate((float("inf"), 0.5, -0.25)):
+            tx.execute("INSERT INTO field_reports (request_id, kernel_id, run_id, slot_id, "
+                       "task, contribution, accuracy_delta, fate, germinated_epoch, "
+                       "ended_epoch, parameters, rejected_by_gate, rolled_back, recorded_at) "
+                       "VALUES (?, ?, 'r', 's', '', ?, 0.0, 1, 0, 0, 0, 0, 0, 0.0)",
+                       (f"old-{i}", kid, c))
+        tx.execute("INSERT INTO kernel_stats (kernel_id, outcomes, fossilized, pruned, "
+                   "rolled_back, sum_contribution, sum_accuracy_delta) "
+                   "VALUES (?, 3, 3, 0, 0, ?, 0.0)", (kid, float("inf")))
     old.close()
     new = open_store()
-    assert new.schema_version() == 2
-    assert new.get_kernel(f"sha256:{1:064x}").row.artifact_size == 101
+    assert new.schema_version() == 3
+    entry = new.get_kernel(kid)
+    assert entry.row.artifact_size == 101 and entry.row.key_id == ""
+    # The migration recomputed the robust sums from the stored reports: inf counts as 1.
+    assert entry.stats.clipped_contribution == pytest.approx(1.0 + 0.5 - 0.25)
+    assert entry.stats.mean_contribution == pytest.approx(1.25 / 3)
+    assert new.kernels_without_key_id() == [(kid, b"m")]
+    new.set_key_ids({kid: "0123456789abcdef"})
+    assert new.get_kernel(kid).row.key_id == "0123456789abcdef"
+    assert new.kernels_without_key_id() == []
+
+
+def test_the_migration_clips_as_the_store_does() -> None:
+    from esper.urza.store.base import SCORE_CLIP
+    from esper.urza.store.migrations import MIGRATIONS
+
+    assert SCORE_CLIP == 1.0 and "(-1.0, {least}(1.0, f.contribution))" in MIGRATIONS[2].statements[-1]
 
 
 def test_database_from_a_newer_esper_is_refused(open_store: Opener) -> None:
@@ -131,7 +161,7 @@ def test_concurrent_openers_migrate_once(open_store: Opener) -> None:
     assert errors == []
     with stores[0]._tx(write=False) as tx:  # type: ignore[attr-defined]
         rows = tx.query("SELECT version FROM schema_version ORDER BY version")
-    assert [r[0] for r in rows] == [1, 2]
+    assert [r[0] for r in rows] == [1, 2, 3]
 
 
 def test_sqlite_opener_waits_for_a_writer_holding_a_fresh_database(tmp_path: Path) -> None:
