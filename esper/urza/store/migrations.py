@@ -123,14 +123,14 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE blueprints ADD COLUMN retired_at {real}",
             "ALTER TABLE blueprints ADD COLUMN retired_reason TEXT NOT NULL DEFAULT ''",
             "ALTER TABLE kernel_stats ADD COLUMN clipped_contribution {real} NOT NULL DEFAULT 0",
-            "ALTER TABLE kernel_stats ADD COLUMN clipped_accuracy_delta {real} NOT NULL "
-            "DEFAULT 0",
+            ("ALTER TABLE kernel_stats ADD COLUMN clipped_accuracy_delta {real} NOT NULL "
+             "DEFAULT 0"),
             # Reports recorded before: an infinite contribution counts as +-1 from now on.
-            "UPDATE kernel_stats SET "
-            f"clipped_contribution = COALESCE((SELECT SUM({_CLIPPED % 'contribution'}) "
-            "FROM field_reports f WHERE f.kernel_id = kernel_stats.kernel_id), 0), "
-            f"clipped_accuracy_delta = COALESCE((SELECT SUM({_CLIPPED % 'accuracy_delta'}) "
-            "FROM field_reports f WHERE f.kernel_id = kernel_stats.kernel_id), 0)",
+            ("UPDATE kernel_stats SET "
+             f"clipped_contribution = COALESCE((SELECT SUM({_CLIPPED % 'contribution'}) "
+             "FROM field_reports f WHERE f.kernel_id = kernel_stats.kernel_id), 0), "
+             f"clipped_accuracy_delta = COALESCE((SELECT SUM({_CLIPPED % 'accuracy_delta'}) "
+             "FROM field_reports f WHERE f.kernel_id = kernel_stats.kernel_id), 0)"),
         ),
     ),
 )
