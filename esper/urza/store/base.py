@@ -263,11 +263,15 @@ class KernelQuery:
                               tags=self.tags)
 
 
+_FILTER_MAX_CHARS = {"family": 64, "blueprint_id": 64, "site_key": 256}
+
+
 def _check_filter_strings(*, tags: Sequence[str], **strings: str) -> None:
     for name, value in strings.items():
-        if len(value) > 256:
+        top = _FILTER_MAX_CHARS[name]
+        if len(value) > top:
             raise InvalidArgumentError(
-                f"{name} is {len(value)} characters; at most 256", field=name)
+                f"{name} is {len(value)} characters; at most {top}", field=name)
     if len(tags) > 32:
         raise InvalidArgumentError(f"tags lists {len(tags)} tags; at most 32", field="tags")
 
