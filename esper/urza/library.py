@@ -757,8 +757,12 @@ class UrzaLibrary:
         while batch := self.store.kernels_without_key_id():
             ids = {}
             for kid, manifest in batch:
-                key_id = kernel_pb2.KernelManifest.FromString(manifest).key_id
-                # A manifest without a key id matches no trusted key: never offered.
+                try:
+                    key_id = kernel_pb2.KernelManifest.FromString(manifest).key_id
+                except DecodeError:
+                    log.error("urza: kernel %s has an unreadable stored manifest", kid)
+                    key_id = ""
+                # No key id matches no trusted key: such a kernel is never offered.
                 ids[kid] = key_id or "-"
             self.store.set_key_ids(ids)
             log.info("urza: recorded the signer key id of %d kernel(s) stored before v3",

@@ -266,7 +266,7 @@ def test_parent_ids_must_be_blueprint_ids(shared_target: str) -> None:
 
 def test_pages_stop_at_the_byte_budget_and_resume_exactly(
         tmp_path: Path, key: SigningKey, monkeypatch: pytest.MonkeyPatch) -> None:
-    import esper.urza.library as library
+    from esper.urza import library
 
     lib = open_library(PlatformContext(data_dir=tmp_path, settings={"urza": {
         "trusted_keys_dir": str(_keys_dir(tmp_path, key))}}))
