@@ -77,8 +77,9 @@ def validate_kernel(module: torch.nn.Module, site: seed_pb2.SiteSignature, *, se
     gen = torch.Generator().manual_seed(seed)
     probe = _probe_shape(site)
     out_probe = _probe_shape(site, output=True)
-    # Drawn in this order (h, x, target) so output slots' reports, and so their kernel
-    # ids, are exactly what they were before parallel slots existed.
+    # Drawn in the order (h, x, target) used before parallel slots existed, and with the
+    # same notes below, so an output slot's report (part of the signed manifest, hence of
+    # the kernel id) is exactly what it was.
     h = torch.randn(4, *out_probe, generator=gen)
     x = torch.randn(4, *probe, generator=gen)
     s = module(x)
