@@ -156,6 +156,11 @@ class MorphogeneticModel(nn.Module):
     def site_signature(self, slot_id: str) -> seed_pb2.SiteSignature:
         return self._slot(slot_id).site_signature()
 
+    def site_signatures(self) -> dict[str, seed_pb2.SiteSignature]:
+        """slot id → `SiteSignature` of every slot, in data-flow order (what
+        `esper.blueprints.fits` takes)."""
+        return {slot_id: slot.site_signature() for slot_id, slot in self._slots.items()}
+
     def legal_actions(self, slot_id: str) -> set[str]:
         return self._slot(slot_id).legal_actions()
 

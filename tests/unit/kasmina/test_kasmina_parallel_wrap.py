@@ -29,8 +29,8 @@ def test_parallel_signatures_and_order() -> None:
     kinds = {sid: s.kind for sid, s in mm.slots.items()}
     assert kinds == {"fc1": SlotKind.PARALLEL, "act1": SlotKind.OUTPUT,
                      "fc1:fc2": SlotKind.PARALLEL, "head": SlotKind.PARALLEL}
-    keys = {sid: site_key(mm.site_signature(sid)) for sid in mm.slots}
-    assert keys == {
+    keys = {sid: site_key(sig) for sid, sig in mm.site_signatures().items()}
+    assert list(keys) == list(mm.slots) and keys == {
         "fc1": "NC:40:-:FLOAT32->NC:16:-:FLOAT32",
         "act1": "NC:16:-:FLOAT32",
         "fc1:fc2": "NC:40:-:FLOAT32->NC:16:-:FLOAT32",
