@@ -285,6 +285,8 @@ def parallel_section(name: str, make: Callable, rounds: int, iters: int) -> list
     for k, v in t.items():
         if k != "host":
             rows.append((name, k, v * 1e3, (v / base - 1) * 100))
+    own = interleaved({"step": dormant.step}, rounds, 200)["step"]
+    rows.append((name, "=> parallel dormant: mm.step() alone", own * 1e3, own / base * 100))
     over = (t["parallel blending (kasmina)"] - t["parallel seed inline (reference)"]) / base
     rows.append((name, "=> parallel blend overhead beyond seed", None, over * 100))
     mm.eval(), inline_host.eval()
