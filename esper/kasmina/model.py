@@ -60,7 +60,7 @@ class MorphogeneticModel(nn.Module):
         self,
         host: nn.Module,
         *,
-        sites: Sequence[SiteSpec],
+        sites: Sequence[SiteSpec] = (),
         parallel: Sequence[SiteSpec] = (),
         example_input: Any,
         config: KasminaConfig,
