@@ -30,6 +30,7 @@ gets an `authorization` block and mode 0600; anonymous clients are then refused.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ import sysconfig
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -665,3 +666,14 @@ async def _ensure_streams(url: str, admin: Any, replicas: int | None) -> dict[st
         return await ensure_streams(nc.jetstream(timeout=10), with_replicas(replicas))
     finally:
         await nc.close()
+
+
+@contextlib.contextmanager
+def embedded(data_dir: Path | str, *, config: NatsServerConfig | None = None,
+             replicas: int | None = 1) -> Iterator[NatsServer]:
+    """`start_embedded` as a context manager that always stops the server."""
+    server = start_embedded(data_dir, config=config, replicas=replicas)
+    try:
+        yield server
+    finally:
+        server.stop()
