@@ -17,10 +17,12 @@ the queue is published in order and the outage is reported through `on_degraded`
     on_degraded("recovered", detail)     connected again (detail says how many were dropped)
     on_degraded("rejected", detail)      the server refused an envelope for good (e.g. too large)
     on_degraded("breaker_open", detail)  publishes kept failing while connected; pausing
-    on_degraded("stalled", detail)       connected, but no ack for `stall_after_s` while envelopes
-                                         wait (a stream without a leader after a node died, a
-                                         full disk, a black-holed connection); "recovered"
-                                         follows at the next ack
+    on_degraded("stalled", detail)       connected, but an envelope sent `stall_after_s` ago is
+                                         still not acknowledged (its stream has no leader after
+                                         a node died, a full disk, a black-holed connection);
+                                         "recovered" follows once none waits that long. Judged per
+                                         envelope, so a stalled ESPER_EVENTS is seen even while
+                                         ESPER_TELEMETRY (led by another node) still acks
 
 Several servers (a list, or ESPER_NATS_URL's comma-separated form) give fail-over: nats-py
 reconnects to another member of the cluster in milliseconds. The NATS user comes from
@@ -105,8 +107,9 @@ class PublisherConfig:
     ensure_streams: str = "create"
     """On every (re)connect: "create" the Esper streams that are missing (existing ones are
     left as the operator set them), "update" them to this process's specs too, or "off"."""
-    stall_after_s: float = 3.0
-    """A backlog that gets no ack for this long while connected is reported as "stalled"."""
+    stall_after_s: float = 2.0
+    """An envelope sent this long ago and still not acknowledged (while connected) is reported
+    as "stalled"; an ack normally takes milliseconds, and `ack_timeout_s` is as long."""
     ping_interval_s: float = 5.0
     """Client PING period; two unanswered PINGs mark a silent connection dead and nats-py
     moves to another server (its default of 120 s would hide a black-holed node for 4 min)."""
@@ -170,7 +173,7 @@ class PublisherStats:
     """State of the publish circuit breaker: CLOSED, OPEN or HALF_OPEN."""
     last_error: str | None
     stalled: bool = False
-    """Connected, but no ack came for stall_after_s while envelopes were waiting."""
+    """Connected, but an envelope sent stall_after_s ago still waits for its ack."""
 
     @property
     def lost(self) -> int:
@@ -184,12 +187,13 @@ class PublisherStats:
 
 
 class _Item:
-    __slots__ = ("data", "headers", "subject")
+    __slots__ = ("data", "first_sent", "headers", "subject")
 
     def __init__(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
         self.subject = subject
         self.data = data
         self.headers = headers
+        self.first_sent: float | None = None  # monotonic time of the first publish attempt
 
 
 class Publisher:
@@ -250,8 +254,8 @@ class Publisher:
         self._healthy = True
         self._stalled = False
         self._stall_started = 0.0
-        self._last_ack = 0.0
-        self._backlog_since = 0.0
+        self._connected_since = 0.0
+        self._sending: list[_Item] = []
         self._outage_started = 0.0
         self._dropped_at_outage = 0
         self._errors_logged = 0
@@ -289,8 +293,6 @@ class Publisher:
                 self._dropped += 1
                 return False
             accepted = True
-            if not self._queue and not self._in_flight:
-                self._backlog_since = time.monotonic()
             if len(self._queue) >= self.config.max_queue:
                 self._dropped += 1
                 if not self._overflowing:
@@ -440,7 +442,8 @@ class Publisher:
             lost = self._dropped - self._dropped_at_outage
             outage = time.monotonic() - self._outage_started
             self._errors_logged = 0
-            self._last_ack = time.monotonic()  # a stall is measured from the (re)connect
+            # An envelope sent before the outage is not "stalled" the moment we are back.
+            self._connected_since = time.monotonic()
         assert self._connected_evt is not None
         self._connected_evt.set()
         self._need_streams = self.config.ensure_streams != "off"
@@ -574,10 +577,15 @@ class Publisher:
     def _take_batch(self) -> list[_Item]:
         assert self._wake is not None
         self._wake.clear()
+        now = time.monotonic()
         with self._lock:
             n = min(len(self._queue), self.config.max_in_flight)
             batch = [self._queue.popleft() for _ in range(n)]
             self._in_flight += n
+            for it in batch:
+                if it.first_sent is None:
+                    it.first_sent = now
+            self._sending = batch
             if not batch:
                 self._idle = True
                 self._changed.notify_all()
@@ -586,6 +594,7 @@ class Publisher:
     def _requeue(self, items: list[_Item]) -> None:
         """Put unacknowledged items back at the head, in order, honouring the bound."""
         with self._lock:
+            self._sending = []
             self._in_flight -= len(items)
             self._queue.extendleft(reversed(items))
             while len(self._queue) > self.config.max_queue:
@@ -622,17 +631,13 @@ class Publisher:
                 # APIError (too large, no permission) and anything unforeseen: retrying the
                 # same bytes would fail the same way and block the queue behind it.
                 rejected.append((item, res))
-        if published and self._stalled:
-            # Reported before the counters move, so a flush() that sees them has seen this too.
-            waited = time.monotonic() - self._stall_started
-            with self._lock:
-                self._stalled = False
-            log.info("oona: JetStream at %s acknowledges again after a %.1fs stall", self.url,
-                     waited)
-            self._emit("recovered", f"JetStream at {self.url} acknowledges again after {waited:.1f}s")
+        # Reported before the counters move, so a flush() that sees them has seen this too;
+        # the envelopes to retry are still counted as waiting (in `_sending`).
+        self._check_stall(ended=[it for it, res in zip(batch, results, strict=True)
+                                 if not isinstance(res, BaseException)] + [it for it, _ in rejected])
         with self._lock:
-            if published or rejected:
-                self._last_ack = time.monotonic()
+            if not retry:
+                self._sending = []
             self._published += published
             self._duplicates += duplicates
             self._rejected += len(rejected)
@@ -659,22 +664,46 @@ class Publisher:
                 "rejected", f"{item.subject} (Nats-Msg-Id {item.headers.get('Nats-Msg-Id')}): {exc}"
             )
 
-    def _check_stall(self) -> None:
+    def _oldest_unacked(self, exclude: list[_Item]) -> float | None:
+        """First-send time of the longest-waiting envelope that was sent and not acked
+        (caller holds the lock). Requeued envelopes sit at the head of the queue."""
+        skip = {id(it) for it in exclude}
+        oldest = None
+        for it in self._sending:
+            if it.first_sent is not None and id(it) not in skip:
+                oldest = it.first_sent if oldest is None else min(oldest, it.first_sent)
+        for it in self._queue:
+            if it.first_sent is None:
+                break
+            oldest = it.first_sent if oldest is None else min(oldest, it.first_sent)
+        return oldest
+
+    def _check_stall(self, ended: list[_Item] | None = None) -> None:
+        """Report "stalled" / "recovered" as an envelope's wait for its ack crosses
+        stall_after_s; `ended` are envelopes just acknowledged (not waiting any more)."""
         now = time.monotonic()
         with self._lock:
-            waiting = len(self._queue) + self._in_flight
-            if not waiting or not self._connected or self._stalled:
+            if not self._connected:
+                return  # "unavailable" covers it
+            oldest = self._oldest_unacked(ended or [])
+            waited = 0.0 if oldest is None else now - max(oldest, self._connected_since)
+            stalled = waited >= self.config.stall_after_s
+            if stalled == self._stalled:
                 return
-            since = max(self._last_ack, self._backlog_since)
-            if now - since < self.config.stall_after_s:
-                return
-            self._stalled = True
-            self._stall_started = since
+            self._stalled = stalled
+            if stalled:
+                self._stall_started = now - waited
+            lasted = now - self._stall_started
             why = self._last_error or "no ack"
-        log.warning("oona: JetStream at %s stalled: no ack for %.1fs with %d envelopes waiting (%s)",
-                    self.url, now - since, waiting, why)
-        self._emit("stalled", f"JetStream at {self.url}: no ack for {now - since:.1f}s with "
-                              f"{waiting} envelopes waiting ({why})")
+            waiting = len(self._queue) + self._in_flight
+        if stalled:
+            log.warning("oona: JetStream at %s stalled: an envelope waits %.1fs for its ack "
+                        "(%d waiting; %s)", self.url, waited, waiting, why)
+            self._emit("stalled", f"JetStream at {self.url}: no ack for {waited:.1f}s with "
+                                  f"{waiting} envelopes waiting ({why})")
+        else:
+            log.info("oona: JetStream at %s acknowledges again after a %.1fs stall", self.url, lasted)
+            self._emit("recovered", f"JetStream at {self.url} acknowledges again after {lasted:.1f}s")
 
     def _report_overflow(self) -> None:
         with self._lock:

@@ -311,8 +311,17 @@ async def _stored(c: LoopbackCluster, run_id: str, durable: str
     out = []
     try:
         js = nc.jetstream(timeout=10)
-        sub = await js.pull_subscribe(run_events_filter(run_id), durable=durable,
-                                      stream="ESPER_EVENTS")
+        # With the killed node still down, creating the consumer can time out while the
+        # cluster places its group around the dead peer: ask again for a while.
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                sub = await js.pull_subscribe(run_events_filter(run_id), durable=durable,
+                                              stream="ESPER_EVENTS")
+                break
+            except (TimeoutError, nats.errors.TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
         while True:
             try:
                 msgs = await sub.fetch(256, timeout=2)

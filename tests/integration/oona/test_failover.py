@@ -15,6 +15,7 @@ from esper.oona.envelope import make_envelope
 from esper.oona.natsd import NatsServer
 from esper.oona.publisher import Publisher
 from esper.oona.testing import free_ports
+from generated.esper.common.v1 import health_pb2
 from generated.esper.oona.v1 import events_pb2 as ev
 
 pytestmark = pytest.mark.integration
@@ -84,3 +85,42 @@ def test_a_server_that_stops_acking_is_reported_as_stalled_then_recovered(natsd:
     # Publishes retried across the stall carried their Nats-Msg-Id: each event stored once.
     got = drain(natsd.url, "esper.events.v1.stall.>", "stall", timeout=1.0)
     assert [e.sequence for e in got] == list(range(11))
+
+
+def test_a_stuck_stream_is_a_stall_even_while_the_other_stream_acks(natsd: NatsServer) -> None:
+    # ESPER_EVENTS without a leader while ESPER_TELEMETRY (led elsewhere) keeps acking: played
+    # on one server by deleting the events stream under a publisher that may not recreate it.
+    import asyncio
+
+    import nats as nats_py
+
+    from esper.oona.subjects import EVENTS_STREAM, ensure_streams
+
+    async def streams(delete: bool) -> None:
+        nc = await nats_py.connect(natsd.url)
+        js = nc.jetstream()
+        try:
+            if delete:
+                await js.delete_stream(EVENTS_STREAM.name)
+            else:
+                await ensure_streams(js)
+        finally:
+            await nc.close()
+
+    asyncio.run(streams(delete=False))
+    degraded: list[str] = []
+    with Publisher(natsd.url, ensure_streams="off", stall_after_s=0.5,
+                   on_degraded=lambda k, d: degraded.append(k)) as pub:
+        asyncio.run(streams(delete=True))
+        pub.publish(lifecycle("mixed", 0))
+        stop = time.monotonic() + 10
+        while "stalled" not in degraded and time.monotonic() < stop:
+            pub.publish(make_envelope(health_pb2.HealthSnapshot(), run_id="mixed", source="test"))
+            time.sleep(0.05)
+        assert "stalled" in degraded, degraded
+        assert pub.stats().published > 0  # telemetry was acked all along
+        asyncio.run(streams(delete=False))
+        assert pub.flush(20)
+        assert _wait_for(lambda: degraded[-1:] == ["recovered"], 5), degraded
+    got = drain(natsd.url, "esper.events.v1.mixed.>", "mixed", timeout=1.0)
+    assert [e.sequence for e in got] == [0]
