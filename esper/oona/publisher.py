@@ -255,6 +255,8 @@ class Publisher:
         self._stalled = False
         self._stall_started = 0.0
         self._connected_since = 0.0
+        self._last_ack = 0.0
+        self._backlog_since = 0.0
         self._sending: list[_Item] = []
         self._outage_started = 0.0
         self._dropped_at_outage = 0
@@ -293,6 +295,8 @@ class Publisher:
                 self._dropped += 1
                 return False
             accepted = True
+            if not self._queue and not self._in_flight:
+                self._backlog_since = time.monotonic()
             if len(self._queue) >= self.config.max_queue:
                 self._dropped += 1
                 if not self._overflowing:
@@ -638,6 +642,8 @@ class Publisher:
         with self._lock:
             if not retry:
                 self._sending = []
+            if published or rejected:
+                self._last_ack = time.monotonic()
             self._published += published
             self._duplicates += duplicates
             self._rejected += len(rejected)
@@ -679,14 +685,24 @@ class Publisher:
         return oldest
 
     def _check_stall(self, ended: list[_Item] | None = None) -> None:
-        """Report "stalled" / "recovered" as an envelope's wait for its ack crosses
-        stall_after_s; `ended` are envelopes just acknowledged (not waiting any more)."""
+        """Report "stalled" / "recovered" as the publisher's wait for acks crosses
+        stall_after_s; `ended` are envelopes just acknowledged (not waiting any more).
+
+        Stalled while connected means either an envelope sent that long ago is still not
+        acknowledged (its stream is stuck, even if another stream acks), or envelopes wait
+        and nothing at all was acknowledged for that long (they cannot even be sent: the
+        stream lookup fails, the breaker is open).
+        """
         now = time.monotonic()
         with self._lock:
             if not self._connected:
                 return  # "unavailable" covers it
+            waiting = len(self._queue) + self._in_flight - len(ended or [])
             oldest = self._oldest_unacked(ended or [])
-            waited = 0.0 if oldest is None else now - max(oldest, self._connected_since)
+            sent_wait = 0.0 if oldest is None else now - max(oldest, self._connected_since)
+            idle_wait = 0.0 if waiting <= 0 or (ended and len(ended) > 0) else \
+                now - max(self._last_ack, self._backlog_since, self._connected_since)
+            waited = max(sent_wait, idle_wait)
             stalled = waited >= self.config.stall_after_s
             if stalled == self._stalled:
                 return
@@ -695,10 +711,9 @@ class Publisher:
                 self._stall_started = now - waited
             lasted = now - self._stall_started
             why = self._last_error or "no ack"
-            waiting = len(self._queue) + self._in_flight
         if stalled:
-            log.warning("oona: JetStream at %s stalled: an envelope waits %.1fs for its ack "
-                        "(%d waiting; %s)", self.url, waited, waiting, why)
+            log.warning("oona: JetStream at %s stalled: no ack for %.1fs (%d envelopes waiting; "
+                        "%s)", self.url, waited, waiting, why)
             self._emit("stalled", f"JetStream at {self.url}: no ack for {waited:.1f}s with "
                                   f"{waiting} envelopes waiting ({why})")
         else:

@@ -157,3 +157,29 @@ def test_a_publisher_without_credentials_reports_it_and_keeps_the_events(bus: Na
         assert pub.stats().queued == 1 and pub.stats().published == 0
     finally:
         pub.close(timeout=0.1)
+
+
+def test_a_publisher_that_may_not_create_the_streams_stalls_until_they_exist(tmp_path: Path) -> None:
+    # deploy/k8s before its esper-streams Job ran: Tolaria may not create streams, so its
+    # events wait (reported as a stall) and go out once an admin has created them.
+    from esper.oona.natsd import _ensure_streams
+
+    creds = CredentialsDir(tmp_path / "creds")
+    server = NatsServer(tmp_path / "nats", users=creds.ensure()).start()
+    try:
+        degraded: list[str] = []
+        with Publisher(server.url, credentials=creds.credentials("tolaria"), stall_after_s=0.5,
+                       ack_timeout_s=0.5, on_degraded=lambda k, d: degraded.append(k)) as pub:
+            pub.publish(forged("early"))
+            deadline = time.monotonic() + 15
+            while "stalled" not in degraded and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert "stalled" in degraded and pub.stats().published == 0, degraded
+            asyncio.run(_ensure_streams(server.url, creds.credentials("admin"), 1))
+            assert pub.flush(20)
+            deadline = time.monotonic() + 5
+            while degraded[-1] != "recovered" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert degraded[-1] == "recovered" and pub.stats().published == 1
+    finally:
+        server.stop()
