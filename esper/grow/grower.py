@@ -251,6 +251,8 @@ class Grower:
                              seed_lr=self.model.config.seed_lr) if schedulers else None
         if self._hook is not None:
             self._hook.remove()
+        if self._sync is not None:
+            self._sync.close()
         self.model.attach_optimizer(optimizer)
         self.optimizer, self.schedulers, self._sync = optimizer, schedulers, sync
         self._hook = optimizer.register_step_post_hook(self._count_optimizer_step)
@@ -406,6 +408,9 @@ class Grower:
         rejected: dict[int, str] = {}
         for i, d in enumerate(decisions):
             why = self._apply_one(d)
+            # Outside `_apply_one`'s error handling: a scheduler that cannot follow a seed
+            # group is a setup error to raise, not a decision to reject.
+            self._sync_schedulers()
             if why:
                 rejected[i] = why
             if d.kind != _Kind.DECISION_KIND_WAIT:
@@ -428,7 +433,6 @@ class Grower:
                 return self._germinate(d)
             if d.kind == _Kind.DECISION_KIND_PRUNE:
                 self.model.prune(d.slot_id, d.reason or "controller decision")
-                self._sync_schedulers()
             elif d.kind == _Kind.DECISION_KIND_FOSSILIZE:
                 self.model.fossilize(d.slot_id, d.reason or "controller decision")
             else:
@@ -466,7 +470,6 @@ class Grower:
         except EsperError as e:
             return f"{e.reason}: {e}"
         self.seeds_germinated += 1
-        self._sync_schedulers()
         return ""
 
     def prune_live(self, reason: str) -> list[str]:

@@ -155,6 +155,18 @@ class SchedulerSync:
                 )
             self._check_lengths(s, len(groups), when="at construction")
         self._known: list[dict[str, Any]] = list(groups)
+        # `optimizer.load_state_dict` replaces every group dict by a new one at the same
+        # position; follow them there.
+        self._hook = optimizer.register_load_state_dict_post_hook(self._after_optimizer_load)
+
+    def _after_optimizer_load(self, optimizer: torch.optim.Optimizer) -> None:
+        t = next(i for i, g in enumerate(self._known) if g is self._template)
+        self._known = list(optimizer.param_groups)
+        self._template = self._known[t]
+
+    def close(self) -> None:
+        """Stop following the optimizer (the grower manages another one now)."""
+        self._hook.remove()
 
     @property
     def template_index(self) -> int:
