@@ -119,6 +119,17 @@ class SeedResidual(nn.Module):
         h = self.module(*args, **kwargs)
         return h + self.seed(h)
 
+    def __getattr__(self, name: str) -> Any:
+        # The host may read attributes of the module it thinks is there (TransformerEncoder
+        # reads `layers[0].self_attn`); they are the wrapped module's.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get("module")
+            if inner is None:
+                raise
+            return getattr(inner, name)
+
 
 register_fold_rule("output", FoldRule("residual", fold=SeedResidual, rebuild=SeedResidual))
 
