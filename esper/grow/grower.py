@@ -97,6 +97,9 @@ class EpochReport:
     alphas: dict[str, float]
     parameters: int
     control_ms: float
+    """Wall time of snapshot → decide → apply, contribution measurement included."""
+    contribution_ms: float = 0.0
+    """Of `control_ms`, the forwards on the held-out batch (one per blended seed, plus one)."""
 
     @property
     def applied(self) -> list[decision_pb2.Decision]:
@@ -195,6 +198,7 @@ class Grower:
         self.seeds_germinated = 0
         self.degraded: set[str] = set()
         self._degradations: list[str] = []
+        self._contribution_ms = 0.0
         self._steps_at_boundary = 0
         self._optimizer_steps = 0
         self._epoch_t0 = time.perf_counter()
@@ -320,6 +324,7 @@ class Grower:
             if v is not None:
                 series.append(v)
         t0 = time.perf_counter()
+        self._contribution_ms = 0.0
         snapshot, decisions, rejected = None, [], {}
         last = self.config.total_epochs is not None and self.epoch >= self.config.total_epochs
         if control and self.controller is not None and not last:
@@ -357,7 +362,9 @@ class Grower:
     def _control(self, held_out: tuple[Any, Any] | None
                  ) -> tuple[health_pb2.HealthSnapshot, list[decision_pb2.Decision], dict[int, str]]:
         assert self.controller is not None and self.kernels is not None and self.loss_fn is not None
+        t0 = time.perf_counter()
         contributions = self.model.measure_contribution(*held_out, self.loss_fn) if held_out else {}
+        self._contribution_ms = (time.perf_counter() - t0) * 1e3
         snapshot = self.snapshot(contributions)
         self.emit("health", snapshot)
         candidates, errors = offered_kernels(snapshot, self.kernels.candidates)
@@ -543,8 +550,8 @@ class Grower:
         self._epoch_t0 = now
         return EpochReport(epoch=self.epoch, snapshot=snapshot, decisions=decisions,
                            rejected=rejected, degraded=list(self._degradations), stages=stages,
-                           alphas=alphas,
-                           parameters=h.parameters[-1], control_ms=control_ms)
+                           alphas=alphas, parameters=h.parameters[-1], control_ms=control_ms,
+                           contribution_ms=self._contribution_ms)
 
     # ---- views -------------------------------------------------------------------------
 
