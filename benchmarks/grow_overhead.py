@@ -86,8 +86,8 @@ def user_loop(make: Callable, grow: bool) -> Callable[[], None]:
     return step
 
 
-def interleaved(variants: dict[str, Callable[[], None]], rounds: int, iters: int) -> dict[str, float]:
-    """Seconds per call of each variant: the fastest of `rounds` interleaved rounds."""
+def interleaved(variants: dict[str, Callable[[], None]], rounds: int, iters: int) -> dict[str, list[float]]:
+    """Seconds per call of each variant in each of `rounds` interleaved rounds."""
     for fn in variants.values():
         for _ in range(max(iters // 2, 3)):
             fn()
@@ -98,20 +98,25 @@ def interleaved(variants: dict[str, Callable[[], None]], rounds: int, iters: int
             for _ in range(iters):
                 fn()
             times[name].append((time.process_time() - t0) / iters)
-    return {k: min(v) for k, v in times.items()}
+    return times
 
 
 def step_section(rounds: int, iters: int) -> list[tuple]:
+    """Rows (host, variant, fastest ms, vs plain by fastest rounds, vs plain: median of rounds).
+
+    The median of per-round ratios pairs each round of the grown loop with the plain
+    round run right before it, so load that drifts over the run cancels out.
+    """
     rows = []
     for name, make in (("mlp", mlp), ("cnn", cnn)):
         base, grown = user_loop(make, False), user_loop(make, True)
-        t = interleaved({"plain loop": base, "loop + esper.grow": grown}, rounds, iters)
-        b = t["plain loop"]
-        rows.append((name, "plain loop (baseline)", b * 1e3, 0.0))
-        rows.append((name, "loop + esper.grow, slots dormant", t["loop + esper.grow"] * 1e3,
-                     (t["loop + esper.grow"] / b - 1) * 100))
-        own = interleaved({"step": grown.grower.step}, rounds, 200)["step"]  # type: ignore[attr-defined]
-        rows.append((name, "=> grower.step() alone", own * 1e3, own / b * 100))
+        t = interleaved({"plain": base, "grow": grown}, rounds, iters)
+        b, g = min(t["plain"]), min(t["grow"])
+        paired = statistics.median(x / y - 1 for x, y in zip(t["grow"], t["plain"], strict=True)) * 100
+        rows.append((name, "plain loop (baseline)", b * 1e3, 0.0, 0.0))
+        rows.append((name, "loop + esper.grow, slots dormant", g * 1e3, (g / b - 1) * 100, paired))
+        own = min(interleaved({"step": grown.grower.step}, rounds, 200)["step"])  # type: ignore[attr-defined]
+        rows.append((name, "=> grower.step() alone", own * 1e3, own / b * 100, None))
     return rows
 
 
@@ -215,9 +220,12 @@ def main() -> None:
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, 1 CPU thread; steps: fastest of {args.rounds} interleaved rounds x "
           f"{args.iters} steps (CPU time); boundaries: wall time over {args.boundaries} calls\n")
-    print(f"{'host':<5} {'per step':<36} {'ms/step':>9} {'vs plain':>9}")
-    for host, variant, ms, pct in step_section(args.rounds, args.iters):
-        print(f"{host:<5} {variant:<36} {ms:9.3f} {pct:+8.2f}%")
+    print(f"{'host':<5} {'per step':<36} {'ms/step':>9} {'vs plain':>9} {'paired':>9}")
+    for host, variant, ms, pct, paired in step_section(args.rounds, args.iters):
+        pair = f"{paired:+8.2f}%" if paired is not None else ""
+        print(f"{host:<5} {variant:<36} {ms:9.3f} {pct:+8.2f}% {pair}")
+    print("(ms/step and 'vs plain': fastest round of each; 'paired': median over rounds of "
+          "grown / plain in the same round)")
     print("target: slots dormant <= +1%\n")
 
     local = time_boundaries(heuristic_controller(WAITING), args.boundaries)

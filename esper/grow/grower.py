@@ -313,6 +313,7 @@ class Grower:
             FailedPreconditionError: `step()` was not called since the last boundary, the
                 managed optimizer never stepped, or a seed's parameters are in no
                 param group of the managed optimizer.
+            ConfigError: a reported loss or accuracy that is not finite.
         """
         self._check_use()
         self.model.end_epoch()

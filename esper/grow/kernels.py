@@ -14,7 +14,14 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from esper.blueprints import blueprint_id, build_module, builtin_blueprints, site_key, site_shape, supports
+from esper.blueprints import (
+    blueprint_id,
+    build_module,
+    builtin_blueprints,
+    site_key,
+    site_shape,
+    supports,
+)
 from esper.blueprints import site_signature as make_site_signature
 from esper.errors import ConfigError, NotFoundError
 from esper.tamiyo.policy import KernelCandidate

@@ -93,9 +93,9 @@ def test_the_service_checks_the_callers_candidates(tamiyo) -> None:
         with pytest.raises(InvalidArgumentError) as e:
             c.decide(snap, {"1": [too_long]})
         assert "kernel_id" in e.value.field
-    with TamiyoController(tamiyo.target, api_key="wrong-key-0123456789abcdef", timeout_s=5.0) as c:
-        with pytest.raises(AuthError):
-            c.decide(snap, offered)
+    with (TamiyoController(tamiyo.target, api_key="wrong-key-0123456789abcdef", timeout_s=5.0) as c,
+          pytest.raises(AuthError)):
+        c.decide(snap, offered)
 
 
 def test_a_caller_that_sends_no_candidates_still_gets_urzas_path(tamiyo) -> None:

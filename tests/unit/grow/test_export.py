@@ -11,7 +11,15 @@ import torch
 from torch import nn
 
 from esper.errors import FailedPreconditionError
-from esper.grow import ExportError, FoldRule, SeedResidual, export, fold, load_exported, register_fold_rule
+from esper.grow import (
+    ExportError,
+    FoldRule,
+    SeedResidual,
+    export,
+    fold,
+    load_exported,
+    register_fold_rule,
+)
 from esper.grow.export import _RULES, MANIFEST, WEIGHTS, fold_rule
 from tests.unit.grow.growkit import cases, evaluate, held_out, loader, make_grower, train_epoch
 
@@ -34,7 +42,7 @@ def grown(name: str, epochs: int = 5):
 
 @pytest.mark.parametrize("name", ["tabular_mlp", "batchnorm_cnn", "transformer", "residual_mlp"])
 def test_export_round_trip_equals_the_wrapped_model(name: str, tmp_path) -> None:
-    case, model, grower = grown(name)
+    case, _, grower = grown(name)
     x, _ = held_out(case)
     grower.model.eval()
     with torch.no_grad():

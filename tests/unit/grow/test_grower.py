@@ -12,7 +12,15 @@ from esper.errors import ConfigError, FailedPreconditionError, NotFoundError, Un
 from esper.grow import BuiltinKernels, Grower, GrowthConfig, fixed_controller, heuristic_controller
 from esper.kasmina import SeedStage
 from generated.esper.common.v1 import decision_pb2 as D
-from tests.unit.grow.growkit import FAST, cases, evaluate, held_out, loader, make_grower, train_epoch
+from tests.unit.grow.growkit import (
+    FAST,
+    cases,
+    evaluate,
+    held_out,
+    loader,
+    make_grower,
+    train_epoch,
+)
 
 CASES = cases()
 
@@ -231,8 +239,8 @@ def test_a_failing_source_or_controller_degrades_the_boundary_and_training_goes_
     grower.controller = _DownController()
     train_epoch(model, grower, data, opt, case.loss_fn)
     r3 = grower.end_epoch(val_loss=1.0)
-    assert r3.decisions == [] and r3.degraded == ["tamiyo circuit_open: no growth decision this "
-                                                  "boundary: Tamiyo is down"]
+    assert r3.decisions == []
+    assert r3.degraded == ["tamiyo circuit_open: no growth decision this boundary: Tamiyo is down"]
 
 
 def test_decisions_that_cannot_apply_are_rejected_with_a_reason() -> None:

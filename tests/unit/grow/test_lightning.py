@@ -12,10 +12,10 @@ from torch.utils.data import DataLoader, TensorDataset
 lightning = pytest.importorskip("lightning")
 pl = lightning.pytorch
 
-from esper.errors import ConfigError  # noqa: E402
-from esper.grow import BuiltinKernels, GrowthConfig, fixed_controller  # noqa: E402
-from esper.grow.lightning import GrowthCallback  # noqa: E402
-from tests.unit.grow.growkit import FAST, cases  # noqa: E402
+from esper.errors import ConfigError
+from esper.grow import BuiltinKernels, GrowthConfig, fixed_controller
+from esper.grow.lightning import GrowthCallback
+from tests.unit.grow.growkit import FAST, cases
 
 CASE = cases()["tabular_mlp"]
 

@@ -102,11 +102,11 @@ def _run(name: str, seed_lr: float | None):
 
 @pytest.mark.parametrize("name", ALL)
 def test_seed_groups_follow_the_schedule_across_germinate_and_prune(name: str) -> None:
-    trace, grower = _run(name, None)
+    trace, _ = _run(name, None)
     assert [len(t) for t in (trace[3], trace[4], trace[11], trace[17])] == [1, 2, 3, 2]
     assert trace[-1][1][0] == "3"  # the pruned seed's group is gone, the other one stays
     lrs = [lr for t in trace for _, lr, _, _ in t]
-    assert len(set(round(v, 12) for v in lrs)) > 1, "the schedule never moved"
+    assert len({round(v, 12) for v in lrs}) > 1, "the schedule never moved"
     for step, groups in enumerate(trace):
         host_lr, host_mom = groups[0][1], groups[0][2]
         for slot, lr, mom, _ in groups[1:]:

@@ -60,7 +60,7 @@ def test_checkpoint_of_model_optimizer_scheduler_and_grower_continues_bit_for_bi
     for e in range(SPLIT, EPOCHS):
         _epoch(model2, opt2, sched2, grower2, _data(e))
 
-    ref_model, _, _, ref_grower = straight
+    _, _, _, ref_grower = straight
     assert ref_grower.history.decisions == grower2.history.decisions
     assert any(d["kind"] == "DECISION_KIND_FOSSILIZE" for d in ref_grower.history.decisions)
     assert ref_grower.history.val_loss == grower2.history.val_loss
