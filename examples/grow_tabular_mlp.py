@@ -45,7 +45,7 @@ def data(seed: int):
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
     x_tr, x_val, y_tr, y_val = train_test_split(x_tr, y_tr, test_size=0.2, random_state=seed, stratify=y_tr)
     scaler = StandardScaler().fit(x_tr)
-    t = lambda a: torch.tensor(scaler.transform(a), dtype=torch.float32)  # noqa: E731
+    t = lambda a: torch.tensor(scaler.transform(a), dtype=torch.float32)
     return ((t(x_tr), torch.tensor(y_tr)), (t(x_val), torch.tensor(y_val)), (t(x_te), torch.tensor(y_te)))
 
 
