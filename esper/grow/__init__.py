@@ -38,6 +38,7 @@ from esper.grow.events import EventSink, EventStream
 from esper.grow.export import (
     ExportError,
     FoldRule,
+    SeedParallel,
     SeedResidual,
     export,
     fold,
@@ -75,6 +76,7 @@ __all__ = [
     "KernelCandidate",
     "KernelSource",
     "PolicyController",
+    "SeedParallel",
     "SeedResidual",
     "SiteSignature",
     "Stateful",

@@ -5,9 +5,13 @@
     again = esper.grow.load_exported(MyNet(), "out/")   # a freshly constructed host
 
 Folding replaces each fossilized site's module in a *copy* of the host by what the slot
-kind's `FoldRule` builds: for today's output slots (`y = h + s(h)`) a `SeedResidual`
-running the site module and then its seed. Other seed kinds register their own rule
-(`register_fold_rule`), e.g. one that merges a low-rank seed into a Linear's weight.
+kind's `FoldRule` builds: for output slots (`y = h + s(h)`) a `SeedResidual` running the
+site module and then its seed; for parallel slots (`y = m(x) + s(x)`) a `SeedParallel`
+running the module and the seed side by side on the module's input. A parallel slot over
+a span of children (`"blocks.0:2"`) folds the span into one `nn.Sequential` at its first
+child's place (the other children become `nn.Identity`: the span ran as a chain). A rule
+per slot kind is registered with `register_fold_rule`; one that merges a width or low-rank
+seed into its Linear's weights replaces the generic "parallel" rule (`replace=True`).
 
 The manifest (JSON) says, per fossilized site: the slot kind and fold rule, the kernel and
 blueprint ids, the site signature and the blueprint IR the seed is rebuilt from (never
@@ -45,7 +49,7 @@ from torch import nn
 from esper.blueprints import BlueprintModule, build_module, plan_ir
 from esper.blueprints.ir import canonical_ir
 from esper.errors import ArtifactError, FailedPreconditionError
-from esper.kasmina import MorphogeneticModel, SeedStage
+from esper.kasmina import MorphogeneticModel, SeedStage, SlotKind
 from esper.kasmina.stages import LIVE_STAGES
 from generated.esper.common.v1 import blueprint_pb2, seed_pb2
 
@@ -107,17 +111,13 @@ def fold_rule(kind: str) -> FoldRule:
                           "(esper.grow.export.register_fold_rule adds one)") from None
 
 
-class SeedResidual(nn.Module):
-    """A site module followed by its fossilized seed: `y = h + seed(h)`, `h = module(x)`."""
+class _Folded(nn.Module):
+    """A site module with its seed folded in; reads of other attributes reach the module."""
 
     def __init__(self, module: nn.Module, seed: nn.Module) -> None:
         super().__init__()
         self.module = module
         self.seed = seed
-
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        h = self.module(*args, **kwargs)
-        return h + self.seed(h)
 
     def __getattr__(self, name: str) -> Any:
         # The host may read attributes of the module it thinks is there (TransformerEncoder
@@ -131,17 +131,64 @@ class SeedResidual(nn.Module):
             return getattr(inner, name)
 
 
+class SeedResidual(_Folded):
+    """An output slot's site followed by its fossilized seed: `y = h + seed(h)`, `h = module(x)`."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        h = self.module(*args, **kwargs)
+        return h + self.seed(h)
+
+
+class SeedParallel(_Folded):
+    """A parallel slot's module beside its fossilized seed: `y = module(x) + seed(x)`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x) + self.seed(x)
+
+
 register_fold_rule("output", FoldRule("residual", fold=SeedResidual, rebuild=SeedResidual))
+register_fold_rule("parallel", FoldRule("branch", fold=SeedParallel, rebuild=SeedParallel))
 
 
 def slot_kind(slot: Any) -> str:
-    """The slot's kind ("output" for `y = h + alpha * s(h)` slots, the only kind today)."""
-    return str(getattr(slot, "kind", "output"))
+    """The slot's kind as a rule key: "output" or "parallel"."""
+    return "parallel" if getattr(slot, "kind", SlotKind.OUTPUT) is SlotKind.PARALLEL else "output"
 
 
 def _parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (root.get_submodule(parent_name) if parent_name else root), child
+
+
+def _span(root: nn.Module, slot_id: str) -> tuple[nn.Module, list[str]]:
+    """The container and child names a slot covers: one child, or a span `<c>.<first>:<last>`.
+
+    Raises:
+        ExportError: the slot id names no module (or span of children) of `root`.
+    """
+    try:
+        if ":" not in slot_id:
+            parent, child = _parent(root, slot_id)
+            if child not in dict(parent.named_children()):
+                raise AttributeError(slot_id)
+            return parent, [child]
+        head, _, last = slot_id.partition(":")
+        container, _, first = head.rpartition(".")
+        parent = root.get_submodule(container) if container else root
+        names = [n for n, _ in parent.named_children()]
+        i, j = names.index(first), names.index(last)
+    except (AttributeError, ValueError) as e:
+        raise ExportError(f"site {slot_id!r} is not a module or span of {type(root).__name__}") from e
+    return parent, names[i:j + 1]
+
+
+def _replace(root: nn.Module, slot_id: str, rule: FoldRule, seed: nn.Module, *, rebuild: bool) -> None:
+    parent, children = _span(root, slot_id)
+    modules = [getattr(parent, c) for c in children]
+    site = modules[0] if len(modules) == 1 else nn.Sequential(*modules)
+    setattr(parent, children[0], (rule.rebuild if rebuild else rule.fold)(site, seed))
+    for c in children[1:]:
+        setattr(parent, c, nn.Identity())
 
 
 def _check_live(mm: MorphogeneticModel, live: Live) -> None:
@@ -157,7 +204,8 @@ def _check_live(mm: MorphogeneticModel, live: Live) -> None:
 
 
 def fold(mm: MorphogeneticModel, *, live: Live = "refuse") -> nn.Module:
-    """A copy of `mm.host` with every fossilized seed folded in: no hooks, no slots.
+    """A copy of `mm.host` with every fossilized seed folded in: no hooks, no slots, output
+    and parallel slots alike.
 
     Args:
         mm: the wrapped model (unchanged by this call).
@@ -182,12 +230,10 @@ def fold(mm: MorphogeneticModel, *, live: Live = "refuse") -> nn.Module:
     for slot in slots:
         if slot.current_stage is not SeedStage.FOSSILIZED:
             continue
-        rule = fold_rule(slot_kind(slot))
-        parent, child = _parent(plain, slot.slot_id)
         seed = copy.deepcopy(slot.seed)
         for p in seed.parameters():
             p.grad = None
-        setattr(parent, child, rule.fold(getattr(parent, child), seed))
+        _replace(plain, slot.slot_id, fold_rule(slot_kind(slot)), seed, rebuild=False)
     return plain
 
 
@@ -380,11 +426,11 @@ def load_exported(host: nn.Module, directory: str | Path) -> nn.Module:
     doc = _read_manifest(directory / MANIFEST)
     weights = directory / WEIGHTS
     _check_weights(doc, weights)
-    names = dict(host.named_modules())
     for entry in doc["sites"]:
         where = entry["site"]
-        if not isinstance(where, str) or where not in names or not where:
-            raise ExportError(f"site {where!r} of the manifest is not a module of {type(host).__name__}")
+        if not isinstance(where, str) or not where:
+            raise ExportError(f"site {where!r} of the manifest is not a slot id")
+        _span(host, where)
         rule = fold_rule(entry["kind"])
         if rule.name != entry["fold"]:
             raise ExportError(f"site {where!r}: folded by {entry['fold']!r}, but slot kind "
@@ -402,8 +448,7 @@ def load_exported(host: nn.Module, directory: str | Path) -> nn.Module:
             raise ExportError(f"site {where!r}: {e}") from e
         except ValueError as e:  # BlueprintError: the IR fails validation for the site
             raise ExportError(f"site {where!r}: the IR is not valid for its site: {e}") from e
-        parent, child = _parent(host, where)
-        setattr(parent, child, rule.rebuild(getattr(parent, child), seed))
+        _replace(host, where, rule, seed, rebuild=True)
     state = host.state_dict()
     for t in doc["tensors"]:
         have = state.get(t["name"])

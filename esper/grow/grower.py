@@ -128,7 +128,11 @@ class Grower:
 
     Args:
         model: the host, any `nn.Module`; used in place (no copy).
-        sites: module-name patterns (fnmatch) and/or module types where seeds may grow.
+        sites: output slots (`y = h + alpha * s(h)`): module-name patterns (fnmatch)
+            and/or module types where seeds may grow after a module.
+        parallel: parallel slots (`y = m(x) + alpha * s(x)`: the seed reads the module's
+            input, e.g. to widen a Linear or add a LoRA): patterns, types, or spans of
+            children "<container>.<first>:<last>" (see `esper.kasmina.wrap`).
         example_input: one batch of inputs (tensor, tuple of args, dict of kwargs); run
             once to record each site's signature.
         optimizer: the optimizer over the host's parameters; seed groups are added to it.
@@ -157,7 +161,8 @@ class Grower:
         self,
         model: nn.Module,
         *,
-        sites: Sequence[str | type[nn.Module]],
+        sites: Sequence[Any] = (),
+        parallel: Sequence[Any] = (),
         example_input: Any,
         optimizer: torch.optim.Optimizer,
         loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
@@ -203,11 +208,13 @@ class Grower:
         self._optimizer_steps = 0
         self._epoch_t0 = time.perf_counter()
         self.model: MorphogeneticModel = wrap(
-            model, sites=sites, example_input=example_input, config=kasmina or KasminaConfig(),
+            model, sites=sites, parallel=parallel, example_input=example_input,
+            config=kasmina or KasminaConfig(),
             event_sink=self._on_kasmina_event, kernel_resolver=self._resolve,
         )
         self.host_parameters = count(model.parameters())
-        self._order = execution_order(model, example_input, list(self.model.slots))
+        self._order = execution_order(
+            model, example_input, {sid: s.site_module for sid, s in self.model.slots.items()})
         self.optimizer = optimizer
         self._hook = None
         self.schedulers: list[Any] = []

@@ -22,8 +22,8 @@ from esper.blueprints import (
     site_shape,
     supports,
 )
-from esper.blueprints import site_signature as make_site_signature
-from esper.errors import ConfigError, NotFoundError
+from esper.blueprints import parse_site_key as _parse_site_key
+from esper.errors import BlueprintError, ConfigError, NotFoundError
 from esper.tamiyo.policy import KernelCandidate
 from generated.esper.common.v1 import blueprint_pb2, seed_pb2
 
@@ -32,20 +32,15 @@ PREFIX = "local:"
 
 
 def parse_site_key(key: str) -> seed_pb2.SiteSignature:
-    """Inverse of `esper.blueprints.site_key` ("NCL:4:40:FLOAT32" → SiteSignature).
+    """Inverse of `esper.blueprints.site_key`, for output and parallel slots.
 
     Raises:
-        NotFoundError: not of the form LAYOUT:CHANNELS:SPATIAL:DTYPE.
+        NotFoundError: not a site key (so a bad local kernel id is "no such kernel").
     """
     try:
-        layout, channels, spatial, dtype = key.split(":")
-        extents = [] if spatial == "-" else [int(s) for s in spatial.split("x")]
-        return make_site_signature(layout, int(channels), extents,
-                                   dtype=seed_pb2.DType.Value("D_TYPE_" + dtype))
-    except ValueError as e:
-        raise NotFoundError(
-            f"site key {key!r} is not of the form LAYOUT:CHANNELS:SPATIAL:DTYPE ({e})"
-        ) from e
+        return _parse_site_key(key)
+    except BlueprintError as e:
+        raise NotFoundError(str(e)) from e
 
 
 class BuiltinKernels:

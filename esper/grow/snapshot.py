@@ -7,7 +7,7 @@ Plain functions over a `MorphogeneticModel`; the grower calls them in this order
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,11 +35,13 @@ def _call(model: nn.Module, x: Any) -> Any:
     return model(x)
 
 
-def execution_order(host: nn.Module, example_input: Any, sites: Sequence[str]) -> list[tuple[str, str]]:
-    """The host's leaf modules in the order a forward pass runs them, and each site's slot.
+def execution_order(host: nn.Module, example_input: Any, sites: Mapping[str, nn.Module]
+                    ) -> list[tuple[str, str]]:
+    """The host's leaf modules in the order a forward pass runs them, and each slot.
 
-    Returns `[("leaf", name) | ("slot", site), ...]`: a slot comes right after its site
-    finished (for a site with children, after its last leaf). Runs `example_input` once
+    `sites` maps each slot id to the module whose output the slot changes (a span's last
+    child). Returns `[("leaf", name) | ("slot", slot_id), ...]`: a slot comes right after
+    that module finished (for a module with children, after its last leaf). Runs `example_input` once
     in eval mode without autograd; modules keep their train/eval modes.
     """
     order: list[tuple[str, str]] = []
@@ -59,8 +61,8 @@ def execution_order(host: nn.Module, example_input: Any, sites: Sequence[str]) -
             if name and not any(True for _ in mod.children()):
                 handles.append(mod.register_forward_hook(note("leaf", name)))
         # Registered after the leaf hooks: on a leaf site the leaf is noted first.
-        for name in sites:
-            handles.append(modules[name].register_forward_hook(note("slot", name)))
+        for slot_id, module in sites.items():
+            handles.append(module.register_forward_hook(note("slot", slot_id)))
         modes = [(m, m.training) for m in modules.values()]
         host.eval()
         try:

@@ -171,8 +171,9 @@ def test_wrapped_model_pickles_and_remove_hooks_keeps_fossils() -> None:
 def test_fold_rules_are_per_slot_kind() -> None:
     with pytest.raises(ValueError, match="exists"):
         register_fold_rule("output", FoldRule("x", fold=SeedResidual, rebuild=SeedResidual))
-    with pytest.raises(ExportError, match="no fold rule for slot kind 'parallel'"):
-        fold_rule("parallel")
+    assert fold_rule("parallel").name == "branch"
+    with pytest.raises(ExportError, match="no fold rule for slot kind 'mystery'"):
+        fold_rule("mystery")
 
     class Scaled(nn.Module):
         def __init__(self, module, seed):
@@ -187,3 +188,37 @@ def test_fold_rules_are_per_slot_kind() -> None:
         assert fold_rule("test-kind").name == "scaled"
     finally:
         _RULES.pop("test-kind")
+
+
+@pytest.mark.parametrize(("parallel", "blueprint"), [(["2"], "lora_r4"), (["0:1"], "width4_relu")],
+                         ids=["parallel-linear-lora", "parallel-span-width"])
+def test_parallel_slots_grow_fold_and_export(parallel, blueprint, tmp_path) -> None:
+    from esper.grow import BuiltinKernels, Grower, SeedParallel, fixed_controller
+    from tests.unit.grow.growkit import FAST
+
+    case = CASES["tabular_mlp"]
+    torch.manual_seed(0)
+    model = case.build()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    grower = Grower(model, parallel=parallel, example_input=case.x[:4], optimizer=opt,
+                    loss_fn=case.loss_fn, held_out=held_out(case), kasmina=FAST,
+                    controller=fixed_controller(germinate_epochs=(1,), fossilize_after_epochs=1),
+                    kernels=BuiltinKernels([blueprint]))
+    data = loader(case)
+    for _ in range(5):
+        train_epoch(model, grower, data, opt, case.loss_fn)
+        grower.end_epoch(val_loss=evaluate(model, case))
+    assert list(grower.fossilized()) == parallel
+    x, _ = held_out(case)
+    grower.model.eval()
+    with torch.no_grad():
+        want = grower.model(x)
+    plain = fold(grower.model).eval()
+    assert any(isinstance(m, SeedParallel) for m in plain.modules())
+    with torch.no_grad():
+        assert (plain(x) - want).abs().max() <= 1e-6
+    export(grower.model, tmp_path)
+    again = load_exported(case.build(), tmp_path).eval()
+    with torch.no_grad():
+        assert (again(x) - want).abs().max() <= 1e-6
+    torch.export.export(again, (x,))
