@@ -41,11 +41,33 @@ class GrowthConfig:
     """Index of the host param group whose learning-rate schedule the seed groups follow
     (see `esper.grow.schedulers`)."""
 
+    probe_steps: int = 20
+    """Cold-start probes (`esper.grow.probe`): at a boundary where the controller wants to
+    germinate, each offered kernel is trained alone for this many steps on part of the
+    held-out batch and its measured gain sent to the controller, which then decides again
+    (the heuristic chooses by it). 0: no probes (the controller decides on what it knows)."""
+
+    probe_lr: float = 0.01
+    """Adam learning rate of a probe's steps."""
+
+    probe_fit_fraction: float = 0.5
+    """Share of the held-out batch a probe fits on; it measures on the rest."""
+
+    probe_max_kernels: int = 32
+    """Most kernels probed at one boundary (over all open slots, the controller's chosen
+    slot first); kernels beyond it are not probed."""
+
     def __post_init__(self) -> None:
         _int("max_seeds", self.max_seeds, 0)
         _int("max_added_parameters", self.max_added_parameters, 0, optional=True)
         _int("total_epochs", self.total_epochs, 1, optional=True)
         _int("template_group", self.template_group, 0)
+        _int("probe_steps", self.probe_steps, 0)
+        _int("probe_max_kernels", self.probe_max_kernels, 1)
+        for name, lo, hi in (("probe_lr", 0.0, 10.0), ("probe_fit_fraction", 0.0, 1.0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not lo < v < hi:
+                raise ConfigError(f"GrowthConfig.{name}={v!r} must be a number in ({lo:g}, {hi:g})")
         if not isinstance(self.task, str) or len(self.task) > 128:
             raise ConfigError(f"GrowthConfig.task={self.task!r} must be a string of at most 128 characters")
 

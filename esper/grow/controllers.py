@@ -43,6 +43,11 @@ class PolicyController:
 
     component = "controller"
 
+    @property
+    def uses_probes(self) -> bool:
+        """Whether the policy reads `SlotHealth.probes` (the grower probes only for those)."""
+        return bool(getattr(self.policy, "uses_probes", False))
+
     def __init__(self, policy: Policy) -> None:
         if not isinstance(policy, Policy):
             raise ConfigError(

@@ -12,11 +12,24 @@
 `model` keeps working as it is: Kasmina's slots hook into its modules, so `model(x)` runs
 the seeds. At each `end_epoch` the grower does what Tolaria's trainer does at a boundary:
 closes the epoch in Kasmina, measures each blended seed's counterfactual contribution on
-the held-out batch, builds the `HealthSnapshot` (slots, model graph, the loss/accuracy
-history the caller reports, budget), asks the controller with the kernels the source
-offers, applies each decision through Kasmina (rejecting, with a reason, what cannot be
-applied) and emits events. Seeds join the optimizer (and every scheduler) at germination
-and leave at prune.
+the held-out batch, builds the `HealthSnapshot` (slots with their own history, model
+graph, the loss/accuracy history the caller reports, budget), asks the controller with
+the kernels the source offers, and — when the controller wants to germinate — probes the
+offered kernels (`esper.grow.probe`) and asks again with what they measured; then applies
+each decision through Kasmina (rejecting, with a reason, what cannot be applied) and
+emits events. Seeds join the optimizer (and every scheduler) at germination and leave at
+prune.
+
+The grower counts the FLOPs of its own boundary work (the contribution forwards and the
+probes, `torch.utils.flop_counter`) as *decision FLOPs*: `EpochReport.decision_flops`,
+`GrowthHistory.decision_flops` and `EpochMetrics.decision_flops`, next to the training
+FLOPs a caller reports.
+
+Each slot's record at every controlled boundary (stage, contribution) is kept in
+`GrowthHistory.slot_records`, which is in the grower's `state_dict`, and sent in every
+snapshot (`SlotHealth.history`, `HealthSnapshot.slot_history`): a controller reads the
+run's history from the run, so any Tamiyo replica answers a boundary the same way, and a
+resumed run carries it.
 """
 
 from __future__ import annotations
@@ -32,24 +45,29 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
+from esper.blueprints import fits, site_key
 from esper.errors import ConfigError, EsperError, FailedPreconditionError, NotFoundError
 from esper.grow.config import GrowthConfig
 from esper.grow.events import EventSink, EventStream
+from esper.grow.probe import ProbeSettings, probe_slot, rows
 from esper.grow.protocols import Controller, KernelSource, Stateful
 from esper.grow.schedulers import SchedulerSync
 from esper.grow.snapshot import (
     UNBOUNDED_PARAMETERS,
     Budget,
+    attach_history,
     build_snapshot,
     count,
     execution_order,
     model_graph,
     offered_kernels,
+    slot_records,
 )
 from esper.kasmina import KasminaConfig, KasminaEvent, MorphogeneticModel, SeedStage, wrap
 from esper.kasmina.stages import LIVE_STAGES, PRUNABLE_STAGES
-from generated.esper.common.v1 import decision_pb2, health_pb2
+from generated.esper.common.v1 import blueprint_pb2, decision_pb2, health_pb2
 from generated.esper.oona.v1 import events_pb2
 
 _log = logging.getLogger(__name__)
@@ -70,6 +88,16 @@ class GrowthHistory:
     stages: list[dict[str, str]] = field(default_factory=list)
     decisions: list[dict[str, Any]] = field(default_factory=list)
     """Every non-WAIT decision, applied or not: epoch, kind, slot, kernel_id, reason, rejected."""
+    train_flops: list[float] = field(default_factory=list)
+    """The training FLOPs the caller reported at each boundary (`end_epoch(train_flops=)`)."""
+    decision_flops: list[float] = field(default_factory=list)
+    """FLOPs of the grower's own work at each boundary: contribution forwards and probes."""
+    slot_records: list[dict[str, Any]] = field(default_factory=list)
+    """Per controlled boundary, `{"epoch": e, "slots": {slot_id: [stage, measured,
+    contribution, kernel_id]}}`: what every snapshot's `SlotHealth.history` is built from."""
+    probes: list[dict[str, Any]] = field(default_factory=list)
+    """Per boundary that probed, `{"epoch": e, "slots": {slot_id: [[kernel_id, gain,
+    steps, flops], ...]}}`."""
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) for k, v in self.__dict__.items()}
@@ -100,6 +128,10 @@ class EpochReport:
     """Wall time of snapshot → decide → apply, contribution measurement included."""
     contribution_ms: float = 0.0
     """Of `control_ms`, the forwards on the held-out batch (one per blended seed, plus one)."""
+    probe_ms: float = 0.0
+    """Of `control_ms`, the cold-start probes (0 when none ran)."""
+    decision_flops: float = 0.0
+    """FLOPs of the grower's own work at this boundary (contribution forwards, probes)."""
 
     @property
     def applied(self) -> list[decision_pb2.Decision]:
@@ -112,6 +144,16 @@ class EpochReport:
                          for d in self.applied) or "no change"
         live = {s: st for s, st in self.stages.items() if st != "DORMANT"}
         return f"epoch {self.epoch}: {acts}; {self.parameters} parameters; seeds {live or 'none'}"
+
+
+def _listed_blueprints(kernels: Any) -> list[blueprint_pb2.Blueprint] | None:
+    """The blueprints a kernel source offers, when it lists them (`BuiltinKernels` does)."""
+    listed = getattr(kernels, "blueprints", None)
+    if isinstance(listed, Mapping):
+        listed = list(listed.values())
+    if isinstance(listed, list | tuple) and all(isinstance(b, blueprint_pb2.Blueprint) for b in listed):
+        return list(listed)
+    return None
 
 
 def _finite_or_none(name: str, value: Any) -> float | None:
@@ -154,7 +196,12 @@ class Grower:
         event_source: `EventEnvelope.source` of the grower's own events.
 
     Raises:
-        ConfigError: a bad argument (the message names it and what is allowed).
+        ConfigError: a bad argument (the message names it and what is allowed), or a
+            controller with kernels that list their blueprints (`BuiltinKernels`) none of
+            which fits any slot (the message lists both): that run would never grow. A
+            source that cannot list them up front (a remote catalog) is checked at each
+            boundary instead: when no kernel fits any open slot, a `DegradationEvent`
+            (kind "no_kernels_fit") says so.
     """
 
     def __init__(
@@ -204,6 +251,8 @@ class Grower:
         self.degraded: set[str] = set()
         self._degradations: list[str] = []
         self._contribution_ms = 0.0
+        self._probe_ms = 0.0
+        self._decision_flops = 0.0
         self._steps_at_boundary = 0
         self._optimizer_steps = 0
         self._epoch_t0 = time.perf_counter()
@@ -215,6 +264,10 @@ class Grower:
         self.host_parameters = count(model.parameters())
         self._order = execution_order(
             model, example_input, {sid: s.site_module for sid, s in self.model.slots.items()})
+        if controller is not None:
+            listed = _listed_blueprints(kernels)
+            if listed is not None:
+                fits(listed, self.model.site_signatures())
         self.optimizer = optimizer
         self._hook = None
         self.schedulers: list[Any] = []
@@ -332,7 +385,7 @@ class Grower:
             if v is not None:
                 series.append(v)
         t0 = time.perf_counter()
-        self._contribution_ms = 0.0
+        self._contribution_ms = self._probe_ms = self._decision_flops = 0.0
         snapshot, decisions, rejected = None, [], {}
         last = self.config.total_epochs is not None and self.epoch >= self.config.total_epochs
         if control and self.controller is not None and not last:
@@ -371,25 +424,105 @@ class Grower:
                  ) -> tuple[health_pb2.HealthSnapshot, list[decision_pb2.Decision], dict[int, str]]:
         assert self.controller is not None and self.kernels is not None and self.loss_fn is not None
         t0 = time.perf_counter()
-        contributions = self.model.measure_contribution(*held_out, self.loss_fn) if held_out else {}
+        contributions: dict[str, float] = {}
+        if held_out:
+            with FlopCounterMode(display=False) as counter:
+                contributions = self.model.measure_contribution(*held_out, self.loss_fn)
+            self._decision_flops += float(counter.get_total_flops())
         self._contribution_ms = (time.perf_counter() - t0) * 1e3
         snapshot = self.snapshot(contributions)
-        self.emit("health", snapshot)
-        candidates, errors = offered_kernels(snapshot, self.kernels.candidates)
+        asked: list[int] = []
+
+        def source(site: Any) -> list[Any]:
+            answer = self.kernels.candidates(site)
+            asked.append(len(answer))
+            return answer
+
+        candidates, errors = offered_kernels(snapshot, source)
         kernels = getattr(self.kernels, "component", "kernels")
         for e in errors:
             self.record_degradation(kernels, e.reason.lower(), f"no kernel candidates: {e}")
-        if not errors and candidates and kernels in self.degraded:
+        if not errors and asked and not any(asked):
+            if kernels not in self.degraded:
+                open_ = ", ".join(f"{s.slot_id} ({site_key(s.site)})" for s in snapshot.slots
+                                  if s.slot_id in candidates)
+                self.record_degradation(
+                    kernels, "no_kernels_fit",
+                    f"the kernel source offers no kernel for any open slot ({open_}); nothing "
+                    "can grow until it does (offer blueprints for these sites' layouts and "
+                    "slot kinds)")
+        elif not errors and any(asked) and kernels in self.degraded:
             self.record_degradation(kernels, "recovered", "kernel candidates offered again",
                                     recovered=True)
         decisions = self._decide(snapshot, candidates)
+        if self._wants_probes(decisions, candidates, held_out):
+            t1 = time.perf_counter()
+            if self._probe(snapshot, candidates, decisions, held_out):
+                decisions = self._decide(snapshot, candidates)
+            self._probe_ms = (time.perf_counter() - t1) * 1e3
+        self._record_boundary(snapshot)
+        self.emit("health", snapshot)
         rejected = self.apply(decisions)
         return snapshot, decisions, rejected
 
+    def _wants_probes(self, decisions: Sequence[decision_pb2.Decision],
+                      candidates: Mapping[str, Sequence[Any]], held_out: Any) -> bool:
+        """Probe when the controller would germinate, reads probes (it says so with
+        `uses_probes = True`: the heuristic does, random and fixed do not), and there is data."""
+        return (self.config.probe_steps > 0 and held_out is not None
+                and getattr(self.controller, "uses_probes", False)
+                and any(d.kind == _Kind.DECISION_KIND_GERMINATE for d in decisions)
+                and any(candidates.values()) and rows(held_out[0]) >= 2)
+
+    def _probe(self, snapshot: health_pb2.HealthSnapshot, candidates: Mapping[str, Sequence[Any]],
+               decisions: Sequence[decision_pb2.Decision], held_out: tuple[Any, Any]) -> bool:
+        """Probe the offered kernels (the slots the controller chose first); results go into
+        `snapshot.slots[i].probes`. Returns whether anything was probed."""
+        assert self.loss_fn is not None
+        chosen = [d.slot_id for d in decisions if d.kind == _Kind.DECISION_KIND_GERMINATE]
+        order = chosen + [s.slot_id for s in snapshot.slots if s.slot_id not in chosen]
+        settings = ProbeSettings(steps=self.config.probe_steps, lr=self.config.probe_lr,
+                                 fit_fraction=self.config.probe_fit_fraction)
+        left = self.config.probe_max_kernels
+        by_slot = {s.slot_id: s for s in snapshot.slots}
+        record: dict[str, list[list[Any]]] = {}
+        for slot_id in order:
+            offered = list(candidates.get(slot_id, ()))[:left]
+            if not offered or slot_id not in by_slot:
+                continue
+            site = self.model.site_signature(slot_id)
+            seeds = []
+            for c in offered:
+                try:
+                    seeds.append((c, self._load_kernel(c.kernel_id, site)))
+                except EsperError as e:
+                    _log.info("run %s: kernel %s not probed at %s: %s", self.run_id,
+                              c.kernel_id, slot_id, e)
+            left -= len(offered)
+            if not seeds:
+                continue
+            probes = probe_slot(self.model, slot_id, seeds, held_out, self.loss_fn, settings)
+            by_slot[slot_id].probes.extend(probes)
+            self._decision_flops += sum(p.flops for p in probes)
+            record[slot_id] = [[p.kernel_id, p.gain, p.steps, p.flops] for p in probes]
+            if left <= 0:
+                break
+        if record:
+            self.history.probes.append({"epoch": self.epoch, "slots": record})
+        return bool(record)
+
+    def _record_boundary(self, snapshot: health_pb2.HealthSnapshot) -> None:
+        """Keep this boundary's slot records (what later snapshots' `SlotHealth.history` shows)."""
+        records = self.history.slot_records
+        if records and records[-1]["epoch"] == snapshot.epoch:
+            records.pop()  # the same boundary again (a caller re-running it): latest wins
+        records.append({"epoch": snapshot.epoch, "slots": slot_records(snapshot)})
+
     def snapshot(self, contributions: Mapping[str, float] | None = None) -> health_pb2.HealthSnapshot:
-        """The `HealthSnapshot` a controller would see now (no contribution measured here)."""
+        """The `HealthSnapshot` a controller would see now (no contribution measured here),
+        with each slot's history: the recorded boundaries and this one."""
         total = self.config.total_epochs or 0
-        return build_snapshot(
+        snap = build_snapshot(
             self.model, run_id=self.run_id, epoch=self.epoch, total_epochs=total,
             train_loss=self.history.train_loss, val_loss=self.history.val_loss,
             val_accuracy=self.history.val_accuracy, host_parameters=self.host_parameters,
@@ -398,6 +531,8 @@ class Grower:
             contributions=dict(contributions or {}), graph=model_graph(self.model, self._order),
             task=self.config.task,
         )
+        attach_history(snap, self.history.slot_records)
+        return snap
 
     def _decide(self, snapshot: health_pb2.HealthSnapshot, candidates: Mapping[str, Any]
                 ) -> list[decision_pb2.Decision]:
@@ -540,6 +675,8 @@ class Grower:
         h.parameters.append(self.parameters())
         h.learning_rate.append(lr)
         h.stages.append(stages)
+        h.train_flops.append(float(train_flops))
+        h.decision_flops.append(self._decision_flops)
         now = time.perf_counter()
         self.emit("epoch_metrics", events_pb2.EpochMetrics(
             epoch=self.epoch,
@@ -554,18 +691,24 @@ class Grower:
             alphas=alphas,
             stages={sid: int(s.current_stage) for sid, s in slots.items()},
             control_ms=control_ms,
+            decision_flops=self.decision_flops(),
         ))
         self._epoch_t0 = now
         return EpochReport(epoch=self.epoch, snapshot=snapshot, decisions=decisions,
                            rejected=rejected, degraded=list(self._degradations), stages=stages,
                            alphas=alphas, parameters=h.parameters[-1], control_ms=control_ms,
-                           contribution_ms=self._contribution_ms)
+                           contribution_ms=self._contribution_ms, probe_ms=self._probe_ms,
+                           decision_flops=self._decision_flops)
 
     # ---- views -------------------------------------------------------------------------
 
     def parameters(self) -> int:
         """Parameters of the model now: host plus live and fossilized seeds."""
         return count(self.model.parameters())
+
+    def decision_flops(self) -> float:
+        """FLOPs of the grower's own boundary work so far (contribution forwards, probes)."""
+        return float(sum(self.history.decision_flops))
 
     def parameters_left(self) -> int:
         bound = self.config.max_added_parameters

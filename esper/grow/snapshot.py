@@ -149,6 +149,42 @@ def build_snapshot(
     return snap
 
 
+HISTORY_LIMIT = 64
+"""Records per slot a snapshot carries (`SlotHealth.history`'s bound)."""
+
+
+def slot_records(snapshot: health_pb2.HealthSnapshot) -> dict[str, list[Any]]:
+    """slot id → `[stage, contribution measured, contribution, kernel id]` of this boundary."""
+    return {s.slot_id: [int(s.stage), bool(s.contribution_measured), float(s.contribution),
+                        s.kernel_id] for s in snapshot.slots}
+
+
+def attach_history(snapshot: health_pb2.HealthSnapshot, boundaries: Sequence[Mapping[str, Any]]) -> None:
+    """Fill each seed-holding slot's `history` from earlier boundaries' records and this one.
+
+    `boundaries` are `{"epoch": e, "slots": slot_records(...)}` in epoch order (the
+    grower's `GrowthHistory.slot_records`). A slot's history is the run of boundaries,
+    newest backwards, at which it held the kernel it holds now (a new seed starts a new
+    history), at most `HISTORY_LIMIT` records ending with this boundary. Sets
+    `snapshot.slot_history`.
+    """
+    snapshot.slot_history = True
+    current = slot_records(snapshot)
+    earlier = [b for b in boundaries if b["epoch"] < snapshot.epoch]
+    for slot in snapshot.slots:
+        if not slot.kernel_id:
+            continue
+        kept: list[tuple[int, list[Any]]] = [(snapshot.epoch, current[slot.slot_id])]
+        for b in reversed(earlier):
+            rec = b["slots"].get(slot.slot_id)
+            if rec is None or rec[3] != slot.kernel_id or len(kept) >= HISTORY_LIMIT:
+                break
+            kept.append((int(b["epoch"]), rec))
+        for epoch, (stage, measured, contribution, _) in reversed(kept):
+            slot.history.add(epoch=epoch, stage=stage, contribution_measured=measured,
+                             contribution=contribution if math.isfinite(contribution) else 0.0)
+
+
 def open_slots(snapshot: health_pb2.HealthSnapshot) -> list[health_pb2.SlotHealth]:
     """DORMANT, not embargoed slots, when the budget still allows a germination."""
     if snapshot.seeds_left == 0 or snapshot.parameters_left == 0:

@@ -81,6 +81,7 @@ class ExploringPolicy(Policy):
         self.epsilon = float(epsilon)
         self.seed = seed
         self.name = f"{base.name}+explore"
+        self.uses_probes = base.uses_probes
 
     def settings(self) -> dict[str, str]:
         return {**self.base.settings(), "epsilon": str(self.epsilon)}

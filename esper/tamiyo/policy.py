@@ -125,6 +125,9 @@ class Policy(abc.ABC):
     name: str = ""
     """Registry name ("heuristic", "random", "fixed", "gnn")."""
 
+    uses_probes: bool = False
+    """Whether the policy reads `SlotHealth.probes` (a client runs probes only for those)."""
+
     @property
     def version(self) -> str:
         return "1"

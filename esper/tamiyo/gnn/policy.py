@@ -90,6 +90,7 @@ def _mutual_information(member_probs: torch.Tensor, n_options: torch.Tensor) -> 
 class GnnPolicy(Policy):
     name = "gnn"
     fallback_name = "heuristic"
+    uses_probes = True  # its heuristic fallback chooses kernels by them
 
     def __init__(
         self,

@@ -26,6 +26,12 @@ class HeuristicConfig:
     """Germinate when the window improved the best validation loss by less than this fraction."""
     tie_break: Literal["deepest", "earliest"] = "deepest"
     """Which slot wins when the gradient signal ties: nearest the output or nearest the input."""
+    slot_kinds: Literal["parallel_first", "output_first", "gradient"] = "parallel_first"
+    """Without probes, how slots of the two kinds are ranked against each other: all open
+    parallel slots before output slots (a parallel seed can add width the host lacks), the
+    reverse, or by the raw host gradient norm across kinds (the norms measure different
+    things: a wrapped layer's parameter gradient vs. an activation's output gradient).
+    Within a kind, by gradient norm. With probes, measured gains decide across kinds."""
     one_seed_in_flight: bool = True
     """No germination while another seed is GERMINATED, TRAINING or BLENDING."""
     prune_threshold: float = 1e-3
@@ -44,6 +50,12 @@ class HeuristicConfig:
     """Score per unit of (Laplace-smoothed) fossilization rate above one half."""
     cost_weight: float = 0.01
     """Score lost per host-sized parameter count the kernel adds (parameter rent)."""
+    probe_weight: float = 1.0
+    """How much of a probe's measured gain (`SlotHealth.probes`) becomes the kernel's prior:
+    `prior = probe_weight × gain` replaces `prior_contribution` for a probed kernel."""
+    probe_min_gain: float | None = None
+    """With probes, germinate only when the chosen kernel's measured gain is above this
+    (None: no such gate; the probes only choose)."""
 
     def __post_init__(self) -> None:
         if self.warmup_epochs < 0:
@@ -52,6 +64,9 @@ class HeuristicConfig:
             raise ValueError(f"plateau_window={self.plateau_window} must be >= 1")
         if self.tie_break not in ("deepest", "earliest"):
             raise ValueError(f"tie_break={self.tie_break!r}; allowed: 'deepest', 'earliest'")
+        if self.slot_kinds not in ("parallel_first", "output_first", "gradient"):
+            raise ValueError(f"slot_kinds={self.slot_kinds!r}; allowed: 'parallel_first', "
+                             "'output_first', 'gradient'")
         for name in (
             "plateau_threshold",
             "prune_threshold",
@@ -59,12 +74,16 @@ class HeuristicConfig:
             "prior_strength",
             "success_weight",
             "cost_weight",
+            "probe_weight",
         ):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name}={v!r} must be a finite number >= 0")
         if not math.isfinite(self.prior_contribution):
             raise ValueError(f"prior_contribution={self.prior_contribution!r} must be finite")
+        if self.probe_min_gain is not None and not (
+                isinstance(self.probe_min_gain, int | float) and math.isfinite(self.probe_min_gain)):
+            raise ValueError(f"probe_min_gain={self.probe_min_gain!r} must be a finite number or None")
         if self.fossilize_epochs < 1:
             raise ValueError(f"fossilize_epochs={self.fossilize_epochs} must be >= 1")
         if self.holding_patience_epochs < self.fossilize_epochs:

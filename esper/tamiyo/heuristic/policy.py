@@ -6,23 +6,43 @@ At each epoch boundary, in this order:
    contribution is below `-prune_threshold`, or that sat `holding_patience_epochs` in
    HOLDING without earning fossilization.
 2. **Fossilize** a HOLDING seed whose measured contribution was at least
-   `fossilize_threshold` for `fossilize_epochs` consecutive boundaries (history kept per
-   run and slot, reset when the slot's kernel changes).
+   `fossilize_threshold` for `fossilize_epochs` consecutive boundaries. The record is the
+   snapshot's own (`SlotHealth.history`) when the client sends it (`HealthSnapshot.
+   slot_history`; `esper.grow` always does), so any replica of the service decides a
+   boundary alike and a resumed run keeps its streaks; for clients that send none, the
+   policy remembers boundaries itself, per run and slot, reset when the slot's kernel
+   changes (one replica's memory: Decide must then reach the same replica every epoch).
 3. **Germinate** at most one seed when validation loss has plateaued after the warm-up:
    the best loss in the last `plateau_window` epochs improved on the best loss before them
    by less than `plateau_threshold` (relative). Not while another seed is still
    GERMINATED/TRAINING/BLENDING (unless `one_seed_in_flight` is off), not without seeds or
-   parameters left, never at an embargoed slot.
+   parameters left, never at an embargoed slot. Candidates come from both kinds of slot
+   (output: the seed reads the site's output; parallel: it reads the wrapped module's
+   input and can add width) in one decision:
 
-   *Where*: the dormant slot whose host site had the largest gradient norm over the epoch
-   (`SlotHealth.host_grad_norm`). The loss is still pulling hardest on that layer, so new
-   capacity there receives the most learning signal; ties go to the deepest slot (or the
-   earliest, by config).
+   *With probes* (`SlotHealth.probes`: the client trained a fresh seed of each offered
+   kernel alone for a few steps and measured its held-out gain, `esper.grow.probe`):
+   *where and what* together, the (slot, kernel) pair with the best score over every
+   probed kernel of every open slot, whatever the slot's kind — measured gains are in one
+   unit (validation loss), so the kinds compete on them. This is the cold start: with no
+   field reports the probe, not the parameter count, tells kernels apart. With
+   `probe_min_gain` set, no germination unless the chosen kernel's gain is above it.
 
-   *What*: among the kernels compiled for that site that fit `parameters_left`, the best
-   score = contribution shrunk towards a prior by the kernel's field-report count
+   *Without probes*, *where*: the open dormant slot whose host site had the largest
+   gradient norm over the epoch (`SlotHealth.host_grad_norm`): the loss is still pulling
+   hardest on that layer, so new capacity there receives the most learning signal; ties go
+   to the deepest slot (or the earliest, by config). Gradient norms of the two kinds
+   measure different things (a wrapped layer's parameter gradient, an activation's output
+   gradient), so by default every open parallel slot ranks before every output slot
+   (`slot_kinds`); *what*: the best-scoring kernel there. With neither probes nor field
+   reports the score differs only by the parameter rent, so this falls back to the
+   cheapest kernel: send probes (or outcome records) for a cold start that means something.
+
+   The score = contribution shrunk towards a prior by the kernel's field-report count
    + `success_weight` × (Laplace-smoothed fossilization rate − ½)
-   − `cost_weight` × kernel parameters / host parameters.
+   − `cost_weight` × kernel parameters / host parameters,
+   where the prior is `probe_weight` × the kernel's probe gain when it was probed here,
+   else `prior_contribution`.
 """
 
 from __future__ import annotations
@@ -55,9 +75,12 @@ def relative_improvement(history: Sequence[float], window: int) -> float | None:
     return (before - recent) / max(abs(before), 1e-12)
 
 
-def kernel_score(c: KernelCandidate, *, host_parameters: int, config: HeuristicConfig) -> float:
+def kernel_score(c: KernelCandidate, *, host_parameters: int, config: HeuristicConfig,
+                 probe_gain: float | None = None) -> float:
+    """The kernel's score; `probe_gain` (measured at this slot) sets its prior when given."""
     n = c.outcomes
-    shrunk = (n * c.mean_contribution + config.prior_strength * config.prior_contribution) / max(
+    prior = config.prior_contribution if probe_gain is None else config.probe_weight * probe_gain
+    shrunk = (n * c.mean_contribution + config.prior_strength * prior) / max(
         n + config.prior_strength, 1e-12
     )
     success = (c.fossilized + 1) / (n + 2) - 0.5
@@ -85,10 +108,14 @@ class HeuristicPolicy(Policy):
     def settings(self) -> dict[str, str]:
         return settings_in_words(self.config)
 
+    uses_probes = True
+
     def decide(
         self, snapshot: health_pb2.HealthSnapshot, candidates: Candidates
     ) -> list[decision_pb2.Decision]:
-        self.history.observe(snapshot)
+        if not snapshot.slot_history:
+            # A client that does not carry the run's history: remember it here.
+            self.history.observe(snapshot)
         decisions: list[decision_pb2.Decision] = []
         removed: set[str] = set()
         for slot in sorted(snapshot.slots, key=lambda s: s.depth):
@@ -132,13 +159,7 @@ class HeuristicPolicy(Policy):
             )
         if slot.stage != seed_pb2.SEED_STAGE_HOLDING:
             return None
-        streak = self.history.streak(
-            snapshot.run_id,
-            slot.slot_id,
-            stage=seed_pb2.SEED_STAGE_HOLDING,
-            up_to_epoch=snapshot.epoch,
-            at_least=cfg.fossilize_threshold,
-        )
+        streak = self._streak(snapshot, slot)
         if streak >= cfg.fossilize_epochs:
             return self._decision(
                 decision_pb2.DECISION_KIND_FOSSILIZE,
@@ -155,6 +176,16 @@ class HeuristicPolicy(Policy):
                 f"(now {slot.contribution:+.4g})",
             )
         return None
+
+    def _streak(self, snapshot: health_pb2.HealthSnapshot, slot: health_pb2.SlotHealth) -> int:
+        """Consecutive boundaries up to now in HOLDING with contribution >= the threshold."""
+        cfg = self.config
+        if not snapshot.slot_history:
+            return self.history.streak(snapshot.run_id, slot.slot_id,
+                                       stage=seed_pb2.SEED_STAGE_HOLDING,
+                                       up_to_epoch=snapshot.epoch, at_least=cfg.fossilize_threshold)
+        return history_streak(slot, up_to_epoch=snapshot.epoch, stage=seed_pb2.SEED_STAGE_HOLDING,
+                              at_least=cfg.fossilize_threshold)
 
     def _germination(
         self, snapshot: health_pb2.HealthSnapshot, candidates: Candidates, removed: set[str]
@@ -191,8 +222,12 @@ class HeuristicPolicy(Policy):
         open_slots = [s for s in dormant if s.embargo_epochs_left == 0]
         if not open_slots:
             return None, f"{plateau_words}, but every dormant slot is embargoed"
+        probed = self._probed(snapshot, open_slots, candidates)
+        if probed:
+            return self._germinate_probed(snapshot, probed, plateau_words)
         sign = 1 if cfg.tie_break == "deepest" else -1
-        ranked = sorted(open_slots, key=lambda s: (-s.host_grad_norm, -sign * s.depth, s.slot_id))
+        ranked = sorted(open_slots, key=lambda s: (self._kind_rank(s), -s.host_grad_norm,
+                                                   -sign * s.depth, s.slot_id))
         reasons: list[str] = []
         for slot in ranked:
             offered = list(candidates.get(slot.slot_id, ()))
@@ -208,8 +243,8 @@ class HeuristicPolicy(Policy):
             runner_up = f" over {len(fitting) - 1} other kernel(s)" if len(fitting) > 1 else ""
             reason = (
                 f"germinate {slot.slot_id} with {best.label}: {plateau_words}; this slot has the "
-                f"largest host gradient norm among open dormant slots ({slot.host_grad_norm:.4g}); "
-                f"kernel score {score:+.4g}{runner_up}"
+                f"largest host gradient norm among open dormant {_kind_words(self, slot)} "
+                f"({slot.host_grad_norm:.4g}); kernel score {score:+.4g}{runner_up} (no probes)"
             )
             if reasons:
                 reason += f" (skipped {'; '.join(reasons)})"
@@ -219,7 +254,84 @@ class HeuristicPolicy(Policy):
             return d, ""
         return None, f"{plateau_words}, but no kernel fits: {'; '.join(reasons)}"
 
+    def _kind_rank(self, slot: health_pb2.SlotHealth) -> int:
+        order = self.config.slot_kinds
+        if order == "gradient":
+            return 0
+        parallel = slot.site.kind == seed_pb2.SLOT_KIND_PARALLEL
+        return 0 if parallel == (order == "parallel_first") else 1
+
+    @staticmethod
+    def _probed(snapshot: health_pb2.HealthSnapshot, open_slots: Sequence[health_pb2.SlotHealth],
+                candidates: Candidates
+                ) -> list[tuple[health_pb2.SlotHealth, KernelCandidate, health_pb2.KernelProbe]]:
+        """(slot, kernel, probe) for every affordable offered kernel a probe measured."""
+        out = []
+        for slot in open_slots:
+            probes = {p.kernel_id: p for p in slot.probes}
+            if not probes:
+                continue
+            for c in affordable(snapshot, list(candidates.get(slot.slot_id, ()))):
+                p = probes.get(c.kernel_id)
+                if p is not None and math.isfinite(p.gain):
+                    out.append((slot, c, p))
+        return out
+
+    def _germinate_probed(
+        self, snapshot: health_pb2.HealthSnapshot,
+        probed: list[tuple[health_pb2.SlotHealth, KernelCandidate, health_pb2.KernelProbe]],
+        plateau_words: str,
+    ) -> tuple[decision_pb2.Decision | None, str]:
+        cfg = self.config
+        sign = 1 if cfg.tie_break == "deepest" else -1
+
+        def score(item: tuple) -> float:
+            _, c, p = item
+            return kernel_score(c, host_parameters=snapshot.host_parameters, config=cfg,
+                                probe_gain=p.gain)
+
+        # Best score; ties to the smaller kernel, then by the slot tie-break, then by ids.
+        slot, best, probe = min(probed, key=lambda it: (-score(it), it[1].parameters,
+                                                        -sign * it[0].depth, it[0].slot_id,
+                                                        it[1].kernel_id))
+        slots = len({s.slot_id for s, _, _ in probed})
+        measured = (f"probe gain {probe.gain:+.4g} after {probe.steps} steps, the best score "
+                    f"{score((slot, best, probe)):+.4g} of {len(probed)} probed kernel(s) at "
+                    f"{slots} open slot(s)")
+        if cfg.probe_min_gain is not None and probe.gain <= cfg.probe_min_gain:
+            return None, (f"{plateau_words}, but no probed kernel gains more than "
+                          f"probe_min_gain={cfg.probe_min_gain:g} (best: {best.label} at "
+                          f"{slot.slot_id}, {measured})")
+        reason = (f"germinate {slot.slot_id} ({_kind_words(self, slot, plural=False)}) with "
+                  f"{best.label}: {plateau_words}; {measured}")
+        d = self._decision(decision_pb2.DECISION_KIND_GERMINATE, slot, reason)
+        d.blueprint_id = best.blueprint_id
+        d.kernel_id = best.kernel_id
+        return d, ""
+
     def _decision(self, kind: int, slot: health_pb2.SlotHealth, reason: str) -> decision_pb2.Decision:
         return decision_pb2.Decision(
             kind=kind, slot_id=slot.slot_id, reason=reason, policy=self.name, confidence=1.0
         )
+
+
+def _kind_words(policy: HeuristicPolicy, slot: health_pb2.SlotHealth, *, plural: bool = True) -> str:
+    kind = "parallel" if slot.site.kind == seed_pb2.SLOT_KIND_PARALLEL else "output"
+    if not plural:
+        return f"{kind} slot"
+    if policy.config.slot_kinds == "gradient":
+        return "slots"
+    return f"{kind} slots"
+
+
+def history_streak(slot: health_pb2.SlotHealth, *, up_to_epoch: int, stage: int, at_least: float) -> int:
+    """Consecutive epochs ending at `up_to_epoch` in `stage` with a measured contribution
+    >= `at_least`, read from the slot's own `history` (newest last)."""
+    n, expect = 0, up_to_epoch
+    for rec in reversed(slot.history):
+        if (rec.epoch != expect or rec.stage != stage or not rec.contribution_measured
+                or not rec.contribution >= at_least):
+            break
+        n += 1
+        expect -= 1
+    return n

@@ -60,7 +60,7 @@ class DecisionEvent(_message.Message):
     def __init__(self, decisions: _Optional[_Iterable[_Union[_decision_pb2.Decision, _Mapping]]] = ..., rejected: _Optional[_Mapping[int, str]] = ..., latency_ms: _Optional[float] = ...) -> None: ...
 
 class EpochMetrics(_message.Message):
-    __slots__ = ("epoch", "total_epochs", "train_loss", "val_loss", "val_accuracy", "parameters", "learning_rate", "epoch_seconds", "train_flops", "alphas", "stages", "control_ms")
+    __slots__ = ("epoch", "total_epochs", "train_loss", "val_loss", "val_accuracy", "parameters", "learning_rate", "epoch_seconds", "train_flops", "alphas", "stages", "control_ms", "decision_flops")
     class AlphasEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,7 @@ class EpochMetrics(_message.Message):
     ALPHAS_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     CONTROL_MS_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FLOPS_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     total_epochs: int
     train_loss: float
@@ -99,7 +100,8 @@ class EpochMetrics(_message.Message):
     alphas: _containers.ScalarMap[str, float]
     stages: _containers.ScalarMap[str, _seed_pb2.SeedStage]
     control_ms: float
-    def __init__(self, epoch: _Optional[int] = ..., total_epochs: _Optional[int] = ..., train_loss: _Optional[float] = ..., val_loss: _Optional[float] = ..., val_accuracy: _Optional[float] = ..., parameters: _Optional[int] = ..., learning_rate: _Optional[float] = ..., epoch_seconds: _Optional[float] = ..., train_flops: _Optional[float] = ..., alphas: _Optional[_Mapping[str, float]] = ..., stages: _Optional[_Mapping[str, _seed_pb2.SeedStage]] = ..., control_ms: _Optional[float] = ...) -> None: ...
+    decision_flops: float
+    def __init__(self, epoch: _Optional[int] = ..., total_epochs: _Optional[int] = ..., train_loss: _Optional[float] = ..., val_loss: _Optional[float] = ..., val_accuracy: _Optional[float] = ..., parameters: _Optional[int] = ..., learning_rate: _Optional[float] = ..., epoch_seconds: _Optional[float] = ..., train_flops: _Optional[float] = ..., alphas: _Optional[_Mapping[str, float]] = ..., stages: _Optional[_Mapping[str, _seed_pb2.SeedStage]] = ..., control_ms: _Optional[float] = ..., decision_flops: _Optional[float] = ...) -> None: ...
 
 class DegradationEvent(_message.Message):
     __slots__ = ("component", "kind", "detail", "dropped")
