@@ -156,6 +156,9 @@ class SeedOutcome:
     """Parameters the seed added (from the snapshots; 0 if none saw it)."""
     rejected_by_gate: bool = False
     """A Kasmina gate failed for this seed."""
+    slot_kind: str = "output"
+    """"output" (the seed read the site's output) or "parallel" (the wrapped module's
+    input), from the slot's site signature in the snapshots."""
 
 
 @dataclass(kw_only=True)
@@ -174,6 +177,11 @@ class RunReport:
 
 
 CandidatesFor = Callable[[seed_pb2.SiteSignature], list[KernelCandidate]]
+
+
+def slot_kind_name(site: seed_pb2.SiteSignature) -> str:
+    """"parallel" or "output" for a site signature."""
+    return "parallel" if site.kind == seed_pb2.SLOT_KIND_PARALLEL else "output"
 
 
 def reports_from_events(
@@ -250,6 +258,7 @@ def _report(run_id: str, evs: list[events_pb2.EventEnvelope], candidates_for: Ca
                 o = live.get(s.slot_id)
                 if o is not None and s.stage in _LIVE:
                     o.parameters = max(o.parameters, int(s.seed_parameters))
+                    o.slot_kind = slot_kind_name(s.site)
                     if s.contribution_measured and math.isfinite(s.contribution):
                         o.contribution = float(s.contribution)
         elif kind == "degradation" and e.degradation.component == "governor" and e.degradation.kind == "rollback":

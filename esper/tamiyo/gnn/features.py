@@ -9,7 +9,10 @@ depends on what is upstream (its input) and downstream (what consumes it).
 Node features (`NODE_FEATURES`, every one bounded so no input can dominate by scale):
 kind one-hot, log-parameters, and for slot nodes the SlotHealth numbers: stage one-hot,
 alpha, log gradient norms, activation statistics, counterfactual contribution (and whether
-it was measured), log steps/epochs in stage, log seed parameters, embargo, finiteness, depth.
+it was measured), log steps/epochs in stage, log seed parameters, embargo, finiteness, depth,
+and the slot's kind (`site.kind`: 1 for a parallel slot, whose seed reads the wrapped
+module's input) with its channel ratio (log2 of output over input channels, squashed: a
+parallel slot over `Linear(40 → 16)` is not the same place as an activation of 16).
 Global features (`GLOBAL_FEATURES`): training progress, latest losses and accuracy and
 their trends over the last 3 and 8 epochs, train/val gap, the plateau statistic the
 heuristic uses, and the growth budget left.
@@ -31,8 +34,9 @@ import torch
 from esper.tamiyo.policy import IN_FLIGHT_STAGES
 from generated.esper.common.v1 import health_pb2, seed_pb2
 
-FEATURE_VERSION = 1
-"""Bumped whenever the meaning or order of a feature changes (policy files record it)."""
+FEATURE_VERSION = 2
+"""Bumped whenever the meaning or order of a feature changes (policy files record it; a
+file of another version is refused at load with "retrain it"). 2: slot kind features."""
 
 KINDS: tuple[str, ...] = ("linear", "conv", "norm", "activation", "other", "slot")
 STAGES: tuple[int, ...] = tuple(v for v in seed_pb2.SeedStage.values() if v != seed_pb2.SEED_STAGE_UNSPECIFIED)
@@ -55,6 +59,8 @@ NODE_FEATURES: tuple[str, ...] = (
     "embargo_epochs_left",
     "finite",
     "depth",
+    "slot_parallel",
+    "slot_channel_ratio",
 )
 
 GLOBAL_FEATURES: tuple[str, ...] = (
@@ -160,7 +166,15 @@ def slot_features(s: health_pb2.SlotHealth, max_depth: int) -> list[float]:
         math.log1p(s.embargo_epochs_left) / 3,
         1.0 if finite else 0.0,
         s.depth / max(max_depth, 1),
+        *_kind_features(s.site),
     ]
+
+
+def _kind_features(site: seed_pb2.SiteSignature) -> tuple[float, float]:
+    if site.kind != seed_pb2.SLOT_KIND_PARALLEL:
+        return 0.0, 0.0
+    ratio = max(site.channels, 1) / max(site.input.channels, 1)
+    return 1.0, math.tanh(math.log2(ratio) / 3)
 
 
 def global_features(snap: health_pb2.HealthSnapshot) -> list[float]:

@@ -146,7 +146,7 @@ def train_policy(
             "runs": [{"run_id": r.run_id, "task": r.task, "boundaries": len(r.boundaries),
                       "explored": sum(b.explored for b in r.boundaries), "final_val_accuracy": r.final_val_accuracy,
                       "baseline_val_accuracy": r.baseline_val_accuracy,
-                      "seeds": [[o.slot_id, o.fate, o.contribution] for o in r.seeds]} for r in reports],
+                      "seeds": [[o.slot_id, o.fate, o.contribution, o.slot_kind] for o in r.seeds]} for r in reports],
             "behaviour_examples": len(behaviour),
             "mean_return": result.mean_return,
             "value_mse_untrained": result.value_mse_before,

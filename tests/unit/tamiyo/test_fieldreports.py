@@ -187,3 +187,17 @@ def test_in_process_collection_records_boundaries_exploration_and_a_baseline() -
 
 def snap_total_epochs() -> int:
     return snapshot([]).total_epochs
+
+
+def test_a_seed_outcome_says_which_kind_of_slot_it_grew_in() -> None:
+    events = run_events()
+    for e in events:
+        if e.WhichOneof("payload") == "health":
+            for s in e.health.slots:
+                if s.slot_id == "s1":
+                    s.site.kind = S.SLOT_KIND_PARALLEL
+                    s.site.input.CopyFrom(S.ActivationSpec(layout=S.ACTIVATION_LAYOUT_NC, channels=40))
+    (report,) = reports_from_events(events, lambda site: [K])
+    assert {o.slot_id: o.slot_kind for o in report.seeds} == {"s0": "output", "s1": "parallel"}
+    # The boundary records keep the kind too (the snapshot's site), for the learner.
+    assert report.boundaries[0].snapshot.slots[1].site.kind == S.SLOT_KIND_PARALLEL
