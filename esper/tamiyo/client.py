@@ -111,6 +111,10 @@ class TamiyoController:
         breaker: circuit breaker (default: opens after 2 failures of the last 4 calls,
             tries again after 3 s); while open, `decide` raises at once.
         allowed_blueprints: blueprint ids the service may choose (empty: any offered).
+        uses_probes: whether the served policy reads `SlotHealth.probes` (the heuristic
+            and the learned policy do): the grower then probes offered kernels at
+            boundaries where Tamiyo wants to germinate and asks again. False for a
+            service running the random or fixed baseline saves the probes' compute.
 
     `decide` raises typed `EsperError`s (`UnavailableError`, `DeadlineExceededError`,
     `AuthError`, `PermissionDeniedError`, `InvalidArgumentError`); the grower turns them
@@ -123,12 +127,14 @@ class TamiyoController:
     component = "tamiyo"
 
     def __init__(self, target: str, *, api_key: str | None = None, timeout_s: float = 1.0,
-                 breaker: CircuitBreaker | None = None, allowed_blueprints: Sequence[str] = ()) -> None:
+                 breaker: CircuitBreaker | None = None, allowed_blueprints: Sequence[str] = (),
+                 uses_probes: bool = True) -> None:
         if not (isinstance(timeout_s, int | float) and timeout_s > 0):
             raise ConfigError(f"timeout_s={timeout_s!r} must be a number of seconds > 0")
         self.target = target
         self.timeout_s = float(timeout_s)
         self.allowed_blueprints = list(allowed_blueprints)
+        self.uses_probes = bool(uses_probes)
         self.breaker = breaker or CircuitBreaker(f"tamiyo@{target}", CONTROL_BREAKER)
         self._channel = sync_channel(target, api_key=api_key, default_timeout_s=self.timeout_s,
                                      options=_CHANNEL_OPTIONS)
