@@ -38,7 +38,7 @@ class DemoConfig:
     out_dir: Path
     """Where the platform's state, its log and the report go."""
     task: str = "mnist1d"
-    """Task name (esper.tolaria.tasks)."""
+    """Task name (esper.tasks)."""
     host: str = "cnn"
     """Host model of the task."""
     epochs: int = 30

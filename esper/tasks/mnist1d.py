@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import functools
 import random
+from typing import Literal
 
 import numpy as np
 
-from esper.tolaria.tasks import hosts
-from esper.tolaria.tasks.base import Task, TaskData, split
+from esper.jobs.spec import Job
+from esper.tasks import hosts
+from esper.tasks.base import Task, TaskData, check_width, make_job, split
 
 LENGTH = 40
 CLASSES = 10
@@ -60,3 +62,15 @@ TASK = Task(
         ),
     },
 )
+
+
+def job(*, host: Literal["mlp", "cnn"] = "cnn", width: float = 1.0, seed: int = 0, batch_size: int = 64) -> Job:
+    """MNIST-1D: 10 classes of length-40 signals (4000 train / 1000 test), generated offline.
+
+    Args:
+        host: the host model: "cnn" (two Conv1d blocks of 4 channels) or "mlp" (40 → 16 → 16 → 10).
+        width: host width multiplier, in (0, 64].
+        seed: split seed (the run's seed).
+        batch_size: training batch size (the run's batch size).
+    """
+    return make_job(TASK, host=host, width=check_width(width), seed=seed, batch_size=batch_size)
