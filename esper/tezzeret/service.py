@@ -1,10 +1,17 @@
-"""TezzeretService: a thin gRPC adapter over `TezzeretCore` (jobs + compiler + Urza upload)."""
+"""TezzeretService: a thin gRPC adapter over `TezzeretCore` (jobs + compiler + Urza upload).
+
+Kernels for any site, on demand: `EnsureKernels(site)` starts the compile job of every
+catalog blueprint that supports the site (idempotent through the job store, so a run that
+asks again, or a second run with the same site, finds the jobs already done), and with
+`wait` answers when they finished or the caller's deadline is near.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -12,7 +19,7 @@ from typing import Any, Protocol
 from esper.blueprints import blueprint_id, site_key, site_signature, supports, validate_ir
 from esper.blueprints.artifact import SigningKey
 from esper.blueprints.ir import check_site, layout_name
-from esper.errors import EsperError, FailedPreconditionError
+from esper.errors import EsperError, FailedPreconditionError, InvalidArgumentError
 from esper.runtime.spec import PlatformContext, ServiceSpec
 from esper.tezzeret.compiler import compile_kernel
 from esper.tezzeret.config import TezzeretConfig
@@ -40,13 +47,18 @@ class TezzeretCore:
     """Compile jobs, idempotent on (blueprint id, site), published to Urza."""
 
     def __init__(self, store: JobStore, key: SigningKey, urza: Callable[[], Library],
-                 config: TezzeretConfig):
+                 config: TezzeretConfig, catalog: list[blueprint_pb2.Blueprint] | None = None):
         self.store = store
         self.key = key
         self._urza_factory = urza
         self._urza: Library | None = None
         self.config = config
+        self.catalog = list(catalog or [])
+        """What `ensure_kernels` compiles: the built-in blueprints the config selects."""
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # Compiles are CPU-bound torch work on the service's threads: a run asking for a
+        # whole catalog must not take every core from training.
+        self._compiling = asyncio.Semaphore(config.max_parallel_compiles)
 
     @property
     def urza(self) -> Library:
@@ -115,10 +127,11 @@ class TezzeretCore:
             if mine:
                 self.store.succeed(job_id, mine[0].kernel_id, mine[0].manifest)
                 return
-            ck = await asyncio.to_thread(
-                compile_kernel, bp, site, self.key,
-                benchmark_iters=self.config.benchmark_iters,
-                benchmark_batch_size=self.config.benchmark_batch_size)
+            async with self._compiling:
+                ck = await asyncio.to_thread(
+                    compile_kernel, bp, site, self.key,
+                    benchmark_iters=self.config.benchmark_iters,
+                    benchmark_batch_size=self.config.benchmark_batch_size)
             # compile_kernel validated the blueprint for this site: only now may an inline
             # blueprint enter the library (a rejected proposal never reaches Urza).
             if store_blueprint:
@@ -143,6 +156,42 @@ class TezzeretCore:
                     jobs.append(await self.compile(bp, site, wait=True))
         return jobs
 
+    async def ensure_kernels(self, site: seed_pb2.SiteSignature, names: list[str] | tuple[str, ...] = (),
+                             *, wait: bool, timeout_s: float | None = None
+                             ) -> tuple[list[pb.CompileJob], list[str]]:
+        """Start (or find) a job per catalog blueprint supporting `site`; (jobs, unsupported).
+
+        With `wait`, returns when all jobs finished or `timeout_s` (the caller's time left)
+        is nearly spent, whichever comes first: a late answer would reach no one.
+
+        Raises:
+            InvalidArgumentError: `names` has a blueprint that is not in the catalog.
+        """
+        check_site(site)
+        by_name = {bp.name: bp for bp in self.catalog}
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise InvalidArgumentError(
+                f"blueprint(s) {unknown} are not in Tezzeret's catalog; catalog: "
+                f"{', '.join(by_name) or '(empty)'}", field="blueprint_names")
+        chosen = [by_name[n] for n in names] if names else self.catalog
+        supported = [bp for bp in chosen if supports(bp, site)]
+        unsupported = [bp.name for bp in chosen if bp not in supported]
+        start = time.monotonic()
+        jobs = [await self.compile(bp, site, wait=False) for bp in supported]
+        if wait:
+            pending = [t for j in jobs if (t := self._tasks.get(j.job_id)) is not None
+                       and not t.done()]
+            if pending:
+                budget = None
+                if timeout_s is not None:
+                    # Answer before the caller gives up: keep a tenth (at most 0.5 s) spare.
+                    budget = max(0.0, timeout_s - min(0.5, 0.1 * timeout_s)
+                                 - (time.monotonic() - start))
+                await asyncio.wait(pending, timeout=budget)
+            jobs = [self.store.get(j.job_id) for j in jobs]
+        return jobs, unsupported
+
     async def drain(self) -> None:
         pending = [t for t in self._tasks.values() if not t.done()]
         if pending:
@@ -163,6 +212,13 @@ class TezzeretServicer(rpc.TezzeretServiceServicer):
     async def GetCompileJob(self, request: pb.GetCompileJobRequest, context: Any
                             ) -> pb.GetCompileJobResponse:
         return pb.GetCompileJobResponse(job=self.core.store.get(request.job_id))
+
+    async def EnsureKernels(self, request: pb.EnsureKernelsRequest, context: Any
+                            ) -> pb.EnsureKernelsResponse:
+        left = context.time_remaining() if context is not None else None
+        jobs, unsupported = await self.core.ensure_kernels(
+            request.site, list(request.blueprint_names), wait=request.wait, timeout_s=left)
+        return pb.EnsureKernelsResponse(jobs=jobs, unsupported_blueprints=unsupported)
 
 
 def signing_key_for(ctx: PlatformContext, config: TezzeretConfig) -> SigningKey:
@@ -214,11 +270,11 @@ def create_service(ctx: PlatformContext, *, urza: Callable[[], Library] | None =
     key = signing_key_for(ctx, config)
     publish_public_key(ctx, config, key)
     store = JobStore(ctx.part_dir("tezzeret") / "jobs.sqlite")
-    core = TezzeretCore(store, key, urza or (lambda: _urza_client(ctx)), config)
     sites = [site_signature(s["layout"], s["channels"], tuple(s.get("spatial", ())))
              for s in config.catalog_sites]
     catalog = [bp for bp in builtin_blueprints()
                if not config.catalog_blueprints or bp.name in config.catalog_blueprints]
+    core = TezzeretCore(store, key, urza or (lambda: _urza_client(ctx)), config, catalog)
     background: list[asyncio.Task[Any]] = []
 
     async def on_start() -> None:
@@ -249,7 +305,7 @@ def create_service(ctx: PlatformContext, *, urza: Callable[[], Library] | None =
         service_name="esper.tezzeret.v1.TezzeretService",
         servicer=TezzeretServicer(core),
         add_to_server=rpc.add_TezzeretServiceServicer_to_server,
-        write_methods=frozenset({"Compile"}),
+        write_methods=frozenset({"Compile", "EnsureKernels"}),
         on_start=on_start,
         on_stop=on_stop,
     )
