@@ -9,10 +9,12 @@ asks again, or a second run with the same site, finds the jobs already done), an
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -56,9 +58,19 @@ class TezzeretCore:
         self.catalog = list(catalog or [])
         """What `ensure_kernels` compiles: the built-in blueprints the config selects."""
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        # Compiles are CPU-bound torch work on the service's threads: a run asking for a
-        # whole catalog must not take every core from training.
-        self._compiling = asyncio.Semaphore(config.max_parallel_compiles)
+        # Jobs are CPU-bound torch work on the service's threads: a run asking for a whole
+        # catalog must not take every core from training.
+        self._jobs_running = asyncio.Semaphore(config.max_parallel_compiles)
+        # Tezzeret's own threads for its blocking work (Urza calls, compiles). On the loop's
+        # default executor, jobs blocked on calls to an Urza in the same process (`esper up`)
+        # would hold every thread that Urza's own handlers need to answer them: deadlock
+        # until the calls' deadlines.
+        self._executor = ThreadPoolExecutor(max_workers=config.max_parallel_compiles + 2,
+                                            thread_name_prefix="tezzeret")
+
+    async def _blocking(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, functools.partial(fn, *args, **kwargs))
 
     @property
     def urza(self) -> Library:
@@ -70,7 +82,7 @@ class TezzeretCore:
         """The blueprint to compile. An inline one gets its content id but is NOT stored yet:
         it reaches Urza only after it passed every check (see `_run`)."""
         if isinstance(bp_or_id, str):
-            return await asyncio.to_thread(self.urza.get_blueprint, bp_or_id,
+            return await self._blocking(self.urza.get_blueprint, bp_or_id,
                                            self.config.urza_timeout_s)
         bp = blueprint_pb2.Blueprint()
         bp.CopyFrom(bp_or_id)
@@ -78,7 +90,7 @@ class TezzeretCore:
         return bp
 
     async def _store_blueprint(self, bp: blueprint_pb2.Blueprint) -> None:
-        stored_id, _ = await asyncio.to_thread(self.urza.put_blueprint, bp,
+        stored_id, _ = await self._blocking(self.urza.put_blueprint, bp,
                                                self.config.urza_timeout_s)
         if stored_id != bp.blueprint_id:
             raise FailedPreconditionError(f"Urza stored blueprint as {stored_id}, Tezzeret "
@@ -117,26 +129,30 @@ class TezzeretCore:
 
     async def _run(self, job_id: str, bp: blueprint_pb2.Blueprint,
                    site: seed_pb2.SiteSignature, *, store_blueprint: bool) -> None:
+        async with self._jobs_running:
+            await self._run_job(job_id, bp, site, store_blueprint=store_blueprint)
+
+    async def _run_job(self, job_id: str, bp: blueprint_pb2.Blueprint,
+                       site: seed_pb2.SiteSignature, *, store_blueprint: bool) -> None:
         self.store.set_state(job_id, pb.COMPILE_JOB_STATE_RUNNING)
         t = self.config.urza_timeout_s
         try:
             # A kernel Urza already holds for this pair wins (idempotent across lost job state).
-            records, _ = await asyncio.to_thread(self.urza.query_kernels, t,
+            records, _ = await self._blocking(self.urza.query_kernels, t,
                                                  blueprint_id=bp.blueprint_id, site=site)
             mine = [r for r in records if r.manifest.site == site]
             if mine:
                 self.store.succeed(job_id, mine[0].kernel_id, mine[0].manifest)
                 return
-            async with self._compiling:
-                ck = await asyncio.to_thread(
-                    compile_kernel, bp, site, self.key,
-                    benchmark_iters=self.config.benchmark_iters,
-                    benchmark_batch_size=self.config.benchmark_batch_size)
+            ck = await self._blocking(
+                compile_kernel, bp, site, self.key,
+                benchmark_iters=self.config.benchmark_iters,
+                benchmark_batch_size=self.config.benchmark_batch_size)
             # compile_kernel validated the blueprint for this site: only now may an inline
             # blueprint enter the library (a rejected proposal never reaches Urza).
             if store_blueprint:
                 await self._store_blueprint(bp)
-            stored, _ = await asyncio.to_thread(self.urza.put_kernel, ck.artifact_bytes, t)
+            stored, _ = await self._blocking(self.urza.put_kernel, ck.artifact_bytes, t)
             if stored != ck.kernel_id:
                 raise FailedPreconditionError(f"Urza stored kernel as {stored}, expected "
                                               f"{ck.kernel_id}")
@@ -196,6 +212,9 @@ class TezzeretCore:
         pending = [t for t in self._tasks.values() if not t.done()]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 class TezzeretServicer(rpc.TezzeretServiceServicer):
@@ -298,6 +317,7 @@ def create_service(ctx: PlatformContext, *, urza: Callable[[], Library] | None =
         for t in background:
             t.cancel()
         await core.drain()
+        core.close()
         store.close()
 
     return ServiceSpec(
