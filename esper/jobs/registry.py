@@ -32,6 +32,7 @@ run config (`RunConfig.seed`, `RunConfig.batch_size`), not from `job_params`.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import math
@@ -137,11 +138,8 @@ class JobRegistry:
         for name, target in BUILTIN_JOBS.items():
             reg.register(name, target, source="builtin")
         if entry_points:
-            from importlib.metadata import entry_points as eps
-
-            for ep in eps(group=ENTRY_POINT_GROUP):
-                dist = getattr(ep.dist, "name", None) or "an installed package"
-                reg.register(ep.name, ep.value, source=f"entry point of {dist}")
+            for name, value, dist in installed_entry_points():
+                reg.register(name, value, source=f"entry point of {dist}")
         if configured is not None:
             if not isinstance(configured, Mapping):
                 raise ConfigError(f"tolaria.jobs must map job names to 'package.module:function', "
@@ -393,6 +391,19 @@ def _arg_docs(doc: str) -> dict[str, str]:
         elif current:
             out[current] = f"{out[current]} {line.strip()}".strip()
     return out
+
+
+@functools.cache
+def installed_entry_points() -> tuple[tuple[str, str, str], ...]:
+    """(name, target, distribution) of every `esper.jobs` entry point installed.
+
+    Read once per process (scanning every installed distribution's metadata takes about
+    a second): a package installed later needs a restart of the service to be seen.
+    """
+    from importlib.metadata import entry_points
+
+    return tuple((ep.name, ep.value, getattr(ep.dist, "name", None) or "an installed package")
+                 for ep in entry_points(group=ENTRY_POINT_GROUP))
 
 
 _default: JobRegistry | None = None

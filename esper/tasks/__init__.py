@@ -34,4 +34,11 @@ def get_task(name: str) -> Task:
         ) from None
 
 
-__all__ = ["TASKS", "HostSpec", "Task", "TaskData", "get_task", "module_names", "resolve_sites"]
+def warm() -> None:
+    """Generate or load every built-in data set once (each is cached in memory after), so a
+    process forked afterwards starts its run without that cost (MNIST-1D takes seconds)."""
+    mnist1d.generated()
+    digits.images()
+
+
+__all__ = ["TASKS", "HostSpec", "Task", "TaskData", "get_task", "module_names", "resolve_sites", "warm"]

@@ -16,7 +16,7 @@ CLASSES = 10
 
 
 @functools.cache
-def _images() -> tuple[np.ndarray, np.ndarray]:
+def images() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -26,7 +26,7 @@ def _images() -> tuple[np.ndarray, np.ndarray]:
 
 def load(seed: int) -> TaskData:
     """70/15/15 train/val/test as (N, 1, 8, 8) images."""
-    x, y = _images()
+    x, y = images()
     (xtr, ytr), (xv, yv), (xte, yte) = split(x[:, None], y, fractions=(0.7, 0.15, 0.15), seed=seed)
     return TaskData(x_train=xtr, y_train=ytr, x_val=xv, y_val=yv, x_test=xte, y_test=yte,
                     num_classes=CLASSES)

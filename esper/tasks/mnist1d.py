@@ -22,7 +22,7 @@ CLASSES = 10
 
 
 @functools.cache
-def _generated() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def generated() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     from mnist1d.data import get_dataset_args, make_dataset
 
     py_state, np_state = random.getstate(), np.random.get_state()
@@ -36,7 +36,7 @@ def _generated() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 def load(seed: int) -> TaskData:
     """The package's 4000/1000 train/test split; 10% of train held out for validation."""
-    x, y, x_test, y_test = _generated()
+    x, y, x_test, y_test = generated()
     (x_train, y_train), (x_val, y_val) = split(x[:, None, :], y, fractions=(0.9, 0.1), seed=seed)
     (x_test_t, y_test_t), = split(x_test[:, None, :], y_test, fractions=(1.0,), seed=0)
     return TaskData(x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val,

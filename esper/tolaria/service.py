@@ -183,6 +183,7 @@ def create_service(ctx: PlatformContext) -> ServiceSpec:
     async def on_start() -> None:
         # Endpoints are final only once every part listens (ports may be 0 until then).
         sup.endpoints = dict(ctx.endpoints)
+        sup.start()
         await sup.resume_active()
 
     async def on_stop() -> None:

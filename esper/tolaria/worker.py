@@ -172,6 +172,33 @@ def tamiyo_policy(channel: grpc.Channel, timeout_s: float, events: RunEvents) ->
         return None
 
 
+def preload() -> None:
+    """What the fork server (esper.tolaria.forkserver) runs once before it forks workers:
+    the imports a run needs and the built-in jobs' data, so that a forked worker starts
+    training at once. It must leave no threads or open channels behind (fork safety):
+    imports and pure-numpy data generation only."""
+    import torch
+
+    # The first optimizer a process builds imports torch._dynamo (seconds): do it here,
+    # on a parameter that never sees a step (no autograd or intra-op threads are started).
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+
+    import esper.blueprints.artifact
+    import esper.jobs.registry
+    import esper.kasmina.loader
+    import esper.oona.publisher
+    import esper.tezzeret.client
+    import esper.tolaria.governor
+    import esper.tolaria.trainer
+    import esper.urza.source  # noqa: F401
+    from esper import tasks
+    from esper.jobs.registry import installed_entry_points
+
+    installed_entry_points()
+    tasks.warm()
+
+
 # ---- main ---------------------------------------------------------------------------------
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m esper.tolaria.worker", description=__doc__.splitlines()[0])

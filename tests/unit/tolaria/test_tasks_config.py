@@ -33,7 +33,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_task_loads_offline_with_fixed_splits(no_network: None, name: str, shape: tuple[int, ...],
                                               sizes: tuple[int, int, int]) -> None:
     if name == "mnist1d":
-        mnist1d._generated.cache_clear()  # generate under the network block, not from cache
+        mnist1d.generated.cache_clear()  # generate under the network block, not from cache
     task = get_task(name)
     d = task.load(3)
     assert d.input_shape == shape
