@@ -14,8 +14,8 @@ The helper speaks JSON lines over its stdin/stdout: requests
 when a child ends. It is single-threaded and never touches torch itself, so forking it is
 safe; it exits when its stdin closes (its children keep running, as spawned workers do).
 
-Until the helper is ready (preloading takes ~10 s after the service starts), or if it
-died, workers are spawned the old way, and the log says so.
+While the helper preloads (~10 s after the service starts) a launch waits for it; if it
+died, workers are spawned the old way (and a new helper starts), and the log says so.
 """
 
 from __future__ import annotations
@@ -126,7 +126,12 @@ class ForkServer:
         return self._ready.is_set() and self.alive()
 
     def wait_ready(self, timeout: float) -> bool:
-        return self._ready.wait(timeout) and self.alive()
+        """Block until the helper is ready (True), dies, or `timeout` passes (False)."""
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+            if not self.alive() or time.monotonic() >= deadline:
+                return False
+        return self.alive()
 
     def spawn(self, argv: Sequence[str], *, env: dict[str, str], log_path: Path) -> ForkedWorker | None:
         """Fork a worker running `python -m <module> *argv`; None when the helper cannot

@@ -59,7 +59,10 @@ class SupervisorConfig:
     """"fork": each worker is forked from a helper that has imported the worker module
     and run its `preload()` (esper.tolaria.forkserver: StartRun → first epoch in about a
     second instead of ten); "spawn": each worker is a fresh interpreter. Either way a run
-    is its own process; while the helper is not ready yet, workers are spawned."""
+    is its own process; if the helper cannot fork, workers are spawned."""
+    fork_wait_s: float = 60.0
+    """How long a launch waits for a fork server that is still preloading (right after the
+    service starts) before it spawns the worker instead."""
 
     def __post_init__(self) -> None:
         if self.max_restarts < 0:
@@ -74,6 +77,8 @@ class SupervisorConfig:
             raise ValueError(f"worker_module={self.worker_module!r}: must be a dotted module name")
         if self.launcher not in ("fork", "spawn"):
             raise ValueError(f"launcher={self.launcher!r}: must be 'fork' or 'spawn'")
+        if not 0 <= self.fork_wait_s <= 600:
+            raise ValueError(f"fork_wait_s={self.fork_wait_s!r}: must be in [0, 600]")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SupervisorConfig:
@@ -136,7 +141,7 @@ class RunSupervisor:
                     f"the service restarted and worker pid {rec.worker_pid} was gone; "
                     "resuming from the last checkpoint")
                 self._append(rec, env)
-                self._spawn(rec, traceparent=None, why="after a service restart")
+                await self._spawn(rec, traceparent=None, why="after a service restart")
 
     async def close(self) -> None:
         """Ask every worker to checkpoint and stop, then wait for them."""
@@ -167,7 +172,8 @@ class RunSupervisor:
             raise FailedPreconditionError("the Tolaria service is shutting down; retry elsewhere")
         self.validate(config)
         # A retried StartRun (same request_id) gets its run back even when the pool is full.
-        # No await between this check and the spawn: two calls cannot both take the last slot.
+        # No await between this check and taking the slot (`_live`): two calls cannot both
+        # take the last one.
         replay = bool(request_id) and self.store.by_request_id(request_id) is not None
         if not replay and len(self._live) >= self.config.max_active_runs:
             raise ResourceExhaustedError(
@@ -180,7 +186,8 @@ class RunSupervisor:
             env.run_state.state = "pending"
             env.run_state.detail = "accepted; starting a worker"
             self._append(rec, env)
-            self._spawn(rec, traceparent=traceparent, why="")
+            self._live[rec.run_id] = _Live(proc=None)
+            await self._spawn(rec, traceparent=traceparent, why="")
         return self.store.get(rec.run_id)
 
     def get_run(self, run_id: str) -> RunRecord:
@@ -240,7 +247,17 @@ class RunSupervisor:
                 await asyncio.sleep(self.config.poll_interval_s)
 
     # ---- workers ------------------------------------------------------------------
-    def _spawn(self, rec: RunRecord, *, traceparent: str | None, why: str) -> None:
+    async def _spawn(self, rec: RunRecord, *, traceparent: str | None, why: str) -> None:
+        if self.forks is not None and self.forks.alive() and not self.forks.ready():
+            # Right after the service started, the fork server is still preloading: waiting
+            # for it beats spawning a worker that imports torch alongside it on the same cores.
+            await asyncio.to_thread(self.forks.wait_ready, self.config.fork_wait_s)
+            rec = self.store.get(rec.run_id)
+            if rec.ended or self._closing:  # stopped (or shutting down) while it waited
+                live = self._live.get(rec.run_id)
+                if live is not None and live.task is None:
+                    self._live.pop(rec.run_id, None)
+                return
         run_dir = self.store.run_dir(rec.run_id)
         cmd = [
             sys.executable,
@@ -270,9 +287,10 @@ class RunSupervisor:
         else:
             how = "spawned"
         if proc is None:
-            out = open(run_dir / "worker.log", "ab")  # noqa: SIM115 - handed to the child
+            # Both return at once (a local file, a fork+exec): no reason to leave the loop.
+            out = open(run_dir / "worker.log", "ab")  # noqa: SIM115, ASYNC230 - handed to the child
             try:
-                proc = subprocess.Popen(
+                proc = subprocess.Popen(  # noqa: ASYNC220
                     cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
                 )
             finally:
@@ -333,7 +351,7 @@ class RunSupervisor:
                 )
                 self._append(rec, env)
                 # _spawn hands the new process to this monitor (live.proc), which goes on.
-                self._spawn(rec, traceparent=None, why=f"(restart {rec.restarts})")
+                await self._spawn(rec, traceparent=None, why=f"(restart {rec.restarts})")
             else:
                 self._finish(rec, "failed", why + f"; gave up after {rec.restarts} restarts")
 
