@@ -239,7 +239,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
         print(f"run {run.run_id}: stop requested ({_state(run.state)})", file=sys.stderr)
         if not args.wait:
             return EXIT_OK
-        return _follow(tolaria, args.run_id, run.last_sequence + 1, quiet=True)
+        rc = _follow(tolaria, args.run_id, run.last_sequence + 1, quiet=True)
+        return EXIT_OK if rc == EXIT_STOPPED else rc  # stopped is what was asked for
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
