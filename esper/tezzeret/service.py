@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
 import logging
 import os
 import time
@@ -217,14 +218,11 @@ class TezzeretCore:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def warm_up(self) -> None:
-        """Compile one throw-away kernel so the first real one is fast: a process's first
-        compile pays for lazy torch imports (about 6 s measured, then ~0.05 s per kernel),
-        which an on-demand compile would otherwise add to a run's wait."""
-        probe = site_signature("NC", 4)
-        bp = next((b for b in self.catalog if supports(b, probe)), None)
-        if bp is not None:
-            await self._blocking(compile_kernel, bp, probe, self.key, benchmark_iters=1,
-                                 benchmark_batch_size=1)
+        """Import what a process's first compile imports lazily: FlopCounterMode pulls in
+        torch._dynamo (4-6 s measured; later compiles take ~0.05 s each), which an
+        on-demand compile would otherwise add to a run's wait. Awaited before the service
+        reports SERVING, so a shutdown never has to wait for a half-done import."""
+        await self._blocking(importlib.import_module, "torch._dynamo")
 
 
 class TezzeretServicer(rpc.TezzeretServiceServicer):
@@ -291,12 +289,6 @@ def _report_catalog(task: asyncio.Task[Any]) -> None:
                  len(failed), failed)
 
 
-def _report_warm_up(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("tezzeret: warm-up compile failed (the first real compile will be slower): %s",
-                    task.exception())
-
-
 def create_service(ctx: PlatformContext, *, urza: Callable[[], Library] | None = None
                    ) -> ServiceSpec:
     from esper.blueprints import builtin_blueprints
@@ -328,10 +320,7 @@ def create_service(ctx: PlatformContext, *, urza: Callable[[], Library] | None =
                 core.ensure_catalog(sites, catalog))
             task.add_done_callback(_report_catalog)
             background.append(task)
-        else:
-            task = asyncio.get_running_loop().create_task(core.warm_up())
-            task.add_done_callback(_report_warm_up)
-            background.append(task)
+        await core.warm_up()
 
     async def on_stop() -> None:
         for t in background:
