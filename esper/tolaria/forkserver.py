@@ -105,11 +105,25 @@ class ForkServer:
         self._early_exits: dict[int, int] = {}
         self._next_id = 0
         self._reader: threading.Thread | None = None
+        self._failed_preloads = 0
+
+    MAX_FAILED_PRELOADS = 2
+    """Helpers that may die before ever being ready before no new one is started (a preload
+    that fails, fails again: every run would pay for a doomed helper)."""
 
     def start(self) -> None:
         """Start the helper (it preloads in the background); a no-op while one runs."""
         with self._lock:
             if self._proc is not None and self._proc.poll() is None:
+                return
+            if self._proc is not None and not self._ready.is_set():
+                self._failed_preloads += 1
+            if self._failed_preloads >= self.MAX_FAILED_PRELOADS:
+                if self._failed_preloads == self.MAX_FAILED_PRELOADS:
+                    self._failed_preloads += 1
+                    log.error("fork server: %d helpers died while preloading %s; workers are "
+                              "spawned from now on (see the service's log for why)",
+                              self.MAX_FAILED_PRELOADS, self.module)
                 return
             self._ready.clear()
             self._proc = subprocess.Popen(

@@ -210,3 +210,18 @@ async def test_a_worker_forked_before_the_fork_server_died_is_still_watched(tmp_
     assert sup.get_run(rec.run_id).restarts == 1
     assert sup.forks._proc.pid != old_server and sup.forks.wait_ready(60)
     await sup.close()
+
+
+def test_a_fork_server_whose_preload_fails_is_given_up_and_workers_are_spawned(tmp_path):
+    from esper.tolaria.forkserver import ForkServer
+
+    fs = ForkServer("no_such_module_for_esper_tests")
+    fs.start()
+    assert not fs.wait_ready(60)  # it died importing the module
+    helpers = {fs._proc.pid}
+    for _ in range(ForkServer.MAX_FAILED_PRELOADS + 2):
+        assert fs.spawn(["--x"], env={}, log_path=tmp_path / "log") is None  # the caller spawns
+        fs._proc.wait(60)
+        helpers.add(fs._proc.pid)
+    assert len(helpers) == ForkServer.MAX_FAILED_PRELOADS  # then no new helper is started
+    fs.close()
