@@ -57,6 +57,9 @@ _CHANNEL_OPTIONS = (
     ("grpc.max_reconnect_backoff_ms", 300),
     ("grpc.max_receive_message_length", 8 << 20),
     ("grpc.enable_retries", 0),
+    # Spread calls over every address a target resolves to (replicas behind a headless
+    # Service in deploy/k8s: dns:///urza-headless...:50051); one address: no change.
+    ("grpc.lb_policy_name", "round_robin"),
 )
 UPLOAD_CHUNK = 1 << 20
 
