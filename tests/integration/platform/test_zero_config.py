@@ -133,3 +133,56 @@ def test_the_k8s_manifests_variables_grow_too(tmp_path: Path) -> None:
         # Without a key the CLI is refused, and says so with exit code 2.
         refused = _cli("run", "list", "--data-dir", str(data), env=env)
         assert refused.returncode == 2 and "UNAUTHENTICATED" in refused.stderr.upper()
+
+
+def test_a_users_own_loop_grows_against_plain_esper_up_with_urza_kernels(tmp_path: Path) -> None:
+    """The README's grower loop with only the constructor arguments changed: Tamiyo over
+    gRPC and `UrzaKernels` (Urza's verified kernels, compiled on demand by Tezzeret for a
+    site nobody compiled before)."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from esper.grow import Grower, GrowthConfig
+    from esper.tamiyo.client import TamiyoController
+    from esper.urza.source import UrzaKernels
+
+    data = tmp_path / "state"
+    kinds: list[str] = []
+    for _ in _up(data, _clean_env()):
+        info = json.loads((data / "endpoints.json").read_text())
+        key = find_platform(data_dir=data, env={}).api_key
+        kernels = UrzaKernels.connect(info["endpoints"]["urza"], api_key=key,
+                                      trusted_keys_dir=data / "trusted_keys",
+                                      cache_dir=tmp_path / "kernel-cache",
+                                      tezzeret=info["endpoints"]["tezzeret"],
+                                      on_event=lambda kind, detail: kinds.append(kind))
+        torch.manual_seed(0)
+        x, y = torch.randn(2048, 20), torch.randint(0, 4, (2048,))
+        x_val, y_val = torch.randn(256, 20), torch.randint(0, 4, (256,))
+        model = nn.Sequential(nn.Linear(20, 24), nn.ReLU(), nn.Linear(24, 4))  # a site nobody compiled
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        grower = Grower(model, sites=["1"], example_input=x[:8], optimizer=opt,
+                        loss_fn=F.cross_entropy, held_out=(x_val, y_val),
+                        controller=TamiyoController(info["endpoints"]["tamiyo"], api_key=key,
+                                                    timeout_s=2.0),
+                        kernels=kernels, config=GrowthConfig(max_seeds=1, total_epochs=14))
+        applied = []
+        try:
+            for _epoch in range(14):
+                for xb, yb in zip(x.split(64), y.split(64), strict=True):
+                    opt.zero_grad()
+                    loss = F.cross_entropy(model(xb), yb)
+                    loss.backward()
+                    opt.step()
+                    grower.step()
+                with torch.no_grad():
+                    val_loss = F.cross_entropy(model(x_val), y_val).item()
+                report = grower.end_epoch(train_loss=loss.item(), val_loss=val_loss)
+                applied += [d for i, d in enumerate(report.decisions) if i not in report.rejected
+                            and d.kernel_id.startswith("sha256:")]
+        finally:
+            kernels.close()
+        assert kinds[:2] == ["compiling", "recovered"], kinds
+        assert applied, "the controller germinated one of Urza's kernels"
+        assert kernels.loader.stats.fetches >= 1  # fetched from Urza and verified
