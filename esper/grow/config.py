@@ -43,15 +43,18 @@ class GrowthConfig:
 
     probe_steps: int = 20
     """Cold-start probes (`esper.grow.probe`): at a boundary where the controller wants to
-    germinate, each offered kernel is trained alone for this many steps on part of the
-    held-out batch and its measured gain sent to the controller, which then decides again
-    (the heuristic chooses by it). 0: no probes (the controller decides on what it knows)."""
+    germinate, each offered kernel is trained alone for this many steps on the probe batch
+    (`Grower(probe_batch=)`, else part of the held-out batch) and its measured gain sent
+    to the controller, which then decides again (the heuristic chooses by it). 0: no
+    probes (the controller decides on what it knows)."""
 
-    probe_lr: float = 0.01
-    """Adam learning rate of a probe's steps."""
+    probe_lr: float = 0.003
+    """Adam learning rate of a probe's steps (full-batch: a few hundred rows and a few
+    steps overfit quickly at a training-sized rate)."""
 
     probe_fit_fraction: float = 0.5
-    """Share of the held-out batch a probe fits on; it measures on the rest."""
+    """Without a probe batch: the share of the held-out batch a probe fits on (it measures
+    on the rest)."""
 
     probe_max_kernels: int = 32
     """Most kernels probed at one boundary (over all open slots, the controller's chosen

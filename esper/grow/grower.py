@@ -51,7 +51,7 @@ from esper.blueprints import fits, site_key
 from esper.errors import ConfigError, EsperError, FailedPreconditionError, NotFoundError
 from esper.grow.config import GrowthConfig
 from esper.grow.events import EventSink, EventStream
-from esper.grow.probe import ProbeSettings, probe_slot, rows
+from esper.grow.probe import ProbeSettings, probe_slot, rows, split_rows
 from esper.grow.protocols import Controller, KernelSource, Stateful
 from esper.grow.schedulers import SchedulerSync
 from esper.grow.snapshot import (
@@ -183,6 +183,9 @@ class Grower:
         loss_fn: `(model output, target) -> scalar`; measures contribution on `held_out`.
         held_out: a fixed `(inputs, targets)` batch the training never sees; each blended
             seed's counterfactual contribution is measured on it at every boundary.
+        probe_batch: a fixed `(inputs, targets)` batch of training rows the cold-start
+            probes fit on (their gain is measured on `held_out`); None: they fit on the
+            first `GrowthConfig.probe_fit_fraction` of `held_out` and measure on the rest.
         controller: decides growth (`esper.grow.heuristic_controller()`,
             `esper.tamiyo.client.TamiyoController(...)`, ...); None: the slots exist but
             nothing grows (a static baseline through the same code).
@@ -214,6 +217,7 @@ class Grower:
         optimizer: torch.optim.Optimizer,
         loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
         held_out: tuple[Any, Any] | None = None,
+        probe_batch: tuple[Any, Any] | None = None,
         controller: Controller | None = None,
         kernels: KernelSource | None = None,
         scheduler: Any = None,
@@ -235,8 +239,9 @@ class Grower:
             raise ConfigError(
                 "a controller needs loss_fn= and held_out=(inputs, targets): it reads each seed's "
                 "counterfactual contribution, measured on that fixed held-out batch")
-        if held_out is not None and (not isinstance(held_out, tuple) or len(held_out) != 2):
-            raise ConfigError(f"held_out must be a tuple (inputs, targets), got {type(held_out).__name__}")
+        for name, batch in (("held_out", held_out), ("probe_batch", probe_batch)):
+            if batch is not None and (not isinstance(batch, tuple) or len(batch) != 2):
+                raise ConfigError(f"{name} must be a tuple (inputs, targets), got {type(batch).__name__}")
         if config is not None and not isinstance(config, GrowthConfig):
             raise ConfigError(f"config must be a GrowthConfig, got {type(config).__name__}")
         self.config = config or GrowthConfig()
@@ -244,6 +249,7 @@ class Grower:
         self.kernels = kernels
         self.loss_fn = loss_fn
         self.held_out = held_out
+        self.probe_batch = probe_batch
         self.events = EventStream(run_id or str(uuid.uuid4()), event_sink)
         self.event_source = event_source
         self.history = GrowthHistory()
@@ -365,7 +371,9 @@ class Grower:
             train_loss, val_loss, val_accuracy: this epoch's figures (None: not reported;
                 the heuristic needs `val_loss` to see a plateau).
             held_out: a batch for this boundary's contribution (default: the constructor's).
-            control: False skips the controller at this boundary.
+            control: False skips the controller at this boundary. It is skipped anyway
+                (nothing measured, no snapshot) when nothing is actionable: no seed in
+                flight and no germination the budget and the slots still allow.
             learning_rate: reported in `EpochMetrics` (default: the template group's).
             train_flops: reported in `EpochMetrics` (a caller that counts FLOPs).
 
@@ -388,7 +396,7 @@ class Grower:
         self._contribution_ms = self._probe_ms = self._decision_flops = 0.0
         snapshot, decisions, rejected = None, [], {}
         last = self.config.total_epochs is not None and self.epoch >= self.config.total_epochs
-        if control and self.controller is not None and not last:
+        if control and self.controller is not None and not last and self._actionable():
             snapshot, decisions, rejected = self._control(held_out or self.held_out)
         control_ms = (time.perf_counter() - t0) * 1e3
         report = self._close(decisions, rejected, snapshot, control_ms, learning_rate, train_flops)
@@ -396,6 +404,17 @@ class Grower:
         self._optimizer_steps = 0
         self._degradations.clear()
         return report
+
+    def _actionable(self) -> bool:
+        """Whether a controller could do anything now: a seed still in flight (it may be
+        fossilized or pruned), or a germination the budget and the slots still allow.
+        When neither holds (every seed fossilized, the budget spent) the boundary asks no
+        controller and measures nothing: no decision could use the answer."""
+        stages = [s.current_stage for s in self.model.slots.values()]
+        if any(st in PRUNABLE_STAGES for st in stages):
+            return True
+        return (self.seeds_germinated < self.config.max_seeds and self.parameters_left() > 0
+                and any(st is not SeedStage.FOSSILIZED for st in stages))
 
     def _check_use(self) -> None:
         steps = self.global_step - self._steps_at_boundary
@@ -481,8 +500,11 @@ class Grower:
         assert self.loss_fn is not None
         chosen = [d.slot_id for d in decisions if d.kind == _Kind.DECISION_KIND_GERMINATE]
         order = chosen + [s.slot_id for s in snapshot.slots if s.slot_id not in chosen]
-        settings = ProbeSettings(steps=self.config.probe_steps, lr=self.config.probe_lr,
-                                 fit_fraction=self.config.probe_fit_fraction)
+        settings = ProbeSettings(steps=self.config.probe_steps, lr=self.config.probe_lr)
+        if self.probe_batch is not None:
+            fit, evaluate = self.probe_batch, held_out
+        else:
+            fit, evaluate = split_rows(held_out, self.config.probe_fit_fraction)
         left = self.config.probe_max_kernels
         by_slot = {s.slot_id: s for s in snapshot.slots}
         record: dict[str, list[list[Any]]] = {}
@@ -501,7 +523,7 @@ class Grower:
             left -= len(offered)
             if not seeds:
                 continue
-            probes = probe_slot(self.model, slot_id, seeds, held_out, self.loss_fn, settings)
+            probes = probe_slot(self.model, slot_id, seeds, fit, evaluate, self.loss_fn, settings)
             by_slot[slot_id].probes.extend(probes)
             self._decision_flops += sum(p.flops for p in probes)
             record[slot_id] = [[p.kernel_id, p.gain, p.steps, p.flops] for p in probes]

@@ -8,12 +8,14 @@ open slot:
 1. a fresh seed of it is attached to the model *as it is now*, fully blended in
    (`y = h + s(h)` or `y = m(x) + s(x)`; zero-initialised output side, so the model's
    function is unchanged at step 0), through a temporary hook, the slot untouched;
-2. the seed alone is trained for `steps` full-batch Adam steps on the first part of the
-   grower's held-out batch (the host frozen: no host gradient is computed, no host
-   statistic or optimizer state changes; the whole model runs in eval mode);
-3. its **gain** is the loss on the rest of the held-out batch without the seed minus with
-   it: a counterfactual contribution in the same unit as `SlotHealth.contribution`,
-   measured on rows the probe did not fit (a seed that only memorises does not gain).
+2. the seed alone is trained for `steps` full-batch Adam steps on the grower's probe batch
+   (training rows the caller gives, `Grower(probe_batch=...)`; without one, the first
+   part of the held-out batch), the host frozen: no host gradient is computed, no host
+   statistic or optimizer state changes; the whole model runs in eval mode;
+3. its **gain** is the loss on the held-out batch (without a probe batch: the rest of it)
+   without the seed minus with it: a counterfactual contribution in the same unit as
+   `SlotHealth.contribution`, measured on rows the probe did not fit (a seed that only
+   memorises does not gain).
 
 That is a short germinate-and-measure, small enough to run at a boundary: `steps`
 forwards and backwards over a few hundred rows per kernel. Its FLOPs are counted
@@ -67,11 +69,10 @@ def take(batch: Any, part: slice) -> Any:
 
 @dataclass(kw_only=True, frozen=True)
 class ProbeSettings:
-    """How a probe fits and measures (from `GrowthConfig`)."""
+    """How a probe fits (from `GrowthConfig`)."""
 
     steps: int
     lr: float
-    fit_fraction: float
 
 
 class _Attached:
@@ -110,24 +111,32 @@ class _Attached:
         self._stash = None
 
 
+def split_rows(batch: tuple[Any, Any], fraction: float) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
+    """(the first `fraction` of the rows, the rest), each at least one row."""
+    x, y = batch
+    n = rows(x)
+    cut = max(1, min(n - 1, round(n * fraction)))
+    return (take(x, slice(0, cut)), take(y, slice(0, cut))), (take(x, slice(cut, n)),
+                                                              take(y, slice(cut, n)))
+
+
 def probe_slot(
     mm: MorphogeneticModel,
     slot_id: str,
     kernels: Sequence[tuple[KernelCandidate, nn.Module]],
-    held_out: tuple[Any, Any],
+    fit: tuple[Any, Any],
+    evaluate: tuple[Any, Any],
     loss_fn: Callable[[Any, Any], torch.Tensor],
     settings: ProbeSettings,
 ) -> list[health_pb2.KernelProbe]:
-    """One `KernelProbe` per (candidate, fresh seed module) at `slot_id`, in order.
+    """One `KernelProbe` per (candidate, fresh seed module) at `slot_id`, in order: each
+    seed fitted on `fit`, its gain measured on `evaluate`.
 
     A seed that fails (raises inside torch, or gives a non-finite loss) is reported with
     gain 0 and the steps it managed, so it is never preferred on a broken measurement.
     """
-    x, y = held_out
-    n = rows(x)
-    cut = max(1, min(n - 1, round(n * settings.fit_fraction)))
-    fit_x, fit_y = take(x, slice(0, cut)), take(y, slice(0, cut))
-    eval_x, eval_y = take(x, slice(cut, n)), take(y, slice(cut, n))
+    fit_x, fit_y = fit
+    eval_x, eval_y = evaluate
     slot = mm.slots[slot_id]
     probe = slot.probe
     modes = [(m, m.training) for m in mm.modules()]
