@@ -16,6 +16,9 @@ Arms (mean ± std over the reported seeds):
   is a plain MLP with wider layers (`esper.grow.export` merges width seeds);
 * `static-final` — that seed's grown topology trained from scratch (the same seed modules
   fixed in from step 0);
+* `plain-final` — a plain dense MLP with the grown model's exported layer widths
+  (40→16+k1→16+k2→10, PyTorch's default initialisation), trained from scratch: what the
+  export looks like, with the k1×k2 weights the grown model keeps at zero trainable too;
 * `heuristic-matched` / `static-final-matched` — the same with at most 1,640 parameters
   (`max_added_parameters` = 542);
 * `mlp-22x22` — a plain 40→22→22→10 MLP (1,638 parameters), the issue's size-matched bar.
@@ -46,7 +49,7 @@ from typing import Any
 from esper.config import reject_unknown_keys
 from esper.errors import ConfigError
 
-ARMS = ("static-initial", "heuristic", "static-final", "heuristic-matched",
+ARMS = ("static-initial", "heuristic", "static-final", "plain-final", "heuristic-matched",
         "static-final-matched", "mlp-22x22")
 HOST_PARAMETERS = 1_098
 MATCHED_PARAMETERS = 1_640
@@ -96,7 +99,7 @@ class GrowthMLPConfig:
         unknown = [a for a in self.arms if a not in ARMS]
         if unknown:
             raise ConfigError(f"GrowthMLPConfig.arms: unknown {unknown}; arms: {', '.join(ARMS)}")
-        for final, growing in (("static-final", "heuristic"),
+        for final, growing in (("static-final", "heuristic"), ("plain-final", "heuristic"),
                                ("static-final-matched", "heuristic-matched")):
             if final in self.arms and growing not in self.arms:
                 raise ConfigError(f"GrowthMLPConfig.arms: {final!r} needs {growing!r}")
@@ -152,6 +155,17 @@ def catalog(widths: Sequence[int], init_seed: int):
     return WidthKernels()
 
 
+def plain_mlp(h1: int, h2: int):
+    """flatten → fc1 40→h1 → ReLU → fc2 h1→h2 → ReLU → head h2→10 (the host's layout)."""
+    from collections import OrderedDict
+
+    from torch import nn
+
+    return nn.Sequential(OrderedDict(
+        flatten=nn.Flatten(), fc1=nn.Linear(40, h1), act1=nn.ReLU(), fc2=nn.Linear(h1, h2),
+        act2=nn.ReLU(), head=nn.Linear(h2, 10)))
+
+
 def run_arm(cfg: GrowthMLPConfig, arm: str, seed: int,
             grown: Sequence[tuple[str, str, str]] = ()) -> dict[str, Any]:
     """One arm, one seed (in a worker process: one torch thread)."""
@@ -172,6 +186,11 @@ def run_arm(cfg: GrowthMLPConfig, arm: str, seed: int,
         r = train(spec, arm, build_host=lambda: hosts.mlp(40, 10, hidden=22, width=1.0))
     elif arm.startswith("static-final"):
         r = train(spec, arm, kernels=kernels, static_seeds=grown)
+    elif arm == "plain-final":
+        added = {sid: kernels.blueprint(kid).ir.nodes[0].attrs["features"].int_value
+                 for sid, _, kid in grown}
+        h1, h2 = 16 + added.get("fc1:fc2", 0), 16 + added.get("fc2:head", 0)
+        r = train(spec, arm, build_host=lambda: plain_mlp(h1, h2))
     elif arm.startswith("heuristic"):
         growth = GrowthConfig(
             max_seeds=cfg.max_seeds, total_epochs=cfg.epochs, task="mnist1d",
@@ -205,7 +224,7 @@ def run(cfg: GrowthMLPConfig, progress=print) -> dict[str, list[dict[str, Any]]]
         results[arm].append(r)
         progress(_line(r))
     second = []
-    for grower_arm, final_arm in (("heuristic", "static-final"),
+    for grower_arm, final_arm in (("heuristic", "static-final"), ("heuristic", "plain-final"),
                                   ("heuristic-matched", "static-final-matched")):
         if final_arm not in cfg.arms:
             continue

@@ -15,7 +15,9 @@ open slot:
 3. its **gain** is the loss on the held-out batch (without a probe batch: the rest of it)
    without the seed minus with it: a counterfactual contribution in the same unit as
    `SlotHealth.contribution`, measured on rows the probe did not fit (a seed that only
-   memorises does not gain).
+   memorises does not gain). The loss is taken on 8 equal parts of those rows, so the gain
+   comes with a standard error (`KernelProbe.gain_stderr`): kernels whose gains differ by
+   less than it are ones this probe cannot tell apart.
 
 That is a short germinate-and-measure, small enough to run at a boundary: `steps`
 forwards and backwards over a few hundred rows per kernel. Its FLOPs are counted
@@ -29,6 +31,7 @@ leave the model exactly as they found it.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -145,16 +148,16 @@ def probe_slot(
         mm.eval()
         with torch.random.fork_rng(devices=[]):
             with FlopCounterMode(display=False) as base_counter, torch.no_grad():
-                base = float(loss_fn(call(mm, eval_x), eval_y))
+                base = chunk_losses(mm, (eval_x, eval_y), loss_fn)
             base_flops = float(base_counter.get_total_flops())
             for candidate, seed in kernels:
                 seed = seed.to(device=probe.device, dtype=probe.dtype) if any(
                     p.is_floating_point() for p in seed.parameters()) else seed.to(probe.device)
                 seed.train()
-                gain, steps, flops = _fit_and_measure(mm, slot_id, seed, (fit_x, fit_y),
-                                                      (eval_x, eval_y), loss_fn, settings, base)
+                gain, stderr, steps, flops = _fit_and_measure(
+                    mm, slot_id, seed, (fit_x, fit_y), (eval_x, eval_y), loss_fn, settings, base)
                 out.append(health_pb2.KernelProbe(kernel_id=candidate.kernel_id, gain=gain,
-                                                  steps=steps, flops=flops))
+                                                  gain_stderr=stderr, steps=steps, flops=flops))
     finally:
         for m, mode in modes:
             m.training = mode
@@ -164,10 +167,41 @@ def probe_slot(
     return out
 
 
+CHUNKS = 8
+"""Equal parts of the held-out rows a gain is measured on separately (its standard error)."""
+
+
+def chunk_losses(mm: nn.Module, batch: tuple[Any, Any],
+                 loss_fn: Callable[[Any, Any], torch.Tensor]) -> list[tuple[int, float]]:
+    """(rows, loss) of each of up to `CHUNKS` consecutive parts of `batch`: one forward,
+    the caller's loss on each part of its output (an output that is not row-aligned
+    tensors is measured whole)."""
+    x, y = batch
+    out = call(mm, x)
+    n = rows(y) if isinstance(y, torch.Tensor | tuple | list | dict) else 0
+    if n < 2 or rows(out) != n:
+        return [(max(n, 1), float(loss_fn(out, y)))]
+    k = min(CHUNKS, n)
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [(b - a, float(loss_fn(take(out, slice(a, b)), take(y, slice(a, b)))))
+            for a, b in itertools.pairwise(bounds)]
+
+
+def gain_of(base: list[tuple[int, float]], after: list[tuple[int, float]]) -> tuple[float, float]:
+    """Row-weighted mean of the per-chunk loss decrease, and its standard error."""
+    n = sum(r for r, _ in base)
+    diffs = [(r, b - a) for (r, b), (_, a) in zip(base, after, strict=True)]
+    mean = sum(r * d for r, d in diffs) / n
+    if len(diffs) < 2:
+        return mean, 0.0
+    var = sum((d - mean) ** 2 for _, d in diffs) / (len(diffs) - 1)
+    return mean, math.sqrt(var / len(diffs))
+
+
 def _fit_and_measure(mm: MorphogeneticModel, slot_id: str, seed: nn.Module,
                      fit: tuple[Any, Any], evaluate: tuple[Any, Any],
                      loss_fn: Callable[[Any, Any], torch.Tensor], settings: ProbeSettings,
-                     base: float) -> tuple[float, int, float]:
+                     base: list[tuple[int, float]]) -> tuple[float, float, int, float]:
     params = [p for p in seed.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=settings.lr) if params else None
     steps, step_flops, eval_flops = 0, 0.0, 0.0
@@ -197,12 +231,14 @@ def _fit_and_measure(mm: MorphogeneticModel, slot_id: str, seed: nn.Module,
                 opt.step()
                 steps += 1
             with FlopCounterMode(display=False) as counter, torch.no_grad():
-                after = float(loss_fn(call(mm, evaluate[0]), evaluate[1]))
+                after = chunk_losses(mm, evaluate, loss_fn)
             eval_flops = float(counter.get_total_flops())
         except (RuntimeError, ValueError, TypeError, IndexError):
             # A kernel that cannot run here (offered for the site, but failing in torch)
             # is measured as worthless rather than stopping the boundary.
             after = base
     flops = step_flops * max(steps, 1 if step_flops else 0) + eval_flops
-    gain = base - after
-    return (gain if math.isfinite(gain) else 0.0), steps, flops
+    gain, stderr = gain_of(base, after)
+    if not (math.isfinite(gain) and math.isfinite(stderr)):
+        return 0.0, 0.0, steps, flops
+    return gain, stderr, steps, flops

@@ -53,6 +53,12 @@ class HeuristicConfig:
     probe_weight: float = 1.0
     """How much of a probe's measured gain (`SlotHealth.probes`) becomes the kernel's prior:
     `prior = probe_weight × gain` replaces `prior_contribution` for a probed kernel."""
+    probe_tie_stderr: float = 1.0
+    """Probed kernels whose score is within this many standard errors (from the probes'
+    `gain_stderr`) of the best count as tied with it, and a tie goes to the kernel with the
+    most parameters: a few probe steps cannot tell them apart and underrate kernels that
+    learn more slowly, while capacity is what a plateaued host lacks. 0: the best score
+    alone decides."""
     probe_min_gain: float | None = None
     """With probes, germinate only when the chosen kernel's measured gain is above this
     (None: no such gate; the probes only choose)."""
@@ -75,6 +81,7 @@ class HeuristicConfig:
             "success_weight",
             "cost_weight",
             "probe_weight",
+            "probe_tie_stderr",
         ):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):

@@ -21,12 +21,16 @@ At each epoch boundary, in this order:
    input and can add width) in one decision:
 
    *With probes* (`SlotHealth.probes`: the client trained a fresh seed of each offered
-   kernel alone for a few steps and measured its held-out gain, `esper.grow.probe`):
-   *where and what* together, the (slot, kernel) pair with the best score over every
-   probed kernel of every open slot, whatever the slot's kind — measured gains are in one
-   unit (validation loss), so the kinds compete on them. This is the cold start: with no
-   field reports the probe, not the parameter count, tells kernels apart. With
-   `probe_min_gain` set, no germination unless the chosen kernel's gain is above it.
+   kernel alone for a few steps and measured its held-out gain and that gain's standard
+   error, `esper.grow.probe`): *where and what* together, over every probed kernel of
+   every open slot, whatever the slot's kind — measured gains are in one unit (validation
+   loss), so the kinds compete on them. The pair with the best score wins, except that
+   every pair within `probe_tie_stderr` standard errors of it counts as tied, and among
+   tied pairs the kernel with the most parameters wins: the probe cannot tell them apart,
+   its few steps underrate kernels that learn more slowly, and capacity is what a
+   plateaued host lacks. This is the cold start: with no field reports the measurement,
+   not the parameter rent, tells kernels apart. With `probe_min_gain` set, no germination
+   unless the chosen kernel's gain is above it.
 
    *Without probes*, *where*: the open dormant slot whose host site had the largest
    gradient norm over the epoch (`SlotHealth.host_grad_norm`): the loss is still pulling
@@ -290,14 +294,29 @@ class HeuristicPolicy(Policy):
             return kernel_score(c, host_parameters=snapshot.host_parameters, config=cfg,
                                 probe_gain=p.gain)
 
-        # Best score; ties to the smaller kernel, then by the slot tie-break, then by ids.
-        slot, best, probe = min(probed, key=lambda it: (-score(it), it[1].parameters,
-                                                        -sign * it[0].depth, it[0].slot_id,
-                                                        it[1].kernel_id))
+        def stderr(item: tuple) -> float:
+            # The probe's part of the score: its gain, shrunk by the kernel's field reports.
+            _, c, p = item
+            return cfg.probe_weight * p.gain_stderr * cfg.prior_strength / max(
+                c.outcomes + cfg.prior_strength, 1e-12)
+
+        def order(it: tuple) -> tuple:
+            # Best score; ties to the smaller kernel, then by the slot tie-break, then ids.
+            return (-score(it), it[1].parameters, -sign * it[0].depth, it[0].slot_id,
+                    it[1].kernel_id)
+
+        top = min(probed, key=order)
+        tied = [it for it in probed if score(top) - score(it)
+                <= cfg.probe_tie_stderr * math.hypot(stderr(top), stderr(it))]
+        slot, best, probe = min(tied, key=lambda it: (-it[1].parameters, *order(it)))
         slots = len({s.slot_id for s, _, _ in probed})
-        measured = (f"probe gain {probe.gain:+.4g} after {probe.steps} steps, the best score "
-                    f"{score((slot, best, probe)):+.4g} of {len(probed)} probed kernel(s) at "
-                    f"{slots} open slot(s)")
+        measured = (f"probe gain {probe.gain:+.4g} ± {probe.gain_stderr:.2g} after {probe.steps} "
+                    f"steps, score {score((slot, best, probe)):+.4g}; {len(probed)} probed "
+                    f"kernel(s) at {slots} open slot(s)")
+        if best is not top[1] or slot is not top[0]:
+            measured += (f"; the best score was {top[1].label} at {top[0].slot_id} "
+                         f"({score(top):+.4g}), within {cfg.probe_tie_stderr:g} standard "
+                         f"error(s): {len(tied)} tied, the largest chosen")
         if cfg.probe_min_gain is not None and probe.gain <= cfg.probe_min_gain:
             return None, (f"{plateau_words}, but no probed kernel gains more than "
                           f"probe_min_gain={cfg.probe_min_gain:g} (best: {best.label} at "

@@ -154,7 +154,7 @@ def test_every_snapshot_carries_each_seed_slots_history_and_a_resumed_grower_kee
 
 def test_probes_run_only_when_the_controller_would_germinate_and_leave_the_model_untouched() -> None:
     cat = BuiltinKernels(["norm_scale", "bottleneck_mlp", "lowrank_adapter"])
-    g, model, opt = grower_with(heuristic_controller(QUICK), kernels=cat)
+    g, model, opt = grower_with(heuristic_controller({**QUICK, "probe_tie_stderr": 0.0}), kernels=cat)
     data = loader(CASE)
     train_epoch(model, g, data, opt, CASE.loss_fn)
     r1 = g.end_epoch(val_loss=evaluate(model, CASE))  # warm-up: no germination, no probes
@@ -211,10 +211,15 @@ def test_a_probe_picks_a_kernel_that_helps_over_the_cheapest() -> None:
     assert name == "norm_scale"
     name, r = first_germination(GrowthConfig(max_seeds=1))
     assert name != "norm_scale"
-    probes = {p.kernel_id: p.gain for s in r.snapshot.slots for p in s.probes}
+    probes = {p.kernel_id: p for s in r.snapshot.slots for p in s.probes}
     chosen = next(d for d in r.applied if d.kind == D.DECISION_KIND_GERMINATE)
-    norm = [k for k in probes if g_name(k) == "norm_scale"]
-    assert probes[chosen.kernel_id] > max(probes[k] for k in norm)
+    assert all(p.gain_stderr > 0 for p in probes.values())
+    # The choice was measured: the chosen kernel's gain is within the noise of the best or
+    # better than every norm_scale probe.
+    norm = [p.gain for k, p in probes.items() if g_name(k) == "norm_scale"]
+    best = max(p.gain for p in probes.values())
+    mine = probes[chosen.kernel_id]
+    assert mine.gain > max(norm) or best - mine.gain <= 3 * mine.gain_stderr
 
 
 def g_name(kernel_id: str) -> str:
@@ -222,7 +227,7 @@ def g_name(kernel_id: str) -> str:
 
 
 def test_parallel_and_output_slots_compete_in_one_decision() -> None:
-    g, model, opt = grower_with(heuristic_controller(QUICK),
+    g, model, opt = grower_with(heuristic_controller({**QUICK, "probe_tie_stderr": 0.0}),
                                 kernels=BuiltinKernels(["bottleneck_mlp", "width8_relu"]),
                                 sites=("3",), parallel=("0:2",))
     for r in run(g, model, opt, 3):

@@ -32,8 +32,8 @@ def ncl_slot(slot_id: str, *, depth: int = 0, grad: float = 1.0) -> health_pb2.S
     return s
 
 
-def probe(s: health_pb2.SlotHealth, kernel_id: str, gain: float) -> None:
-    s.probes.add(kernel_id=kernel_id, gain=gain, steps=20, flops=1e6)
+def probe(s: health_pb2.SlotHealth, kernel_id: str, gain: float, stderr: float = 0.0) -> None:
+    s.probes.add(kernel_id=kernel_id, gain=gain, gain_stderr=stderr, steps=20, flops=1e6)
 
 
 def test_cold_start_with_the_full_catalog_follows_the_probe_not_the_cost() -> None:
@@ -55,7 +55,7 @@ def test_cold_start_with_the_full_catalog_follows_the_probe_not_the_cost() -> No
         probe(s, c.kernel_id, 0.08 if c is conv else 0.01)
     (d,) = pol.decide(snapshot([s], host_parameters=300), {"act1": cands})
     assert d.kind == G and d.kernel_id == conv.kernel_id
-    assert "probe gain +0.08" in d.reason and f"of {len(cands)} probed kernel(s)" in d.reason
+    assert "probe gain +0.08" in d.reason and f"{len(cands)} probed kernel(s)" in d.reason
 
     # The probe is the evidence, not "anything but the cheapest": where the cheap kernel
     # measures best, it is chosen.
@@ -64,6 +64,31 @@ def test_cold_start_with_the_full_catalog_follows_the_probe_not_the_cost() -> No
         probe(s, c.kernel_id, 0.05 if c is cheapest else 0.0)
     (d,) = pol.decide(snapshot([s], host_parameters=300), {"act1": cands})
     assert d.kernel_id == cheapest.kernel_id
+
+
+def test_kernels_a_probe_cannot_tell_apart_go_to_the_larger_one() -> None:
+    cands = full_catalog_at(NCL4)
+    norm, conv, bottle = (named(cands, n) for n in ("norm_scale", "conv3_residual_1d",
+                                                     "bottleneck_mlp"))
+    s = ncl_slot("act1")
+    # norm_scale measures best by less than the noise; conv (the largest) is within it,
+    # bottleneck_mlp clearly below.
+    probe(s, norm.kernel_id, 0.050, 0.004)
+    probe(s, conv.kernel_id, 0.049, 0.004)
+    probe(s, bottle.kernel_id, 0.020, 0.004)
+    snap = snapshot([s], host_parameters=300)
+    offered = {"act1": [norm, conv, bottle]}
+    (d,) = HeuristicPolicy().decide(snap, offered)
+    assert d.kernel_id == conv.kernel_id
+    assert "the best score was norm_scale" in d.reason and "2 tied, the largest chosen" in d.reason
+    (d,) = HeuristicPolicy(HeuristicConfig(probe_tie_stderr=0.0)).decide(snap, offered)
+    assert d.kernel_id == norm.kernel_id
+    # A clear measurement is not overridden by size.
+    s.ClearField("probes")
+    probe(s, norm.kernel_id, 0.050, 0.001)
+    probe(s, conv.kernel_id, 0.030, 0.001)
+    (d,) = HeuristicPolicy().decide(snapshot([s], host_parameters=300), {"act1": [norm, conv]})
+    assert d.kernel_id == norm.kernel_id
 
 
 def test_outcome_records_outweigh_a_probe_as_they_accumulate() -> None:

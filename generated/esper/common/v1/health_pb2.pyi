@@ -70,16 +70,18 @@ class SlotRecord(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., stage: _Optional[_Union[_seed_pb2.SeedStage, str]] = ..., contribution_measured: _Optional[bool] = ..., contribution: _Optional[float] = ...) -> None: ...
 
 class KernelProbe(_message.Message):
-    __slots__ = ("kernel_id", "gain", "steps", "flops")
+    __slots__ = ("kernel_id", "gain", "steps", "flops", "gain_stderr")
     KERNEL_ID_FIELD_NUMBER: _ClassVar[int]
     GAIN_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     FLOPS_FIELD_NUMBER: _ClassVar[int]
+    GAIN_STDERR_FIELD_NUMBER: _ClassVar[int]
     kernel_id: str
     gain: float
     steps: int
     flops: float
-    def __init__(self, kernel_id: _Optional[str] = ..., gain: _Optional[float] = ..., steps: _Optional[int] = ..., flops: _Optional[float] = ...) -> None: ...
+    gain_stderr: float
+    def __init__(self, kernel_id: _Optional[str] = ..., gain: _Optional[float] = ..., steps: _Optional[int] = ..., flops: _Optional[float] = ..., gain_stderr: _Optional[float] = ...) -> None: ...
 
 class GraphNode(_message.Message):
     __slots__ = ("name", "kind", "parameters", "slot_id")
