@@ -63,9 +63,9 @@ class ColdStartConfig:
     max_seeds: int = 2
     heuristic: Mapping[str, Any] = field(default_factory=lambda: dict(HEURISTIC))
     kasmina: Mapping[str, Any] = field(default_factory=lambda: dict(KASMINA))
-    probe_steps: int = 20
-    probe_lr: float = 0.003
-    probe_rows: int = 256
+    probe_steps: int = 10
+    probe_lr: float = 0.005
+    probe_rows: int = 128
     """Training rows (a fixed random subset per seed) the probes fit on."""
     held_out_rows: int = 256
     """Validation rows contribution and probe gains are measured on (as Tolaria's trainer)."""

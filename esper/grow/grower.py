@@ -97,7 +97,7 @@ class GrowthHistory:
     contribution, kernel_id]}}`: what every snapshot's `SlotHealth.history` is built from."""
     probes: list[dict[str, Any]] = field(default_factory=list)
     """Per boundary that probed, `{"epoch": e, "slots": {slot_id: [[kernel_id, gain,
-    steps, flops], ...]}}`."""
+    gain_stderr, steps, flops], ...]}}`."""
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) for k, v in self.__dict__.items()}
@@ -526,7 +526,8 @@ class Grower:
             probes = probe_slot(self.model, slot_id, seeds, fit, evaluate, self.loss_fn, settings)
             by_slot[slot_id].probes.extend(probes)
             self._decision_flops += sum(p.flops for p in probes)
-            record[slot_id] = [[p.kernel_id, p.gain, p.steps, p.flops] for p in probes]
+            record[slot_id] = [[p.kernel_id, p.gain, p.gain_stderr, p.steps, p.flops]
+                               for p in probes]
             if left <= 0:
                 break
         if record:
