@@ -50,4 +50,5 @@ def check(msg: Message) -> None:
     violations = violations_of(msg)
     if violations:
         text = "; ".join(f"{f or msg.DESCRIPTOR.name}: {d}" for f, d, _ in violations)
-        raise RequestValidationError(f"invalid {msg.DESCRIPTOR.full_name}: {text}", violations)
+        raise RequestValidationError(f"invalid {msg.DESCRIPTOR.full_name}: {text}", violations,
+                                     message_type=msg.DESCRIPTOR.full_name)
