@@ -28,7 +28,7 @@ from generated.esper.common.v1 import health_pb2 as esper_dot_common_dot_v1_dot_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$esper/tamiyo/v1/tamiyo_service.proto\x12\x0f\x65sper.tamiyo.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1e\x65sper/common/v1/decision.proto\x1a\x1c\x65sper/common/v1/health.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x92\x01\n\rDecideRequest\x12\x1f\n\nrequest_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12\x39\n\x08snapshot\x18\x02 \x01(\x0b\x32\x1f.esper.common.v1.HealthSnapshotB\x06\xbaH\x03\xc8\x01\x01\x12%\n\x12\x61llowed_blueprints\x18\x03 \x03(\tB\t\xbaH\x06\x92\x01\x03\x10\x80\x02\"z\n\x0e\x44\x65\x63ideResponse\x12,\n\tdecisions\x18\x01 \x03(\x0b\x32\x19.esper.common.v1.Decision\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x16\n\x0epolicy_version\x18\x03 \x01(\t\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\"\x16\n\x14GetPolicyInfoRequest\"\x80\x02\n\x15GetPolicyInfoResponse\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12-\n\tloaded_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x46\n\x08settings\x18\x04 \x03(\x0b\x32\x34.esper.tamiyo.v1.GetPolicyInfoResponse.SettingsEntry\x12\x17\n\x0f\x66\x61llback_policy\x18\x05 \x01(\t\x1a/\n\rSettingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xba\x01\n\rTamiyoService\x12I\n\x06\x44\x65\x63ide\x12\x1e.esper.tamiyo.v1.DecideRequest\x1a\x1f.esper.tamiyo.v1.DecideResponse\x12^\n\rGetPolicyInfo\x12%.esper.tamiyo.v1.GetPolicyInfoRequest\x1a&.esper.tamiyo.v1.GetPolicyInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$esper/tamiyo/v1/tamiyo_service.proto\x12\x0f\x65sper.tamiyo.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1e\x65sper/common/v1/decision.proto\x1a\x1c\x65sper/common/v1/health.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa9\x01\n\rDecideRequest\x12\x1f\n\nrequest_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12\x39\n\x08snapshot\x18\x02 \x01(\x0b\x32\x1f.esper.common.v1.HealthSnapshotB\x06\xbaH\x03\xc8\x01\x01\x12<\n\x12\x61llowed_blueprints\x18\x03 \x03(\tB \xbaH\x1d\x92\x01\x1a\x10\x80\x02\"\x15r\x13\x32\x11^bp-[0-9a-f]{16}$\"z\n\x0e\x44\x65\x63ideResponse\x12,\n\tdecisions\x18\x01 \x03(\x0b\x32\x19.esper.common.v1.Decision\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x16\n\x0epolicy_version\x18\x03 \x01(\t\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\"\x16\n\x14GetPolicyInfoRequest\"\x80\x02\n\x15GetPolicyInfoResponse\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12-\n\tloaded_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x46\n\x08settings\x18\x04 \x03(\x0b\x32\x34.esper.tamiyo.v1.GetPolicyInfoResponse.SettingsEntry\x12\x17\n\x0f\x66\x61llback_policy\x18\x05 \x01(\t\x1a/\n\rSettingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xba\x01\n\rTamiyoService\x12I\n\x06\x44\x65\x63ide\x12\x1e.esper.tamiyo.v1.DecideRequest\x1a\x1f.esper.tamiyo.v1.DecideResponse\x12^\n\rGetPolicyInfo\x12%.esper.tamiyo.v1.GetPolicyInfoRequest\x1a&.esper.tamiyo.v1.GetPolicyInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,19 +40,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECIDEREQUEST'].fields_by_name['snapshot']._loaded_options = None
   _globals['_DECIDEREQUEST'].fields_by_name['snapshot']._serialized_options = b'\272H\003\310\001\001'
   _globals['_DECIDEREQUEST'].fields_by_name['allowed_blueprints']._loaded_options = None
-  _globals['_DECIDEREQUEST'].fields_by_name['allowed_blueprints']._serialized_options = b'\272H\006\222\001\003\020\200\002'
+  _globals['_DECIDEREQUEST'].fields_by_name['allowed_blueprints']._serialized_options = b'\272H\035\222\001\032\020\200\002\"\025r\0232\021^bp-[0-9a-f]{16}$'
   _globals['_GETPOLICYINFORESPONSE_SETTINGSENTRY']._loaded_options = None
   _globals['_GETPOLICYINFORESPONSE_SETTINGSENTRY']._serialized_options = b'8\001'
   _globals['_DECIDEREQUEST']._serialized_start=182
-  _globals['_DECIDEREQUEST']._serialized_end=328
-  _globals['_DECIDERESPONSE']._serialized_start=330
-  _globals['_DECIDERESPONSE']._serialized_end=452
-  _globals['_GETPOLICYINFOREQUEST']._serialized_start=454
-  _globals['_GETPOLICYINFOREQUEST']._serialized_end=476
-  _globals['_GETPOLICYINFORESPONSE']._serialized_start=479
-  _globals['_GETPOLICYINFORESPONSE']._serialized_end=735
-  _globals['_GETPOLICYINFORESPONSE_SETTINGSENTRY']._serialized_start=688
-  _globals['_GETPOLICYINFORESPONSE_SETTINGSENTRY']._serialized_end=735
-  _globals['_TAMIYOSERVICE']._serialized_start=738
-  _globals['_TAMIYOSERVICE']._serialized_end=924
+  _globals['_DECIDEREQUEST']._serialized_end=351
+  _globals['_DECIDERESPONSE']._serialized_start=353
+  _globals['_DECIDERESPONSE']._serialized_end=475
+  _globals['_GETPOLICYINFOREQUEST']._serialized_start=477
+  _globals['_GETPOLICYINFOREQUEST']._serialized_end=499
+  _globals['_GETPOLICYINFORESPONSE']._serialized_start=502
+  _globals['_GETPOLICYINFORESPONSE']._serialized_end=758
+  _globals['_GETPOLICYINFORESPONSE_SETTINGSENTRY']._serialized_start=711
+  _globals['_GETPOLICYINFORESPONSE_SETTINGSENTRY']._serialized_end=758
+  _globals['_TAMIYOSERVICE']._serialized_start=761
+  _globals['_TAMIYOSERVICE']._serialized_end=947
 # @@protoc_insertion_point(module_scope)

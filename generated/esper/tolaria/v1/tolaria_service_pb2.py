@@ -28,7 +28,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&esper/tolaria/v1/tolaria_service.proto\x12\x10\x65sper.tolaria.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1a\x65sper/oona/v1/events.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa6\x02\n\x0fOptimizerConfig\x12\x1f\n\x04name\x18\x01 \x01(\tB\x11\xbaH\x0er\x0cR\x03sgdR\x05\x61\x64\x61mw\x12.\n\rlearning_rate\x18\x02 \x01(\x01\x42\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00\x00$@!\x00\x00\x00\x00\x00\x00\x00\x00\x12-\n\x0cweight_decay\x18\x03 \x01(\x01\x42\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00\x00\xf0?)\x00\x00\x00\x00\x00\x00\x00\x00\x12)\n\x08momentum\x18\x04 \x01(\x01\x42\x17\xbaH\x14\x12\x12\x11\x00\x00\x00\x00\x00\x00\xf0?)\x00\x00\x00\x00\x00\x00\x00\x00\x12)\n\x08schedule\x18\x05 \x01(\tB\x17\xbaH\x14r\x12R\x06\x63osineR\x08\x63onstant\x12\x15\n\rwarmup_epochs\x18\x06 \x01(\r\x12&\n\x0e\x63lip_grad_norm\x18\x07 \x01(\x01\x42\x0e\xbaH\x0b\x12\t)\x00\x00\x00\x00\x00\x00\x00\x00\"T\n\x0cGrowthBudget\x12\x1d\n\tmax_seeds\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\x80\x08(\x00\x12%\n\x14max_added_parameters\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\"\x8d\x04\n\tRunConfig\x12\x17\n\x04task\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\x12\x17\n\x04host\x18\x02 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\x12\x17\n\x05sites\x18\x03 \x03(\tB\x08\xbaH\x05\x92\x01\x02\x10@\x12\x1d\n\ncontroller\x18\x04 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\x12.\n\x06\x62udget\x18\x05 \x01(\x0b\x32\x1e.esper.tolaria.v1.GrowthBudget\x12\x1a\n\x06\x65pochs\x18\x06 \x01(\rB\n\xbaH\x07*\x05\x18\x90N(\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x34\n\toptimizer\x18\x08 \x01(\x0b\x32!.esper.tolaria.v1.OptimizerConfig\x12\x1f\n\nbatch_size\x18\t \x01(\rB\x0b\xbaH\x08*\x06\x18\x80\x80\x04(\x01\x12\x18\n\x10\x63heckpoint_every\x18\n \x01(\r\x12\x31\n\x0e\x64\x65\x63ide_timeout\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x05width\x18\x0c \x01(\x01\x42\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00\x00P@)\x00\x00\x00\x00\x00\x00\x00\x00\x12\x41\n\x06labels\x18\r \x03(\x0b\x32\'.esper.tolaria.v1.RunConfig.LabelsEntryB\x08\xbaH\x05\x9a\x01\x02\x10 \x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe6\x02\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12+\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1b.esper.tolaria.v1.RunConfig\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.esper.tolaria.v1.RunState\x12\r\n\x05\x65poch\x18\x04 \x01(\r\x12\x13\n\x0bglobal_step\x18\x05 \x01(\x04\x12\x14\n\x0cval_accuracy\x18\x06 \x01(\x01\x12\x10\n\x08val_loss\x18\x07 \x01(\x01\x12\x12\n\nparameters\x18\x08 \x01(\x04\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x64\x65tail\x18\x0b \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x0c \x03(\t\x12\x15\n\rlast_sequence\x18\r \x01(\x04\"g\n\x0fStartRunRequest\x12\x1f\n\nrequest_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12\x33\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1b.esper.tolaria.v1.RunConfigB\x06\xbaH\x03\xc8\x01\x01\"6\n\x10StartRunResponse\x12\"\n\x03run\x18\x01 \x01(\x0b\x32\x15.esper.tolaria.v1.Run\"+\n\rGetRunRequest\x12\x1a\n\x06run_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\"4\n\x0eGetRunResponse\x12\"\n\x03run\x18\x01 \x01(\x0b\x32\x15.esper.tolaria.v1.Run\"y\n\x0fListRunsRequest\x12\x1d\n\tpage_size\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x33\n\x05state\x18\x03 \x01(\x0e\x32\x1a.esper.tolaria.v1.RunStateB\x08\xbaH\x05\x82\x01\x02\x10\x01\"P\n\x10ListRunsResponse\x12#\n\x04runs\x18\x01 \x03(\x0b\x32\x15.esper.tolaria.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"D\n\x0fWatchRunRequest\x12\x1a\n\x06run_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12\x15\n\rfrom_sequence\x18\x02 \x01(\x04\"?\n\x10WatchRunResponse\x12+\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1c.esper.oona.v1.EventEnvelope\"g\n\x0eStopRunRequest\x12\x1f\n\nrequest_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12\x1a\n\x06run_id\x18\x02 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12\x18\n\x06reason\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x08\"g\n\x0fStopRunResponse\x12\"\n\x03run\x18\x01 \x01(\x0b\x32\x15.esper.tolaria.v1.Run\x12\x30\n\x0crequested_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x99\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_PENDING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x12\x15\n\x11RUN_STATE_STOPPED\x10\x05\x32\xa8\x03\n\x0eTolariaService\x12Q\n\x08StartRun\x12!.esper.tolaria.v1.StartRunRequest\x1a\".esper.tolaria.v1.StartRunResponse\x12K\n\x06GetRun\x12\x1f.esper.tolaria.v1.GetRunRequest\x1a .esper.tolaria.v1.GetRunResponse\x12Q\n\x08ListRuns\x12!.esper.tolaria.v1.ListRunsRequest\x1a\".esper.tolaria.v1.ListRunsResponse\x12S\n\x08WatchRun\x12!.esper.tolaria.v1.WatchRunRequest\x1a\".esper.tolaria.v1.WatchRunResponse0\x01\x12N\n\x07StopRun\x12 .esper.tolaria.v1.StopRunRequest\x1a!.esper.tolaria.v1.StopRunResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&esper/tolaria/v1/tolaria_service.proto\x12\x10\x65sper.tolaria.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1a\x65sper/oona/v1/events.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa6\x02\n\x0fOptimizerConfig\x12\x1f\n\x04name\x18\x01 \x01(\tB\x11\xbaH\x0er\x0cR\x03sgdR\x05\x61\x64\x61mw\x12.\n\rlearning_rate\x18\x02 \x01(\x01\x42\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00\x00$@!\x00\x00\x00\x00\x00\x00\x00\x00\x12-\n\x0cweight_decay\x18\x03 \x01(\x01\x42\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00\x00\xf0?)\x00\x00\x00\x00\x00\x00\x00\x00\x12)\n\x08momentum\x18\x04 \x01(\x01\x42\x17\xbaH\x14\x12\x12\x11\x00\x00\x00\x00\x00\x00\xf0?)\x00\x00\x00\x00\x00\x00\x00\x00\x12)\n\x08schedule\x18\x05 \x01(\tB\x17\xbaH\x14r\x12R\x06\x63osineR\x08\x63onstant\x12\x15\n\rwarmup_epochs\x18\x06 \x01(\r\x12&\n\x0e\x63lip_grad_norm\x18\x07 \x01(\x01\x42\x0e\xbaH\x0b\x12\t)\x00\x00\x00\x00\x00\x00\x00\x00\"T\n\x0cGrowthBudget\x12\x1d\n\tmax_seeds\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\x80\x08(\x00\x12%\n\x14max_added_parameters\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\"\xb4\x04\n\tRunConfig\x12\x17\n\x04task\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\x12\x17\n\x04host\x18\x02 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\x12 \n\x05sites\x18\x03 \x03(\tB\x11\xbaH\x0e\x92\x01\x0b\x10@\"\x07r\x05\x10\x01\x18\x80\x02\x12\x1d\n\ncontroller\x18\x04 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\x12.\n\x06\x62udget\x18\x05 \x01(\x0b\x32\x1e.esper.tolaria.v1.GrowthBudget\x12\x1a\n\x06\x65pochs\x18\x06 \x01(\rB\n\xbaH\x07*\x05\x18\x90N(\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x34\n\toptimizer\x18\x08 \x01(\x0b\x32!.esper.tolaria.v1.OptimizerConfig\x12\x1f\n\nbatch_size\x18\t \x01(\rB\x0b\xbaH\x08*\x06\x18\x80\x80\x04(\x01\x12\x18\n\x10\x63heckpoint_every\x18\n \x01(\r\x12@\n\x0e\x64\x65\x63ide_timeout\x18\x0b \x01(\x0b\x32\x19.google.protobuf.DurationB\r\xbaH\n\xaa\x01\x07\"\x03\x08\x90\x1c\x32\x00\x12&\n\x05width\x18\x0c \x01(\x01\x42\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00\x00P@)\x00\x00\x00\x00\x00\x00\x00\x00\x12P\n\x06labels\x18\r \x03(\x0b\x32\'.esper.tolaria.v1.RunConfig.LabelsEntryB\x17\xbaH\x14\x9a\x01\x11\x10 \"\x06r\x04\x10\x01\x18?*\x05r\x03\x18\x80\x02\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe6\x02\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12+\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1b.esper.tolaria.v1.RunConfig\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.esper.tolaria.v1.RunState\x12\r\n\x05\x65poch\x18\x04 \x01(\r\x12\x13\n\x0bglobal_step\x18\x05 \x01(\x04\x12\x14\n\x0cval_accuracy\x18\x06 \x01(\x01\x12\x10\n\x08val_loss\x18\x07 \x01(\x01\x12\x12\n\nparameters\x18\x08 \x01(\x04\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x64\x65tail\x18\x0b \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x0c \x03(\t\x12\x15\n\rlast_sequence\x18\r \x01(\x04\"g\n\x0fStartRunRequest\x12\x1f\n\nrequest_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12\x33\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1b.esper.tolaria.v1.RunConfigB\x06\xbaH\x03\xc8\x01\x01\"6\n\x10StartRunResponse\x12\"\n\x03run\x18\x01 \x01(\x0b\x32\x15.esper.tolaria.v1.Run\"+\n\rGetRunRequest\x12\x1a\n\x06run_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\"4\n\x0eGetRunResponse\x12\"\n\x03run\x18\x01 \x01(\x0b\x32\x15.esper.tolaria.v1.Run\"\x83\x01\n\x0fListRunsRequest\x12\x1d\n\tpage_size\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x08\x12\x33\n\x05state\x18\x03 \x01(\x0e\x32\x1a.esper.tolaria.v1.RunStateB\x08\xbaH\x05\x82\x01\x02\x10\x01\"P\n\x10ListRunsResponse\x12#\n\x04runs\x18\x01 \x03(\x0b\x32\x15.esper.tolaria.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"D\n\x0fWatchRunRequest\x12\x1a\n\x06run_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12\x15\n\rfrom_sequence\x18\x02 \x01(\x04\"?\n\x10WatchRunResponse\x12+\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1c.esper.oona.v1.EventEnvelope\"g\n\x0eStopRunRequest\x12\x1f\n\nrequest_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12\x1a\n\x06run_id\x18\x02 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12\x18\n\x06reason\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x08\"g\n\x0fStopRunResponse\x12\"\n\x03run\x18\x01 \x01(\x0b\x32\x15.esper.tolaria.v1.Run\x12\x30\n\x0crequested_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x99\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_PENDING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x12\x15\n\x11RUN_STATE_STOPPED\x10\x05\x32\xa8\x03\n\x0eTolariaService\x12Q\n\x08StartRun\x12!.esper.tolaria.v1.StartRunRequest\x1a\".esper.tolaria.v1.StartRunResponse\x12K\n\x06GetRun\x12\x1f.esper.tolaria.v1.GetRunRequest\x1a .esper.tolaria.v1.GetRunResponse\x12Q\n\x08ListRuns\x12!.esper.tolaria.v1.ListRunsRequest\x1a\".esper.tolaria.v1.ListRunsResponse\x12S\n\x08WatchRun\x12!.esper.tolaria.v1.WatchRunRequest\x1a\".esper.tolaria.v1.WatchRunResponse0\x01\x12N\n\x07StopRun\x12 .esper.tolaria.v1.StopRunRequest\x1a!.esper.tolaria.v1.StopRunResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -58,17 +58,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNCONFIG'].fields_by_name['host']._loaded_options = None
   _globals['_RUNCONFIG'].fields_by_name['host']._serialized_options = b'\272H\006r\004\020\001\030@'
   _globals['_RUNCONFIG'].fields_by_name['sites']._loaded_options = None
-  _globals['_RUNCONFIG'].fields_by_name['sites']._serialized_options = b'\272H\005\222\001\002\020@'
+  _globals['_RUNCONFIG'].fields_by_name['sites']._serialized_options = b'\272H\016\222\001\013\020@\"\007r\005\020\001\030\200\002'
   _globals['_RUNCONFIG'].fields_by_name['controller']._loaded_options = None
   _globals['_RUNCONFIG'].fields_by_name['controller']._serialized_options = b'\272H\006r\004\020\001\030@'
   _globals['_RUNCONFIG'].fields_by_name['epochs']._loaded_options = None
   _globals['_RUNCONFIG'].fields_by_name['epochs']._serialized_options = b'\272H\007*\005\030\220N(\001'
   _globals['_RUNCONFIG'].fields_by_name['batch_size']._loaded_options = None
   _globals['_RUNCONFIG'].fields_by_name['batch_size']._serialized_options = b'\272H\010*\006\030\200\200\004(\001'
+  _globals['_RUNCONFIG'].fields_by_name['decide_timeout']._loaded_options = None
+  _globals['_RUNCONFIG'].fields_by_name['decide_timeout']._serialized_options = b'\272H\n\252\001\007\"\003\010\220\0342\000'
   _globals['_RUNCONFIG'].fields_by_name['width']._loaded_options = None
   _globals['_RUNCONFIG'].fields_by_name['width']._serialized_options = b'\272H\024\022\022\031\000\000\000\000\000\000P@)\000\000\000\000\000\000\000\000'
   _globals['_RUNCONFIG'].fields_by_name['labels']._loaded_options = None
-  _globals['_RUNCONFIG'].fields_by_name['labels']._serialized_options = b'\272H\005\232\001\002\020 '
+  _globals['_RUNCONFIG'].fields_by_name['labels']._serialized_options = b'\272H\024\232\001\021\020 \"\006r\004\020\001\030?*\005r\003\030\200\002'
   _globals['_STARTRUNREQUEST'].fields_by_name['request_id']._loaded_options = None
   _globals['_STARTRUNREQUEST'].fields_by_name['request_id']._serialized_options = b'\272H\010r\003\260\001\001\330\001\001'
   _globals['_STARTRUNREQUEST'].fields_by_name['config']._loaded_options = None
@@ -77,6 +79,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETRUNREQUEST'].fields_by_name['run_id']._serialized_options = b'\272H\007r\005\020\001\030\200\001'
   _globals['_LISTRUNSREQUEST'].fields_by_name['page_size']._loaded_options = None
   _globals['_LISTRUNSREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\007\032\005\030\350\007(\000'
+  _globals['_LISTRUNSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTRUNSREQUEST'].fields_by_name['page_token']._serialized_options = b'\272H\005r\003\030\200\010'
   _globals['_LISTRUNSREQUEST'].fields_by_name['state']._loaded_options = None
   _globals['_LISTRUNSREQUEST'].fields_by_name['state']._serialized_options = b'\272H\005\202\001\002\020\001'
   _globals['_WATCHRUNREQUEST'].fields_by_name['run_id']._loaded_options = None
@@ -87,38 +91,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STOPRUNREQUEST'].fields_by_name['run_id']._serialized_options = b'\272H\007r\005\020\001\030\200\001'
   _globals['_STOPRUNREQUEST'].fields_by_name['reason']._loaded_options = None
   _globals['_STOPRUNREQUEST'].fields_by_name['reason']._serialized_options = b'\272H\005r\003\030\200\010'
-  _globals['_RUNSTATE']._serialized_start=2265
-  _globals['_RUNSTATE']._serialized_end=2418
+  _globals['_RUNSTATE']._serialized_start=2315
+  _globals['_RUNSTATE']._serialized_end=2468
   _globals['_OPTIMIZERCONFIG']._serialized_start=183
   _globals['_OPTIMIZERCONFIG']._serialized_end=477
   _globals['_GROWTHBUDGET']._serialized_start=479
   _globals['_GROWTHBUDGET']._serialized_end=563
   _globals['_RUNCONFIG']._serialized_start=566
-  _globals['_RUNCONFIG']._serialized_end=1091
-  _globals['_RUNCONFIG_LABELSENTRY']._serialized_start=1046
-  _globals['_RUNCONFIG_LABELSENTRY']._serialized_end=1091
-  _globals['_RUN']._serialized_start=1094
-  _globals['_RUN']._serialized_end=1452
-  _globals['_STARTRUNREQUEST']._serialized_start=1454
-  _globals['_STARTRUNREQUEST']._serialized_end=1557
-  _globals['_STARTRUNRESPONSE']._serialized_start=1559
-  _globals['_STARTRUNRESPONSE']._serialized_end=1613
-  _globals['_GETRUNREQUEST']._serialized_start=1615
-  _globals['_GETRUNREQUEST']._serialized_end=1658
-  _globals['_GETRUNRESPONSE']._serialized_start=1660
-  _globals['_GETRUNRESPONSE']._serialized_end=1712
-  _globals['_LISTRUNSREQUEST']._serialized_start=1714
-  _globals['_LISTRUNSREQUEST']._serialized_end=1835
-  _globals['_LISTRUNSRESPONSE']._serialized_start=1837
-  _globals['_LISTRUNSRESPONSE']._serialized_end=1917
-  _globals['_WATCHRUNREQUEST']._serialized_start=1919
-  _globals['_WATCHRUNREQUEST']._serialized_end=1987
-  _globals['_WATCHRUNRESPONSE']._serialized_start=1989
-  _globals['_WATCHRUNRESPONSE']._serialized_end=2052
-  _globals['_STOPRUNREQUEST']._serialized_start=2054
-  _globals['_STOPRUNREQUEST']._serialized_end=2157
-  _globals['_STOPRUNRESPONSE']._serialized_start=2159
-  _globals['_STOPRUNRESPONSE']._serialized_end=2262
-  _globals['_TOLARIASERVICE']._serialized_start=2421
-  _globals['_TOLARIASERVICE']._serialized_end=2845
+  _globals['_RUNCONFIG']._serialized_end=1130
+  _globals['_RUNCONFIG_LABELSENTRY']._serialized_start=1085
+  _globals['_RUNCONFIG_LABELSENTRY']._serialized_end=1130
+  _globals['_RUN']._serialized_start=1133
+  _globals['_RUN']._serialized_end=1491
+  _globals['_STARTRUNREQUEST']._serialized_start=1493
+  _globals['_STARTRUNREQUEST']._serialized_end=1596
+  _globals['_STARTRUNRESPONSE']._serialized_start=1598
+  _globals['_STARTRUNRESPONSE']._serialized_end=1652
+  _globals['_GETRUNREQUEST']._serialized_start=1654
+  _globals['_GETRUNREQUEST']._serialized_end=1697
+  _globals['_GETRUNRESPONSE']._serialized_start=1699
+  _globals['_GETRUNRESPONSE']._serialized_end=1751
+  _globals['_LISTRUNSREQUEST']._serialized_start=1754
+  _globals['_LISTRUNSREQUEST']._serialized_end=1885
+  _globals['_LISTRUNSRESPONSE']._serialized_start=1887
+  _globals['_LISTRUNSRESPONSE']._serialized_end=1967
+  _globals['_WATCHRUNREQUEST']._serialized_start=1969
+  _globals['_WATCHRUNREQUEST']._serialized_end=2037
+  _globals['_WATCHRUNRESPONSE']._serialized_start=2039
+  _globals['_WATCHRUNRESPONSE']._serialized_end=2102
+  _globals['_STOPRUNREQUEST']._serialized_start=2104
+  _globals['_STOPRUNREQUEST']._serialized_end=2207
+  _globals['_STOPRUNRESPONSE']._serialized_start=2209
+  _globals['_STOPRUNRESPONSE']._serialized_end=2312
+  _globals['_TOLARIASERVICE']._serialized_start=2471
+  _globals['_TOLARIASERVICE']._serialized_end=2895
 # @@protoc_insertion_point(module_scope)
