@@ -142,6 +142,23 @@ def unbounded_fields(desc: Descriptor) -> list[str]:
     return out
 
 
+_FIXED = {FieldDescriptor.TYPE_DOUBLE: 8, FieldDescriptor.TYPE_FIXED64: 8, FieldDescriptor.TYPE_SFIXED64: 8,
+          FieldDescriptor.TYPE_FLOAT: 4, FieldDescriptor.TYPE_FIXED32: 4, FieldDescriptor.TYPE_SFIXED32: 4,
+          FieldDescriptor.TYPE_BOOL: 1}
+
+
+def _varint_len(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+def _tag_len(f: FieldDescriptor) -> int:
+    return _varint_len(f.number << 3)
+
+
+def _len_delimited(f: FieldDescriptor, size: int) -> int:
+    return _tag_len(f) + _varint_len(size) + size
+
+
 def worst_size(desc: Descriptor, depth: int = 0) -> int:
     """An upper bound on the serialized size of any message of `desc` its rules accept
     (every field at its largest, oneof members counted together)."""
@@ -149,22 +166,22 @@ def worst_size(desc: Descriptor, depth: int = 0) -> int:
     total = 0
     for f in desc.fields:
         r = _rules(f)
-        frame = 2 + 5  # tag and length prefix, generously
         if f.message_type is not None and f.message_type.GetOptions().map_entry:
             key, value = f.message_type.fields_by_name["key"], f.message_type.fields_by_name["value"]
-            kb = _scalar_bound(key.type, r.map.keys) or 0
-            vb = (worst_size(value.message_type, depth + 1) if value.message_type is not None
-                  else _scalar_bound(value.type, r.map.values) or 0)
-            total += r.map.max_pairs * (frame + 2 * frame + kb + vb)
+            kb = _len_delimited(key, _scalar_bound(key.type, r.map.keys) or 0)
+            vb = (_len_delimited(value, worst_size(value.message_type, depth + 1)) if value.message_type is not None
+                  else _len_delimited(value, _scalar_bound(value.type, r.map.values) or 0))
+            total += r.map.max_pairs * _len_delimited(f, kb + vb)
             continue
+        count = r.repeated.max_items if f.is_repeated else 1
         if f.message_type is not None:
-            one = worst_size(f.message_type, depth + 1) + frame
-        elif f.is_repeated and f.type not in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES):
-            total += frame + 10 * r.repeated.max_items  # packed: one frame, the values back to back
-            continue
+            total += count * _len_delimited(f, worst_size(f.message_type, depth + 1))
+        elif f.type in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES):
+            total += count * _len_delimited(f, _scalar_bound(f.type, r.repeated.items if f.is_repeated else r) or 0)
+        elif f.is_repeated:  # packed: one tag and length, the values back to back
+            total += _len_delimited(f, count * _FIXED.get(f.type, 10))
         else:
-            one = (_scalar_bound(f.type, r.repeated.items if f.is_repeated else r) or 0) + frame
-        total += one * (r.repeated.max_items if f.is_repeated else 1)
+            total += _tag_len(f) + _FIXED.get(f.type, 10)
     return total
 
 
