@@ -25,6 +25,15 @@ from google.rpc import error_details_pb2, status_pb2
 from esper import errors as E
 
 DOMAIN = "esper.dev"
+MAX_MESSAGE_CHARS = 1024
+"""Longest status message sent; longer ones are cut (a message can echo a client's value)."""
+MAX_VIOLATIONS = 32
+MAX_DETAIL_CHARS = 256
+"""Longest BadRequest description or ErrorInfo metadata value sent.
+
+The message travels in the grpc-message header and again, with the details, in the
+grpc-status-details-bin trailer; clients refuse trailers beyond 16 KiB (8 KiB soft), so
+a status with a 1.5 MB message arrived as RESOURCE_EXHAUSTED instead of the error."""
 """`ErrorInfo.domain` of every error Esper raises."""
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
@@ -64,9 +73,10 @@ class RequestValidationError(E.InvalidArgumentError):
     reason = "REQUEST_FIELD_INVALID"
 
     def __init__(self, message: str, violations: Sequence[tuple[str, str, str]],
-                 *, message_type: str = "") -> None:
-        """`violations`: (dotted field path, description, rule id) per broken rule."""
-        md = {"violations": str(len(violations))}
+                 *, message_type: str = "", total: int | None = None) -> None:
+        """`violations`: (dotted field path, description, rule id) per broken rule reported;
+        `total`: how many rules are broken in all (None: not counted, at least one)."""
+        md = {"violations": str(total if total is not None else f"{len(violations)}+")}
         if message_type:
             md["messageType"] = message_type
         super().__init__(message, field=violations[0][0] if violations else "", metadata=md)
@@ -91,19 +101,29 @@ def code_for(exc: BaseException | type[BaseException]) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def clip(text: str, limit: int) -> str:
+    """`text`, cut to at most `limit` characters with a note of how much was cut."""
+    if len(text) <= limit:
+        return text
+    note = f"... ({len(text) - limit} more characters)"
+    return text[:max(0, limit - len(note))] + note
+
+
 def _field_violations(exc: E.InvalidArgumentError) -> list[error_details_pb2.BadRequest.FieldViolation]:
     if isinstance(exc, RequestValidationError):
         return [
-            error_details_pb2.BadRequest.FieldViolation(field=f, description=d, reason=r)
-            for f, d, r in exc.violations
+            error_details_pb2.BadRequest.FieldViolation(field=clip(f, MAX_DETAIL_CHARS),
+                                                        description=clip(d, MAX_DETAIL_CHARS), reason=r)
+            for f, d, r in exc.violations[:MAX_VIOLATIONS]
         ]
     if isinstance(exc, RequestDecodeError):
         # The whole request is at fault: the empty path names the request itself.
-        return [error_details_pb2.BadRequest.FieldViolation(field="", description=str(exc),
-                                                             reason=exc.reason)]
+        return [error_details_pb2.BadRequest.FieldViolation(
+            field="", description=clip(str(exc), MAX_DETAIL_CHARS), reason=exc.reason)]
     if exc.field:
-        return [error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=str(exc),
-                                                             reason=exc.reason)]
+        return [error_details_pb2.BadRequest.FieldViolation(
+            field=clip(exc.field, MAX_DETAIL_CHARS), description=clip(str(exc), MAX_DETAIL_CHARS),
+            reason=exc.reason)]
     return []
 
 
@@ -136,7 +156,9 @@ def to_rich_status(
         md.setdefault("field", exc.field)
     if metadata:
         md.update(metadata)
-    st = status_pb2.Status(code=code.value[0], message=message if message is not None else str(exc))
+    md = {clip(str(k), 64): clip(str(v), MAX_DETAIL_CHARS) for k, v in list(md.items())[:16]}
+    text = clip(message if message is not None else str(exc), MAX_MESSAGE_CHARS)
+    st = status_pb2.Status(code=code.value[0], message=text)
     st.details.add().Pack(error_details_pb2.ErrorInfo(reason=_reason(exc, code), domain=DOMAIN,
                                                       metadata=md))
     if isinstance(exc, E.InvalidArgumentError):
