@@ -33,8 +33,8 @@ _SCOPE_RE = re.compile(r"^(\*|[a-z][a-z0-9_]*:(read|write|\*))$")
 MIN_KEY_LEN = 16
 """Shortest API key accepted: short keys are guessable."""
 KEYS_HELP = (
-    f"API keys: {ENV_KEYS}='key=scope,scope;key2=*' or {ENV_KEYS_FILE}=<file with one "
-    f"key=scopes per line>; each key has at least {MIN_KEY_LEN} characters; scopes are "
+    f"API keys: {ENV_KEYS}='<key>=<scope>,<scope>;<key2>=*' or {ENV_KEYS_FILE}=<file with "
+    f"one <key>=<scopes> per line>; each key has at least {MIN_KEY_LEN} characters; scopes are "
     "'*', '<part>:read', '<part>:write' and '<part>:*' (parts: urza, tezzeret, tamiyo, "
     "karn, tolaria). Make a key with: python -c \"import secrets; print(secrets.token_urlsafe(32))\""
 )
@@ -62,7 +62,7 @@ def parse_keys(text: str, *, source: str, separator: str = ";") -> dict[str, fro
         key = key.strip()
         where = f"{source} entry {n}"
         if not eq:
-            raise ConfigError(f"{where}: expected 'key=scope1,scope2', got no '=' (scopes are required)")
+            raise ConfigError(f"{where}: expected '<key>=<scope1>,<scope2>', got no '=' (scopes are required)")
         if len(key) < MIN_KEY_LEN:
             raise ConfigError(
                 f"{where}: API keys must have at least {MIN_KEY_LEN} characters, got {len(key)}; "
@@ -93,7 +93,8 @@ class AuthConfig:
     def __post_init__(self) -> None:
         if not self.disabled and not self.keys:
             raise ConfigError(
-                f"no API keys configured: set {ENV_KEYS}='key=scope,...' or {ENV_KEYS_FILE}=<path>, "
+                f"no API keys configured: set {ENV_KEYS}='<key>=<scope>,...' (keys of at least "
+                f"{MIN_KEY_LEN} characters) or {ENV_KEYS_FILE}=<path>, "
                 "or disable auth explicitly (--insecure-no-auth)"
             )
         if self.disabled and self.keys:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from esper.errors import ConfigError, FailedPreconditionError, UnavailableError
-from esper.runtime.auth import ENV_KEYS, ENV_KEYS_FILE, AuthConfig, parse_keys
+from esper.runtime.auth import ENV_KEYS, ENV_KEYS_FILE, KEYS_HELP, AuthConfig, parse_keys
 from esper.runtime.config import PlatformConfig
 from esper.runtime.spec import PARTS, PlatformContext, ServiceSpec
 
@@ -250,13 +250,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("serve", help="host one service")
+    p = sub.add_parser("serve", help="host one service", epilog=KEYS_HELP)
     p.add_argument("part", choices=PARTS)
     p.add_argument("--port", type=int, help="port to bind (default 0: pick a free one)")
     _common(p, data_dir_default=None)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("up", help="every service in one process on loopback, plus nats-server")
+    p = sub.add_parser("up", help="every service in one process on loopback, plus nats-server",
+                       epilog=f"{KEYS_HELP}. Without either variable, up creates <data-dir>/api-keys.")
     p.add_argument("--base-port", type=int, help="port of the one gRPC server (default 0: pick a free one)")
     _common(p, data_dir_default=".esper")
     p.set_defaults(func=cmd_up)

@@ -216,11 +216,23 @@ def still_serving(p: Platform, path: str) -> None:
         assert fn(tamiyo_pb.GetPolicyInfoRequest(), timeout=10, metadata=(("x-api-key", ADMIN),)).policy
 
 
+URZA_OPEN = {
+    "/esper.urza.v1.UrzaService/QueryKernels": "max_parameters >= 2^63 is INTERNAL (OverflowError in SQLite)",
+    "/esper.urza.v1.UrzaService/RecordOutcome": "NaN/out-of-range values are INTERNAL (IntegrityError, ValueError)",
+}
+"""Findings in Urza's code, left to `harden-urza` (issue 11's Urza half)."""
+
+
+def _typed_params() -> list[object]:
+    return [pytest.param(path, marks=pytest.mark.xfail(strict=True, reason=f"harden-urza: {URZA_OPEN[path]}"))
+            if path in URZA_OPEN else path for path in sorted(METHODS)]
+
+
 def test_every_rpc_has_a_seed(platform: Platform) -> None:
     assert set(seeds(platform)) == set(METHODS)
 
 
-@pytest.mark.parametrize("path", sorted(METHODS))
+@pytest.mark.parametrize("path", _typed_params())
 def test_typed_mutations(platform: Platform, path: str) -> None:
     seed = seeds(platform)[path]()
     with platform.channel() as ch:
