@@ -127,7 +127,7 @@ def hosted_platform(data_dir: Path) -> Iterator[Platform]:
             host = Host(specs, config=HostConfig(port=port, grace_s=2.0, notice_s=0.0, tracing=False), auth=auth)
             box["host"] = host
             await host.start()
-        except BaseException as e:  # reported to the test thread below
+        except BaseException as e:  # noqa: BLE001 - reported to the test thread below
             box["error"] = e
             started.set()
             return

@@ -38,8 +38,8 @@ from generated.esper.tamiyo.v1 import tamiyo_service_pb2 as tamiyo_pb
 from generated.esper.tezzeret.v1 import tezzeret_service_pb2 as tezzeret_pb
 from generated.esper.tolaria.v1 import tolaria_service_pb2 as tolaria_pb
 from generated.esper.urza.v1 import urza_service_pb2 as urza_pb
-from tests.fuzz.mutate import mutated, raw
 from tests.fuzz.hosted import ADMIN, READER, SITE, Platform
+from tests.fuzz.mutate import mutated, raw
 
 SERVICES = [
     urza_pb.DESCRIPTOR.services_by_name["UrzaService"],

@@ -476,7 +476,7 @@ async def test_every_call_gets_one_access_log_line_with_a_key_id_never_the_key(
 
     monkeypatch.setattr(interceptors, "undecodable_log", RateLimitedLog(logging.getLogger("esper.runtime"),
                                                                         burst=3, window_s=60))
-    lib, h = lib_host
+    _, h = lib_host
     buf = io.StringIO()
     configure_logging("INFO", stream=buf)
     try:
