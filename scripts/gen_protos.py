@@ -152,6 +152,12 @@ def write_protoset(path: Path, validate_set: Path, wkt_include: Path) -> None:
     path.write_bytes(fds.SerializeToString(deterministic=True))
 
 
+def _module_files(root: Path) -> list[Path]:
+    """The files buf counts as a module's: .proto files, LICENSE and README.md."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and
+                  (p.suffix == ".proto" or p.relative_to(root).as_posix() in ("LICENSE", "README.md")))
+
+
 def b5_digest(root: Path) -> str:
     """buf's b5 digest of a module without dependencies (its .proto files, LICENSE and README.md).
 
@@ -160,8 +166,7 @@ def b5_digest(root: Path) -> str:
     """
     import hashlib
 
-    files = sorted(p for p in root.rglob("*") if p.is_file() and
-                   (p.suffix == ".proto" or p.relative_to(root).as_posix() in ("LICENSE", "README.md")))
+    files = _module_files(root)
     manifest = "".join(f"shake256:{hashlib.shake_256(p.read_bytes()).hexdigest(64)}  {p.relative_to(root).as_posix()}\n"
                        for p in sorted(files, key=lambda p: p.relative_to(root).as_posix()))
     files_digest = hashlib.shake_256(manifest.encode()).hexdigest(64)
@@ -194,7 +199,10 @@ def seed_buf_cache(cache_dir: Path) -> Path:
     files = target / "files"
     if files.exists():
         shutil.rmtree(files)
-    shutil.copytree(VENDORED_PROTOVALIDATE, files)
+    for src in _module_files(VENDORED_PROTOVALIDATE):
+        dest = files / src.relative_to(VENDORED_PROTOVALIDATE)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
     # module.yaml last: buf treats an entry without it as absent.
     (target / "module.yaml").write_text("version: v1\nfiles_dir: files\n")
     return target

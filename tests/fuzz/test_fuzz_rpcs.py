@@ -194,11 +194,21 @@ def invoke(ch: grpc.Channel, path: str, payload: bytes | list[bytes], key: str |
     return Outcome(code, details, time.monotonic() - t0, timeout)
 
 
+KNOWN_URZA = {
+    "/esper.urza.v1.UrzaService/QueryKernels": ("OverflowError",),  # max_parameters >= 2^63
+    "/esper.urza.v1.UrzaService/RecordOutcome": ("IntegrityError", "ValueError"),  # NaN, recorded_at
+}
+"""INTERNAL answers already known in Urza's code (issue 11's `harden-urza` half), pinned by
+strict xfails in test_regressions.py. They are let through here so that the fuzz suite
+stays deterministic while that work lands; any other INTERNAL from Urza still fails."""
+
 SURVEY = os.environ.get("ESPER_FUZZ_SURVEY")
 """A file to append every violation to, instead of failing at the first (for a full list)."""
 
 
 def check(o: Outcome, path: str, what: object) -> None:
+    if o.code == grpc.StatusCode.INTERNAL and any(f"({exc})" in o.details for exc in KNOWN_URZA.get(path, ())):
+        return
     if SURVEY and (o.code in FORBIDDEN or o.elapsed > o.timeout + 2.0):
         with open(SURVEY, "a") as f:
             f.write(f"{path}\t{o.code.name}\t{o.elapsed:.2f}\t{o.details[:200]!r}\t{str(what)[:400]!r}\n")
@@ -216,23 +226,21 @@ def still_serving(p: Platform, path: str) -> None:
         assert fn(tamiyo_pb.GetPolicyInfoRequest(), timeout=10, metadata=(("x-api-key", ADMIN),)).policy
 
 
-URZA_OPEN = {
-    "/esper.urza.v1.UrzaService/QueryKernels": "max_parameters >= 2^63 is INTERNAL (OverflowError in SQLite)",
-    "/esper.urza.v1.UrzaService/RecordOutcome": "NaN/out-of-range values are INTERNAL (IntegrityError, ValueError)",
-}
-"""Findings in Urza's code, left to `harden-urza` (issue 11's Urza half)."""
-
-
-def _typed_params() -> list[object]:
-    return [pytest.param(path, marks=pytest.mark.xfail(strict=True, reason=f"harden-urza: {URZA_OPEN[path]}"))
-            if path in URZA_OPEN else path for path in sorted(METHODS)]
-
-
 def test_every_rpc_has_a_seed(platform: Platform) -> None:
     assert set(seeds(platform)) == set(METHODS)
 
 
-@pytest.mark.parametrize("path", _typed_params())
+def _fresh_request_id(req: Message | list[Message], seed: Message | list[Message]) -> None:
+    """A new idempotency key where the mutation left the seed's: a repeated key would be
+    answered from the first call's record and never reach the store with the new values."""
+    req_msg = req[0] if isinstance(req, list) else req
+    seed_msg = seed[0] if isinstance(seed, list) else seed
+    holder, seed_holder = (req_msg.header, seed_msg.header) if hasattr(req_msg, "header") else (req_msg, seed_msg)
+    if "request_id" in holder.DESCRIPTOR.fields_by_name and holder.request_id == seed_holder.request_id:
+        holder.request_id = str(uuid.uuid4())
+
+
+@pytest.mark.parametrize("path", sorted(METHODS))
 def test_typed_mutations(platform: Platform, path: str) -> None:
     seed = seeds(platform)[path]()
     with platform.channel() as ch:
@@ -246,6 +254,7 @@ def test_typed_mutations(platform: Platform, path: str) -> None:
         @_settings(EXAMPLES)
         @given(strategy)
         def run(req: Message | list[Message]) -> None:
+            _fresh_request_id(req, seed)
             payload = [m.SerializeToString() for m in req] if isinstance(req, list) else req.SerializeToString()
             check(invoke(ch, path, payload, ADMIN), path, req)
 
