@@ -1,9 +1,8 @@
 """The typed values of issue 11 point 2 that answered INTERNAL, as explicit cases over gRPC.
 
 Each must be INVALID_ARGUMENT (naming the field) against the platform as `esper up` hosts
-it. The Urza cases are the `harden-urza` half of the issue: where Urza's code still
-answers INTERNAL they are strict xfails, which turn into failures (remove the mark) once
-that work lands.
+it. The Tolaria cases are fixed by proto rules and ListRuns' page token; the Urza ones by
+Urza's own checks (issue 11's `harden-urza` half).
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from generated.esper.tolaria.v1 import tolaria_service_pb2 as tolaria_pb
 from generated.esper.urza.v1 import urza_service_pb2 as urza_pb
 from tests.fuzz.hosted import ADMIN, SITE, Platform
 
-URZA = "harden-urza: Urza does not yet answer INVALID_ARGUMENT for this value (INTERNAL or accepted)"
 
 
 def call(p: Platform, path: str, request: Message) -> grpc.RpcError | None:
@@ -103,16 +101,14 @@ def test_list_runs_pages_fit_the_default_client_limit(tmp_path: Path, monkeypatc
         store.close()
 
 
-# --- Urza (harden-urza's code; the tests stand over gRPC) ---------------------------------
+# --- Urza -----------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=URZA)
 @pytest.mark.parametrize("value", [2**63, 2**64 - 1])
 def test_query_kernels_max_parameters_beyond_int64(platform: Platform, value: int) -> None:
     assert_invalid(call(platform, "/esper.urza.v1.UrzaService/QueryKernels",
                         urza_pb.QueryKernelsRequest(site=SITE, max_parameters=value)), "max_parameters")
 
 
-@pytest.mark.xfail(strict=True, reason=URZA)
 @pytest.mark.parametrize(("field", "value"), [
     ("contribution", math.nan), ("accuracy_delta", math.nan), ("contribution", math.inf),
     ("contribution", -math.inf), ("parameters", 2**63), ("recorded_at", 2**63 - 1), ("recorded_at", -(2**63)),
@@ -136,7 +132,6 @@ def _kernel_query_fingerprint() -> str:
     return _fingerprint(KernelQuery())
 
 
-@pytest.mark.xfail(strict=True, reason=URZA)
 @pytest.mark.parametrize("offset", [str(2**63), "1e999"])
 def test_query_kernels_refuses_hand_made_page_tokens(platform: Platform, offset: str) -> None:
     token = _raw_token(f'{{"o": {offset}, "f": "{_kernel_query_fingerprint()}"}}')

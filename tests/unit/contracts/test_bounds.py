@@ -203,11 +203,7 @@ def test_every_client_settable_field_outside_urza_has_a_size_bound() -> None:
     assert missing == []
 
 
-@pytest.mark.xfail(strict=True, reason="harden-urza: bounds on urza_service.proto's own fields")
 def test_every_client_settable_urza_field_has_a_size_bound_and_fits_the_cap() -> None:
-    # Today: ListBlueprintsRequest.family/page_token/tags, QueryKernelsRequest.blueprint_id/
-    # tags/page_token, FieldReport.task/slot_id, ... and a PutKernel chunk of up to 4 MiB,
-    # which with its framing is more than gRPC's 4 MiB message cap.
     missing = [m for d in _messages(urza=True) for m in unbounded_fields(d)]
     too_big = [d.full_name for d in _requests() if d.file.name == URZA_FILE and worst_size(d) > 4 * MIB]
     assert (missing, too_big) == ([], [])
