@@ -24,7 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from esper.errors import ConfigError, IllegalTransitionError, InvalidArgumentError, NotFoundError
+from esper.errors import (
+    ConfigError,
+    FailedPreconditionError,
+    IllegalTransitionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
 from esper.kasmina.config import KasminaConfig
 from esper.kasmina.events import KasminaEvent, SlotHealthData
 from esper.kasmina.sites import SiteSpec, SlotKind, call, resolve_sites, signature, trace_sites
@@ -452,8 +458,23 @@ class MorphogeneticModel(nn.Module):
         module._arm_for_next_step()
         module._sync_optimizer()
 
-    def remove_hooks(self) -> None:
-        """Detach every slot from the host (the host runs as if never wrapped)."""
+    def remove_hooks(self, *, drop_fossilized: bool = False) -> None:
+        """Detach every slot from the host (the host runs as if never wrapped).
+
+        A fossilized seed is part of the model; removing its hook would drop it silently.
+        To keep it, fold it into a plain module (`esper.grow.fold` / `esper.grow.export`).
+
+        Raises:
+            FailedPreconditionError: a slot is FOSSILIZED and `drop_fossilized` is False.
+        """
+        fossils = [s.slot_id for s in self._slots.values() if s.current_stage is SeedStage.FOSSILIZED]
+        if fossils and not drop_fossilized:
+            raise FailedPreconditionError(
+                f"slot(s) {fossils} hold fossilized seeds, which remove_hooks() would drop; "
+                "use esper.grow.fold(mm) (or esper.grow.export) for a plain model with them "
+                "folded in, or remove_hooks(drop_fossilized=True) to run the bare host",
+                reason="FOSSILIZED_SEEDS",
+            )
         for slot in self._slots.values():
             slot.remove_hook()
 
