@@ -32,13 +32,6 @@ METADATA_KEY = "x-api-key"
 _SCOPE_RE = re.compile(r"^(\*|[a-z][a-z0-9_]*:(read|write|\*))$")
 MIN_KEY_LEN = 16
 """Shortest API key accepted: short keys are guessable."""
-KEYS_HELP = (
-    f"API keys: {ENV_KEYS}='<key>=<scope>,<scope>;<key2>=*' or {ENV_KEYS_FILE}=<file with "
-    f"one <key>=<scopes> per line>; each key has at least {MIN_KEY_LEN} characters; scopes are "
-    "'*', '<part>:read', '<part>:write' and '<part>:*' (parts: urza, tezzeret, tamiyo, "
-    "karn, tolaria). Make a key with: python -c \"import secrets; print(secrets.token_urlsafe(32))\""
-)
-"""The key format in one paragraph, for --help texts and error messages."""
 
 
 def key_id(key: str) -> str:

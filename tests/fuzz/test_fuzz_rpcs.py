@@ -52,8 +52,8 @@ METHODS = {f"/{s.full_name}/{m.name}": m for s in SERVICES for m in s.methods}
 FORBIDDEN = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 EXAMPLES = int(os.environ.get("ESPER_FUZZ_EXAMPLES", "25"))
 RAW_EXAMPLES = max(1, EXAMPLES * 3 // 5)
-SLOW = {"/esper.tezzeret.v1.TezzeretService/Compile", "/esper.karn.v1.KarnService/ProposeBlueprints",
-        "/esper.tolaria.v1.TolariaService/StartRun"}
+SLOW = {"/esper.tezzeret.v1.TezzeretService/Compile", "/esper.tezzeret.v1.TezzeretService/EnsureKernels",
+        "/esper.karn.v1.KarnService/ProposeBlueprints", "/esper.tolaria.v1.TolariaService/StartRun"}
 """RPCs that may do seconds of real work for a valid request (compile, evolve, spawn)."""
 
 
@@ -145,6 +145,8 @@ def seeds(p: Platform) -> dict[str, Callable[[], Message | list[Message]]]:
             request_id=_rid(), blueprint_id=p.blueprint_id, site=SITE, wait=True),
         "/esper.tezzeret.v1.TezzeretService/GetCompileJob": lambda: tezzeret_pb.GetCompileJobRequest(
             job_id=_job_id(p)),
+        "/esper.tezzeret.v1.TezzeretService/EnsureKernels": lambda: tezzeret_pb.EnsureKernelsRequest(
+            request_id=_rid(), site=SITE, blueprint_names=["lowrank_adapter"], wait=True),
         "/esper.tamiyo.v1.TamiyoService/Decide": lambda: tamiyo_pb.DecideRequest(
             request_id=_rid(), snapshot=_snapshot(), allowed_blueprints=[p.blueprint_id]),
         "/esper.tamiyo.v1.TamiyoService/GetPolicyInfo": lambda: tamiyo_pb.GetPolicyInfoRequest(),
@@ -159,6 +161,7 @@ def seeds(p: Platform) -> dict[str, Callable[[], Message | list[Message]]]:
                                                                                        from_sequence=1),
         "/esper.tolaria.v1.TolariaService/StopRun": lambda: tolaria_pb.StopRunRequest(
             request_id=_rid(), run_id=p.run_id, reason="fuzz"),
+        "/esper.tolaria.v1.TolariaService/ListJobs": lambda: tolaria_pb.ListJobsRequest(page_size=5),
     }
 
 

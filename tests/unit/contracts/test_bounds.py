@@ -217,8 +217,8 @@ def test_the_check_finds_a_missing_bound() -> None:
 
 
 @pytest.mark.parametrize(("message", "budget"), [
-    (tolaria_service_pb2.RunConfig.DESCRIPTOR, 128 * 1024),
-    (tolaria_service_pb2.StartRunRequest.DESCRIPTOR, 128 * 1024),
+    (tolaria_service_pb2.RunConfig.DESCRIPTOR, 256 * 1024),
+    (tolaria_service_pb2.StartRunRequest.DESCRIPTOR, 256 * 1024),
 ])
 def test_stored_nouns_stay_small(message: Descriptor, budget: int) -> None:
     # A run's config comes back in every GetRun/ListRuns reply; 3 × 1.3 MB labels once
