@@ -75,12 +75,12 @@ GROUPS: dict[str, Group] = {
         modules=("esper/tolaria/governor.py",),
         tests=("tests/unit/tolaria/test_resume_governor.py::test_governor_detects_explosions_and_limits_rollbacks",
                "tests/unit/tolaria/test_resume_governor.py::test_governor_rolls_back_on_nan_prunes_seeds_and_resets_optimizer",
-               "tests/unit/tolaria/test_rollback_restores.py"),
+               "tests/unit/tolaria/test_rollback_restores.py", "tests/unit/tolaria/test_governor_boundaries.py"),
     ),
     # Auth scopes: key parsing, scope matching, where the key is read from.
     "auth": Group(
         modules=("esper/runtime/auth.py",),
-        tests=("tests/unit/runtime/test_auth_config.py",
+        tests=("tests/unit/runtime/test_auth_config.py", "tests/unit/runtime/test_auth_edges.py",
                "tests/unit/runtime/test_host.py::test_auth_on_a_read_method",
                "tests/unit/runtime/test_host.py::test_write_methods_need_the_write_scope_streams_included",
                "tests/unit/runtime/test_host.py::test_health_is_serving_and_open"),

@@ -1,0 +1,77 @@
+"""Key material and the loader's prefetch, pinned (mutants of artifact.py / loader.py that
+survived the suite): a `.pem` key in the trusted directory is trusted, the process
+environment is read by default, prefetch really warms the caches, and every key-file
+error names the file."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from esper.blueprints.artifact import SigningKey, TrustedKeys
+from esper.errors import ConfigError
+from esper.kasmina.loader import KernelLoader
+
+sys.path.insert(0, str(Path(__file__).parent))
+import malicious  # noqa: E402
+
+KEY = SigningKey.from_bytes(b"44" * 32)
+OTHER = SigningKey.from_bytes(b"45" * 32)
+
+
+def test_prefetch_verifies_and_caches_the_kernel_so_load_does_not_fetch(tmp_path: Path) -> None:
+    kid, data = malicious.genuine(KEY)
+    calls: list[tuple[str, float]] = []
+
+    def fetch(kernel_id: str, timeout_s: float) -> bytes:
+        calls.append((kernel_id, timeout_s))
+        return data
+
+    loader = KernelLoader(fetch, TrustedKeys([KEY]), tmp_path)
+    loader.prefetch(kid, 5.0)
+    assert [k for k, _ in calls] == [kid] and 0 < calls[0][1] <= 5.0
+    assert loader.stats.fetches == 1 and loader.path_for(kid).read_bytes() == data
+    loader.load(kid, 5.0)
+    assert len(calls) == 1 and loader.stats.memory_hits == 1
+
+
+def test_trusted_keys_dir_trusts_pub_and_pem_files_only(tmp_path: Path) -> None:
+    (tmp_path / "a.pub").write_text(KEY.public_raw.hex())
+    (tmp_path / "b.pem").write_bytes(OTHER.public_pem())
+    (tmp_path / "c.txt").write_bytes(SigningKey.generate().public_pem())
+    (tmp_path / "d.pub.bak").write_bytes(SigningKey.generate().public_pem())
+    assert TrustedKeys.from_dir(tmp_path).key_ids == sorted([KEY.key_id, OTHER.key_id])
+
+
+def test_trusted_keys_from_env_reads_the_process_environment(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "k.pem").write_bytes(KEY.public_pem())
+    monkeypatch.setenv("ESPER_TRUSTED_KEYS_DIR", str(tmp_path))
+    assert TrustedKeys.from_env().key_ids == [KEY.key_id]
+    monkeypatch.delenv("ESPER_TRUSTED_KEYS_DIR")
+    with pytest.raises(ConfigError, match=r"^no trusted keys: set ESPER_TRUSTED_KEYS_DIR to a directory of "
+                                          r"Ed25519 public keys \(\*\.pub or \*\.pem\)$"):
+        TrustedKeys.from_env()
+
+
+def test_key_file_errors_name_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(ConfigError, match=rf"^trusted keys directory '{missing}' does not exist$"):
+        TrustedKeys.from_dir(missing)
+    with pytest.raises(ConfigError, match=rf"^signing key file '{missing}' does not exist$"):
+        SigningKey.from_file(missing)
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a key")
+    with pytest.raises(ConfigError, match=rf"^{bad}: not an Ed25519 private key"):
+        SigningKey.from_file(bad)
+    ecdsa = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    wrong = tmp_path / "wrong.pem"
+    wrong.write_bytes(ecdsa)
+    # (The message comes wrapped twice today: add_file's ConfigError is a ValueError its own
+    # `except ValueError` re-wraps. It still names the file and the key type.)
+    with pytest.raises(ConfigError, match=rf"^{wrong}: .*PEM key is \w+PublicKey, not Ed25519$"):
+        TrustedKeys().add_file(wrong)
