@@ -20,6 +20,7 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -164,11 +165,15 @@ def run_group(name: str, group: Group, base: Path, jobs: int, timeout_s: float) 
     t0 = time.monotonic()
     cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *group.functions]
     with open(work / "mutmut-run.log", "wb") as log:
+        # Its own process group: on timeout the fork server and the workers go with it.
+        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         try:
-            rc = subprocess.run(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                timeout=timeout_s, check=False, start_new_session=True).returncode
+            rc: int | str = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            rc = "timeout"
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = f"stopped at the {timeout_s:.0f}s budget"
     elapsed = time.monotonic() - t0
     res = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=work, env=env,
                          capture_output=True, text=True, check=False)

@@ -75,3 +75,39 @@ def test_key_file_errors_name_the_file(tmp_path: Path) -> None:
     # `except ValueError` re-wraps. It still names the file and the key type.)
     with pytest.raises(ConfigError, match=rf"^{wrong}: .*PEM key is \w+PublicKey, not Ed25519$"):
         TrustedKeys().add_file(wrong)
+
+
+def test_the_signed_manifest_carries_what_the_kernel_was_built_from(tmp_path: Path) -> None:
+    from esper.blueprints import blueprint_id, build_module, builtin_blueprints
+    from esper.blueprints.artifact import pack_kernel, verify_artifact
+    from generated.esper.common.v1 import kernel_pb2
+
+    bp = next(b for b in builtin_blueprints() if b.name == "conv3x3_residual")
+    unnamed = type(bp)()
+    unnamed.CopyFrom(bp)
+    unnamed.blueprint_id = ""  # an id is computed when the blueprint has none
+    profile = kernel_pb2.KernelProfile(parameters=123, latency_us_p50=4.5)
+    report = kernel_pb2.ValidationReport(shape_ok=True, forward_finite=True, init_max_abs_delta=0.0)
+    kid, data = pack_kernel(unnamed, malicious.SITE, build_module(bp, malicious.SITE), profile, report, KEY,
+                            tags=["b", "a", "b"])
+    m = verify_artifact(data, TrustedKeys([KEY]), expected_kernel_id=kid).manifest
+    assert m.blueprint_id == blueprint_id(bp) == bp.blueprint_id
+    assert (m.blueprint_name, m.family) == (bp.name, bp.family) and m.family
+    assert m.profile == profile and m.validation == report
+    assert list(m.tags) == ["a", "b"] and m.key_id == KEY.key_id and m.site == malicious.SITE
+
+
+def test_a_signing_key_saved_into_a_new_nested_directory(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "key.pem"
+    KEY.save(path)
+    assert SigningKey.from_file(path).key_id == KEY.key_id
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_signing_key_parse_errors_name_the_source() -> None:
+    with pytest.raises(ConfigError, match=r"^ENV_X: not an Ed25519 private key \(PEM PKCS#8 or 64 hex chars\): "):
+        SigningKey.from_bytes(b"zz", source="ENV_X")
+    ecdsa = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    with pytest.raises(ConfigError, match=r"ENV_X: PEM key is \w+PrivateKey, not Ed25519"):
+        SigningKey.from_bytes(ecdsa, source="ENV_X")
