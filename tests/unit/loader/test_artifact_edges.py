@@ -17,7 +17,7 @@ from esper.errors import ConfigError
 from esper.kasmina.loader import KernelLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
-import malicious  # noqa: E402
+import malicious
 
 KEY = SigningKey.from_bytes(b"44" * 32)
 OTHER = SigningKey.from_bytes(b"45" * 32)
