@@ -1,0 +1,92 @@
+"""The publisher's outage accounting, pinned (mutants of publisher.py that survived): what
+`on_degraded` says when NATS goes away and comes back (which server, why, how many
+envelopes were dropped *during that outage*), and that overflow drops the documented end
+of the queue. A real nats-server on loopback."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from esper.oona.natsd import NatsServer
+from esper.oona.publisher import Publisher
+from generated.esper.oona.v1 import events_pb2
+
+pytestmark = pytest.mark.integration
+
+
+def _env(run: str, seq: int) -> events_pb2.EventEnvelope:
+    env = events_pb2.EventEnvelope(event_id=f"{run}/{seq}", run_id=run, sequence=seq, source="test")
+    env.lifecycle.slot_id = "s"
+    return env
+
+
+def _wait(pred, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_each_outage_reports_its_server_and_only_its_own_drops(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path / "nats", port=0)
+    server.start()
+    url = server.url
+    events: list[tuple[str, str]] = []
+    pub = Publisher(url, max_queue=3, reconnect_wait_s=0.1, on_degraded=lambda k, d: events.append((k, d)))
+    try:
+        pub.publish(_env("acct", 0))
+        assert pub.flush(20)
+        for outage, (n, lost) in enumerate([(5, 2), (4, 1)]):
+            server.stop()
+            _wait(lambda: not pub.stats().connected)
+            base = pub.stats().dropped
+            for i in range(n):
+                pub.publish(_env("acct", 100 * (outage + 1) + i))
+            assert pub.stats().dropped - base == lost
+            server.start()
+            _wait(lambda: sum(k == "recovered" for k, _ in events) == outage + 1)
+            assert pub.flush(20)
+        kinds = [k for k, _ in events]
+        assert kinds.count("unavailable") == 2 and kinds.count("recovered") == 2, events
+        down = [d for k, d in events if k == "unavailable"]
+        assert all(d.startswith(f"NATS at {url} unavailable: ") and len(d) > len(f"NATS at {url} unavailable: ")
+                   for d in down), down
+        up = [d for k, d in events if k == "recovered"]
+        # Each recovery counts the drops of its own outage, not the run's total.
+        assert [d.rsplit("; ", 1)[1] for d in up] == ["2 dropped", "1 dropped"], up
+        assert all(d.startswith(f"NATS at {url} reachable after ") for d in up), up
+        stats = pub.stats()
+        assert stats.dropped == 3 and stats.connected and stats.last_error
+    finally:
+        pub.close(5)
+        server.stop()
+
+
+@pytest.mark.parametrize(("drop", "kept"), [("oldest", [3, 4, 5]), ("newest", [1, 2, 3])])
+def test_overflow_drops_the_documented_end_of_the_queue(tmp_path: Path, drop: str, kept: list[int]) -> None:
+    from esper.oona.consumer import drain
+
+    server = NatsServer(tmp_path / "nats", port=0)
+    server.start()
+    url = server.url
+    server.stop()
+    events: list[tuple[str, str]] = []
+    pub = Publisher(url, max_queue=3, drop=drop, reconnect_wait_s=0.1,
+                    on_degraded=lambda k, d: events.append((k, d)))
+    try:
+        for i in range(1, 6):
+            pub.publish(_env(f"ovf-{drop}", i))
+        assert pub.stats().dropped == 2 and pub.stats().queued == 3
+        _wait(lambda: any(k == "dropping" for k, _ in events), 5)
+        dropping = [d for k, d in events if k == "dropping"]
+        assert len(dropping) == 1, events  # reported once per overflow, not per drop
+        assert re.fullmatch(rf"queue of 3 full; dropping {drop} envelopes, [12] dropped so far", dropping[0])
+        with server:
+            assert pub.flush(20)
+            seen = drain(url, f"esper.events.v1.ovf-{drop}.>", f"ovf-{drop}", timeout=1.0)
+            assert sorted(e.sequence for e in seen) == kept
+    finally:
+        pub.close(5)
