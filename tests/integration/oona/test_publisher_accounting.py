@@ -47,7 +47,7 @@ def test_each_outage_reports_its_server_and_only_its_own_drops(tmp_path: Path) -
                 pub.publish(_env("acct", 100 * (outage + 1) + i))
             assert pub.stats().dropped - base == lost
             server.start()
-            _wait(lambda: sum(k == "recovered" for k, _ in events) == outage + 1)
+            _wait(lambda want=outage + 1: sum(k == "recovered" for k, _ in events) == want)
             assert pub.flush(20)
         kinds = [k for k, _ in events]
         assert kinds.count("unavailable") == 2 and kinds.count("recovered") == 2, events
