@@ -5,6 +5,7 @@ of the queue. A real nats-server on loopback."""
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from pathlib import Path
@@ -30,7 +31,8 @@ def _wait(pred, timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-def test_each_outage_reports_its_server_and_only_its_own_drops(tmp_path: Path) -> None:
+def test_each_outage_reports_its_server_and_only_its_own_drops(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="esper.oona")
     server = NatsServer(tmp_path / "nats", port=0)
     server.start()
     url = server.url
@@ -42,6 +44,7 @@ def test_each_outage_reports_its_server_and_only_its_own_drops(tmp_path: Path) -
         for outage, (n, lost) in enumerate([(5, 2), (4, 1)]):
             server.stop()
             _wait(lambda: not pub.stats().connected)
+            assert pub.stats().last_error  # why it is down
             base = pub.stats().dropped
             for i in range(n):
                 pub.publish(_env("acct", 100 * (outage + 1) + i))
@@ -58,6 +61,12 @@ def test_each_outage_reports_its_server_and_only_its_own_drops(tmp_path: Path) -
         # Each recovery counts the drops of its own outage, not the run's total.
         assert [d.rsplit("; ", 1)[1] for d in up] == ["2 dropped", "1 dropped"], up
         assert all(d.startswith(f"NATS at {url} reachable after ") for d in up), up
+        outages = [float(re.search(r"reachable after ([0-9.]+)s", d).group(1)) for d in up]
+        assert all(0 <= t < 60 for t in outages), outages  # (now + start would be ~1e5 s)
+        logged = [r.getMessage() for r in caplog.records]
+        assert any(f"NATS at {url} unavailable (" in m and "buffering up to 3 envelopes" in m for m in logged)
+        assert any(f"NATS at {url} reachable again after" in m and "2 envelopes dropped meanwhile" in m
+                   for m in logged)
         stats = pub.stats()
         assert stats.dropped == 3 and stats.connected and stats.last_error
     finally:
