@@ -99,3 +99,27 @@ def test_overflow_drops_the_documented_end_of_the_queue(tmp_path: Path, drop: st
             assert sorted(e.sequence for e in seen) == kept
     finally:
         pub.close(5)
+
+
+def test_duplicates_and_rejections_accumulate_across_batches(tmp_path: Path) -> None:
+    from esper.oona.envelope import make_envelope
+    from esper.oona.subjects import DEFAULT_STREAMS, StreamSpec
+    from generated.esper.oona.v1 import events_pb2 as ev
+
+    server = NatsServer(tmp_path / "nats", port=0)
+    small = tuple(StreamSpec.from_dict({**s.__dict__, "max_msg_bytes": 1024}) for s in DEFAULT_STREAMS)
+    with server, Publisher(server.url, streams=small, max_in_flight=2) as pub:
+        first = [_env("dups", i) for i in range(3)]
+        for e in first:
+            pub.publish(e)
+        assert pub.flush(20)
+        # The same three again, in two batches (max_in_flight=2): each one is a duplicate.
+        for e in first:
+            pub.publish(e)
+        assert pub.flush(20)
+        for i in range(2):  # two oversized envelopes, in separate batches
+            pub.publish(make_envelope(ev.LifecycleEvent(reason="x" * 4096), run_id="dups", source="t",
+                                      sequence=10 + i))
+            assert pub.flush(20)
+        stats = pub.stats()
+    assert (stats.published, stats.duplicates, stats.rejected) == (6, 3, 2)
