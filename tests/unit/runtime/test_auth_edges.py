@@ -54,6 +54,11 @@ def test_keys_from_the_file_keep_their_scopes_and_merge_with_the_variable(tmp_pa
     assert not checker.allows(checker.scopes_for(K1), "urza", write=True)
 
 
+def test_variable_errors_name_the_variable() -> None:
+    with pytest.raises(ConfigError, match=r"^ESPER_API_KEYS entry 2: API keys must have at least 16"):
+        AuthConfig.from_env({ENV_KEYS: f"{K1}=*;short=*"})
+
+
 def test_file_errors_name_the_file(tmp_path) -> None:
     missing = tmp_path / "nope"
     with pytest.raises(ConfigError, match=rf"ESPER_API_KEYS_FILE='{missing}' cannot be read"):
