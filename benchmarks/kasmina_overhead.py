@@ -6,7 +6,10 @@ Prints, for an MLP and a CNN host at a realistic batch:
     BLENDING against the same host with the same seed written inline by hand
     (`addcmul(h, alpha, seed(h.detach()))`) — target <= 5% of the host step;
   * germination latency: materialize (build + load weights from in-memory safetensors)
-    and attach (`germinate`: probe gate, optimizer group, hook) — target <= 1 ms.
+    and attach (`germinate`: probe gate, optimizer group, hook) — target <= 1 ms;
+  * the same dormant and blend overheads for a parallel slot over the first
+    layer→activation→layer span (`wrap(parallel=["0:2"])`, the seed reads the span's input),
+    against the same seed written inline (`span(x) + alpha * seed(x.detach())`).
 With CUDA and CuPy present it also prints the fused CuPy blend against torch and its
 achieved memory bandwidth.
 
@@ -64,6 +67,34 @@ class ChannelSeed(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.up(torch.relu(self.down(h)))
+
+
+class ParallelSeed(nn.Module):
+    """in → max(out/4, 4) → out channel MLP (1x1 convs for images), output side at zero."""
+
+    def __init__(self, cin: int, cout: int, image: bool) -> None:
+        super().__init__()
+        hidden = max(cout // 4, 4)
+        mk = nn.Conv2d if image else nn.Linear
+        self.down, self.up = mk(cin, hidden, *((1,) if image else ())), mk(
+            hidden, cout, *((1,) if image else ()))
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(torch.relu(self.down(x)))
+
+
+class InlineParallel(nn.Module):
+    """Reference: a span of host layers plus a seed reading the span's input, by hand."""
+
+    def __init__(self, span: nn.Module, seed: nn.Module, alpha: float) -> None:
+        super().__init__()
+        self.span, self.seed = span, seed
+        self.register_buffer("alpha", torch.tensor(alpha))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.span(x), self.alpha, self.seed(x.detach()))
 
 
 class InlineBlend(nn.Module):
@@ -210,6 +241,63 @@ def host_section(name: str, make: Callable, rounds: int, iters: int) -> list[tup
     return rows
 
 
+def parallel_section(name: str, make: Callable, rounds: int, iters: int) -> list[tuple]:
+    """Dormant and BLENDING overhead of a parallel slot over the span "0:2"."""
+    rows = []
+    torch.manual_seed(0)
+    host, x, _sites, _ = make()
+    image = x.dim() == 4
+    ref_host = make()[0]
+    ref_host.load_state_dict(host.state_dict())
+    variants = {}
+    variants["host"], _ = train_step_fn(ref_host, x)
+    dormant = wrap(make()[0], parallel=["0:2"], example_input=x)
+    variants["parallel span dormant (default)"], _ = train_step_fn(dormant, x, dormant.step)
+    sig = dormant.site_signature("0:2")
+    torch.manual_seed(1)
+    seed_a = ParallelSeed(sig.input.channels, sig.channels, image)
+    seed_b = ParallelSeed(sig.input.channels, sig.channels, image)
+    seed_b.load_state_dict(seed_a.state_dict())
+    blend_host = make()[0]
+    blend_host.load_state_dict(host.state_dict())
+    mm = wrap(blend_host, parallel=["0:2"], example_input=x,
+              config=KasminaConfig(incubation=8, gate_interval=8, blend_duration=10**9))
+    step_b, opt_b = train_step_fn(mm, x, None)
+    mm.attach_optimizer(opt_b)
+    mm.germinate("0:2", seed_a, kernel_id="bench", blueprint_id="bench")
+    with torch.no_grad():
+        seed_a.up.weight.normal_(0, 0.01)
+        seed_b.up.weight.copy_(seed_a.up.weight)
+    for _ in range(8):
+        step_b()
+        mm.step()
+    assert mm.slots["0:2"].current_stage is SeedStage.BLENDING
+    mm.slots["0:2"].alpha_ctl.hold(0.5)
+    inline_host = make()[0]
+    inline_host.load_state_dict(host.state_dict())
+    layers = list(inline_host.children())
+    inline_host = nn.Sequential(InlineParallel(nn.Sequential(*layers[:3]), seed_b, 0.5),
+                                *layers[3:])
+    variants["parallel seed inline (reference)"], _ = train_step_fn(inline_host, x)
+    variants["parallel blending (kasmina)"] = lambda: (step_b(), mm.step())
+    t = interleaved(variants, rounds, iters)
+    base = t["host"]
+    for k, v in t.items():
+        if k != "host":
+            rows.append((name, k, v * 1e3, (v / base - 1) * 100))
+    own = interleaved({"step": dormant.step}, rounds, 200)["step"]
+    rows.append((name, "=> parallel dormant: mm.step() alone", own * 1e3, own / base * 100))
+    over = (t["parallel blending (kasmina)"] - t["parallel seed inline (reference)"]) / base
+    rows.append((name, "=> parallel blend overhead beyond seed", None, over * 100))
+    mm.eval(), inline_host.eval()
+    with torch.no_grad():
+        f = interleaved({"inline": lambda: inline_host(x), "kasmina": lambda: mm(x)},
+                        rounds, iters)
+    rows.append((name, "=> parallel blend fwd: kasmina vs inline",
+                 (f["kasmina"] - f["inline"]) * 1e3, (f["kasmina"] - f["inline"]) / base * 100))
+    return rows
+
+
 def gpu_section(rounds: int) -> list[tuple]:
     from esper.kasmina.backends import cupy_backend, torch_backend
 
@@ -247,7 +335,9 @@ def main() -> None:
           f"interleaved rounds x {args.iters} steps (CPU time of this process)\n")
     print(f"{'host':<5} {'variant':<40} {'ms/step':>9} {'vs host':>9}")
     for name, make in (("mlp", mlp_host), ("cnn", cnn_host)):
-        for host, variant, ms, pct in host_section(name, make, args.rounds, args.iters):
+        rows = host_section(name, make, args.rounds, args.iters)
+        rows += parallel_section(name, make, args.rounds, args.iters)
+        for host, variant, ms, pct in rows:
             if isinstance(ms, tuple):
                 ms_s = f"{ms[0]:.3f} / {ms[1]:.3f}"
             else:

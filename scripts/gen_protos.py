@@ -8,7 +8,10 @@ Two problems are solved here, once:
   `protovalidate` wheel embeds and handed to protoc as a descriptor set.
 * protoc writes absolute imports named after the proto package (`from esper.common.v1
   import ...`), which would resolve to the hand-written `esper/` package. Every generated
-  import of `esper.*` and `buf.*` is rewritten to `generated.esper.*` / `generated.buf.*`.
+  import of `esper.*` and `buf.*` is rewritten to `generated.esper.*` / `generated.buf.*`,
+  and so is the module name each `*_pb2` gives its message classes (`__module__`), so
+  that pickle finds them where they are imported from (a pickled `SiteSignature` must
+  not name the hand-written `esper` package).
 
 `--check` regenerates into a temporary folder and exits 1 if anything differs from
 generated/ (CI runs it through the test suite).
@@ -36,6 +39,7 @@ PROTO_DIR = ROOT / "proto"
 OUT_DIR = ROOT / "generated"
 BASELINE = PROTO_DIR / "baseline" / "v1.binpb"
 _IMPORT_RE = re.compile(r"^(\s*)(from|import) (esper|buf)\.", re.MULTILINE)
+_MODULE_NAME_RE = re.compile(r"(BuildTopDescriptorsAndMessages\(DESCRIPTOR, ')(esper|buf)\.")
 
 
 def validate_descriptor_set() -> bytes:
@@ -106,6 +110,7 @@ def generate(out: Path, *, image: Path | None = None, source_info: bool = True) 
         if path.suffix in (".py", ".pyi"):
             text = path.read_text()
             new = _IMPORT_RE.sub(r"\1\2 generated.\3.", text)
+            new = _MODULE_NAME_RE.sub(r"\1generated.\2.", new)
             if new != text:
                 path.write_text(new)
     for d in [out, *[p for p in out.rglob("*") if p.is_dir()]]:

@@ -279,6 +279,54 @@ class Mul(nn.Module):
         return a * b
 
 
+class Attention(nn.Module):
+    """Multi-head self-attention over the sequence axis of (N, L, C) tokens.
+
+    `qkv` projects C_in to heads × head_dim queries, keys and values; `out` projects the
+    concatenated heads to C_out and starts at zero (zero_init), so the output is exactly
+    zero at initialisation while the heads' projections already hold random weights.
+    """
+
+    def __init__(self, in_f: int, out_f: int, heads: int, head_dim: int, *, causal: bool,
+                 bias: bool, zero_init: bool):
+        super().__init__()
+        inner = heads * head_dim
+        self.qkv_weight = nn.Parameter(torch.empty(3 * inner, in_f))
+        self.qkv_bias = nn.Parameter(torch.empty(3 * inner)) if bias else None
+        self.out_weight = nn.Parameter(torch.empty(out_f, inner))
+        self.out_bias = nn.Parameter(torch.empty(out_f)) if bias else None
+        self.heads, self.head_dim, self.causal, self.zero_init = heads, head_dim, causal, zero_init
+
+    def reset_parameters(self, gen: torch.Generator) -> None:
+        _uniform_(self.qkv_weight, 1.0 / math.sqrt(self.qkv_weight.shape[1]), gen)
+        with torch.no_grad():
+            if self.qkv_bias is not None:
+                self.qkv_bias.zero_()
+            if self.out_bias is not None:
+                self.out_bias.zero_()
+            if self.zero_init:
+                self.out_weight.zero_()
+                return
+        _uniform_(self.out_weight, 1.0 / math.sqrt(self.out_weight.shape[1]), gen)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, length = x.shape[0], x.shape[1]
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        q, k, v = qkv.view(n, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # Written out rather than F.scaled_dot_product_attention: torch's FLOP counter
+        # does not count SDPA's CPU kernel, and kernel profiles and growth benchmarks
+        # compare FLOPs. Seeds are small, so the fused kernel's memory saving is not needed.
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
+        if self.causal:
+            future = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        o = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(n, length, -1)
+        return F.linear(o, self.out_weight, self.out_bias)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, head_dim={self.head_dim}, causal={self.causal}"
+
+
 class MeanPool(nn.Module):
     """Mean over the spatial/sequence axes, kept as size-1 axes so it broadcasts back."""
 
@@ -492,6 +540,57 @@ def _mean_pool_infer(ctx: OpContext, shapes: list[Shape], a: dict[str, Any], nod
     return tuple(s)
 
 
+MAX_ATTENTION_HEADS = 64
+MAX_ATTENTION_WIDTH = 4096
+"""Bound on heads × head_dim of one attention op (its q, k and v widths)."""
+
+
+def _head_dim(shapes: list[Shape], a: dict[str, Any]) -> int:
+    if a["head_dim"] > 0:
+        return a["head_dim"]
+    cin = shapes[0][1]
+    assert cin is not None
+    return max(1, cin // a["heads"])
+
+
+def _attention_infer(ctx: OpContext, shapes: list[Shape], a: dict[str, Any], node: str = ""
+                     ) -> Shape:
+    if len(shapes[0]) != 2:
+        raise _fail(node, f"expects a per-sample (L, C) token sequence, got {shapes[0]}")
+    _channels(node, ctx, shapes[0])
+    inner = a["heads"] * _head_dim(shapes, a)
+    if inner > MAX_ATTENTION_WIDTH:
+        raise _fail(node, f"heads x head_dim = {a['heads']} x {_head_dim(shapes, a)} = {inner} "
+                          f"exceeds the bound {MAX_ATTENTION_WIDTH}")
+    return _with_channels(ctx, shapes[0], _out_features(ctx, a))
+
+
+def _attention_params(ctx: OpContext, shapes: list[Shape], a: dict[str, Any]):
+    cin, cout = shapes[0][1], _out_features(ctx, a)
+    inner = a["heads"] * _head_dim(shapes, a)
+    p: dict[str, tuple[int, ...]] = {"qkv_weight": (3 * inner, cin)}
+    if a["bias"]:
+        p["qkv_bias"] = (3 * inner,)
+    p["out_weight"] = (cout, inner)
+    if a["bias"]:
+        p["out_bias"] = (cout,)
+    return p
+
+
+_ATTENTION_ATTRS = {
+    "heads": AttrSpec(int, "number of attention heads", default=2, min=1,
+                      max=MAX_ATTENTION_HEADS),
+    "head_dim": AttrSpec(int, "width of each head; 0 = input channels / heads (at least 1)",
+                         default=0, min=0, max=MAX_ATTENTION_WIDTH),
+    "causal": AttrSpec(bool, "each position attends only to itself and earlier ones (use it "
+                             "in causal models: a non-causal seed would read future tokens)",
+                       default=False),
+    **{k: _FEATURE_ATTRS[k] for k in ("features", "ratio", "min_features", "bias")},
+    "zero_init": AttrSpec(bool, "start the output projection (and its bias) at zero",
+                          default=True),
+}
+
+
 def _registry() -> dict[str, OpDef]:
     ops: list[OpDef] = [
         OpDef("linear", "affine map over the channel axis (1x1 conv for channel-first layouts)",
@@ -546,6 +645,14 @@ def _registry() -> dict[str, OpDef]:
               lambda a, z: a["init"] == 0.0 or z[0], _scale_params,
               {"init": AttrSpec(float, "initial scale", default=0.0, min=-1e3, max=1e3),
                "bias": AttrSpec(bool, "learn a per-channel shift (starts at 0)", default=False)}),
+        OpDef("attention", "multi-head self-attention over the token axis (NLD); the output "
+              "projection starts at zero by default", 1, 1, _attention_infer,
+              lambda ctx, s, a: Attention(s[0][1], _out_features(ctx, a), a["heads"],
+                                          _head_dim(s, a), causal=a["causal"], bias=a["bias"],
+                                          zero_init=a["zero_init"]),
+              # Zero input without biases gives zero queries, keys and values, so zero out.
+              lambda a, z: a["zero_init"] or (z[0] and not a["bias"]),
+              _attention_params, dict(_ATTENTION_ATTRS), frozenset({NLD})),
         OpDef("mean_pool", "mean over the spatial/sequence axes, kept as size-1 axes", 1, 1,
               _mean_pool_infer, lambda ctx, s, a: MeanPool(tuple(ax + 1 for ax in
                                                                  ctx.spatial_axes)),

@@ -8,6 +8,7 @@ from esper.kasmina.alpha import AlphaController, AlphaCurve, AlphaDirection, Sch
 from esper.kasmina.config import KasminaConfig
 from esper.kasmina.events import KasminaEvent, SlotHealthData
 from esper.kasmina.model import MorphogeneticModel, wrap
+from esper.kasmina.sites import Site, SlotKind
 from esper.kasmina.slot import SeedSlot
 from esper.kasmina.stages import SeedStage
 
@@ -21,6 +22,8 @@ __all__ = [
     "ScheduleUnit",
     "SeedSlot",
     "SeedStage",
+    "Site",
     "SlotHealthData",
+    "SlotKind",
     "wrap",
 ]

@@ -93,7 +93,8 @@ class KasminaConfig:
 
     layouts: Mapping[str, str] = field(default_factory=dict)
     """Activation layout per slot id ("nc", "ncl", "nchw", "nld"), overriding the guess
-    made from the output rank and the site's module type."""
+    made from the output rank and the site's module type. For a parallel slot one layout
+    applies to its input and output alike; "input->output" (e.g. "ncl->nc") sets both."""
 
     def __post_init__(self) -> None:
         def one_of(name: str, allowed: tuple[str, ...]) -> None:
@@ -146,10 +147,12 @@ class KasminaConfig:
                 f"{', '.join(_LAYOUTS)}"
             )
         for slot_id, layout in self.layouts.items():
-            if not isinstance(layout, str) or layout.lower() not in _LAYOUTS:
+            parts = layout.lower().split("->") if isinstance(layout, str) else [None]
+            if len(parts) > 2 or any(p not in _LAYOUTS for p in parts):
                 raise ConfigError(
                     f"KasminaConfig.layouts[{slot_id!r}]={layout!r} is not one of: "
-                    f"{', '.join(_LAYOUTS)}"
+                    f"{', '.join(_LAYOUTS)} (or 'input->output', e.g. 'ncl->nc', for a "
+                    "parallel slot)"
                 )
         # Frozen: keep callers from mutating the mapping after validation.
         object.__setattr__(self, "layouts", {k: v.lower() for k, v in self.layouts.items()})

@@ -81,6 +81,11 @@ class SlotHealthData:
     finite: bool
     depth: int
 
+    @property
+    def parallel(self) -> bool:
+        """Whether the slot is a parallel one (`site.kind`; its seed reads `site.input`)."""
+        return self.site.kind == seed_pb2.SLOT_KIND_PARALLEL
+
     def to_proto(self) -> health_pb2.SlotHealth:
         msg = health_pb2.SlotHealth(
             slot_id=self.slot_id,

@@ -17,7 +17,6 @@ transitions happen inside `step()` / `end_epoch()`.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -25,182 +24,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from esper.errors import ConfigError, IllegalTransitionError, InvalidArgumentError, NotFoundError
+from esper.errors import (
+    ConfigError,
+    FailedPreconditionError,
+    IllegalTransitionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
 from esper.kasmina.config import KasminaConfig
 from esper.kasmina.events import KasminaEvent, SlotHealthData
+from esper.kasmina.sites import SiteSpec, SlotKind, call, resolve_sites, signature, trace_sites
 from esper.kasmina.slot import SeedSlot
 from esper.kasmina.stages import LIVE_STAGES, SeedStage
 from generated.esper.common.v1 import seed_pb2
 
 _log = logging.getLogger(__name__)
 
-SiteSpec = str | type[nn.Module]
 EventSink = Callable[[KasminaEvent], None]
 KernelResolver = Callable[[str], nn.Module]
-
-_NCL_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, nn.InstanceNorm1d, nn.MaxPool1d,
-    nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d,
-)
-_NLD_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Linear, nn.LayerNorm, nn.Embedding, nn.MultiheadAttention, nn.TransformerEncoderLayer,
-    nn.TransformerDecoderLayer, nn.RMSNorm,
-)
-_LAYOUT = {
-    "nc": seed_pb2.ACTIVATION_LAYOUT_NC,
-    "ncl": seed_pb2.ACTIVATION_LAYOUT_NCL,
-    "nchw": seed_pb2.ACTIVATION_LAYOUT_NCHW,
-    "nld": seed_pb2.ACTIVATION_LAYOUT_NLD,
-}
-_DTYPE = {
-    torch.float32: seed_pb2.D_TYPE_FLOAT32,
-    torch.float16: seed_pb2.D_TYPE_FLOAT16,
-    torch.bfloat16: seed_pb2.D_TYPE_BFLOAT16,
-    torch.float64: seed_pb2.D_TYPE_FLOAT64,
-}
 
 
 def _slot_key(slot_id: str) -> str:
     return slot_id.replace(".", "-")
-
-
-def _resolve_sites(model: nn.Module, sites: Sequence[SiteSpec]) -> list[str]:
-    named = [(n, m) for n, m in model.named_modules() if n]
-    available = ", ".join(f"{n} ({type(m).__name__})" for n, m in named)
-    if isinstance(sites, (str, type)) or not sites:
-        raise ConfigError(
-            f"sites={sites!r} must be a non-empty list of module-name patterns and/or module "
-            f"types; available modules: {available}"
-        )
-    chosen: list[str] = []
-    for spec in sites:
-        if isinstance(spec, str):
-            hits = [n for n, _ in named if fnmatch.fnmatchcase(n, spec)]
-        elif isinstance(spec, type) and issubclass(spec, nn.Module):
-            hits = [n for n, m in named if isinstance(m, spec)]
-        else:
-            raise ConfigError(
-                f"site {spec!r} is neither a module-name pattern nor an nn.Module type; "
-                f"available modules: {available}"
-            )
-        if not hits:
-            what = spec if isinstance(spec, str) else spec.__name__
-            raise ConfigError(f"site {what!r} matches no module; available modules: {available}")
-        chosen.extend(h for h in hits if h not in chosen)
-    return chosen
-
-
-def _call(model: nn.Module, x: Any) -> Any:
-    if isinstance(x, tuple):
-        return model(*x)
-    if isinstance(x, dict):
-        return model(**x)
-    return model(x)
-
-
-def _trace_sites(
-    model: nn.Module, site_names: list[str], example_input: Any
-) -> tuple[list[str], dict[str, torch.Tensor], dict[str, str]]:
-    """Run `example_input` once: data-flow order, output per site, layout hint per site.
-
-    The layout hint for a 3-d activation comes from the most recent leaf module that
-    fixes one (a Conv1d/BatchNorm1d/... means NCL, a Linear/LayerNorm/... means NLD), so an
-    activation or dropout after a conv is classified by the conv before it.
-    """
-    modules = dict(model.named_modules())
-    order: list[str] = []
-    outputs: dict[str, torch.Tensor] = {}
-    hints: dict[str, str] = {}
-    last_hint = [""]
-    handles = []
-
-    def leaf_hook(mod: nn.Module, _args: Any, _out: Any) -> None:
-        if isinstance(mod, _NCL_TYPES):
-            last_hint[0] = "ncl"
-        elif isinstance(mod, _NLD_TYPES):
-            last_hint[0] = "nld"
-
-    def site_hook(name: str) -> Callable[..., None]:
-        def hook(mod: nn.Module, _args: Any, out: Any) -> None:
-            if name in outputs:
-                return
-            if not isinstance(out, torch.Tensor):
-                raise ConfigError(
-                    f"site {name!r} ({type(mod).__name__}) returns {type(out).__name__}; a seed "
-                    "slot needs a module whose output is one tensor"
-                )
-            order.append(name)
-            outputs[name] = out.detach()
-            own = "ncl" if isinstance(mod, _NCL_TYPES) else "nld" if isinstance(mod, _NLD_TYPES) else ""
-            hints[name] = own or last_hint[0]
-
-        return hook
-
-    try:
-        for name, mod in modules.items():
-            if not list(mod.children()) or isinstance(mod, _NCL_TYPES + _NLD_TYPES):
-                handles.append(mod.register_forward_hook(leaf_hook))
-        for name in site_names:
-            handles.append(modules[name].register_forward_hook(site_hook(name)))
-        training = {n: m.training for n, m in modules.items()}
-        model.eval()  # no BatchNorm statistics updates, no dropout, from the probe run
-        try:
-            with torch.no_grad():
-                _call(model, example_input)
-        finally:
-            for n, m in modules.items():
-                m.training = training[n]
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n in site_names if n not in outputs]
-    if missing:
-        raise ConfigError(
-            f"site(s) {', '.join(map(repr, missing))} did not run on example_input; sites that "
-            f"ran: {', '.join(order) or '(none)'}"
-        )
-    return order, outputs, hints
-
-
-def _signature(slot_id: str, out: torch.Tensor, hint: str, config: KasminaConfig
-               ) -> seed_pb2.SiteSignature:
-    layout = config.layouts.get(slot_id)
-    if layout is None:
-        if out.dim() == 2:
-            layout = "nc"
-        elif out.dim() == 4:
-            layout = "nchw"
-        elif out.dim() == 3 and hint:
-            layout = hint
-        elif out.dim() == 3:
-            raise ConfigError(
-                f"site {slot_id!r}: cannot tell whether its 3-d output {tuple(out.shape)} is NCL "
-                "or NLD; set KasminaConfig.layouts[{slot_id!r}] to 'ncl' or 'nld'"
-            )
-        else:
-            raise ConfigError(
-                f"site {slot_id!r}: output shape {tuple(out.shape)} has rank {out.dim()}; "
-                "supported: 2 (NC), 3 (NCL/NLD), 4 (NCHW)"
-            )
-    expected_rank = {"nc": 2, "ncl": 3, "nld": 3, "nchw": 4}[layout]
-    if out.dim() != expected_rank:
-        raise ConfigError(
-            f"site {slot_id!r}: layout {layout!r} needs rank {expected_rank}, output is "
-            f"{tuple(out.shape)}"
-        )
-    if out.dtype not in _DTYPE:
-        raise ConfigError(
-            f"site {slot_id!r}: activation dtype {out.dtype} is not one of "
-            f"{', '.join(map(str, _DTYPE))}"
-        )
-    shape = tuple(out.shape)
-    if layout == "nld":
-        channels, spatial = shape[2], [shape[1]]
-    else:
-        channels, spatial = shape[1], list(shape[2:])
-    return seed_pb2.SiteSignature(
-        layout=_LAYOUT[layout], channels=channels, spatial=spatial, dtype=_DTYPE[out.dtype]
-    )
 
 
 _PLAIN_ATTRS = frozenset({"_global_step", "_epoch", "_germinations", "_optimizer",
@@ -221,7 +66,8 @@ class MorphogeneticModel(nn.Module):
         self,
         host: nn.Module,
         *,
-        sites: Sequence[SiteSpec],
+        sites: Sequence[SiteSpec] = (),
+        parallel: Sequence[SiteSpec] = (),
         example_input: Any,
         config: KasminaConfig,
         event_sink: EventSink | None,
@@ -240,24 +86,29 @@ class MorphogeneticModel(nn.Module):
         self._germinations = 0
         # global_step, epoch, germinations (germination order keeps optimizer groups aligned)
         self.register_buffer("counters", torch.zeros(3, dtype=torch.int64))
-        names = _resolve_sites(host, sites)
-        order, outputs, hints = _trace_sites(host, names, example_input)
+        plans = resolve_sites(host, sites, parallel)
+        traced = trace_sites(host, plans, example_input)
         modules = dict(host.named_modules())
         self.seed_slots = nn.ModuleDict()
-        for depth, slot_id in enumerate(order):
+        for depth, plan in enumerate(sorted(plans, key=lambda p: traced[p.slot_id].order)):
+            slot_id = plan.slot_id
             key = _slot_key(slot_id)
             if key in self.seed_slots:
                 raise ConfigError(f"site names {slot_id!r} and another map to slot key {key!r}")
-            out = outputs[slot_id]
+            t = traced[slot_id]
+            reads = t.input if plan.kind is SlotKind.PARALLEL else t.output
+            assert reads is not None
             slot = SeedSlot(
                 slot_id=slot_id,
-                site=modules[slot_id],
+                site=[modules[n] for n in plan.modules],
                 depth=depth,
-                signature=_signature(slot_id, out, hints[slot_id], config),
-                probe=out[: config.probe_rows],
+                signature=signature(plan, t, config),
+                probe=reads[: config.probe_rows],
                 config=config,
                 emit=self._emit,
                 clock=self._clock,
+                kind=plan.kind,
+                out_shape=tuple(t.output[: config.probe_rows].shape),
             )
             slot._resolver = kernel_resolver
             self.seed_slots[key] = slot
@@ -310,6 +161,11 @@ class MorphogeneticModel(nn.Module):
 
     def site_signature(self, slot_id: str) -> seed_pb2.SiteSignature:
         return self._slot(slot_id).site_signature()
+
+    def site_signatures(self) -> dict[str, seed_pb2.SiteSignature]:
+        """slot id → `SiteSignature` of every slot, in data-flow order (what
+        `esper.blueprints.fits` takes)."""
+        return {slot_id: slot.site_signature() for slot_id, slot in self._slots.items()}
 
     def legal_actions(self, slot_id: str) -> set[str]:
         return self._slot(slot_id).legal_actions()
@@ -536,7 +392,7 @@ class MorphogeneticModel(nn.Module):
                     steps_in_stage=slot.steps_in_stage,
                     epochs_in_stage=slot.epochs_in_stage,
                     seed_parameters=seed_params,
-                    host_parameters=sum(p.numel() for p in slot.site_module.parameters()),
+                    host_parameters=sum(p.numel() for p in slot.site_parameters()),
                     embargo_epochs_left=slot.embargo_epochs_left,
                     finite=bool(w["finite"]),
                     depth=slot.depth,
@@ -565,12 +421,12 @@ class MorphogeneticModel(nn.Module):
         modes = [(m, m.training) for m in self.modules()]
         self.eval()
         try:
-            base = float(loss_fn(_call(self, x), y))
+            base = float(loss_fn(call(self, x), y))
             result: dict[str, float] = {}
             for slot in targets:
                 slot._force_zero = True
                 try:
-                    ablated = float(loss_fn(_call(self, x), y))
+                    ablated = float(loss_fn(call(self, x), y))
                 finally:
                     slot._force_zero = False
                 result[slot.slot_id] = ablated - base
@@ -602,8 +458,23 @@ class MorphogeneticModel(nn.Module):
         module._arm_for_next_step()
         module._sync_optimizer()
 
-    def remove_hooks(self) -> None:
-        """Detach every slot from the host (the host runs as if never wrapped)."""
+    def remove_hooks(self, *, drop_fossilized: bool = False) -> None:
+        """Detach every slot from the host (the host runs as if never wrapped).
+
+        A fossilized seed is part of the model; removing its hook would drop it silently.
+        To keep it, fold it into a plain module (`esper.grow.fold` / `esper.grow.export`).
+
+        Raises:
+            FailedPreconditionError: a slot is FOSSILIZED and `drop_fossilized` is False.
+        """
+        fossils = [s.slot_id for s in self._slots.values() if s.current_stage is SeedStage.FOSSILIZED]
+        if fossils and not drop_fossilized:
+            raise FailedPreconditionError(
+                f"slot(s) {fossils} hold fossilized seeds, which remove_hooks() would drop; "
+                "use esper.grow.fold(mm) (or esper.grow.export) for a plain model with them "
+                "folded in, or remove_hooks(drop_fossilized=True) to run the bare host",
+                reason="FOSSILIZED_SEEDS",
+            )
         for slot in self._slots.values():
             slot.remove_hook()
 
@@ -615,17 +486,24 @@ class MorphogeneticModel(nn.Module):
 def wrap(
     model: nn.Module,
     *,
-    sites: Sequence[SiteSpec],
+    sites: Sequence[SiteSpec] = (),
+    parallel: Sequence[SiteSpec] = (),
     example_input: Any,
     config: KasminaConfig | None = None,
     event_sink: EventSink | None = None,
     kernel_resolver: KernelResolver | None = None,
 ) -> MorphogeneticModel:
-    """Wrap `model` with a seed slot at every module matching `sites`.
+    """Wrap `model` with a seed slot at every module matching `sites` and `parallel`.
 
     Args:
         model: the host; it is used in place (no copy), `wrap(m, ...).host is m`.
-        sites: fnmatch patterns over module names and/or nn.Module types.
+        sites: output slots (`y = h + alpha * s(h)`): fnmatch patterns over module names
+            and/or nn.Module types; `Site(match, kind="parallel")` entries ask for parallel
+            slots here too.
+        parallel: parallel slots (`y = m(x) + alpha * s(x)`, the seed reads the module's
+            input): patterns, types, or spans of a container's children written
+            "<container>.<first>:<last>" (inclusive; "<first>:<last>" for the model's own
+            children), e.g. `parallel=[nn.Linear, "blocks.*.mlp", "fc1:fc2"]`.
         example_input: a tensor (or tuple of positional args, or dict of kwargs) run once
             in eval mode without autograd to order the sites by data flow and record each
             site's `SiteSignature` and germination probe.
@@ -635,12 +513,16 @@ def wrap(
             re-materialise germinated seeds before their weights are loaded.
 
     Raises:
-        ConfigError: a site matches nothing (the message lists the available modules),
-            does not run on `example_input`, or has an unsupported output.
+        ConfigError: no site asked for, a site matches nothing (the message lists the
+            available modules), does not run on `example_input`, or has an unsupported
+            output; a parallel site whose module is not called with exactly one
+            floating-point tensor, or a span whose children do not form a chain; one
+            module asked for as both kinds, or two slots changing one module's output.
     """
     return MorphogeneticModel(
         model,
         sites=sites,
+        parallel=parallel,
         example_input=example_input,
         config=config or KasminaConfig(),
         event_sink=event_sink,

@@ -5,10 +5,15 @@ a forward hook that maps the site's output `h` to the slot's output, so the host
 names and `state_dict` keys stay as they were. While nothing needs it (a dormant slot
 between sampled steps) the hook is removed, so a dormant slot costs the host nothing.
 
-Forward by stage (`s = seed(input)`, same shape as `h`):
+The seed's input `x` depends on the slot's kind (`SlotKind`): an output slot's seed reads
+`h` itself; a parallel slot's reads the input of the wrapped module (the forward hook's
+`args[0]`), or, for a span of children, the first child's input (kept by a forward
+pre-hook on that child until the last child's forward hook uses it).
+
+Forward by stage (`s = seed(x)`, shaped like `h`):
 
 * DORMANT, PRUNED, EMBARGOED, RESETTING: `y = h`.
-* GERMINATED, TRAINING: `y = h + (s - s.detach())` with input `h.detach()`: the value is
+* GERMINATED, TRAINING: `y = h + (s - s.detach())` with input `x.detach()`: the value is
   exactly `h` (bit for bit) while the seed receives `dL/dy` as its output gradient and
   the host's gradient is untouched. With autograd off the seed is not run at all.
 * BLENDING: `y = h + alpha * s` through the fused blend, alpha from the controller;
@@ -25,7 +30,7 @@ refreshed at every transition and before every `state_dict()`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -37,6 +42,7 @@ from esper.kasmina.alpha import AlphaController, AlphaCurve, ScheduleUnit
 from esper.kasmina.backends import select_blend
 from esper.kasmina.config import KasminaConfig
 from esper.kasmina.events import KasminaEvent
+from esper.kasmina.sites import SlotKind
 from esper.kasmina.stages import LIVE_STAGES, PRUNABLE_STAGES, SeedStage, check_transition
 from generated.esper.common.v1 import seed_pb2
 
@@ -62,7 +68,7 @@ Resolver = Callable[[str], nn.Module]
 _PLAIN_ATTRS = frozenset({
     "_stage", "_steps_in_stage", "_epochs_in_stage", "_embargo_left", "_germination_index",
     "_contribution", "kernel_id", "blueprint_id", "_armed", "_force_zero", "_stats_suspended",
-    "_hook_handle", "_counts", "_last_epoch", "_resolver",
+    "_hook_handle", "_counts", "_last_epoch", "_resolver", "_stash",
 })
 
 
@@ -79,24 +85,37 @@ class SeedSlot(nn.Module):
         self,
         *,
         slot_id: str,
-        site: nn.Module,
+        site: nn.Module | Sequence[nn.Module],
         depth: int,
         signature: seed_pb2.SiteSignature,
         probe: torch.Tensor,
         config: KasminaConfig,
         emit: Emit,
         clock: Callable[[], tuple[int, int]],
+        kind: SlotKind = SlotKind.OUTPUT,
+        out_shape: tuple[int, ...] | None = None,
     ) -> None:
+        """Args (beyond the obvious):
+            site: the site module, or for a parallel slot over a span its children in order.
+            probe: rows of what the seed reads on `example_input` (the germination probe).
+            out_shape: shape the seed must return on `probe`; None = `probe`'s shape.
+        """
         super().__init__()
         self.slot_id = slot_id
         self.depth = depth
         self.config = config
+        self.kind = SlotKind(kind)
         # A list, not an attribute, so the host's site is not registered as a child
         # (that would duplicate the host's parameters under the wrapper).
-        self._site = [site]
+        self._site = [site] if isinstance(site, nn.Module) else list(site)
+        if len(self._site) > 1 and self.kind is not SlotKind.PARALLEL:
+            raise InvalidArgumentError(
+                f"slot {slot_id!r}: a span of modules needs a parallel slot", field="site")
         # A site without parameters (an activation) has no parameter gradient to report;
         # its host gradient signal is then the gradient arriving at its output.
-        self._site_has_params = any(True for _ in site.parameters())
+        self._site_has_params = any(True for m in self._site for _ in m.parameters())
+        self._out_shape = tuple(probe.shape) if out_shape is None else tuple(out_shape)
+        self._stash: torch.Tensor | None = None
         self._signature = signature
         self._emit_fn = emit
         self._clock = clock
@@ -126,7 +145,7 @@ class SeedSlot(nn.Module):
         self._armed = False
         self._force_zero = False
         self._stats_suspended = False
-        self._hook_handle: torch.utils.hooks.RemovableHandle | None = None
+        self._hook_handle: tuple[torch.utils.hooks.RemovableHandle, ...] | None = None
 
     # ---- read-only views --------------------------------------------------------------
 
@@ -166,7 +185,17 @@ class SeedSlot(nn.Module):
 
     @property
     def site_module(self) -> nn.Module:
-        return self._site[0]
+        """The module whose output the slot changes (a span's last child)."""
+        return self._site[-1]
+
+    @property
+    def site_modules(self) -> tuple[nn.Module, ...]:
+        """Every host module the slot covers: the site, or a span's children in order."""
+        return tuple(self._site)
+
+    def site_parameters(self) -> list[nn.Parameter]:
+        """The host parameters inside the site (all of a span's children)."""
+        return [p for m in self._site for p in m.parameters()]
 
     def site_signature(self) -> seed_pb2.SiteSignature:
         out = seed_pb2.SiteSignature()
@@ -189,24 +218,41 @@ class SeedSlot(nn.Module):
     def _hook(self, module: nn.Module, args: Any, output: Any) -> torch.Tensor:
         return self.forward(output)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def _hook_parallel(self, module: nn.Module, args: Any, output: Any) -> torch.Tensor:
+        return self.forward(output, args[0])
+
+    def _pre_hook_span(self, module: nn.Module, args: Any) -> None:
+        self._stash = args[0]
+
+    def _hook_span(self, module: nn.Module, args: Any, output: Any) -> torch.Tensor:
+        x, self._stash = self._stash, None
+        if x is None:
+            raise FailedPreconditionError(
+                f"slot {self.slot_id!r}: the span's last child ran without its first child "
+                "running before it in this forward; a span must run as a chain every time"
+            )
+        return self.forward(output, x)
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """The slot's output for the site's output `h`; `x` is a parallel slot's input."""
         stage = self._stage
         record = self._armed and self.training and not self._stats_suspended
         s: torch.Tensor | None = None
+        src = h if x is None else x
         if self._force_zero or stage not in LIVE_STAGES:
             y = h
         elif stage is SeedStage.TRAINING or stage is SeedStage.GERMINATED:
             if torch.is_grad_enabled() or record:
-                s = self.seed(h.detach())
+                s = self.seed(src.detach())
                 y = h + (s - s.detach())
             else:
                 y = h
         elif stage is SeedStage.BLENDING:
-            s = self.seed(h.detach() if self.config.isolate_blending_input else h)
+            s = self.seed(src.detach() if self.config.isolate_blending_input else src)
             blend = select_blend(h.device, h.dtype, self.config.blend_backend)
             y = blend(h, s, self.alpha_ctl.alpha)
         else:
-            s = self.seed(h)
+            s = self.seed(src)
             y = h + s
         if record:
             self._record_activation(h, s)
@@ -238,7 +284,7 @@ class SeedSlot(nn.Module):
 
     def record_gradients(self) -> None:
         """Add this step's host-site and seed gradient norms to the accumulators (no sync)."""
-        host = [p.grad for p in self.site_module.parameters() if p.grad is not None]
+        host = [p.grad for m in self._site for p in m.parameters() if p.grad is not None]
         if host:
             self.acc[:, _HOST_GN] += torch.nn.utils.get_total_norm(host).to(self.acc.device)
             for w in (_EPOCH, _STAGE):
@@ -258,18 +304,27 @@ class SeedSlot(nn.Module):
         self.update_hook()
 
     def update_hook(self) -> None:
-        """Attach the forward hook iff the slot changes the output or gathers statistics."""
+        """Attach the forward hook(s) iff the slot changes the output or gathers statistics."""
         needed = self._armed or self._stage in LIVE_STAGES
         if needed and self._hook_handle is None:
-            self._hook_handle = self.site_module.register_forward_hook(self._hook)
+            if self.kind is SlotKind.OUTPUT:
+                self._hook_handle = (self.site_module.register_forward_hook(self._hook),)
+            elif len(self._site) == 1:
+                self._hook_handle = (self.site_module.register_forward_hook(self._hook_parallel),)
+            else:
+                self._hook_handle = (
+                    self._site[0].register_forward_pre_hook(self._pre_hook_span),
+                    self.site_module.register_forward_hook(self._hook_span),
+                )
         elif not needed and self._hook_handle is not None:
-            self._hook_handle.remove()
-            self._hook_handle = None
+            self.remove_hook()
 
     def remove_hook(self) -> None:
         if self._hook_handle is not None:
-            self._hook_handle.remove()
+            for handle in self._hook_handle:
+                handle.remove()
             self._hook_handle = None
+            self._stash = None
 
     # ---- lifecycle --------------------------------------------------------------------
 
@@ -342,22 +397,23 @@ class SeedSlot(nn.Module):
         except (RuntimeError, ValueError, TypeError, IndexError) as e:
             # A seed built for another site fails inside torch (e.g. a width mismatch);
             # that is a bad argument to germinate, not a crash of the training process.
-            why = f"seed raised {type(e).__name__} on the site's activation: {e}"
+            what = "module input" if self.kind is SlotKind.PARALLEL else "activation"
+            why = f"seed raised {type(e).__name__} on the site's {what}: {e}"
             self._gate("germination", [(False, why)], {})
             raise InvalidArgumentError(
-                f"slot {self.slot_id!r}: seed cannot run on the site's activation "
+                f"slot {self.slot_id!r}: seed cannot run on the site's {what} "
                 f"{tuple(probe.shape)} {probe.dtype}: {type(e).__name__}: {e}",
                 field="seed_module",
             ) from e
         finally:
             seed.train(was_training)
-        if not isinstance(out, torch.Tensor) or out.shape != probe.shape:
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != self._out_shape:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            why = f"seed output {shape} != site activation {tuple(probe.shape)}"
+            why = f"seed output {shape} != site activation {self._out_shape}"
             self._gate("germination", [(False, why)], {})
             raise InvalidArgumentError(
                 f"slot {self.slot_id!r}: seed maps {tuple(probe.shape)} to {shape}; a seed must "
-                "return a tensor shaped like the site's activation",
+                f"return a tensor shaped like the site's activation {self._out_shape}",
                 field="seed_module",
             )
         max_abs = float(out.detach().abs().max()) if out.numel() else 0.0
@@ -553,11 +609,15 @@ class SeedSlot(nn.Module):
     # ---- persistence ------------------------------------------------------------------
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {
+        state = {
             "format": _EXTRA_STATE_FORMAT,
             "kernel_id": self.kernel_id,
             "blueprint_id": self.blueprint_id,
         }
+        # Only parallel slots say so: an output slot's state stays what it always was.
+        if self.kind is SlotKind.PARALLEL:
+            state["kind"] = "parallel"
+        return state
 
     def set_extra_state(self, state: Any) -> None:
         if not isinstance(state, dict) or state.get("format") != _EXTRA_STATE_FORMAT:
@@ -566,8 +626,20 @@ class SeedSlot(nn.Module):
                 f"of format {_EXTRA_STATE_FORMAT}",
                 field="state_dict",
             )
+        self._check_kind(state)
         self.kernel_id = str(state["kernel_id"])
         self.blueprint_id = str(state["blueprint_id"])
+
+    def _check_kind(self, state: dict[str, Any]) -> None:
+        kind = state.get("kind", "output")
+        if kind != self.kind.name.lower():
+            # A seed that fits both (a 16 → 16 Linear) would load and silently compute
+            # something else: reading the module's input instead of its output.
+            raise InvalidArgumentError(
+                f"slot {self.slot_id!r}: the checkpoint holds a {kind} slot here, the model "
+                f"has a {self.kind.name.lower()} slot; wrap the model as it was when saved",
+                field="state_dict",
+            )
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
@@ -593,6 +665,8 @@ class SeedSlot(nn.Module):
             stage = SeedStage(int(state_dict[stage_key].item()))
             extra = state_dict.get(extra_key) or {}
             kernel_id = extra.get("kernel_id", "") if isinstance(extra, dict) else ""
+            if isinstance(extra, dict):
+                self._check_kind(extra)  # before the resolver builds a seed for it
             # Children load after this method returns, so the seed module must exist now
             # for its parameters to be loaded into it.
             if stage in LIVE_STAGES:

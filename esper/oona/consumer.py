@@ -47,8 +47,9 @@ from esper.errors import (
     InvalidArgumentError,
     UnavailableError,
 )
+from esper.oona.connection import NatsCredentials, connect_options, display_servers
 from esper.oona.envelope import decode, extract_context
-from esper.oona.subjects import DEFAULT_STREAMS, StreamSpec, ensure_streams
+from esper.oona.subjects import StreamSpec, configured_streams, ensure_streams
 from generated.esper.oona.v1.events_pb2 import EventEnvelope
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,8 @@ class ConsumerConfig:
     connect_timeout_s: float = 5.0
     """How long start() tries to reach NATS before raising UnavailableError."""
     ensure_streams: bool = True
-    """Create/update the Esper streams before binding (so a consumer may start first)."""
+    """Create the missing Esper streams before binding (so a consumer may start first);
+    existing streams are never changed by a consumer."""
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.durable):
@@ -216,20 +218,25 @@ class Consumer:
 
     def __init__(
         self,
-        url: str,
+        url: str | list[str],
         *,
         config: ConsumerConfig | None = None,
         seen: SeenStore | None = None,
-        streams: tuple[StreamSpec, ...] = DEFAULT_STREAMS,
+        streams: tuple[StreamSpec, ...] | None = None,
+        credentials: NatsCredentials | None = None,
         **settings: Any,
     ) -> None:
+        """`url`: one NATS URL, several comma-separated, or a list; `credentials`: the NATS
+        user (None: from ESPER_NATS_USER / ESPER_NATS_PASSWORD_FILE, or anonymous)."""
         if config is not None and settings:
             raise ConfigError(f"pass consumer settings {sorted(settings)} inside config=, not both")
         self.config = config if config is not None else ConsumerConfig.from_dict(settings)
-        self.url = url
+        self._connect_options = connect_options(url, credentials if credentials is not None
+                                                else NatsCredentials.from_env())
+        self.url = display_servers(self._connect_options["servers"])
         self.seen: SeenStore = seen if seen is not None else MemorySeenStore()
         self.stats = ConsumerStats()
-        self._streams = streams
+        self._streams = streams if streams is not None else configured_streams()
         self._nc: NatsClient | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
         self._errors = 0
@@ -257,7 +264,7 @@ class Consumer:
         try:
             self._nc = await asyncio.wait_for(
                 nats.connect(
-                    self.url,
+                    **self._connect_options,
                     name=f"esper-oona-consumer-{cfg.durable}",
                     connect_timeout=cfg.connect_timeout_s,
                     max_reconnect_attempts=-1,
@@ -273,7 +280,7 @@ class Consumer:
             ) from exc
         js = self._nc.jetstream()
         if cfg.ensure_streams:
-            await ensure_streams(js, self._streams)
+            await ensure_streams(js, self._streams, update=False)
         stream = cfg.stream or await js.find_stream_name_by_subject(cfg.subject_filter)
         try:
             info = await js.consumer_info(stream, cfg.durable)
@@ -418,12 +425,14 @@ async def adrain(
     *,
     stream: str | None = None,
     seen: SeenStore | None = None,
+    credentials: NatsCredentials | None = None,
 ) -> list[EventEnvelope]:
     """Consume everything available (until no message came for `timeout` s) and return it."""
     out: list[EventEnvelope] = []
     consumer = Consumer(
         url,
         seen=seen,
+        credentials=credentials,
         durable=durable,
         subject_filter=subject_filter,
         stream=stream,
@@ -442,9 +451,11 @@ def drain(
     *,
     stream: str | None = None,
     seen: SeenStore | None = None,
+    credentials: NatsCredentials | None = None,
 ) -> list[EventEnvelope]:
     """Synchronous `adrain` for tests and tools; works inside or outside a running event loop."""
-    coro = adrain(url, subject_filter, durable, timeout, stream=stream, seen=seen)
+    coro = adrain(url, subject_filter, durable, timeout, stream=stream, seen=seen,
+                  credentials=credentials)
     try:
         asyncio.get_running_loop()
     except RuntimeError:

@@ -13,11 +13,24 @@ SIGKILL still takes its nats-server down, and an `atexit` hook stops every serve
 running at interpreter exit. PDEATHSIG fires when the *thread* that spawned the child
 exits, so call `start()` from a long-lived thread (the main thread, or the thread that
 will also call `stop()`), never from a short-lived worker thread.
+
+Supervision: `supervise()` starts a watchdog thread that reaps the child and, when it exits
+on its own (a crash, an OOM kill, SIGKILL), starts it again on the same port with the same
+store and the same users, with backoff. It writes `<data_dir>/supervisor.json` (state,
+pid, restarts, last exit) so that `esper status` can tell an outage from a clean stop;
+`describe(url, data_dir)` is what status prints. Restarted children are spawned by the
+watchdog thread, which lives until `stop()`, so PDEATHSIG still holds for them.
+
+Authentication: given `users` (role → password, see `esper.oona.auth`), the config file
+gets an `authorization` block and mode 0600; anonymous clients are then refused.
+`start_embedded()` is what `esper up` runs: generated credentials under
+`<data_dir>/credentials`, a supervised server, and the Esper streams created as admin.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -30,6 +43,7 @@ import sysconfig
 import threading
 import time
 import weakref
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -85,6 +99,19 @@ class NatsServerConfig:
     """How long start() waits for the server to accept connections."""
     stop_timeout_s: float = 5.0
     """How long stop() waits after SIGTERM before it sends SIGKILL."""
+    server_name: str = ""
+    """This server's name; required (and unique) in a cluster, where JetStream's Raft uses it."""
+    cluster_name: str = ""
+    """Name of the NATS cluster to join; empty: a standalone server."""
+    cluster_port: int = 0
+    """Port of the route listener other cluster members connect to (fixed: the routes name it)."""
+    routes: tuple[str, ...] = ()
+    """Route URLs of every cluster member (this one included), e.g. nats://127.0.0.1:6222."""
+    restart_backoff_s: float = 0.25
+    """First wait before a supervised server that exited on its own is started again; doubles
+    per failed attempt up to `restart_backoff_max_s`, and starts over once it stayed up 30 s."""
+    restart_backoff_max_s: float = 10.0
+    """Longest wait between restart attempts of a supervised server."""
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -106,10 +133,30 @@ class NatsServerConfig:
             raise ConfigError(f"nats startup_timeout_s must be > 0, got {self.startup_timeout_s}")
         if self.stop_timeout_s <= 0:
             raise ConfigError(f"nats stop_timeout_s must be > 0, got {self.stop_timeout_s}")
+        if self.cluster_name:
+            if not self.server_name:
+                raise ConfigError(f"nats cluster {self.cluster_name!r}: server_name is required")
+            if not 0 < self.cluster_port <= 65535:
+                raise ConfigError(
+                    f"nats cluster {self.cluster_name!r}: cluster_port must be a fixed port in "
+                    f"1..65535, got {self.cluster_port}"
+                )
+            if not self.routes:
+                raise ConfigError(f"nats cluster {self.cluster_name!r}: routes must list the members")
+        elif self.routes or self.cluster_port:
+            raise ConfigError("nats routes/cluster_port given without cluster_name")
+        if not 0 < self.restart_backoff_s <= self.restart_backoff_max_s:
+            raise ConfigError(
+                f"nats restart_backoff_s={self.restart_backoff_s} must be > 0 and <= "
+                f"restart_backoff_max_s={self.restart_backoff_max_s}"
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NatsServerConfig:
         reject_unknown_keys(cls, data, "nats server config keys")
+        data = dict(data)
+        if "routes" in data:
+            data["routes"] = tuple(data["routes"])
         return cls(**data)
 
 
@@ -190,6 +237,7 @@ class NatsServer:
         *,
         config: NatsServerConfig | None = None,
         binary: Path | str | None = None,
+        users: Mapping[str, str] | None = None,
     ) -> None:
         if config is None:
             config = NatsServerConfig(host=host, port=port, jetstream=jetstream)
@@ -200,9 +248,16 @@ class NatsServer:
         self.config = config
         self.data_dir = Path(data_dir)
         self.binary = Path(binary) if binary is not None else find_binary()
+        self._users = dict(users) if users is not None else None
         self._port = config.port
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._watchdog: threading.Thread | None = None
+        self.restarts = 0
+        """Times the supervisor started the server again after it exited on its own."""
+        self.credentials: Any = None
+        """The `esper.oona.auth.CredentialsDir` holding its users' passwords (start_embedded)."""
 
     # -- properties ---------------------------------------------------------------------
     @property
@@ -216,6 +271,10 @@ class NatsServer:
     @property
     def config_path(self) -> Path:
         return self.data_dir / "nats-server.conf"
+
+    @property
+    def state_path(self) -> Path:
+        return self.data_dir / SUPERVISOR_STATE
 
     @property
     def port(self) -> int:
@@ -237,17 +296,41 @@ class NatsServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def auth(self) -> bool:
+        """Whether the server refuses clients that do not log in as one of its users."""
+        return self._users is not None
+
     # -- lifecycle ----------------------------------------------------------------------
     def _write_config(self) -> None:
-        lines = [f"listen: {json.dumps(f'{self.config.host}:{self._port or -1}')}"]
-        if self.config.jetstream:
+        cfg = self.config
+        lines = [f"listen: {json.dumps(f'{cfg.host}:{self._port or -1}')}"]
+        if cfg.server_name:
+            lines.append(f"server_name: {json.dumps(cfg.server_name)}")
+        if cfg.jetstream:
             lines.append("jetstream {")
             lines.append(f"  store_dir: {json.dumps(str(self.store_dir))}")
-            lines.append(f"  sync_interval: {self.config.sync_interval}")
-            if self.config.max_store_bytes is not None:
-                lines.append(f"  max_file_store: {self.config.max_store_bytes}")
+            lines.append(f"  sync_interval: {cfg.sync_interval}")
+            if cfg.max_store_bytes is not None:
+                lines.append(f"  max_file_store: {cfg.max_store_bytes}")
             lines.append("}")
-        self.config_path.write_text("\n".join(lines) + "\n")
+        if cfg.cluster_name:
+            lines.append("cluster {")
+            lines.append(f"  name: {json.dumps(cfg.cluster_name)}")
+            lines.append(f"  listen: {json.dumps(f'{cfg.host}:{cfg.cluster_port}')}")
+            lines.append(f"  routes: {json.dumps(list(cfg.routes))}")
+            lines.append("}")
+        text = "\n".join(lines) + "\n"
+        if self._users is not None:
+            from esper.oona.auth import authorization_block
+
+            text += authorization_block(self._users)
+        # The file holds the users' passwords when auth is on: readable by its owner only.
+        tmp = self.config_path.with_name(f".{self.config_path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, self.config_path)
 
     def start(self) -> NatsServer:
         """Start the server and wait until it accepts client connections.
@@ -257,50 +340,54 @@ class NatsServer:
             UnavailableError: it exited or did not become ready in time (log tail included).
         """
         with self._lock:
-            if self.running:
-                raise FailedPreconditionError(
-                    f"nats-server already running (pid {self.pid}) at {self.url}"
-                )
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            ports_dir = self.data_dir / "ports"
-            ports_dir.mkdir(exist_ok=True)
-            for stale in ports_dir.glob("*.ports"):
-                stale.unlink()
-            self._write_config()
-            log_file = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-            try:
-                self._proc = subprocess.Popen(
-                    [
-                        *_pdeathsig_prefix(),
-                        str(self.binary),
-                        "-c",
-                        str(self.config_path),
-                        "--ports_file_dir",
-                        str(ports_dir),
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    # Own session: a terminal's Ctrl-C reaches only the parent, which then
-                    # stops the bus after its publishers have flushed.
-                    start_new_session=True,
-                )
-            finally:
-                log_file.close()
-            _live.add(self)
-            try:
-                self._wait_ready(ports_dir)
-            except BaseException:
-                self._terminate()
-                raise
-            log.info(
-                "nats-server pid %d listening at %s (jetstream=%s, sync_interval=%s)",
-                self._proc.pid,
-                self.url,
-                self.config.jetstream,
-                self.config.sync_interval,
-            )
+            self._start_locked()
             return self
+
+    def _start_locked(self) -> None:
+        if self.running:
+            raise FailedPreconditionError(
+                f"nats-server already running (pid {self.pid}) at {self.url}"
+            )
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        ports_dir = self.data_dir / "ports"
+        ports_dir.mkdir(exist_ok=True)
+        for stale in ports_dir.glob("*.ports"):
+            stale.unlink()
+        self._write_config()
+        log_file = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            self._proc = subprocess.Popen(
+                [
+                    *_pdeathsig_prefix(),
+                    str(self.binary),
+                    "-c",
+                    str(self.config_path),
+                    "--ports_file_dir",
+                    str(ports_dir),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                # Own session: a terminal's Ctrl-C reaches only the parent, which then
+                # stops the bus after its publishers have flushed.
+                start_new_session=True,
+            )
+        finally:
+            log_file.close()
+        _live.add(self)
+        try:
+            self._wait_ready(ports_dir)
+        except BaseException:
+            self._terminate()
+            raise
+        log.info(
+            "nats-server pid %d listening at %s (jetstream=%s, sync_interval=%s, auth=%s)",
+            self._proc.pid,
+            self.url,
+            self.config.jetstream,
+            self.config.sync_interval,
+            self.auth,
+        )
 
     def _log_tail(self, n: int = 20) -> str:
         try:
@@ -312,7 +399,7 @@ class NatsServer:
     def _wait_ready(self, ports_dir: Path) -> None:
         assert self._proc is not None
         deadline = time.monotonic() + self.config.startup_timeout_s
-        ports_file = ports_dir / f"{self.binary.name}_{self._proc.pid}.ports"
+        # nats-server names the file after its own executable (argv[0]) and pid.
         while True:
             rc = self._proc.poll()
             if rc is not None:
@@ -325,7 +412,8 @@ class NatsServer:
                     f"nats-server not ready within {self.config.startup_timeout_s}s; "
                     f"log tail:\n{self._log_tail()}"
                 )
-            if ports_file.exists():
+            ports_file = next(iter(ports_dir.glob(f"*_{self._proc.pid}.ports")), None)
+            if ports_file is not None:
                 try:
                     urls = json.loads(ports_file.read_text())["nats"]
                 except (json.JSONDecodeError, KeyError):
@@ -338,29 +426,19 @@ class NatsServer:
 
     def _probe(self) -> bool:
         """True once the server greets a client with INFO (and JetStream is on, if asked)."""
-        try:
-            with socket.create_connection((self.config.host, self._port), timeout=1.0) as s:
-                data = b""
-                while b"\r\n" not in data:
-                    chunk = s.recv(4096)
-                    if not chunk:
-                        return False
-                    data += chunk
-        except OSError:
-            return False
-        line = data.split(b"\r\n", 1)[0]
-        if not line.startswith(b"INFO "):
-            return False
-        info = json.loads(line[5:])
-        return bool(info.get("jetstream")) or not self.config.jetstream
+        info = read_info(self.config.host, self._port, timeout=1.0)
+        return info is not None and (bool(info.get("jetstream")) or not self.config.jetstream)
 
     def stop(self) -> int | None:
-        """SIGTERM, wait up to stop_timeout_s, then SIGKILL.
+        """SIGTERM, wait up to stop_timeout_s, then SIGKILL; ends supervision.
 
         Returns the exit code, or None when it was not running.
         """
+        self._stopping.set()
         with self._lock:
-            return self._terminate()
+            rc = self._terminate()
+        self._end_supervision("stopped")
+        return rc
 
     def _terminate(self) -> int | None:
         proc = self._proc
@@ -383,15 +461,98 @@ class NatsServer:
             return proc.wait()
 
     def kill(self) -> None:
-        """SIGKILL without a graceful shutdown (to test crash recovery)."""
+        """SIGKILL without a graceful shutdown (to test crash recovery); ends supervision,
+        so the server stays down until start(). To test the supervisor, SIGKILL `pid`."""
+        self._stopping.set()
         with self._lock:
             proc = self._proc
+            if proc is not None:
+                self._proc = None
+                _live.discard(self)
+                proc.kill()
+                proc.wait()
+        self._end_supervision("stopped")
+
+    # -- supervision ----------------------------------------------------------------------
+    def supervise(self) -> None:
+        """Restart the server whenever it exits on its own, until stop() (see module doc).
+
+        Raises:
+            FailedPreconditionError: it is not running, or is supervised already.
+        """
+        with self._lock:
+            if not self.running:
+                raise FailedPreconditionError("start the nats-server before supervising it")
+            if self._watchdog is not None and self._watchdog.is_alive():
+                raise FailedPreconditionError(f"nats-server at {self.url} is supervised already")
+            self._stopping.clear()
+            self._write_state("running")
+            self._watchdog = threading.Thread(
+                target=self._watch, name=f"nats-supervisor[{self.port}]", daemon=True
+            )
+            self._watchdog.start()
+
+    def _end_supervision(self, state: str) -> None:
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            if watchdog is not threading.current_thread():
+                watchdog.join(timeout=self.config.stop_timeout_s + 1.0)
+            self._write_state(state)
+
+    def _write_state(self, state: str, **extra: Any) -> None:
+        info = {"state": state, "pid": self.pid, "url": self.url if self._port else None,
+                "restarts": self.restarts, "at": time.time(), **extra}
+        tmp = self.state_path.with_name(f".{self.state_path.name}.tmp")
+        try:
+            tmp.write_text(json.dumps(info) + "\n")
+            os.replace(tmp, self.state_path)
+        except OSError as e:  # status then only misses the detail; never stop supervising for it
+            log.warning("nats supervisor: cannot write %s: %s", self.state_path, e)
+
+    def _watch(self) -> None:
+        delay = self.config.restart_backoff_s
+        while not self._stopping.is_set():
+            with self._lock:
+                proc = self._proc
             if proc is None:
                 return
-            self._proc = None
-            _live.discard(self)
-            proc.kill()
-            proc.wait()
+            up_since = time.monotonic()
+            rc = proc.wait()
+            if self._stopping.is_set():
+                return
+            with self._lock:
+                if self._proc is not proc:
+                    continue  # stopped or restarted by someone else meanwhile
+                self._proc = None
+                _live.discard(self)
+            if time.monotonic() - up_since >= 30.0:
+                delay = self.config.restart_backoff_s
+            how = f"signal {-rc}" if rc < 0 else f"code {rc}"
+            log.error("nats-server pid %d at %s exited on its own (%s); restarting it in %.2fs "
+                      "with the same port, store and users", proc.pid, self.url, how, delay)
+            self._write_state("restarting", last_exit=rc, detail=f"exited with {how}")
+            while True:
+                if self._stopping.wait(delay):
+                    return
+                try:
+                    with self._lock:
+                        if self._stopping.is_set():
+                            return
+                        self._start_locked()
+                except (UnavailableError, FailedPreconditionError, OSError) as e:
+                    attempt_error = str(e).splitlines()[0]
+                    delay = min(delay * 2, self.config.restart_backoff_max_s)
+                    log.error("nats-server restart failed (%s); next attempt in %.2fs",
+                              attempt_error, delay)
+                    self._write_state("restarting", last_exit=rc,
+                                      detail=f"exited with {how}; restart failed: {attempt_error}")
+                    continue
+                break
+            self.restarts += 1
+            log.warning("nats-server restarted as pid %s at %s (restart #%d)", self.pid, self.url,
+                        self.restarts)
+            self._write_state("running", last_exit=rc)
+            delay = min(delay * 2, self.config.restart_backoff_max_s)
 
     def __enter__(self) -> Self:
         return self.start()
@@ -407,3 +568,112 @@ class NatsServer:
     def __repr__(self) -> str:
         where = self.url if self._port else "port unassigned"
         return f"NatsServer({where}, pid={self.pid}, data_dir={str(self.data_dir)!r})"
+
+
+SUPERVISOR_STATE = "supervisor.json"
+"""File in a supervised server's data dir: {state, pid, url, restarts, last_exit, detail}."""
+
+
+def read_info(host: str, port: int, *, timeout: float = 1.0) -> dict[str, Any] | None:
+    """The INFO a NATS server sends every new connection (before any login), or None when
+    nothing at host:port answers like a NATS server within `timeout`."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            data = b""
+            while b"\r\n" not in data:
+                chunk = s.recv(4096)
+                if not chunk:
+                    return None
+                data += chunk
+    except OSError:
+        return None
+    line = data.split(b"\r\n", 1)[0]
+    if not line.startswith(b"INFO "):
+        return None
+    try:
+        info = json.loads(line[5:])
+    except json.JSONDecodeError:
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def describe(url: str, data_dir: Path | str | None = None, *, timeout: float = 1.0) -> str:
+    """"SERVING" (perhaps with a restart count) or why not: what `esper status` prints for NATS.
+
+    Args:
+        url: one NATS URL (the first is used when given several).
+        data_dir: a supervised server's data dir; its supervisor.json tells a restart in
+            progress from a server that is simply unreachable.
+    """
+    from urllib.parse import urlsplit
+
+    first = url.split(",")[0].strip()
+    parts = urlsplit(first)
+    state: dict[str, Any] = {}
+    if data_dir is not None:
+        try:
+            state = json.loads((Path(data_dir) / SUPERVISOR_STATE).read_text())
+        except (OSError, json.JSONDecodeError):
+            state = {}
+    info = read_info(parts.hostname or "127.0.0.1", parts.port or 4222, timeout=timeout)
+    if info is not None and info.get("jetstream"):
+        restarts = int(state.get("restarts") or 0)
+        if restarts:
+            return f"SERVING (restarted {restarts}x; last exit: {state.get('last_exit')})"
+        return "SERVING"
+    if info is not None:
+        return "NOT_SERVING (answers without JetStream)"
+    if state.get("state") == "restarting":
+        return f"RESTARTING ({state.get('detail', 'exited')})"
+    return f"UNREACHABLE (nothing answers at {parts.hostname}:{parts.port})"
+
+
+def start_embedded(data_dir: Path | str, *, config: NatsServerConfig | None = None,
+                   replicas: int | None = 1) -> NatsServer:
+    """`esper up`'s bus: a supervised nats-server with authentication and the Esper streams.
+
+    Credentials of every role are created once under `<data_dir>/credentials` (mode 0600)
+    and reused; the streams are created (or reconciled) as admin with `replicas`. Stop it
+    with `.stop()`. Call from a long-lived thread (see the module doc on PDEATHSIG).
+    """
+    import asyncio
+
+    from esper.oona.auth import CredentialsDir
+
+    creds = CredentialsDir(Path(data_dir) / "credentials")
+    server = NatsServer(data_dir, config=config, users=creds.ensure())
+    server.credentials = creds
+    server.start()
+    try:
+        asyncio.run(_ensure_streams(server.url, creds.credentials("admin"), replicas))
+        server.supervise()
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+async def _ensure_streams(url: str, admin: Any, replicas: int | None) -> dict[str, str]:
+    import nats
+
+    from esper.oona.connection import connect_options
+    from esper.oona.subjects import ensure_streams, with_replicas
+
+    nc = await nats.connect(**connect_options(url, admin), connect_timeout=5,
+                            max_reconnect_attempts=0)
+    try:
+        return await ensure_streams(nc.jetstream(timeout=10), with_replicas(replicas))
+    finally:
+        await nc.close()
+
+
+@contextlib.contextmanager
+def embedded(data_dir: Path | str, *, config: NatsServerConfig | None = None,
+             replicas: int | None = 1) -> Iterator[NatsServer]:
+    """`start_embedded` as a context manager that always stops the server."""
+    server = start_embedded(data_dir, config=config, replicas=replicas)
+    try:
+        yield server
+    finally:
+        server.stop()

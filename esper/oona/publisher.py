@@ -17,6 +17,23 @@ the queue is published in order and the outage is reported through `on_degraded`
     on_degraded("recovered", detail)     connected again (detail says how many were dropped)
     on_degraded("rejected", detail)      the server refused an envelope for good (e.g. too large)
     on_degraded("breaker_open", detail)  publishes kept failing while connected; pausing
+    on_degraded("stalled", detail)       connected, but an envelope sent `stall_after_s` ago is
+                                         still not acknowledged (its stream has no leader after
+                                         a node died, a full disk, a black-holed connection);
+                                         "recovered" follows once none waits that long. Judged per
+                                         envelope, so a stalled ESPER_EVENTS is seen even while
+                                         ESPER_TELEMETRY (led by another node) still acks
+
+Several servers (a list, or ESPER_NATS_URL's comma-separated form) give fail-over: nats-py
+reconnects to another member of the cluster in milliseconds. The NATS user comes from
+`credentials`, else from ESPER_NATS_USER / ESPER_NATS_PASSWORD_FILE (see
+`esper.oona.connection`). Nothing is dropped before the first connection succeeds: what is
+published meanwhile waits in the same bounded queue (`max_queue`) and goes out, in order,
+once a server answers.
+
+For a run's record, `settle(timeout)` waits for the queue to empty and returns the final
+counters: `dropped + rejected` envelopes never reached the bus (`PublisherStats.lost`),
+`queued + in_flight` had not yet when the timeout passed (`PublisherStats.undelivered`).
 
 A publish whose ack does not arrive is retried with the same `Nats-Msg-Id`, so a retry of
 a message the server did store is recognised as a duplicate and stored once (within the
@@ -36,7 +53,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -48,8 +65,9 @@ from nats.js.errors import APIError, NoStreamResponseError
 
 from esper.config import reject_unknown_keys
 from esper.errors import ConfigError, FailedPreconditionError, UnavailableError
+from esper.oona.connection import NatsCredentials, connect_options, display_servers, parse_servers
 from esper.oona.envelope import encode, headers_for, subject_for
-from esper.oona.subjects import DEFAULT_STREAMS, StreamSpec, ensure_streams
+from esper.oona.subjects import StreamSpec, configured_streams, ensure_streams
 from esper.runtime.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from generated.esper.oona.v1.events_pb2 import EventEnvelope
 
@@ -86,8 +104,15 @@ class PublisherConfig:
     """TCP + handshake timeout of one connection attempt."""
     reconnect_wait_s: float = 0.5
     """Pause between reconnection attempts while NATS is unreachable."""
-    ensure_streams: bool = True
-    """Create/update the Esper streams on every (re)connect (idempotent)."""
+    ensure_streams: str = "create"
+    """On every (re)connect: "create" the Esper streams that are missing (existing ones are
+    left as the operator set them), "update" them to this process's specs too, or "off"."""
+    stall_after_s: float = 2.0
+    """An envelope sent this long ago and still not acknowledged (while connected) is reported
+    as "stalled"; an ack normally takes milliseconds, and `ack_timeout_s` is as long."""
+    ping_interval_s: float = 5.0
+    """Client PING period; two unanswered PINGs mark a silent connection dead and nats-py
+    moves to another server (its default of 120 s would hide a black-holed node for 4 min)."""
     close_timeout_s: float = 5.0
     """How long close() tries to publish what is still queued."""
     name: str = "esper-oona-publisher"
@@ -106,7 +131,12 @@ class PublisherConfig:
             raise ConfigError(f"publisher drop must be 'oldest' or 'newest', got {self.drop!r}")
         if self.max_in_flight < 1:
             raise ConfigError(f"publisher max_in_flight must be >= 1, got {self.max_in_flight}")
-        for name in ("ack_timeout_s", "connect_timeout_s", "reconnect_wait_s", "close_timeout_s"):
+        if self.ensure_streams not in ("create", "update", "off"):
+            raise ConfigError(
+                f"publisher ensure_streams must be 'create', 'update' or 'off', got {self.ensure_streams!r}"
+            )
+        for name in ("ack_timeout_s", "connect_timeout_s", "reconnect_wait_s", "close_timeout_s",
+                     "stall_after_s", "ping_interval_s"):
             value = getattr(self, name)
             if value <= 0:
                 raise ConfigError(f"publisher {name} must be > 0, got {value}")
@@ -142,15 +172,28 @@ class PublisherStats:
     breaker: str
     """State of the publish circuit breaker: CLOSED, OPEN or HALF_OPEN."""
     last_error: str | None
+    stalled: bool = False
+    """Connected, but an envelope sent stall_after_s ago still waits for its ack."""
+
+    @property
+    def lost(self) -> int:
+        """Envelopes that will never reach the bus: dropped plus rejected."""
+        return self.dropped + self.rejected
+
+    @property
+    def undelivered(self) -> int:
+        """Envelopes not acknowledged yet (queued or in flight)."""
+        return self.queued + self.in_flight
 
 
 class _Item:
-    __slots__ = ("data", "headers", "subject")
+    __slots__ = ("data", "first_sent", "headers", "subject")
 
     def __init__(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
         self.subject = subject
         self.data = data
         self.headers = headers
+        self.first_sent: float | None = None  # monotonic time of the first publish attempt
 
 
 class Publisher:
@@ -158,21 +201,40 @@ class Publisher:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         config: PublisherConfig | None = None,
         on_degraded: DegradedCallback | None = None,
-        streams: tuple[StreamSpec, ...] = DEFAULT_STREAMS,
+        streams: tuple[StreamSpec, ...] | None = None,
+        credentials: NatsCredentials | None = None,
         **settings: Any,
     ) -> None:
+        """Args:
+            url: one NATS URL, several comma-separated, or a list of them.
+            streams: the streams to create when missing (None: Esper's two, with
+                ESPER_NATS_STREAM_REPLICAS replicas).
+            credentials: the NATS user (None: ESPER_NATS_USER/ESPER_NATS_PASSWORD_FILE, or
+                anonymous when they are unset).
+
+        Raises:
+            ConfigError: an unknown setting, a malformed URL, unreadable credentials.
+        """
         if config is not None and settings:
             raise ConfigError(
                 f"pass publisher settings {sorted(settings)} inside config=, not both"
             )
         self.config = config if config is not None else PublisherConfig.from_dict(settings)
-        self.url = url
+        try:
+            self._servers: tuple[str, ...] | None = parse_servers(url)
+            self.url = display_servers(self._servers)
+        except ConfigError as e:
+            # Kept alive like an unreachable server: the caller's run goes on and hears
+            # about it through on_degraded (a bad URL must not stop training).
+            self._servers, self._bad_url = None, e
+            self.url = str(url)
+        self._credentials = credentials if credentials is not None else NatsCredentials.from_env()
         self._on_degraded = on_degraded
-        self._streams = streams
+        self._streams = streams if streams is not None else configured_streams()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._queue: deque[_Item] = deque()
@@ -190,6 +252,12 @@ class Publisher:
         self._overflowing = False
         self._overflow_reported = False
         self._healthy = True
+        self._stalled = False
+        self._stall_started = 0.0
+        self._connected_since = 0.0
+        self._last_ack = 0.0
+        self._backlog_since = 0.0
+        self._sending: list[_Item] = []
         self._outage_started = 0.0
         self._dropped_at_outage = 0
         self._errors_logged = 0
@@ -199,7 +267,7 @@ class Publisher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._connected_evt: asyncio.Event | None = None
-        self._need_streams = self.config.ensure_streams
+        self._need_streams = self.config.ensure_streams != "off"
         self._nc: NatsClient | None = None
         started = threading.Event()
         self._thread = threading.Thread(
@@ -227,6 +295,8 @@ class Publisher:
                 self._dropped += 1
                 return False
             accepted = True
+            if not self._queue and not self._in_flight:
+                self._backlog_since = time.monotonic()
             if len(self._queue) >= self.config.max_queue:
                 self._dropped += 1
                 if not self._overflowing:
@@ -262,12 +332,19 @@ class Publisher:
                 connected=self._connected,
                 breaker=self._breaker.state.value,
                 last_error=self._last_error,
+                stalled=self._stalled,
             )
 
     def flush(self, timeout: float) -> bool:
         """Wait until everything queued so far is acknowledged; False if `timeout` passed first."""
         with self._changed:
             return self._changed.wait_for(lambda: not self._queue and self._in_flight == 0, timeout)
+
+    def settle(self, timeout: float) -> PublisherStats:
+        """Wait up to `timeout` for everything queued so far to be acknowledged; then the
+        counters, e.g. for the run's final record (`lost`, `undelivered`)."""
+        self.flush(timeout)
+        return self.stats()
 
     def close(self, timeout: float | None = None) -> PublisherStats:
         """Publish what is queued (up to `timeout`, default close_timeout_s), then disconnect.
@@ -369,9 +446,11 @@ class Publisher:
             lost = self._dropped - self._dropped_at_outage
             outage = time.monotonic() - self._outage_started
             self._errors_logged = 0
+            # An envelope sent before the outage is not "stalled" the moment we are back.
+            self._connected_since = time.monotonic()
         assert self._connected_evt is not None
         self._connected_evt.set()
-        self._need_streams = self.config.ensure_streams
+        self._need_streams = self.config.ensure_streams != "off"
         if not was_healthy:
             log.info(
                 "oona: NATS at %s reachable again after %.1fs; %d envelopes dropped meanwhile",
@@ -406,9 +485,13 @@ class Publisher:
         self._mark_up()
 
     async def _connect(self) -> NatsClient:
+        if self._servers is None:
+            raise self._bad_url
         return await nats.connect(
-            self.url,
+            **connect_options(self._servers, self._credentials),
             name=self.config.name,
+            ping_interval=self.config.ping_interval_s,
+            max_outstanding_pings=2,
             connect_timeout=self.config.connect_timeout_s,
             reconnect_time_wait=self.config.reconnect_wait_s,
             max_reconnect_attempts=-1,  # also makes the first connect retry until it succeeds
@@ -426,6 +509,7 @@ class Publisher:
         try:
             while True:
                 self._report_overflow()
+                self._check_stall()
                 if self._stopping:
                     break
                 if nc is None:
@@ -434,7 +518,7 @@ class Publisher:
                         continue
                     try:
                         nc = self._nc = connect_task.result()
-                    except (nats.errors.Error, OSError, ValueError) as exc:
+                    except (nats.errors.Error, OSError, ValueError, ConfigError) as exc:
                         # Refused connections are retried inside nats-py; this is what it gives
                         # up on (bad URL, auth). Keep trying: the operator may fix the server.
                         log.error(
@@ -453,7 +537,9 @@ class Publisher:
                 assert js is not None
                 if self._need_streams:
                     try:
-                        await ensure_streams(js, self._streams)
+                        await ensure_streams(
+                            js, self._streams, update=self.config.ensure_streams == "update"
+                        )
                         self._need_streams = False
                     except (*_TRANSIENT, APIError) as exc:
                         with self._lock:
@@ -495,10 +581,15 @@ class Publisher:
     def _take_batch(self) -> list[_Item]:
         assert self._wake is not None
         self._wake.clear()
+        now = time.monotonic()
         with self._lock:
             n = min(len(self._queue), self.config.max_in_flight)
             batch = [self._queue.popleft() for _ in range(n)]
             self._in_flight += n
+            for it in batch:
+                if it.first_sent is None:
+                    it.first_sent = now
+            self._sending = batch
             if not batch:
                 self._idle = True
                 self._changed.notify_all()
@@ -507,6 +598,7 @@ class Publisher:
     def _requeue(self, items: list[_Item]) -> None:
         """Put unacknowledged items back at the head, in order, honouring the bound."""
         with self._lock:
+            self._sending = []
             self._in_flight -= len(items)
             self._queue.extendleft(reversed(items))
             while len(self._queue) > self.config.max_queue:
@@ -538,12 +630,20 @@ class Publisher:
             elif isinstance(res, _TRANSIENT) or (isinstance(res, APIError) and res.code == 503):
                 retry.append(item)
                 if isinstance(res, NoStreamResponseError | nats.errors.NoRespondersError):
-                    self._need_streams = self.config.ensure_streams
+                    self._need_streams = self.config.ensure_streams != "off"
             else:
                 # APIError (too large, no permission) and anything unforeseen: retrying the
                 # same bytes would fail the same way and block the queue behind it.
                 rejected.append((item, res))
+        # Reported before the counters move, so a flush() that sees them has seen this too;
+        # the envelopes to retry are still counted as waiting (in `_sending`).
+        self._check_stall(ended=[it for it, res in zip(batch, results, strict=True)
+                                 if not isinstance(res, BaseException)] + [it for it, _ in rejected])
         with self._lock:
+            if not retry:
+                self._sending = []
+            if published or rejected:
+                self._last_ack = time.monotonic()
             self._published += published
             self._duplicates += duplicates
             self._rejected += len(rejected)
@@ -557,6 +657,9 @@ class Publisher:
         if retry:
             self._breaker.record_failure()
             self._requeue(retry)
+            # An answer that comes at once (no responders: a stream without a leader) would
+            # otherwise spin this loop; the breaker only opens after several such batches.
+            await asyncio.sleep(0.05)
         else:
             self._breaker.record_success()
         for item, exc in rejected:
@@ -566,6 +669,56 @@ class Publisher:
             self._emit(
                 "rejected", f"{item.subject} (Nats-Msg-Id {item.headers.get('Nats-Msg-Id')}): {exc}"
             )
+
+    def _oldest_unacked(self, exclude: list[_Item]) -> float | None:
+        """First-send time of the longest-waiting envelope that was sent and not acked
+        (caller holds the lock). Requeued envelopes sit at the head of the queue."""
+        skip = {id(it) for it in exclude}
+        oldest = None
+        for it in self._sending:
+            if it.first_sent is not None and id(it) not in skip:
+                oldest = it.first_sent if oldest is None else min(oldest, it.first_sent)
+        for it in self._queue:
+            if it.first_sent is None:
+                break
+            oldest = it.first_sent if oldest is None else min(oldest, it.first_sent)
+        return oldest
+
+    def _check_stall(self, ended: list[_Item] | None = None) -> None:
+        """Report "stalled" / "recovered" as the publisher's wait for acks crosses
+        stall_after_s; `ended` are envelopes just acknowledged (not waiting any more).
+
+        Stalled while connected means either an envelope sent that long ago is still not
+        acknowledged (its stream is stuck, even if another stream acks), or envelopes wait
+        and nothing at all was acknowledged for that long (they cannot even be sent: the
+        stream lookup fails, the breaker is open).
+        """
+        now = time.monotonic()
+        with self._lock:
+            if not self._connected:
+                return  # "unavailable" covers it
+            waiting = len(self._queue) + self._in_flight - len(ended or [])
+            oldest = self._oldest_unacked(ended or [])
+            sent_wait = 0.0 if oldest is None else now - max(oldest, self._connected_since)
+            idle_wait = 0.0 if waiting <= 0 or (ended and len(ended) > 0) else \
+                now - max(self._last_ack, self._backlog_since, self._connected_since)
+            waited = max(sent_wait, idle_wait)
+            stalled = waited >= self.config.stall_after_s
+            if stalled == self._stalled:
+                return
+            self._stalled = stalled
+            if stalled:
+                self._stall_started = now - waited
+            lasted = now - self._stall_started
+            why = self._last_error or "no ack"
+        if stalled:
+            log.warning("oona: JetStream at %s stalled: no ack for %.1fs (%d envelopes waiting; "
+                        "%s)", self.url, waited, waiting, why)
+            self._emit("stalled", f"JetStream at {self.url}: no ack for {waited:.1f}s with "
+                                  f"{waiting} envelopes waiting ({why})")
+        else:
+            log.info("oona: JetStream at %s acknowledges again after a %.1fs stall", self.url, lasted)
+            self._emit("recovered", f"JetStream at {self.url} acknowledges again after {lasted:.1f}s")
 
     def _report_overflow(self) -> None:
         with self._lock:

@@ -9,7 +9,7 @@ Subjects:
 Events emitted outside a run (e.g. a service degrading while idle) use the run token
 `NO_RUN` ("_"); run ids must start with a letter or digit, so the two never collide.
 
-Streams (file storage, one replica locally; the k8s overlay raises replicas):
+Streams (file storage; replicas configurable: 1 on the embedded server, 3 in deploy/k8s):
     ESPER_EVENTS     esper.events.v1.>, esper.kernels.v1.>   7 days / 1 GiB, discard old
     ESPER_TELEMETRY  esper.telemetry.v1.>                    24 h / 512 MiB, 100k msgs per run
 Both keep a 2-minute duplicate window, so a publish retried with the same `Nats-Msg-Id`
@@ -19,9 +19,10 @@ setting, not a stream one: see `esper.oona.natsd` (sync_interval always).
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from nats.js import JetStreamContext, api
@@ -29,6 +30,8 @@ from nats.js.errors import BadRequestError, NotFoundError
 
 from esper.config import reject_unknown_keys
 from esper.errors import ConfigError, InvalidArgumentError
+
+log = logging.getLogger(__name__)
 
 EVENTS_PREFIX = "esper.events.v1"
 TELEMETRY_PREFIX = "esper.telemetry.v1"
@@ -92,8 +95,10 @@ class StreamSpec:
     """Largest single message accepted; larger publishes are rejected by the server."""
     duplicate_window_s: float = 120.0
     """Window in which a repeated Nats-Msg-Id is recognised and not stored again."""
-    replicas: int = 1
-    """Copies kept by a NATS cluster (1 on a single local server)."""
+    replicas: int | None = None
+    """Copies kept by a NATS cluster: 1, 3 or 5 (a single server holds 1). None: a new stream
+    gets 1 and an existing one keeps the count it has, so a process that was not told the
+    count never undoes an operator's R3."""
     discard: str = "old"
     """What a full stream drops: "old" (the oldest messages) or "new" (refuse the publish)."""
 
@@ -121,9 +126,9 @@ class StreamSpec:
                 f"(0, max_age_s={self.max_age_s}], "
                 f"got {self.duplicate_window_s}"
             )
-        if self.replicas not in (1, 3, 5):
+        if self.replicas is not None and self.replicas not in (1, 3, 5):
             raise ConfigError(
-                f"stream {self.name}: replicas must be 1, 3 or 5, got {self.replicas}"
+                f"stream {self.name}: replicas must be 1, 3, 5 or None (keep), got {self.replicas}"
             )
         if self.discard not in _DISCARD:
             raise ConfigError(
@@ -149,7 +154,7 @@ class StreamSpec:
             max_msgs_per_subject=self.max_msgs_per_subject,
             max_msg_size=self.max_msg_bytes,
             duplicate_window=self.duplicate_window_s,
-            num_replicas=self.replicas,
+            num_replicas=self.replicas if self.replicas is not None else 1,
             discard=_DISCARD[self.discard],
         )
 
@@ -170,7 +175,21 @@ TELEMETRY_STREAM = StreamSpec(
 DEFAULT_STREAMS: tuple[StreamSpec, ...] = (EVENTS_STREAM, TELEMETRY_STREAM)
 
 
+def with_replicas(replicas: int | None, specs: Iterable[StreamSpec] = DEFAULT_STREAMS
+                  ) -> tuple[StreamSpec, ...]:
+    """`specs` with their replica count set (None: keep what the server has)."""
+    return tuple(replace(s, replicas=replicas) for s in specs)
+
+
+def configured_streams(env: Any = None) -> tuple[StreamSpec, ...]:
+    """The Esper streams with the replica count of ESPER_NATS_STREAM_REPLICAS (unset: None)."""
+    from esper.oona.connection import stream_replicas_from_env
+
+    return with_replicas(stream_replicas_from_env(env))
+
+
 def _differs(have: api.StreamConfig, want: api.StreamConfig) -> list[str]:
+    """Settings of `want` the server's stream does not have (num_replicas included)."""
     keys = (
         "subjects",
         "max_age",
@@ -196,13 +215,20 @@ def _differs(have: api.StreamConfig, want: api.StreamConfig) -> list[str]:
 
 
 async def ensure_streams(
-    js: JetStreamContext, specs: Iterable[StreamSpec] = DEFAULT_STREAMS
+    js: JetStreamContext, specs: Iterable[StreamSpec] = DEFAULT_STREAMS, *, update: bool = True
 ) -> dict[str, str]:
-    """Create each stream, or update it where its settings differ; safe to call from many processes.
+    """Create each missing stream; with `update`, also make an existing one match its spec.
 
-    Returns stream name → "created" | "updated" | "unchanged".
-    Raises the nats-py error (timeout, no responders, API error) when the server cannot
-    do it; callers decide whether that is fatal (CLI) or a degradation (publisher).
+    Safe to call from many processes. A spec whose `replicas` is None never changes the
+    replica count of an existing stream; one that names a count scales the stream to it
+    (JetStream moves the data). Without `update` (what publishers and consumers do: they
+    must not undo an operator's settings) an existing stream is left as it is and a
+    difference is only logged.
+
+    Returns stream name → "created" | "updated" | "unchanged" | "differs" (not updated).
+    Raises the nats-py error (timeout, no responders, API error, a permission the user
+    lacks) when the server cannot do it; callers decide whether that is fatal (CLI) or a
+    degradation (publisher).
     """
     result: dict[str, str] = {}
     for spec in specs:
@@ -217,12 +243,21 @@ async def ensure_streams(
             except BadRequestError:
                 # Another process created it between our lookup and add: fall through to update.
                 info = await js.stream_info(spec.name)
+        if spec.replicas is None:
+            want.num_replicas = info.config.num_replicas
         diff = _differs(info.config, want)
-        if diff:
+        if not diff:
+            result[spec.name] = "unchanged"
+        elif update:
             await js.update_stream(config=want)
             result[spec.name] = "updated"
+            if "num_replicas" in diff:
+                log.warning("oona: stream %s scaled from R%s to R%s", spec.name,
+                            info.config.num_replicas, want.num_replicas)
         else:
-            result[spec.name] = "unchanged"
+            result[spec.name] = "differs"
+            log.info("oona: stream %s differs from this process's spec in %s; left as it is "
+                     "(reconcile with `esper streams`)", spec.name, diff)
     return result
 
 
@@ -236,8 +271,10 @@ __all__ = [
     "TELEMETRY_STREAM",
     "StreamSpec",
     "check_run_id",
+    "configured_streams",
     "ensure_streams",
     "event_subject",
     "run_events_filter",
     "telemetry_subject",
+    "with_replicas",
 ]

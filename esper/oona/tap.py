@@ -17,6 +17,7 @@ from google.protobuf import text_format
 from nats.js import api
 
 from esper.errors import InvalidArgumentError, UnavailableError
+from esper.oona.connection import NatsCredentials, connect_options
 from esper.oona.envelope import decode, payload_kind
 from esper.oona.subjects import run_events_filter, telemetry_subject
 from generated.esper.oona.v1.events_pb2 import EventEnvelope
@@ -39,8 +40,12 @@ async def atail(
     telemetry: bool = False,
     idle_timeout_s: float | None = None,
     connect_timeout_s: float = 5.0,
+    credentials: NatsCredentials | None = None,
 ) -> int:
     """Print every event of `run_id` until no event came for `idle_timeout_s` (None: forever).
+
+    `url` may list several servers (comma-separated); `credentials` default to
+    ESPER_NATS_USER / ESPER_NATS_PASSWORD_FILE.
 
     Returns how many events were printed.
     Raises:
@@ -48,7 +53,12 @@ async def atail(
     """
     try:
         nc = await asyncio.wait_for(
-            nats.connect(url, connect_timeout=connect_timeout_s, max_reconnect_attempts=-1),
+            nats.connect(
+                **connect_options(url, credentials if credentials is not None
+                                  else NatsCredentials.from_env()),
+                connect_timeout=connect_timeout_s,
+                max_reconnect_attempts=-1,
+            ),
             connect_timeout_s,
         )
     except TimeoutError as exc:
@@ -91,10 +101,12 @@ def tail(
     out: TextIO | None = None,
     telemetry: bool = False,
     idle_timeout_s: float | None = None,
+    credentials: NatsCredentials | None = None,
 ) -> int:
     """Synchronous `atail` (for the CLI)."""
     return asyncio.run(
-        atail(url, run_id, out=out, telemetry=telemetry, idle_timeout_s=idle_timeout_s)
+        atail(url, run_id, out=out, telemetry=telemetry, idle_timeout_s=idle_timeout_s,
+              credentials=credentials)
     )
 
 

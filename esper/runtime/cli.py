@@ -2,9 +2,13 @@
 
 `esper up` hosts every service on ONE grpc.aio server (one port, one process, one
 health service with an entry per service) plus a local nats-server with JetStream whose
-store lives under `<data-dir>/nats`. It writes `<data-dir>/endpoints.json`
+store lives under `<data-dir>/nats`; the server is supervised (restarted on the same port
+if it dies) and refuses anonymous clients (users and 0600 password files under
+`<data-dir>/nats/credentials`; Tolaria's workers publish as "tolaria", see
+`esper.oona.natsd.start_embedded`). It writes `<data-dir>/endpoints.json`
 (`{"pid", "endpoints": {part: "host:port"}, "services": {part: proto name}, "nats_url",
-"nats_pid", "api_keys_file", "auth"}`) for `esper status` and for clients, and removes it on a clean exit.
+"nats_pid", "nats_credentials_dir", "api_keys_file", "auth"}`) for `esper status` and for
+clients, and removes it on a clean exit.
 Without ESPER_API_KEYS / ESPER_API_KEYS_FILE it creates `<data-dir>/api-keys` (mode 0600,
 one key with scope "*", kept across runs) and uses that.
 """
@@ -141,7 +145,7 @@ def _platform_keys(cfg: PlatformConfig) -> tuple[AuthConfig, str | None, Path | 
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from esper.oona.natsd import NatsServer
+    from esper.oona.natsd import embedded as embedded_nats
     from esper.runtime.logging import configure_logging
 
     cfg = _config(args, args.base_port)
@@ -158,7 +162,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     port = cfg.base_port or _free_port(cfg.host)
     target = f"{cfg.host}:{port}"
 
-    with NatsServer(cfg.data_dir / "nats") as nats:
+    with embedded_nats(cfg.data_dir / "nats") as nats:
+        # The run workers Tolaria spawns inherit this environment: they log in as "tolaria".
+        os.environ.update(nats.credentials.client_env("tolaria"))
         ctx = PlatformContext(
             data_dir=cfg.data_dir,
             endpoints={part: target for part in PARTS},
@@ -175,6 +181,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 "services": {s.part: s.service_name for s in specs},
                 "nats_url": nats.url,
                 "nats_pid": nats.pid,
+                "nats_credentials_dir": str(nats.credentials.directory.resolve()),
                 "api_keys_file": str(keys_file.resolve()) if keys_file else None,
                 "auth": not auth.disabled,
             }
@@ -184,7 +191,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             width = max(len(p) for p in PARTS)
             for s in specs:
                 print(f"{s.part:<{width}}  {cfg.host}:{bound}  {s.service_name}")
-            print(f"{'nats':<{width}}  {nats.url}  (JetStream, store {nats.store_dir})")
+            print(f"{'nats':<{width}}  {nats.url}  (JetStream, store {nats.store_dir}; "
+                  f"supervised; users in {nats.credentials.directory})")
             if keys_file is not None:
                 print(f"api keys: {keys_file} (send one as 'x-api-key' metadata)")
             elif auth.disabled:
@@ -246,7 +254,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     finally:
         for ch in channels.values():
             ch.close()
+    for url, nats_dir in _status_nats(args.data_dir):
+        from esper.oona.natsd import describe
+
+        state = describe(url, nats_dir, timeout=args.timeout)
+        if not state.startswith("SERVING"):
+            worst = 1
+        print(f"{'nats':<{width}}  {url.split('://', 1)[-1]:<21}  {state}")
     return worst
+
+
+def _status_nats(data_dir: Path) -> list[tuple[str, Path | None]]:
+    """NATS URLs to probe: esper up's (with its supervisor state) or ESPER_NATS_URL's."""
+    path = data_dir / ENDPOINTS_FILE
+    if path.exists():
+        url = json.loads(path.read_text()).get("nats_url")
+        return [(url, data_dir / "nats")] if url else []
+    return [(u.strip(), None) for u in os.environ.get(ENV_NATS_URL, "").split(",") if u.strip()]
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

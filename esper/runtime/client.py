@@ -15,6 +15,10 @@
   Streams get no default deadline (a watch may legitimately last hours).
 * Retries: the channel's service config retries UNAVAILABLE only, at most 5 attempts with
   jittered exponential backoff, all inside the call's deadline.
+* Load balancing: the service config asks for `round_robin`, so a target that resolves to
+  several addresses (`dns:///urza-headless.esper.svc.cluster.local:50051`, a headless
+  Service in deploy/k8s) spreads calls over every replica instead of pinning one HTTP/2
+  connection; a single address behaves as before.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ RETRY_POLICY: dict[str, Any] = {
     "backoffMultiplier": 2,
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
-_SERVICE_CONFIG = json.dumps({"methodConfig": [{"name": [{}], "retryPolicy": RETRY_POLICY}]})
+_SERVICE_CONFIG = json.dumps({"methodConfig": [{"name": [{}], "retryPolicy": RETRY_POLICY}],
+                              "loadBalancingConfig": [{"round_robin": {}}]})
 _OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.enable_retries", 1),
     ("grpc.service_config", _SERVICE_CONFIG),

@@ -1,7 +1,8 @@
 """Tamiyo's core: one Decide within the caller's deadline, whatever Urza is doing.
 
-The controller gathers kernel candidates per dormant slot (from a TTL cache, else from
-Urza within the time left), runs the policy, withholds any decision the rules refuse
+The controller gathers kernel candidates per dormant slot (the caller's own, when it sends
+them; else from a TTL cache, else from Urza within the time left), runs the policy,
+withholds any decision the rules refuse
 (`esper.tamiyo.policy.check_decisions`) and remembers recent responses by request_id.
 
 Urza being slow or down never fails a Decide: the policy then sees no candidates for the
@@ -15,7 +16,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -116,8 +117,12 @@ class TamiyoController:
         request_id: str = "",
         allowed_blueprints: Sequence[str] = (),
         time_remaining_s: float | None = None,
+        candidates: Mapping[str, Sequence[KernelCandidate]] | None = None,
     ) -> DecideResult:
         """Decisions for one boundary; the same request_id (and request) gives the same result.
+
+        `candidates`: the caller's own kernels per slot (None: ask Urza). Slots left out
+        have none; the same budget and `allowed_blueprints` filters apply.
 
         Raises:
             InvalidArgumentError: duplicate slot ids, or a request_id reused for another request.
@@ -132,8 +137,8 @@ class TamiyoController:
                 f"decide_reserve_s={self.config.decide_reserve_s * 1e3:.2f} ms"
             )
         if not request_id:
-            return await self._decide(snapshot, allowed_blueprints, start, deadline)
-        fingerprint = _fingerprint(snapshot, allowed_blueprints)
+            return await self._decide(snapshot, allowed_blueprints, start, deadline, candidates)
+        fingerprint = _fingerprint(snapshot, allowed_blueprints, candidates)
         seen = self._responses.get(request_id)
         if seen is not None:
             self._check_same(request_id, seen[0], fingerprint)
@@ -153,7 +158,7 @@ class TamiyoController:
         fut: asyncio.Future[DecideResult] = asyncio.get_running_loop().create_future()
         self._in_flight[request_id] = (fingerprint, fut)
         try:
-            result = await self._decide(snapshot, allowed_blueprints, start, deadline)
+            result = await self._decide(snapshot, allowed_blueprints, start, deadline, candidates)
         except asyncio.CancelledError:
             fut.cancel()
             raise
@@ -185,12 +190,16 @@ class TamiyoController:
         allowed_blueprints: Sequence[str],
         start: float,
         deadline: float,
+        offered: Mapping[str, Sequence[KernelCandidate]] | None = None,
     ) -> DecideResult:
         ids = [s.slot_id for s in snapshot.slots]
         if len(set(ids)) != len(ids):
             dup = sorted({i for i in ids if ids.count(i) > 1})
             raise InvalidArgumentError(f"snapshot.slots repeats slot id(s) {dup}", field="snapshot.slots")
-        candidates, notes = await self._candidates(snapshot, allowed_blueprints, deadline)
+        if offered is not None:
+            candidates, notes = self._callers_candidates(snapshot, allowed_blueprints, offered), []
+        else:
+            candidates, notes = await self._candidates(snapshot, allowed_blueprints, deadline)
         proposed = self.policy.decide(snapshot, candidates)
         decisions, withheld = check_decisions(snapshot, proposed, candidates)
         for w in withheld:
@@ -224,18 +233,39 @@ class TamiyoController:
             notes=notes,
         )
 
+    @staticmethod
+    def _open_slots(snapshot: health_pb2.HealthSnapshot) -> list[health_pb2.SlotHealth]:
+        """Slots a germination could use now: DORMANT, not embargoed, budget left."""
+        if snapshot.seeds_left == 0 or snapshot.parameters_left == 0:
+            return []
+        return [
+            s
+            for s in snapshot.slots
+            if s.stage == seed_pb2.SEED_STAGE_DORMANT and s.embargo_epochs_left == 0 and s.HasField("site")
+        ]
+
+    def _callers_candidates(
+        self,
+        snapshot: health_pb2.HealthSnapshot,
+        allowed: Sequence[str],
+        offered: Mapping[str, Sequence[KernelCandidate]],
+    ) -> dict[str, list[KernelCandidate]]:
+        """The caller's kernels for its open slots, under the same filters as Urza's."""
+        bound = snapshot.parameters_left
+        allow = set(allowed)
+        return {
+            s.slot_id: [c for c in offered[s.slot_id]
+                        if c.parameters <= bound and (not allow or c.blueprint_id in allow)]
+            for s in self._open_slots(snapshot)
+            if s.slot_id in offered
+        }
+
     async def _candidates(
         self, snapshot: health_pb2.HealthSnapshot, allowed: Sequence[str], deadline: float
     ) -> tuple[dict[str, list[KernelCandidate]], list[str]]:
         notes: list[str] = []
         # Only ask for kernels a germination could use: open dormant slots, budget left.
-        if snapshot.seeds_left == 0 or snapshot.parameters_left == 0:
-            return {}, notes
-        slots = [
-            s
-            for s in snapshot.slots
-            if s.stage == seed_pb2.SEED_STAGE_DORMANT and s.embargo_epochs_left == 0 and s.HasField("site")
-        ]
+        slots = self._open_slots(snapshot)
         if not slots:
             return {}, notes
         bound = snapshot.parameters_left
@@ -330,8 +360,15 @@ class TamiyoController:
         )
 
 
-def _fingerprint(snapshot: health_pb2.HealthSnapshot, allowed: Sequence[str]) -> bytes:
+def _fingerprint(snapshot: health_pb2.HealthSnapshot, allowed: Sequence[str],
+                 offered: Mapping[str, Sequence[KernelCandidate]] | None = None) -> bytes:
     h = hashlib.sha256(snapshot.SerializeToString(deterministic=True))
     for b in allowed:
         h.update(b"\0" + b.encode())
+    if offered is not None:
+        h.update(b"\1")
+        for slot_id, kernels in offered.items():
+            h.update(b"\2" + slot_id.encode())
+            for c in kernels:
+                h.update(b"\3" + repr(c).encode())
     return h.digest()

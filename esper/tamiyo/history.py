@@ -8,7 +8,9 @@ runs remembered is bounded (least recently seen run forgotten first).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from generated.esper.common.v1 import health_pb2
 
@@ -61,3 +63,27 @@ class ContributionHistory:
 
     def runs(self) -> int:
         return len(self._runs)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data (runs in recency order), for a trainer's checkpoint."""
+        return {
+            "runs": [
+                [run_id, {sid: {"kernel_id": rec.kernel_id,
+                                "by_epoch": [[e, st, m, c] for e, (st, m, c) in rec.by_epoch.items()]}
+                          for sid, rec in slots.items()}]
+                for run_id, slots in self._runs.items()
+            ]
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace what is remembered by `state` (from `state_dict`)."""
+        runs: OrderedDict[str, dict[str, _SlotRecord]] = OrderedDict()
+        for run_id, slots in state["runs"]:
+            runs[str(run_id)] = {
+                str(sid): _SlotRecord(
+                    kernel_id=str(rec["kernel_id"]),
+                    by_epoch={int(e): (int(st), bool(m), float(c)) for e, st, m, c in rec["by_epoch"]},
+                )
+                for sid, rec in slots.items()
+            }
+        self._runs = runs

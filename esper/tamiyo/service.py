@@ -15,6 +15,7 @@ from google.protobuf import timestamp_pb2
 from esper.errors import EsperError
 from esper.runtime.errors import abort_with
 from esper.runtime.spec import PlatformContext, ServiceSpec
+from esper.tamiyo import candidates as caller_candidates
 from esper.tamiyo.config import TamiyoConfig
 from esper.tamiyo.controller import CandidateSource, TamiyoController
 from esper.tamiyo.policy import Policy
@@ -33,11 +34,14 @@ class TamiyoServicer(rpc.TamiyoServiceServicer):
 
     async def Decide(self, request: pb.DecideRequest, context: grpc.aio.ServicerContext) -> pb.DecideResponse:
         try:
+            offered = (caller_candidates.from_proto(request.candidates, request.snapshot)
+                       if request.HasField("candidates") else None)
             result = await self.controller.decide(
                 request.snapshot,
                 request_id=request.request_id,
                 allowed_blueprints=list(request.allowed_blueprints),
                 time_remaining_s=context.time_remaining(),
+                candidates=offered,
             )
         except EsperError as e:
             await abort_with(context, e)

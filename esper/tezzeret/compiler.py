@@ -10,7 +10,17 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from esper.blueprints import build_module, builtin_blueprints, plan_ir, site_key, site_shape
+from esper.blueprints import (
+    build_module,
+    builtin_blueprints,
+    is_parallel,
+    plan_ir,
+    site_key,
+    site_output_shape,
+    site_shape,
+    slot_kinds,
+    supports,
+)
 from esper.blueprints.artifact import SigningKey, pack_kernel
 from esper.blueprints.ir import check_site, layout_name
 from esper.errors import FailedPreconditionError
@@ -38,8 +48,12 @@ class CompiledKernel:
     blueprint: blueprint_pb2.Blueprint
 
 
-def _probe_shape(site: seed_pb2.SiteSignature) -> tuple[int, ...]:
-    shape = site_shape(site)
+def _probe_shape(site: seed_pb2.SiteSignature, *, output: bool = False) -> tuple[int, ...]:
+    """Concrete per-sample shape of the seed's input (or, with `output`, of what it returns).
+
+    Extents that vary get the layout's default, the same for input and output.
+    """
+    shape = site_output_shape(site) if output else site_shape(site)
     defaults = list(_DEFAULT_EXTENT[site.layout])
     out = []
     spatial_i = 0
@@ -55,21 +69,34 @@ def _probe_shape(site: seed_pb2.SiteSignature) -> tuple[int, ...]:
 
 def validate_kernel(module: torch.nn.Module, site: seed_pb2.SiteSignature, *, seed: int = 0
                     ) -> kernel_pb2.ValidationReport:
-    """Check shape, function preservation at init (blend y = h + s) and finite fwd/bwd."""
+    """Check shape, function preservation at init (blend y = h + s) and finite fwd/bwd.
+
+    `h` stands for the host's activation at the site and `x` for the seed's input: the
+    same shape for an output slot, the wrapped module's output and input for a parallel one.
+    """
     gen = torch.Generator().manual_seed(seed)
     probe = _probe_shape(site)
-    h = torch.randn(4, *probe, generator=gen)
+    out_probe = _probe_shape(site, output=True)
+    # Drawn in the order (h, x, target) used before parallel slots existed, and with the
+    # same notes below, so an output slot's report (part of the signed manifest, hence of
+    # the kernel id) is exactly what it was.
+    h = torch.randn(4, *out_probe, generator=gen)
     x = torch.randn(4, *probe, generator=gen)
     s = module(x)
-    report = kernel_pb2.ValidationReport(shape_ok=tuple(s.shape) == tuple(x.shape))
-    report.notes.append(f"probed at per-sample shape {list(probe)}, batch 4")
+    report = kernel_pb2.ValidationReport(shape_ok=tuple(s.shape) == tuple(h.shape))
+    if is_parallel(site):
+        report.notes.append(f"parallel slot: probed at per-sample input shape {list(probe)}, "
+                            f"output shape {list(out_probe)}, batch 4")
+    else:
+        report.notes.append(f"probed at per-sample shape {list(probe)}, batch 4")
     if not report.shape_ok:
-        report.notes.append(f"seed output {list(s.shape)} != input {list(x.shape)}")
+        what = "site output" if is_parallel(site) else "input"
+        report.notes.append(f"seed output {list(s.shape)} != {what} {list(h.shape)}")
         return report
     y = h + s
     report.init_max_abs_delta = float((y - h).detach().abs().max())
     report.forward_finite = bool(torch.isfinite(s.detach()).all())
-    target = torch.randn(4, *probe, generator=gen)
+    target = torch.randn(4, *out_probe, generator=gen)
     loss = (y - target).pow(2).mean()
     module.zero_grad(set_to_none=True)
     loss.backward()
@@ -129,6 +156,11 @@ def compile_kernel(blueprint: blueprint_pb2.Blueprint, site: seed_pb2.SiteSignat
         raise FailedPreconditionError(
             f"blueprint {blueprint.blueprint_id or blueprint.name} supports layouts "
             f"{[layout_name(x) for x in blueprint.layouts]}, not {layout_name(site.layout)}")
+    if site.kind not in slot_kinds(blueprint):
+        kinds = sorted(seed_pb2.SlotKind.Name(k) for k in slot_kinds(blueprint))
+        raise FailedPreconditionError(
+            f"blueprint {blueprint.blueprint_id or blueprint.name} serves slot kinds {kinds}, "
+            f"not {seed_pb2.SlotKind.Name(site.kind)} (site {site_key(site)})")
     plan_ir(blueprint.ir, site)
     module = build_module(blueprint, site, seed=seed)
     report = validate_kernel(module, site, seed=seed)
@@ -157,15 +189,20 @@ def compile_catalog(sites: Iterable[seed_pb2.SiteSignature], signing_key: Signin
                     blueprints: Iterable[blueprint_pb2.Blueprint] | None = None,
                     publish: Callable[[CompiledKernel], None] | None = None,
                     benchmark_iters: int = 20) -> list[CompiledKernel]:
-    """Compile every (built-in) blueprint for every site whose layout it supports.
+    """Compile every (built-in) blueprint for every site whose layout and slot kind it serves.
 
+    At a parallel site a blueprint whose IR cannot map the module's input to its output
+    (e.g. a conv branch across a strided convolution) has no kernel there and is skipped;
+    at an output site such a blueprint is an error, as it always was.
     `publish` (e.g. a Urza upload) is called with each kernel as soon as it is compiled.
     """
     out = []
     bps = list(builtin_blueprints() if blueprints is None else blueprints)
     for site in sites:
         for bp in bps:
-            if site.layout not in bp.layouts:
+            if site.layout not in bp.layouts or site.kind not in slot_kinds(bp):
+                continue
+            if is_parallel(site) and not supports(bp, site):
                 continue
             ck = compile_kernel(bp, site, signing_key, benchmark_iters=benchmark_iters)
             if publish is not None:

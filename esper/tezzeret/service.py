@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from esper.blueprints import blueprint_id, site_key, site_signature, supports, validate_ir
-from esper.blueprints.artifact import SigningKey
+from esper.blueprints.artifact import SigningKey, TrustedKeys
 from esper.blueprints.ir import check_site, layout_name
 from esper.errors import EsperError, FailedPreconditionError
 from esper.runtime.spec import PlatformContext, ServiceSpec
@@ -173,16 +174,34 @@ def signing_key_for(ctx: PlatformContext, config: TezzeretConfig) -> SigningKey:
     return SigningKey.load_or_create(ctx.part_dir("tezzeret") / "signing_key.pem")
 
 
-def publish_public_key(ctx: PlatformContext, config: TezzeretConfig, key: SigningKey) -> Path:
-    """Write the public key where Urza and the loaders look for trusted keys."""
+def publish_public_key(ctx: PlatformContext, config: TezzeretConfig, key: SigningKey) -> Path | None:
+    """Write the public key where Urza and the loaders look for trusted keys.
+
+    Returns the file, or None when nothing was written: the key is already trusted there
+    (deploy/k8s mounts a ConfigMap made from the key pair), or the directory is read-only
+    (a Secret/ConfigMap mount): then the operator puts the key there, and a log line says so.
+    """
     directory = Path(config.trusted_keys_dir or os.environ.get("ESPER_TRUSTED_KEYS_DIR")
                      or ctx.data_dir / "trusted_keys")
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.is_dir() and key.key_id in TrustedKeys.from_dir(directory):
+        log.info("tezzeret: signing key %s is already trusted in %s; not publishing it",
+                 key.key_id, directory)
+        return None
     path = directory / f"tezzeret-{key.key_id}.pub"
-    if not path.exists():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(key.public_pem())
-        os.replace(tmp, path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(key.public_pem())
+            os.replace(tmp, path)
+    except OSError as e:
+        if not isinstance(e, PermissionError) and e.errno != errno.EROFS:
+            raise
+        log.warning("tezzeret: cannot publish signing key %s into %s (%s); Urza and the "
+                    "workers will reject its kernels until that key is trusted there (see "
+                    "deploy/k8s/README.md: the esper-trusted-keys ConfigMap)",
+                    key.key_id, directory, e.strerror)
+        return None
     return path
 
 

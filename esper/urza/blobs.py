@@ -3,9 +3,11 @@
 Layout: `<root>/<h[0:2]>/<h[2:4]>/<h>` where `h` is the lower-case hex SHA-256 of the
 bytes. A blob is written to a temp file in its final directory, fsynced, renamed into
 place, and the directory fsynced, so after a crash a name either holds the complete
-bytes or does not exist. Temp files (`.tmp-*`) are never served and are swept at
-open. Every read re-hashes the bytes: a blob corrupted on disk is reported
-(`DataLossError`, reason BLOB_CORRUPT) and moved aside, never served.
+bytes or does not exist. PutKernel uploads stream into `<root>/.staging/` and are renamed
+into place once verified (`put_file`). Temp files (`.tmp-*`) are never served and are
+swept at open. Every read re-hashes the bytes: a blob corrupted on disk is reported
+(`DataLossError`, reason BLOB_CORRUPT) and moved aside, never served. Error messages name
+no server paths (a caller has no use for them); the log has them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -32,11 +35,20 @@ class Blobs(Protocol):
     directory) or `esper.urza.s3blobs.S3BlobStore` (an S3-compatible bucket)."""
 
     location: str
-    """Where the blobs are, for messages (a path or an s3:// URL)."""
+    """Where the blobs are, for the server log (a path or an s3:// URL)."""
+    staging_dir: Path
+    """Local directory where uploads are streamed before `put_file` (swept at open)."""
 
     def put(self, data: bytes) -> str: ...
+    def put_file(self, path: Path, sha256: str) -> None:
+        """Store the (fsynced, already hashed) file at `path` as blob `sha256`; the file is
+        consumed (moved or deleted)."""
     def get(self, sha256: str) -> bytes: ...
     def exists(self, sha256: str) -> bool: ...
+    def list_blobs(self) -> Iterator[tuple[str, float]]:
+        """(sha256, modification time) of every stored blob (not quarantined ones)."""
+    def delete(self, sha256: str, *, not_after: float | None = None) -> bool:
+        """Remove a blob; False if absent (or, with `not_after`, modified after it)."""
     def close(self) -> None: ...
 
 
@@ -130,6 +142,9 @@ class BlobStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.location = str(self.root)
         self.quarantine = self.root / "quarantine"
+        # Under the root, so a verified upload is renamed into place, never copied.
+        self.staging_dir = self.root / ".staging"
+        self.staging_dir.mkdir(exist_ok=True)
         self.swept = self.sweep_temp(older_than_s=sweep_temp_older_than_s)
 
     def path_for(self, sha256: str) -> Path:
@@ -147,8 +162,32 @@ class BlobStore:
             w.commit()
         return sha
 
+    def put_file(self, path: Path, sha256: str) -> None:
+        final = self.path_for(sha256)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, final)
+        _fsync_dir(final.parent)
+
     def exists(self, sha256: str) -> bool:
         return self.path_for(sha256).is_file()
+
+    def list_blobs(self) -> Iterator[tuple[str, float]]:
+        for p in self.root.glob("[0-9a-f][0-9a-f]/[0-9a-f][0-9a-f]/*"):
+            if _HEX64.match(p.name):
+                try:
+                    yield p.name, p.stat().st_mtime
+                except FileNotFoundError:
+                    continue  # deleted meanwhile
+
+    def delete(self, sha256: str, *, not_after: float | None = None) -> bool:
+        path = self.path_for(sha256)
+        try:
+            if not_after is not None and path.stat().st_mtime > not_after:
+                return False  # rewritten since it was listed: an upload is using it
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
     def get(self, sha256: str) -> bytes:
         """The verified bytes of a blob.
@@ -161,7 +200,7 @@ class BlobStore:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise NotFoundError(f"no blob {sha256} in {self.root}") from None
+            raise NotFoundError(f"no blob {sha256} in the blob store") from None
         got = hashlib.sha256(data).hexdigest()
         if got != sha256:
             self.quarantine.mkdir(exist_ok=True)
@@ -170,8 +209,8 @@ class BlobStore:
             log.error("urza blob %s is corrupt on disk (hashes to %s); moved to %s",
                       sha256, got, dest)
             raise DataLossError(
-                f"stored artifact blob {sha256} is corrupt on disk (its bytes hash to {got}); "
-                f"it was quarantined at {dest}; re-upload the kernel to repair it",
+                f"stored artifact blob {sha256} is corrupt (its bytes hash to {got}); it was "
+                "quarantined (the server log says where); re-upload the kernel to repair it",
                 reason="BLOB_CORRUPT",
             )
         return data
@@ -187,7 +226,8 @@ class BlobStore:
         """
         now = time.time()
         n = 0
-        for tmp in self.root.glob(f"*/*/{TMP_PREFIX}*"):
+        leftovers = [*self.root.glob(f"*/*/{TMP_PREFIX}*"), *self.staging_dir.glob("*")]
+        for tmp in leftovers:
             try:
                 if now - tmp.stat().st_mtime >= older_than_s:
                     tmp.unlink()

@@ -35,6 +35,7 @@ from esper.errors import (
 )
 from esper.runtime.breaker import BreakerConfig, CircuitBreaker
 from esper.runtime.client import as_esper_error
+from esper.urza.config import MAX_CHUNK
 from generated.esper.common.v1 import blueprint_pb2, kernel_pb2, seed_pb2
 from generated.esper.urza.v1 import urza_service_pb2 as pb
 from generated.esper.urza.v1 import urza_service_pb2_grpc as rpc
@@ -56,6 +57,9 @@ _CHANNEL_OPTIONS = (
     ("grpc.max_reconnect_backoff_ms", 300),
     ("grpc.max_receive_message_length", 8 << 20),
     ("grpc.enable_retries", 0),
+    # Spread calls over every address a target resolves to (replicas behind a headless
+    # Service in deploy/k8s: dns:///urza-headless...:50051); one address: no change.
+    ("grpc.lb_policy_name", "round_robin"),
 )
 UPLOAD_CHUNK = 1 << 20
 
@@ -243,6 +247,9 @@ class UrzaClient:
     def put_kernel(self, artifact: bytes, timeout_s: float, *, request_id: str | None = None,
                    chunk_size: int = UPLOAD_CHUNK) -> tuple[str, bool]:
         """Upload a signed artifact; returns (kernel_id, created). Idempotent by content."""
+        if not 1 <= chunk_size <= MAX_CHUNK:
+            raise InvalidArgumentError(f"chunk_size={chunk_size}: must be in [1, {MAX_CHUNK}]",
+                                       field="chunk_size")
         header = pb.KernelUploadHeader(request_id=request_id or str(uuid.uuid4()),
                                        total_size=len(artifact),
                                        artifact_sha256=hashlib.sha256(artifact).hexdigest())
@@ -258,17 +265,28 @@ class UrzaClient:
 
     def query_kernels(self, timeout_s: float, *, blueprint_id: str = "",
                       site: seed_pb2.SiteSignature | None = None, tags: Iterable[str] = (),
-                      max_parameters: int = 0, page_size: int = 0, page_token: str = ""
+                      max_parameters: int = 0, page_size: int = 0, page_token: str = "",
+                      include_retired: bool = False
                       ) -> tuple[list[kernel_pb2.KernelRecord], str]:
-        """Kernels matching every filter, best recorded outcomes first; (records, next token)."""
+        """Kernels of trusted signers matching every filter, best score first
+        (KernelStats.score); (records, next token). A page may hold fewer than page_size
+        records (replies stay under 3 MiB): page on while the token is not empty."""
         req = pb.QueryKernelsRequest(blueprint_id=blueprint_id, tags=list(tags),
                                      max_parameters=max_parameters, page_size=page_size,
-                                     page_token=page_token)
+                                     page_token=page_token, include_retired=include_retired)
         if site is not None:
             req.site.CopyFrom(site)
         resp = self._call("QueryKernels", timeout_s,
                           lambda left: self._stub.QueryKernels(req, **self._opts(left)))
         return list(resp.kernels), resp.next_page_token
+
+    def delete_kernel(self, kernel_id: str, timeout_s: float, *,
+                      request_id: str | None = None) -> bool:
+        """Delete a kernel and its field reports; False if Urza had no such kernel."""
+        req = pb.DeleteKernelRequest(request_id=request_id or str(uuid.uuid4()),
+                                     kernel_id=kernel_id)
+        return self._call("DeleteKernel", timeout_s,
+                          lambda left: self._stub.DeleteKernel(req, **self._opts(left))).deleted
 
     def record_outcome(self, report: pb.FieldReport, timeout_s: float, *,
                        request_id: str | None = None) -> bool:
@@ -279,6 +297,15 @@ class UrzaClient:
         req = pb.RecordOutcomeRequest(request_id=request_id or str(uuid.uuid4()), report=report)
         return self._call("RecordOutcome", timeout_s,
                           lambda left: self._stub.RecordOutcome(req, **self._opts(left))).created
+
+    def delete_field_reports(self, timeout_s: float, *, kernel_id: str = "", run_id: str = "",
+                             request_id: str | None = None) -> int:
+        """Delete the field reports of a kernel, of a run, or of both; returns how many."""
+        req = pb.DeleteFieldReportsRequest(request_id=request_id or str(uuid.uuid4()),
+                                           kernel_id=kernel_id, run_id=run_id)
+        return self._call(
+            "DeleteFieldReports", timeout_s,
+            lambda left: self._stub.DeleteFieldReports(req, **self._opts(left))).deleted
 
     # -- blueprints -----------------------------------------------------------------------------
 
@@ -294,14 +321,45 @@ class UrzaClient:
         return self._call("GetBlueprint", timeout_s,
                           lambda left: self._stub.GetBlueprint(req, **self._opts(left))).blueprint
 
+    def blueprint_status(self, blueprint_id: str, timeout_s: float) -> pb.GetBlueprintResponse:
+        """The blueprint with whether (when, why) it is retired."""
+        req = pb.GetBlueprintRequest(blueprint_id=blueprint_id)
+        return self._call("GetBlueprint", timeout_s,
+                          lambda left: self._stub.GetBlueprint(req, **self._opts(left)))
+
     def list_blueprints(self, timeout_s: float, *, family: str = "", tags: Iterable[str] = (),
-                        layout: int = 0, page_size: int = 0, page_token: str = ""
+                        layout: int = 0, page_size: int = 0, page_token: str = "",
+                        include_retired: bool = False
                         ) -> tuple[list[blueprint_pb2.Blueprint], str]:
+        """Blueprints by id (retired ones only with include_retired); (blueprints, next
+        token). A page may hold fewer than page_size (replies stay under 3 MiB)."""
         req = pb.ListBlueprintsRequest(family=family, tags=list(tags), layout=layout,
-                                       page_size=page_size, page_token=page_token)
+                                       page_size=page_size, page_token=page_token,
+                                       include_retired=include_retired)
         resp = self._call("ListBlueprints", timeout_s,
                           lambda left: self._stub.ListBlueprints(req, **self._opts(left)))
         return list(resp.blueprints), resp.next_page_token
+
+    def retire_blueprint(self, blueprint_id: str, timeout_s: float, *, reason: str = "",
+                         restore: bool = False, request_id: str | None = None) -> bool:
+        """Retire (restore=True: un-retire) a blueprint: its kernels are still served but no
+        longer offered. Returns False when it already was in that state."""
+        req = pb.RetireBlueprintRequest(request_id=request_id or str(uuid.uuid4()),
+                                        blueprint_id=blueprint_id, reason=reason,
+                                        restore=restore)
+        return self._call(
+            "RetireBlueprint", timeout_s,
+            lambda left: self._stub.RetireBlueprint(req, **self._opts(left))).changed
+
+    def delete_blueprint(self, blueprint_id: str, timeout_s: float, *,
+                         request_id: str | None = None) -> tuple[bool, int]:
+        """Delete a blueprint, its kernels and their field reports; (deleted, kernels
+        deleted)."""
+        req = pb.DeleteBlueprintRequest(request_id=request_id or str(uuid.uuid4()),
+                                        blueprint_id=blueprint_id)
+        resp = self._call("DeleteBlueprint", timeout_s,
+                          lambda left: self._stub.DeleteBlueprint(req, **self._opts(left)))
+        return resp.deleted, resp.kernels_deleted
 
 
 def fetcher(client: UrzaClient) -> Callable[[str, float], bytes]:

@@ -22,9 +22,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -50,7 +53,9 @@ class S3BlobStore:
 
     def __init__(self, url: str, *, endpoint_url: str = "", region: str = "",
                  connect_timeout_s: float = 5.0, read_timeout_s: float = 30.0,
-                 max_attempts: int = 3) -> None:
+                 max_attempts: int = 3, staging_dir: str | Path | None = None) -> None:
+        """`staging_dir`: local directory for uploads in progress (swept here: one Urza
+        process owns it); None: a fresh temporary directory."""
         try:
             import boto3
             from botocore.config import Config
@@ -73,6 +78,15 @@ class S3BlobStore:
         except BaseException:
             self._s3.close()
             raise
+        self._own_staging = staging_dir is None
+        if staging_dir is None:
+            self.staging_dir = Path(tempfile.mkdtemp(prefix="esper-urza-uploads-"))
+        else:
+            self.staging_dir = Path(staging_dir)
+            self.staging_dir.mkdir(parents=True, exist_ok=True)
+            for leftover in self.staging_dir.iterdir():  # a crashed upload's partial file
+                if leftover.is_file():
+                    leftover.unlink(missing_ok=True)
 
     # -- the blob contract (same as esper.urza.blobs.BlobStore) -------------------------
 
@@ -92,6 +106,42 @@ class S3BlobStore:
                 ContentType="application/octet-stream")
         return sha
 
+    def put_file(self, path: Path, sha256: str) -> None:
+        """Store a local file (already hashed to `sha256`) streaming from disk; the file is
+        deleted once stored (or on failure)."""
+        checksum = base64.b64encode(bytes.fromhex(check_sha(sha256))).decode("ascii")
+        try:
+            with open(path, "rb") as body, self._errors(f"storing blob {sha256}"):
+                self._s3.put_object(Bucket=self.bucket, Key=self.key_for(sha256), Body=body,
+                                    ChecksumSHA256=checksum,
+                                    ContentType="application/octet-stream")
+        finally:
+            Path(path).unlink(missing_ok=True)
+
+    def list_blobs(self) -> Iterator[tuple[str, float]]:
+        with self._errors("listing blobs"):
+            pages = self._s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=f"{self.prefix}sha256/")
+            for page in pages:
+                for obj in page.get("Contents", ()):
+                    name = obj["Key"].rsplit("/", 1)[-1]
+                    if len(name) == 64 and all(c in "0123456789abcdef" for c in name):
+                        yield name, obj["LastModified"].timestamp()
+
+    def delete(self, sha256: str, *, not_after: float | None = None) -> bool:
+        key = self.key_for(sha256)
+        with self._errors(f"deleting blob {sha256}"):
+            try:
+                head = self._s3.head_object(Bucket=self.bucket, Key=key)
+            except self._s3.exceptions.ClientError as exc:
+                if _status(exc) == 404:
+                    return False
+                raise
+            if not_after is not None and head["LastModified"].timestamp() > not_after:
+                return False  # rewritten since it was listed: an upload is using it
+            self._s3.delete_object(Bucket=self.bucket, Key=key)
+        return True
+
     def exists(self, sha256: str) -> bool:
         with self._errors(f"looking up blob {sha256}"):
             try:
@@ -110,7 +160,7 @@ class S3BlobStore:
             try:
                 resp = self._s3.get_object(Bucket=self.bucket, Key=key)
             except self._s3.exceptions.NoSuchKey:
-                raise NotFoundError(f"no blob {sha256} in {self.location}") from None
+                raise NotFoundError(f"no blob {sha256} in the blob store") from None
             data = resp["Body"].read()
         got = hashlib.sha256(data).hexdigest()
         if got != sha256:
@@ -122,13 +172,15 @@ class S3BlobStore:
             log.error("urza blob %s in %s is corrupt (hashes to %s); moved to %s",
                       sha256, self.location, got, dest)
             raise DataLossError(
-                f"stored artifact blob {sha256} is corrupt in {self.location} (its bytes hash "
-                f"to {got}); it was quarantined at s3://{self.bucket}/{dest}; re-upload the "
-                "kernel to repair it", reason="BLOB_CORRUPT")
+                f"stored artifact blob {sha256} is corrupt (its bytes hash to {got}); it was "
+                "quarantined (the server log says where); re-upload the kernel to repair it",
+                reason="BLOB_CORRUPT")
         return data
 
     def close(self) -> None:
         self._s3.close()
+        if self._own_staging:
+            shutil.rmtree(self.staging_dir, ignore_errors=True)
 
     # -- internals ------------------------------------------------------------------------
 

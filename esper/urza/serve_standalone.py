@@ -3,7 +3,9 @@
     python -m esper.urza.serve_standalone --data-dir /var/lib/esper --port 50051 \
         [--trusted-keys-dir DIR] [--database-url postgresql://...] [--ready-file F]
 
-API keys come from ESPER_API_KEYS / ESPER_API_KEYS_FILE unless --insecure-no-auth.
+API keys come from ESPER_API_KEYS / ESPER_API_KEYS_FILE unless --insecure-no-auth. Any other
+Urza setting comes from ESPER_URZA_<KEY> (as for `esper serve`); the flags win. SIGHUP
+re-reads the trusted keys.
 Once SERVING, the bound port is printed as `URZA_READY <port>` and, with --ready-file,
 written to that file (atomically), so a parent using port 0 can find it.
 """
@@ -17,6 +19,7 @@ import os
 from pathlib import Path
 
 from esper.runtime.auth import AuthConfig
+from esper.runtime.config import PlatformConfig
 from esper.runtime.host import serve
 from esper.runtime.spec import PlatformContext
 from esper.urza.service import create_service
@@ -35,8 +38,11 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = {k: v for k, v in (("trusted_keys_dir", args.trusted_keys_dir),
-                                  ("database_url", args.database_url)) if v}
+    settings = dict(PlatformConfig.load(None, env={
+        k: v for k, v in os.environ.items() if k.startswith("ESPER_URZA_")}).settings.get(
+            "urza", {}))
+    settings.update({k: v for k, v in (("trusted_keys_dir", args.trusted_keys_dir),
+                                       ("database_url", args.database_url)) if v})
     ctx = PlatformContext(data_dir=args.data_dir, settings={"urza": settings})
     auth = AuthConfig(disabled=True) if args.insecure_no_auth else AuthConfig.from_env()
 

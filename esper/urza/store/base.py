@@ -10,6 +10,8 @@ import base64
 import binascii
 import hashlib
 import json
+import math
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -20,11 +22,49 @@ from esper.errors import InvalidArgumentError
 
 T = TypeVar("T")
 
-KernelOrder = Literal["mean_contribution", "fossilized_rate", "outcomes", "created"]
-KERNEL_ORDERS: tuple[str, ...] = ("mean_contribution", "fossilized_rate", "outcomes", "created")
+KernelOrder = Literal["score", "mean_contribution", "fossilized_rate", "outcomes", "created"]
+KERNEL_ORDERS: tuple[str, ...] = ("score", "mean_contribution", "fossilized_rate", "outcomes",
+                                  "created")
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+MAX_PAGE_OFFSET = 2**31 - 1
+"""Largest row offset a page token may carry (far beyond any library Urza holds)."""
+MAX_TOKEN_CHARS = 256
+"""Page tokens this service issues are ~60 characters; anything longer is refused unread."""
+
+INT64_MAX = 2**63 - 1
+"""Largest value the metadata stores' BIGINT columns hold."""
+INT32_MAX = 2**31 - 1
+"""Largest value PostgreSQL's INTEGER columns hold (epochs are uint32 on the wire)."""
+TIMESTAMP_MAX_S = 253402300799
+"""9999-12-31T23:59:59Z, the last instant a google.protobuf.Timestamp can carry."""
+
+SCORE_CLIP = 1.0
+"""Every aggregate of field reports clips each report's contribution and accuracy_delta to
+[-SCORE_CLIP, SCORE_CLIP] first (winsorising), so no single report, however extreme, moves
+a kernel's mean or score by more than a bounded amount. Contributions are loss differences:
+a seed that changes a loss by more than 1.0 is far outside what real runs report. Changing
+it needs a migration (the stores keep running sums of clipped values)."""
+SCORE_PRIOR_OUTCOMES = 1
+"""Pseudo-outcomes of contribution 0 (neutral) in the ranking score: a kernel needs more
+than one good report to outrank a kernel with several, and the first report of an untested
+kernel moves its score by at most SCORE_CLIP / (1 + SCORE_PRIOR_OUTCOMES)."""
+
+
+def clip(value: float) -> float:
+    """A report's value as every aggregate sees it (see `SCORE_CLIP`)."""
+    return max(-SCORE_CLIP, min(SCORE_CLIP, value))
+
+
+def score_bound(outcomes: int) -> float:
+    """Most that one more report can move the score of a kernel with `outcomes` reports.
+
+    score = S / (n + k) with |S| <= n * c; one report x in [-c, c] makes it
+    (S + x) / (n + 1 + k), a change of (x - score) / (n + 1 + k), at most
+    (c + |score|) / (n + 1 + k) < 2c / (n + 1 + k).
+    """
+    return 2 * SCORE_CLIP / (outcomes + 1 + SCORE_PRIOR_OUTCOMES)
 
 # SeedFate numbers of esper.urza.v1 (kept as ints so the store does not import protos).
 FATE_FOSSILIZED = 1
@@ -44,6 +84,9 @@ class BlueprintRow:
     data: bytes
     """Serialized `esper.common.v1.Blueprint`."""
     created_at: float = field(default_factory=time.time)
+    retired_at: float | None = None
+    """When an operator retired it (its kernels are no longer offered); None: in use."""
+    retired_reason: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,6 +102,8 @@ class KernelRow:
     """Serialized `esper.common.v1.KernelManifest` (the signed bytes)."""
     tags: tuple[str, ...] = ()
     created_at: float = field(default_factory=time.time)
+    key_id: str = ""
+    """Id of the key that signed the manifest (QueryKernels offers only trusted signers')."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,16 +125,46 @@ class FieldReportRow:
     recorded_at: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
+        # Every value is checked against what the columns hold and what the aggregates
+        # can use, so a bad report is INVALID_ARGUMENT naming its field, never a database
+        # error (NaN breaks NOT NULL on SQLite, 2**63 overflows BIGINT, ...).
         if self.fate not in FATES:
             raise InvalidArgumentError(
                 f"report.fate={self.fate!r}: must be one of {FATES} (SeedFate, not UNSPECIFIED)",
                 field="report.fate",
             )
+        for name in ("contribution", "accuracy_delta"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or not math.isfinite(v):
+                raise InvalidArgumentError(
+                    f"report.{name}={v!r}: must be a finite number", field=f"report.{name}")
+        for name, top in (("parameters", INT64_MAX), ("germinated_epoch", INT32_MAX),
+                          ("ended_epoch", INT32_MAX)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or not 0 <= v <= top:
+                raise InvalidArgumentError(
+                    f"report.{name}={v!r}: must be an integer in [0, {top}]",
+                    field=f"report.{name}")
+        if not math.isfinite(self.recorded_at) or not 0 <= self.recorded_at <= TIMESTAMP_MAX_S:
+            raise InvalidArgumentError(
+                f"report.recorded_at={self.recorded_at!r} s: must lie between 1970-01-01 and "
+                "9999-12-31 (or be unset: the time Urza receives it)", field="report.recorded_at")
+        for name, lo, hi in (("request_id", 1, 128), ("kernel_id", 1, 128), ("run_id", 1, 128),
+                             ("slot_id", 1, 256), ("task", 0, 128)):
+            v = getattr(self, name)
+            if not lo <= len(v) <= hi:
+                raise InvalidArgumentError(
+                    f"report.{name} is {len(v)} characters: must be {lo}..{hi}",
+                    field=f"report.{name}" if name != "request_id" else "request_id")
 
 
 @dataclass(frozen=True, kw_only=True)
 class KernelStats:
-    """Field reports of one kernel, aggregated as they arrive."""
+    """Field reports of one kernel, aggregated as they arrive.
+
+    `sum_*` are plain sums of what was reported; `clipped_*` are sums of the values
+    clipped to [-SCORE_CLIP, SCORE_CLIP] (see `clip`), which every mean and the score use.
+    """
 
     outcomes: int = 0
     fossilized: int = 0
@@ -97,14 +172,25 @@ class KernelStats:
     rolled_back: int = 0
     sum_contribution: float = 0.0
     sum_accuracy_delta: float = 0.0
+    clipped_contribution: float = 0.0
+    clipped_accuracy_delta: float = 0.0
 
     @property
     def mean_contribution(self) -> float:
-        return self.sum_contribution / self.outcomes if self.outcomes else 0.0
+        """Winsorised mean: each report's contribution clipped to [-SCORE_CLIP, SCORE_CLIP]."""
+        return self.clipped_contribution / self.outcomes if self.outcomes else 0.0
 
     @property
     def mean_accuracy_delta(self) -> float:
-        return self.sum_accuracy_delta / self.outcomes if self.outcomes else 0.0
+        """Winsorised mean, as `mean_contribution`."""
+        return self.clipped_accuracy_delta / self.outcomes if self.outcomes else 0.0
+
+    @property
+    def score(self) -> float:
+        """What QueryKernels ranks by: the clipped contributions' sum over
+        outcomes + SCORE_PRIOR_OUTCOMES (shrunk towards 0, neutral). One more report moves it
+        by at most `score_bound(outcomes)`."""
+        return self.clipped_contribution / (self.outcomes + SCORE_PRIOR_OUTCOMES)
 
     @property
     def fossilized_rate(self) -> float:
@@ -122,6 +208,9 @@ class Page(Generic[T]):
     items: list[T]
     next_page_token: str
     """Empty on the last page."""
+    offset: int = 0
+    """Row offset of the first item (with `token_at`, a caller that returns only a prefix
+    of `items` can still hand out a token for the rest)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,8 +220,13 @@ class BlueprintQuery:
     """Only blueprints carrying every one of these tags."""
     layout: int = 0
     """Only blueprints compilable for this ActivationLayout (0: any)."""
+    include_retired: bool = False
+    """Also list retired blueprints."""
     page_size: int = 0
     page_token: str = ""
+
+    def __post_init__(self) -> None:
+        _check_filter_strings(family=self.family, tags=self.tags)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,7 +237,13 @@ class KernelQuery:
     """Only kernels carrying every one of these tags."""
     max_parameters: int = 0
     """0: no bound."""
-    order_by: KernelOrder = "mean_contribution"
+    include_retired: bool = False
+    """Also offer kernels of retired blueprints."""
+    key_ids: tuple[str, ...] | None = None
+    """Only kernels signed by one of these key ids (Urza passes its trusted signers); None:
+    any signer. Server state, not part of the caller's filter: a page token stays valid
+    when the trusted set changes between pages."""
+    order_by: KernelOrder = "score"
     """Best first. Kernels without field reports score 0 (neutral): they rank below
     kernels that helped and above kernels that hurt. Ties: more outcomes first, then id."""
     page_size: int = 0
@@ -154,49 +254,92 @@ class KernelQuery:
             raise InvalidArgumentError(
                 f"order_by={self.order_by!r}: must be one of {KERNEL_ORDERS}", field="order_by"
             )
-        if self.max_parameters < 0:
+        if not isinstance(self.max_parameters, int) or not 0 <= self.max_parameters <= INT64_MAX:
             raise InvalidArgumentError(
-                f"max_parameters={self.max_parameters}: must be >= 0 (0: no bound)",
+                f"max_parameters={self.max_parameters}: must be in [0, {INT64_MAX}] (0: no bound)",
                 field="max_parameters",
             )
+        _check_filter_strings(blueprint_id=self.blueprint_id, site_key=self.site_key,
+                              tags=self.tags)
+
+
+_FILTER_MAX_CHARS = {"family": 64, "blueprint_id": 64, "site_key": 256}
+
+
+def _check_filter_strings(*, tags: Sequence[str], **strings: str) -> None:
+    for name, value in strings.items():
+        top = _FILTER_MAX_CHARS[name]
+        if len(value) > top:
+            raise InvalidArgumentError(
+                f"{name} is {len(value)} characters; at most {top}", field=name)
+    if len(tags) > 32:
+        raise InvalidArgumentError(f"tags lists {len(tags)} tags; at most 32", field="tags")
+
+
+_TOKEN_CHARS = re.compile(r"^[A-Za-z0-9_-]+={0,2}$")
+_FINGERPRINT = re.compile(r"^[0-9a-f]{16}$")
+
+
+def _bad_token(why: str) -> InvalidArgumentError:
+    # The message says what to do and never echoes decoder internals or the token itself.
+    return InvalidArgumentError(
+        f"page_token is not a token this service issued ({why}); pass the next_page_token "
+        "of the previous reply back unchanged, with the same filter", field="page_token")
 
 
 def page_bounds(query: BlueprintQuery | KernelQuery) -> tuple[int, int]:
-    """(offset, limit) of the page a query asks for; the token must match the filter."""
+    """(offset, limit) of the page a query asks for; the token must match the filter.
+
+    Tokens are parsed strictly: base64url of {"o": <int offset>, "f": <16 hex>} and nothing
+    else, the offset an integer in [0, MAX_PAGE_OFFSET], the fingerprint that of the filter.
+    """
     size = query.page_size or DEFAULT_PAGE_SIZE
     if not 1 <= size <= MAX_PAGE_SIZE:
         raise InvalidArgumentError(
             f"page_size={query.page_size}: must be in [0, {MAX_PAGE_SIZE}] (0: {DEFAULT_PAGE_SIZE})",
             field="page_size",
         )
-    if not query.page_token:
+    token = query.page_token
+    if not token:
         return 0, size
+    if len(token) > MAX_TOKEN_CHARS or not _TOKEN_CHARS.match(token):
+        raise _bad_token("malformed")
     try:
-        payload = json.loads(base64.urlsafe_b64decode(query.page_token.encode()))
-        offset, fingerprint = int(payload["o"]), str(payload["f"])
-    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        raw = base64.urlsafe_b64decode(token.encode("ascii"))
+        payload = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except (ValueError, UnicodeDecodeError, binascii.Error, RecursionError):
+        raise _bad_token("undecodable") from None
+    if not isinstance(payload, dict) or set(payload) != {"o", "f"}:
+        raise _bad_token("unexpected content")
+    offset, fingerprint = payload["o"], payload["f"]
+    if (type(offset) is not int or not 0 <= offset <= MAX_PAGE_OFFSET
+            or not isinstance(fingerprint, str) or not _FINGERPRINT.match(fingerprint)):
+        raise _bad_token("unexpected content")
+    if fingerprint != _fingerprint(query):
         raise InvalidArgumentError(
-            f"page_token={query.page_token!r} is not a token this service issued ({exc})",
-            field="page_token",
-        ) from exc
-    if fingerprint != _fingerprint(query) or offset < 0:
-        raise InvalidArgumentError(
-            f"page_token={query.page_token!r} belongs to a different query; repeat the "
-            "filter of the request that returned it",
-            field="page_token",
-        )
+            "page_token belongs to a different query; repeat the filter of the request that "
+            "returned it", field="page_token")
     return offset, size
 
 
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not allowed")
+
+
+def token_at(query: BlueprintQuery | KernelQuery, offset: int) -> str:
+    """The page token that resumes `query` at row `offset`."""
+    payload = {"o": offset, "f": _fingerprint(query)}
+    return base64.urlsafe_b64encode(json.dumps(payload, separators=(",", ":")).encode()).decode()
+
+
 def next_token(query: BlueprintQuery | KernelQuery, offset: int, limit: int, got: int) -> str:
-    """Token for the page after [offset, offset+got), or "" when this was the last one.
+    """Token for the page after [offset, offset+limit), or "" when this was the last one.
 
     The store fetches `limit + 1` rows to know whether another page exists.
     """
     if got <= limit:
         return ""
-    payload = {"o": offset + limit, "f": _fingerprint(query)}
-    return base64.urlsafe_b64encode(json.dumps(payload, separators=(",", ":")).encode()).decode()
+    return token_at(query, offset + limit)
 
 
 def _fingerprint(query: BlueprintQuery | KernelQuery) -> str:
@@ -205,6 +348,7 @@ def _fingerprint(query: BlueprintQuery | KernelQuery) -> str:
     spec = asdict(query)
     spec.pop("page_token")
     spec.pop("page_size")
+    spec.pop("key_ids", None)
     spec["tags"] = sorted(spec["tags"])
     spec["kind"] = type(query).__name__
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -237,6 +381,19 @@ class MetadataStore(ABC):
         """Blueprints ordered by id. Raises `InvalidArgumentError` for a bad page token."""
 
     @abstractmethod
+    def retire_blueprint(self, blueprint_id: str, *, retired: bool, reason: str = "",
+                         at: float | None = None) -> bool:
+        """Retire (or, `retired=False`, restore) a blueprint; False when it already was.
+
+        Raises `NotFoundError` when no blueprint has that id.
+        """
+
+    @abstractmethod
+    def delete_blueprint(self, blueprint_id: str) -> tuple[bool, int, int]:
+        """Delete a blueprint, every kernel compiled from it and their field reports, in
+        one transaction; returns (deleted, kernels deleted, field reports deleted)."""
+
+    @abstractmethod
     def put_kernel(self, row: KernelRow) -> bool:
         """Store a kernel; False if one with that id was already stored (kept unchanged)."""
 
@@ -253,6 +410,22 @@ class MetadataStore(ABC):
         """Every stored kernel id, sorted."""
 
     @abstractmethod
+    def delete_kernel(self, kernel_id: str) -> tuple[bool, int]:
+        """Delete a kernel and its field reports; returns (deleted, field reports deleted)."""
+
+    @abstractmethod
+    def artifact_shas(self) -> set[str]:
+        """The artifact_sha256 of every stored kernel (the blobs that must be kept)."""
+
+    @abstractmethod
+    def kernels_without_key_id(self, limit: int = 1000) -> list[tuple[str, bytes]]:
+        """(kernel_id, manifest bytes) of kernels stored before signer key ids were kept."""
+
+    @abstractmethod
+    def set_key_ids(self, key_ids: dict[str, str]) -> None:
+        """Record the signer key id of each kernel id (the backfill of the above)."""
+
+    @abstractmethod
     def record_outcome(self, report: FieldReportRow) -> bool:
         """Store a field report and fold it into the kernel's stats, atomically.
 
@@ -263,6 +436,11 @@ class MetadataStore(ABC):
     @abstractmethod
     def field_reports(self, kernel_id: str) -> list[FieldReportRow]:
         """Every field report of a kernel, oldest first."""
+
+    @abstractmethod
+    def delete_field_reports(self, *, kernel_id: str = "", run_id: str = "") -> int:
+        """Delete the field reports matching both filters (at least one must be set) and
+        recompute the affected kernels' stats from what is left; returns how many."""
 
     @abstractmethod
     def close(self) -> None:

@@ -20,9 +20,15 @@ class Migration:
 
 
 TYPES: dict[str, dict[str, str]] = {
-    "sqlite": {"blob": "BLOB", "real": "REAL", "bigint": "INTEGER"},
-    "postgres": {"blob": "BYTEA", "real": "DOUBLE PRECISION", "bigint": "BIGINT"},
+    "sqlite": {"blob": "BLOB", "real": "REAL", "bigint": "INTEGER", "least": "MIN",
+               "greatest": "MAX"},
+    "postgres": {"blob": "BYTEA", "real": "DOUBLE PRECISION", "bigint": "BIGINT",
+                 "least": "LEAST", "greatest": "GREATEST"},
 }
+
+# A field report's value as the aggregates see it: clipped to [-1, 1]
+# (esper.urza.store.base.SCORE_CLIP; a test checks the two agree).
+_CLIPPED = "{greatest}(-1.0, {least}(1.0, f.%s))"
 
 SCHEMA_VERSION_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_version (
@@ -105,6 +111,27 @@ MIGRATIONS: tuple[Migration, ...] = (
         2,
         "field reports by run (Karn and Tamiyo's training read a run's reports together)",
         ("CREATE INDEX field_reports_run ON field_reports (run_id, kernel_id)",),
+    ),
+    Migration(
+        3,
+        "signer key ids, retired blueprints, clipped (robust) outcome sums",
+        (
+            # '' until the library backfills it from the manifest at open.
+            "ALTER TABLE kernels ADD COLUMN key_id TEXT NOT NULL DEFAULT ''",
+            "CREATE INDEX kernels_key ON kernels (key_id)",
+            "CREATE INDEX kernels_artifact ON kernels (artifact_sha256)",
+            "ALTER TABLE blueprints ADD COLUMN retired_at {real}",
+            "ALTER TABLE blueprints ADD COLUMN retired_reason TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE kernel_stats ADD COLUMN clipped_contribution {real} NOT NULL DEFAULT 0",
+            ("ALTER TABLE kernel_stats ADD COLUMN clipped_accuracy_delta {real} NOT NULL "
+             "DEFAULT 0"),
+            # Reports recorded before: an infinite contribution counts as +-1 from now on.
+            ("UPDATE kernel_stats SET "
+             f"clipped_contribution = COALESCE((SELECT SUM({_CLIPPED % 'contribution'}) "
+             "FROM field_reports f WHERE f.kernel_id = kernel_stats.kernel_id), 0), "
+             f"clipped_accuracy_delta = COALESCE((SELECT SUM({_CLIPPED % 'accuracy_delta'}) "
+             "FROM field_reports f WHERE f.kernel_id = kernel_stats.kernel_id), 0)"),
+        ),
     ),
 )
 

@@ -9,11 +9,13 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
-from esper.errors import ConfigError, NotFoundError
+from esper.errors import ConfigError, InvalidArgumentError, NotFoundError
 from esper.urza.store.base import (
     FATE_FOSSILIZED,
     FATE_PRUNED,
     FATE_ROLLED_BACK,
+    SCORE_CLIP,
+    SCORE_PRIOR_OUTCOMES,
     BlueprintQuery,
     BlueprintRow,
     FieldReportRow,
@@ -23,6 +25,7 @@ from esper.urza.store.base import (
     KernelStats,
     MetadataStore,
     Page,
+    clip,
     next_token,
     page_bounds,
 )
@@ -49,11 +52,16 @@ class Tx(Protocol):
 
 _KERNEL_COLS = (
     "k.kernel_id, k.blueprint_id, k.site_key, k.parameters, k.artifact_sha256, "
-    "k.artifact_size, k.manifest, k.created_at, "
+    "k.artifact_size, k.manifest, k.created_at, k.key_id, "
     "COALESCE(s.outcomes, 0), COALESCE(s.fossilized, 0), COALESCE(s.pruned, 0), "
     "COALESCE(s.rolled_back, 0), COALESCE(s.sum_contribution, 0), "
-    "COALESCE(s.sum_accuracy_delta, 0)"
+    "COALESCE(s.sum_accuracy_delta, 0), COALESCE(s.clipped_contribution, 0), "
+    "COALESCE(s.clipped_accuracy_delta, 0)"
 )
+_BLUEPRINT_COLS = "b.blueprint_id, b.name, b.family, b.data, b.created_at, b.retired_at, " \
+    "b.retired_reason"
+_RETIRED_BLUEPRINT = ("EXISTS (SELECT 1 FROM blueprints rb WHERE rb.blueprint_id = "
+                      "k.blueprint_id AND rb.retired_at IS NOT NULL)")
 
 
 class SqlStore(MetadataStore):
@@ -117,15 +125,45 @@ class SqlStore(MetadataStore):
     def get_blueprint(self, blueprint_id: str) -> BlueprintRow:
         with self._tx(write=False) as tx:
             rows = self._blueprint_rows(
-                tx, "SELECT blueprint_id, name, family, data, created_at FROM blueprints "
-                "WHERE blueprint_id = ?", (blueprint_id,))
+                tx, f"SELECT {_BLUEPRINT_COLS} FROM blueprints b WHERE b.blueprint_id = ?",
+                (blueprint_id,))
         if not rows:
             raise NotFoundError(f"no blueprint with id {blueprint_id!r} in Urza")
         return rows[0]
 
+    def retire_blueprint(self, blueprint_id: str, *, retired: bool, reason: str = "",
+                         at: float | None = None) -> bool:
+        with self._tx(write=True) as tx:
+            rows = tx.query("SELECT retired_at FROM blueprints WHERE blueprint_id = ?",
+                            (blueprint_id,))
+            if not rows:
+                raise NotFoundError(f"no blueprint with id {blueprint_id!r} in Urza")
+            if (rows[0][0] is not None) == retired:
+                return False
+            tx.execute("UPDATE blueprints SET retired_at = ?, retired_reason = ? "
+                       "WHERE blueprint_id = ?",
+                       (float(at if at is not None else time.time()) if retired else None,
+                        reason if retired else "", blueprint_id))
+            return True
+
+    def delete_blueprint(self, blueprint_id: str) -> tuple[bool, int, int]:
+        with self._tx(write=True) as tx:
+            kernels = [r[0] for r in tx.query(
+                "SELECT kernel_id FROM kernels WHERE blueprint_id = ?", (blueprint_id,))]
+            reports = 0
+            for kid in kernels:
+                reports += self._delete_kernel_rows(tx, kid)
+            tx.execute("DELETE FROM blueprint_tags WHERE blueprint_id = ?", (blueprint_id,))
+            tx.execute("DELETE FROM blueprint_layouts WHERE blueprint_id = ?", (blueprint_id,))
+            deleted = tx.execute("DELETE FROM blueprints WHERE blueprint_id = ?",
+                                 (blueprint_id,))
+            return bool(deleted), len(kernels), reports
+
     def list_blueprints(self, query: BlueprintQuery) -> Page[BlueprintRow]:
         offset, limit = page_bounds(query)
         where, params = ["1 = 1"], []
+        if not query.include_retired:
+            where.append("b.retired_at IS NULL")
         if query.family:
             where.append("b.family = ?")
             params.append(query.family)
@@ -138,12 +176,13 @@ class SqlStore(MetadataStore):
                                        len(set(query.tags))))
             params.extend(sorted(set(query.tags)))
         sql = (
-            "SELECT b.blueprint_id, b.name, b.family, b.data, b.created_at FROM blueprints b "
+            f"SELECT {_BLUEPRINT_COLS} FROM blueprints b "
             f"WHERE {' AND '.join(where)} ORDER BY b.blueprint_id LIMIT ? OFFSET ?"
         )
         with self._tx(write=False) as tx:
             rows = self._blueprint_rows(tx, sql, (*params, limit + 1, offset))
-        return Page(items=rows[:limit], next_page_token=next_token(query, offset, limit, len(rows)))
+        return Page(items=rows[:limit], next_page_token=next_token(query, offset, limit, len(rows)),
+                    offset=offset)
 
     def _blueprint_rows(self, tx: Tx, sql: str, params: Sequence[Any]) -> list[BlueprintRow]:
         base = tx.query(sql, params)
@@ -164,8 +203,10 @@ class SqlStore(MetadataStore):
         return [
             BlueprintRow(blueprint_id=bid, name=name, family=family, data=bytes(data),
                          created_at=float(created), tags=tuple(tags[bid]),
-                         layouts=tuple(layouts[bid]))
-            for bid, name, family, data, created in base
+                         layouts=tuple(layouts[bid]),
+                         retired_at=None if retired is None else float(retired),
+                         retired_reason=reason)
+            for bid, name, family, data, created, retired, reason in base
         ]
 
     # -- kernels -------------------------------------------------------------------
@@ -174,10 +215,11 @@ class SqlStore(MetadataStore):
         with self._tx(write=True) as tx:
             created = tx.execute(
                 "INSERT INTO kernels (kernel_id, blueprint_id, site_key, parameters, "
-                "artifact_sha256, artifact_size, manifest, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (kernel_id) DO NOTHING",
+                "artifact_sha256, artifact_size, manifest, created_at, key_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (kernel_id) DO NOTHING",
                 (row.kernel_id, row.blueprint_id, row.site_key, int(row.parameters),
-                 row.artifact_sha256, int(row.artifact_size), row.manifest, row.created_at),
+                 row.artifact_sha256, int(row.artifact_size), row.manifest, row.created_at,
+                 row.key_id),
             )
             if not created:
                 return False
@@ -207,6 +249,14 @@ class SqlStore(MetadataStore):
         if query.max_parameters:
             where.append("k.parameters <= ?")
             params.append(int(query.max_parameters))
+        if not query.include_retired:
+            where.append(f"NOT {_RETIRED_BLUEPRINT}")
+        if query.key_ids is not None:
+            if query.key_ids:
+                where.append(f"k.key_id IN ({', '.join('?' * len(query.key_ids))})")
+                params.extend(sorted(query.key_ids))
+            else:
+                where.append("1 = 0")  # no trusted signer: nothing can be offered
         if query.tags:
             where.append(_has_all_tags("kernel_tags", "k.kernel_id", "kernel_id",
                                        len(set(query.tags))))
@@ -214,8 +264,10 @@ class SqlStore(MetadataStore):
         real = "DOUBLE PRECISION" if self.dialect == "postgres" else "REAL"
         outcomes = "COALESCE(s.outcomes, 0)"
         score = {
+            "score": f"COALESCE(s.clipped_contribution, 0) / ({outcomes} + "
+                     f"{SCORE_PRIOR_OUTCOMES})",
             "mean_contribution":
-                f"CASE WHEN {outcomes} > 0 THEN s.sum_contribution / s.outcomes ELSE 0.0 END",
+                f"CASE WHEN {outcomes} > 0 THEN s.clipped_contribution / s.outcomes ELSE 0.0 END",
             "fossilized_rate":
                 f"CASE WHEN {outcomes} > 0 THEN CAST(s.fossilized AS {real}) / s.outcomes "
                 "ELSE 0.0 END",
@@ -230,11 +282,41 @@ class SqlStore(MetadataStore):
         with self._tx(write=False) as tx:
             entries = self._kernel_entries(tx, sql, (*params, limit + 1, offset))
         return Page(items=entries[:limit],
-                    next_page_token=next_token(query, offset, limit, len(entries)))
+                    next_page_token=next_token(query, offset, limit, len(entries)), offset=offset)
 
     def kernel_ids(self) -> list[str]:
         with self._tx(write=False) as tx:
             return [r[0] for r in tx.query("SELECT kernel_id FROM kernels ORDER BY kernel_id")]
+
+    def delete_kernel(self, kernel_id: str) -> tuple[bool, int]:
+        with self._tx(write=True) as tx:
+            if not tx.query("SELECT 1 FROM kernels WHERE kernel_id = ?", (kernel_id,)):
+                return False, 0
+            return True, self._delete_kernel_rows(tx, kernel_id)
+
+    @staticmethod
+    def _delete_kernel_rows(tx: Tx, kernel_id: str) -> int:
+        """Every row of one kernel (children first: the foreign keys); its report count."""
+        reports = tx.execute("DELETE FROM field_reports WHERE kernel_id = ?", (kernel_id,))
+        tx.execute("DELETE FROM kernel_stats WHERE kernel_id = ?", (kernel_id,))
+        tx.execute("DELETE FROM kernel_tags WHERE kernel_id = ?", (kernel_id,))
+        tx.execute("DELETE FROM kernels WHERE kernel_id = ?", (kernel_id,))
+        return reports
+
+    def artifact_shas(self) -> set[str]:
+        with self._tx(write=False) as tx:
+            return {r[0] for r in tx.query("SELECT DISTINCT artifact_sha256 FROM kernels")}
+
+    def kernels_without_key_id(self, limit: int = 1000) -> list[tuple[str, bytes]]:
+        with self._tx(write=False) as tx:
+            return [(r[0], bytes(r[1])) for r in tx.query(
+                "SELECT kernel_id, manifest FROM kernels WHERE key_id = '' ORDER BY kernel_id "
+                "LIMIT ?", (limit,))]
+
+    def set_key_ids(self, key_ids: dict[str, str]) -> None:
+        with self._tx(write=True) as tx:
+            for kid, key_id in key_ids.items():
+                tx.execute("UPDATE kernels SET key_id = ? WHERE kernel_id = ?", (key_id, kid))
 
     def _kernel_entries(self, tx: Tx, sql: str, params: Sequence[Any]) -> list[KernelEntry]:
         base = tx.query(sql, params)
@@ -251,10 +333,13 @@ class SqlStore(MetadataStore):
         for r in base:
             row = KernelRow(kernel_id=r[0], blueprint_id=r[1], site_key=r[2],
                             parameters=int(r[3]), artifact_sha256=r[4], artifact_size=int(r[5]),
-                            manifest=bytes(r[6]), created_at=float(r[7]), tags=tuple(tags[r[0]]))
-            stats = KernelStats(outcomes=int(r[8]), fossilized=int(r[9]), pruned=int(r[10]),
-                                rolled_back=int(r[11]), sum_contribution=float(r[12]),
-                                sum_accuracy_delta=float(r[13]))
+                            manifest=bytes(r[6]), created_at=float(r[7]), key_id=r[8],
+                            tags=tuple(tags[r[0]]))
+            stats = KernelStats(outcomes=int(r[9]), fossilized=int(r[10]), pruned=int(r[11]),
+                                rolled_back=int(r[12]), sum_contribution=float(r[13]),
+                                sum_accuracy_delta=float(r[14]),
+                                clipped_contribution=float(r[15]),
+                                clipped_accuracy_delta=float(r[16]))
             out.append(KernelEntry(row=row, stats=stats))
         return out
 
@@ -285,7 +370,8 @@ class SqlStore(MetadataStore):
             # always equal the reports they summarise, even with concurrent writers.
             tx.execute(
                 "INSERT INTO kernel_stats (kernel_id, outcomes, fossilized, pruned, rolled_back, "
-                "sum_contribution, sum_accuracy_delta) VALUES (?, 1, ?, ?, ?, ?, ?) "
+                "sum_contribution, sum_accuracy_delta, clipped_contribution, "
+                "clipped_accuracy_delta) VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (kernel_id) DO UPDATE SET "
                 "outcomes = kernel_stats.outcomes + 1, "
                 "fossilized = kernel_stats.fossilized + excluded.fossilized, "
@@ -293,13 +379,64 @@ class SqlStore(MetadataStore):
                 "rolled_back = kernel_stats.rolled_back + excluded.rolled_back, "
                 "sum_contribution = kernel_stats.sum_contribution + excluded.sum_contribution, "
                 "sum_accuracy_delta = kernel_stats.sum_accuracy_delta + "
-                "excluded.sum_accuracy_delta",
+                "excluded.sum_accuracy_delta, "
+                "clipped_contribution = kernel_stats.clipped_contribution + "
+                "excluded.clipped_contribution, "
+                "clipped_accuracy_delta = kernel_stats.clipped_accuracy_delta + "
+                "excluded.clipped_accuracy_delta",
                 (report.kernel_id, int(report.fate == FATE_FOSSILIZED),
                  int(report.fate == FATE_PRUNED),
                  int(report.fate == FATE_ROLLED_BACK or report.rolled_back),
-                 float(report.contribution), float(report.accuracy_delta)),
+                 float(report.contribution), float(report.accuracy_delta),
+                 clip(float(report.contribution)), clip(float(report.accuracy_delta))),
             )
             return True
+
+    def delete_field_reports(self, *, kernel_id: str = "", run_id: str = "") -> int:
+        if not kernel_id and not run_id:
+            raise InvalidArgumentError(
+                "name the field reports to delete: kernel_id, run_id or both",
+                field="kernel_id")
+        where, params = [], []
+        if kernel_id:
+            where.append("kernel_id = ?")
+            params.append(kernel_id)
+        if run_id:
+            where.append("run_id = ?")
+            params.append(run_id)
+        cond = " AND ".join(where)
+        with self._tx(write=True) as tx:
+            kernels = [r[0] for r in tx.query(
+                f"SELECT DISTINCT kernel_id FROM field_reports WHERE {cond}", params)]
+            deleted = tx.execute(f"DELETE FROM field_reports WHERE {cond}", params)
+            for kid in kernels:
+                self._recompute_stats(tx, kid)
+            return deleted
+
+    def _recompute_stats(self, tx: Tx, kernel_id: str) -> None:
+        """A kernel's aggregates from the reports it has left (after a deletion)."""
+        least, greatest = ("MIN", "MAX") if self.dialect == "sqlite" else ("LEAST", "GREATEST")
+
+        def clipped(col: str) -> str:
+            return f"COALESCE(SUM({greatest}(-{SCORE_CLIP}, {least}({SCORE_CLIP}, {col}))), 0)"
+
+        rows = tx.query(
+            "SELECT COUNT(*), "
+            f"COALESCE(SUM(CASE WHEN fate = {FATE_FOSSILIZED} THEN 1 ELSE 0 END), 0), "
+            f"COALESCE(SUM(CASE WHEN fate = {FATE_PRUNED} THEN 1 ELSE 0 END), 0), "
+            f"COALESCE(SUM(CASE WHEN fate = {FATE_ROLLED_BACK} OR rolled_back = 1 THEN 1 "
+            "ELSE 0 END), 0), COALESCE(SUM(contribution), 0), COALESCE(SUM(accuracy_delta), 0), "
+            f"{clipped('contribution')}, {clipped('accuracy_delta')} "
+            "FROM field_reports WHERE kernel_id = ?", (kernel_id,))
+        n, fossilized, pruned, rolled_back, sc, sa, cc, ca = rows[0]
+        tx.execute("DELETE FROM kernel_stats WHERE kernel_id = ?", (kernel_id,))
+        if n:
+            tx.execute(
+                "INSERT INTO kernel_stats (kernel_id, outcomes, fossilized, pruned, rolled_back, "
+                "sum_contribution, sum_accuracy_delta, clipped_contribution, "
+                "clipped_accuracy_delta) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (kernel_id, int(n), int(fossilized), int(pruned), int(rolled_back), float(sc),
+                 float(sa), float(cc), float(ca)))
 
     def field_reports(self, kernel_id: str) -> list[FieldReportRow]:
         with self._tx(write=False) as tx:

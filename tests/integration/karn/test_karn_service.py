@@ -9,7 +9,7 @@ import uuid
 import grpc
 import pytest
 
-from esper.blueprints import builtin_blueprints, site_signature
+from esper.blueprints import builtin_blueprints, site_signature, supports
 from esper.karn.service import create_service as karn_service
 from esper.runtime.auth import AuthConfig
 from esper.runtime.host import Host, HostConfig
@@ -60,7 +60,7 @@ async def platform(tmp_path):
     hosts.append(tez)
     ctx.endpoints["tezzeret"] = f"127.0.0.1:{await tez.start()}"
     client = UrzaClient(ctx.endpoints["urza"])
-    expected = sum(1 for b in builtin_blueprints() if SITE.layout in b.layouts)
+    expected = sum(1 for b in builtin_blueprints() if supports(b, SITE))
     for _ in range(240):
         records, _ = await asyncio.to_thread(client.query_kernels, 10.0, site=SITE)
         if len(records) >= expected:

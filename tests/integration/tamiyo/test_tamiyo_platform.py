@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from esper.blueprints import builtin_blueprints, site_signature
+from esper.blueprints import builtin_blueprints, site_signature, supports
 from esper.errors import AuthError, InvalidArgumentError, PermissionDeniedError
 from esper.runtime.auth import AuthConfig
 from esper.runtime.host import Host, HostConfig
@@ -62,7 +62,7 @@ async def test_decide_picks_a_kernel_urza_serves_within_budget_behind_auth(tmp_p
     tamiyo = Host([tamiyo_service(ctx)], config=HostConfig(port=0), auth=auth)
     target = f"127.0.0.1:{await tamiyo.start()}"
     site = site_signature("NC", 16)
-    expected = sum(1 for b in builtin_blueprints() if seed_pb2.ACTIVATION_LAYOUT_NC in b.layouts)
+    expected = sum(1 for b in builtin_blueprints() if supports(b, site))
     try:
 
         def catalog() -> list:

@@ -9,7 +9,7 @@ import grpc
 import pytest
 import torch
 
-from esper.blueprints import builtin_blueprints, site_signature
+from esper.blueprints import builtin_blueprints, site_signature, supports
 from esper.blueprints.artifact import TrustedKeys
 from esper.kasmina.loader import KernelLoader
 from esper.runtime.auth import AuthConfig
@@ -77,9 +77,9 @@ async def test_compile_publish_fetch_attach(tmp_path):
                 nc8 = site_signature("NC", 8)
                 return sum(len(client.query_kernels(10.0, blueprint_id=b.blueprint_id,
                                                     site=nc8)[0])
-                           for b in builtin_blueprints() if 1 in b.layouts)
+                           for b in builtin_blueprints() if supports(b, nc8))
 
-        expected = sum(1 for b in builtin_blueprints() if 1 in b.layouts)
+        expected = sum(1 for b in builtin_blueprints() if supports(b, site_signature("NC", 8)))
         for _ in range(120):
             if await asyncio.to_thread(catalog_count) == expected:
                 break

@@ -41,8 +41,10 @@ def _free_port() -> int:
 class UrzaProcess:
     """`python -m esper.urza.serve_standalone` on a fixed port, restartable."""
 
-    def __init__(self, data_dir: Path, keys_dir: Path) -> None:
+    def __init__(self, data_dir: Path, keys_dir: Path,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.data_dir, self.keys_dir = data_dir, keys_dir
+        self.extra_env = extra_env or {}
         self.port = _free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.ready_file = data_dir / "urza.ready"
@@ -52,7 +54,8 @@ class UrzaProcess:
     def start(self, timeout_s: float = 30.0) -> float:
         """Start and wait until SERVING; returns the monotonic time it became ready."""
         self.ready_file.unlink(missing_ok=True)
-        env = {**os.environ, "ESPER_API_KEYS": f"{API_KEY}=*", "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "ESPER_API_KEYS": f"{API_KEY}=*", "PYTHONPATH": str(REPO),
+               **self.extra_env}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "esper.urza.serve_standalone", "--data-dir",

@@ -21,7 +21,13 @@ boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto")
 
 from esper.blueprints.artifact import SigningKey
-from esper.errors import ConfigError, DataLossError, NotFoundError, UnavailableError
+from esper.errors import (
+    ConfigError,
+    DataLossError,
+    NotFoundError,
+    UnavailableError,
+    UntrustedKeyError,
+)
 from esper.runtime.spec import PlatformContext
 from esper.urza.client import UrzaClient
 from esper.urza.config import UrzaConfig
@@ -99,7 +105,7 @@ def _raw(server: S3Server):  # type: ignore[no-untyped-def]
                                           region_name="us-east-1")
 
 
-def _store(server: S3Server, prefix: str = "urza", **kw: float) -> S3BlobStore:
+def _store(server: S3Server, prefix: str = "urza", **kw: float | Path) -> S3BlobStore:
     return S3BlobStore(f"s3://{BUCKET}/{prefix}", endpoint_url=server.endpoint, **kw)
 
 
@@ -203,3 +209,35 @@ def test_urza_serves_kernels_from_the_bucket_over_grpc(
     assert stored["Body"].read() == data
     # Nothing went to the local blob directory.
     assert not (tmp_path / "data" / "urza" / "blobs").exists()
+
+
+def test_orphan_sweep_and_streamed_uploads_on_the_bucket(
+        s3: S3Server, tmp_path: Path, key: SigningKey) -> None:
+    """Uploads reach the bucket from their temp file; refused ones leave nothing there; the
+    sweep removes objects no kernel refers to once they are past their grace."""
+    keys_dir = tmp_path / "keys"
+    keys_dir.mkdir()
+    (keys_dir / "signer.pem").write_bytes(key.public_pem())
+    blobs = _store(s3, staging_dir=tmp_path / "uploads")  # type: ignore[arg-type]
+    lib = UrzaLibrary(SqliteStore(tmp_path / "urza.db"), blobs, TrustedKeySource(keys_dir))
+    kid, data, _ = make_artifact(key, channels=16)
+    assert lib.put_kernel(data) == (kid, True)
+    _, stranger, _ = make_artifact(SigningKey.generate(), channels=16)
+    with pytest.raises(UntrustedKeyError):
+        lib.put_kernel(stranger)
+    assert list((tmp_path / "uploads").iterdir()) == []
+
+    def keys() -> list[str]:
+        return sorted(o["Key"] for o in _raw(s3).list_objects_v2(Bucket=BUCKET).get(
+            "Contents", []))
+
+    sha = hashlib.sha256(data).hexdigest()
+    assert keys() == [f"urza/sha256/{sha[:2]}/{sha}"]
+    orphan = blobs.put(b"an interrupted upload's blob")
+    assert lib.sweep_orphans() == 0  # within the default grace
+    assert lib.sweep_orphans(older_than_s=0) == 1
+    assert keys() == [f"urza/sha256/{sha[:2]}/{sha}"] and not blobs.exists(orphan)
+    assert lib.read_kernel(kid).data == data
+    lib.delete_kernel(kid)
+    assert lib.sweep_orphans(older_than_s=0) == 1 and keys() == []
+    lib.close()

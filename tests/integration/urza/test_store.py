@@ -91,17 +91,47 @@ def _report(kernel: int, *, contribution: float = 0.0, fate: int = FATE_FOSSILIZ
 
 
 def test_open_applies_every_migration(store: MetadataStore) -> None:
-    assert store.schema_version() == LATEST_VERSION == 2
+    assert store.schema_version() == LATEST_VERSION == 3
 
 
 def test_pending_migrations_apply_on_reopen_and_keep_data(open_store: Opener) -> None:
     old = open_store(_migrate_upto=1)
     assert old.schema_version() == 1
-    assert old.put_kernel(_kernel(1))
+    kid = f"sha256:{1:064x}"
+    # Rows as a version-1 Urza wrote them, including the infinite contribution it accepted.
+    with old._tx(write=True) as tx:  # type: ignore[attr-defined]
+        tx.execute("INSERT INTO kernels (kernel_id, blueprint_id, site_key, parameters, "
+                   "artifact_sha256, artifact_size, manifest, created_at) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                   (kid, "bp-0000000000000001", "NC/64", 10, "7" * 64, 101, b"m", 0.0))
+        for i, c in enumerate((float("inf"), 0.5, -0.25)):
+            tx.execute("INSERT INTO field_reports (request_id, kernel_id, run_id, slot_id, "
+                       "task, contribution, accuracy_delta, fate, germinated_epoch, "
+                       "ended_epoch, parameters, rejected_by_gate, rolled_back, recorded_at) "
+                       "VALUES (?, ?, 'r', 's', '', ?, 0.0, 1, 0, 0, 0, 0, 0, 0.0)",
+                       (f"old-{i}", kid, c))
+        tx.execute("INSERT INTO kernel_stats (kernel_id, outcomes, fossilized, pruned, "
+                   "rolled_back, sum_contribution, sum_accuracy_delta) "
+                   "VALUES (?, 3, 3, 0, 0, ?, 0.0)", (kid, float("inf")))
     old.close()
     new = open_store()
-    assert new.schema_version() == 2
-    assert new.get_kernel(f"sha256:{1:064x}").row.artifact_size == 101
+    assert new.schema_version() == 3
+    entry = new.get_kernel(kid)
+    assert entry.row.artifact_size == 101 and entry.row.key_id == ""
+    # The migration recomputed the robust sums from the stored reports: inf counts as 1.
+    assert entry.stats.clipped_contribution == pytest.approx(1.0 + 0.5 - 0.25)
+    assert entry.stats.mean_contribution == pytest.approx(1.25 / 3)
+    assert new.kernels_without_key_id() == [(kid, b"m")]
+    new.set_key_ids({kid: "0123456789abcdef"})
+    assert new.get_kernel(kid).row.key_id == "0123456789abcdef"
+    assert new.kernels_without_key_id() == []
+
+
+def test_the_migration_clips_as_the_store_does() -> None:
+    from esper.urza.store.base import SCORE_CLIP
+    from esper.urza.store.migrations import MIGRATIONS
+
+    assert SCORE_CLIP == 1.0 and "(-1.0, {least}(1.0, f.contribution))" in MIGRATIONS[2].statements[-1]
 
 
 def test_database_from_a_newer_esper_is_refused(open_store: Opener) -> None:
@@ -131,7 +161,7 @@ def test_concurrent_openers_migrate_once(open_store: Opener) -> None:
     assert errors == []
     with stores[0]._tx(write=False) as tx:  # type: ignore[attr-defined]
         rows = tx.query("SELECT version FROM schema_version ORDER BY version")
-    assert [r[0] for r in rows] == [1, 2]
+    assert [r[0] for r in rows] == [1, 2, 3]
 
 
 def test_sqlite_opener_waits_for_a_writer_holding_a_fresh_database(tmp_path: Path) -> None:
@@ -358,3 +388,199 @@ def test_concurrent_writers_in_processes_lose_nothing(open_store: Opener) -> Non
     stats = store.get_kernel(f"sha256:{1:064x}").stats
     assert stats.outcomes == 160
     assert stats.sum_contribution == pytest.approx(160.0)
+
+
+# -- hardening: typed values, robust scores, retire/delete, signers --------------------
+
+
+def test_report_values_that_the_columns_cannot_hold_are_invalid_arguments() -> None:
+    """NaN broke NOT NULL on SQLite (IntegrityError), 2**63 overflowed BIGINT, an epoch of
+    2**32-1 overflows PostgreSQL's INTEGER: each is now refused naming its field."""
+    from esper.urza.store.base import INT32_MAX, INT64_MAX
+
+    cases = {
+        "report.contribution": {"contribution": float("nan")},
+        "report.accuracy_delta": {"accuracy_delta": float("-inf")},
+        "report.parameters": {"parameters": INT64_MAX + 1},
+        "report.germinated_epoch": {"germinated_epoch": INT32_MAX + 1},
+        "report.ended_epoch": {"ended_epoch": 2**32 - 1},
+        "report.recorded_at": {"recorded_at": 1e300},
+        "report.slot_id": {"slot_id": "s" * 257},
+        "report.task": {"task": "t" * 129},
+    }
+    for field, bad in cases.items():
+        kw = {"request_id": "r", "kernel_id": "sha256:1", "run_id": "run", "slot_id": "s",
+              "fate": FATE_FOSSILIZED, **bad}
+        with pytest.raises(InvalidArgumentError) as err:
+            FieldReportRow(**kw)  # type: ignore[arg-type]
+        assert err.value.field == field, field
+    with pytest.raises(InvalidArgumentError, match=r"max_parameters=9223372036854775808") as err:
+        KernelQuery(max_parameters=2**63)
+    assert err.value.field == "max_parameters"
+
+
+def test_the_largest_allowed_values_fit_the_columns(store: MetadataStore) -> None:
+    from esper.urza.store.base import INT32_MAX, INT64_MAX, TIMESTAMP_MAX_S
+
+    store.put_kernel(_kernel(1, params=INT64_MAX))
+    report = FieldReportRow(request_id="max", kernel_id=f"sha256:{1:064x}", run_id="r" * 128,
+                            slot_id="s" * 256, task="t" * 128, contribution=1e308,
+                            accuracy_delta=-1e308, fate=FATE_FOSSILIZED,
+                            germinated_epoch=INT32_MAX, ended_epoch=INT32_MAX,
+                            parameters=INT64_MAX, recorded_at=float(TIMESTAMP_MAX_S))
+    assert store.record_outcome(report)
+    assert store.field_reports(f"sha256:{1:064x}")[0].parameters == INT64_MAX
+    assert [e.row.parameters for e in store.query_kernels(
+        KernelQuery(max_parameters=INT64_MAX)).items] == [INT64_MAX]
+    stats = store.get_kernel(f"sha256:{1:064x}").stats
+    assert stats.mean_contribution == 1.0 and stats.mean_accuracy_delta == -1.0
+
+
+@pytest.mark.parametrize("token", [
+    "eyJhZnRlciI6MWU5OTl9",  # {"after":1e999}
+    "not-hex text that fromhex() would choke on",
+    "eyJvIjo5MjIzMzcyMDM2ODU0Nzc1ODA4LCJmIjoiMDAwMDAwMDAwMDAwMDAwMCJ9",  # o = 2**63
+    "eyJvIjoxZTk5OSwiZiI6IjAwMDAwMDAwMDAwMDAwMDAifQ==",  # o = 1e999
+    "eyJvIjotMSwiZiI6IjAwMDAwMDAwMDAwMDAwMDAifQ==",  # o = -1
+    "eyJvIjp0cnVlLCJmIjoiMDAwMDAwMDAwMDAwMDAwMCJ9",  # o = true
+    "eyJvIjpOYU4sImYiOiIwMDAwMDAwMDAwMDAwMDAwIn0=",  # o = NaN
+    "W1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1td",  # nested arrays
+    "__8=",  # not UTF-8
+    "A" * 300,
+])
+def test_hand_made_page_tokens_are_refused_naming_the_field(store: MetadataStore,
+                                                            token: str) -> None:
+    for query in (BlueprintQuery(page_token=token), KernelQuery(page_token=token)):
+        call = store.list_blueprints if isinstance(query, BlueprintQuery) else store.query_kernels
+        with pytest.raises(InvalidArgumentError) as err:
+            call(query)  # type: ignore[arg-type]
+        assert err.value.field == "page_token"
+        text = str(err.value)
+        assert "fromhex" not in text and "Expecting" not in text and token not in text
+
+
+def test_one_extreme_report_moves_a_rank_by_a_bounded_amount(store: MetadataStore) -> None:
+    """One report of contribution=+1e308 (finite, so accepted) once took the worst kernel
+    to first place for good. Clipped and shrunk, it moves the score by at most
+    score_bound(n): the kernel can only pass kernels within that bound of it."""
+    from esper.urza.store.base import score_bound
+
+    # Five kernels with four reports each; scores 0.4, 0.3, 0.2, 0.1, -0.1 (sum / (4 + 1)).
+    means = {1: 0.5, 2: 0.375, 3: 0.25, 4: 0.125, 5: -0.125}
+    for k, mean in means.items():
+        store.put_kernel(_kernel(k))
+        for _ in range(4):
+            store.record_outcome(_report(k, contribution=mean))
+
+    def ranking() -> list[tuple[int, float]]:
+        items = store.query_kernels(KernelQuery()).items
+        return [(int(e.row.kernel_id[7:], 16), e.stats.score) for e in items]
+
+    before = ranking()
+    assert [k for k, _ in before] == [1, 2, 3, 4, 5]
+    worst_before = dict(before)[5]
+    store.record_outcome(_report(5, contribution=1e308))
+    after = ranking()
+    worst_after = dict(after)[5]
+    bound = score_bound(4)
+    assert 0 < worst_after - worst_before <= bound
+    # Only kernels scoring within the bound above it could be passed (here kernels 3 and
+    # 4); kernels 1 and 2 cannot be, whatever the report says. In fact it passes none:
+    # -0.1 becomes (4 * -0.125 + 1) / 6 = 0.083, still below kernel 4's 0.1.
+    passable = {k for k, s in before if worst_before < s < worst_before + bound}
+    assert [k for k, _ in after].index(5) >= 4 - len(passable)
+    assert [k for k, _ in after][:3] == [1, 2, 3]
+    # The mean is winsorised the same way: at most 2 / outcomes away from before.
+    stats = store.get_kernel(f"sha256:{5:064x}").stats
+    assert stats.mean_contribution == pytest.approx((4 * -0.125 + 1.0) / 5)
+    assert stats.sum_contribution == pytest.approx(1e308)  # the raw sum is kept as reported
+
+
+def test_retire_hides_a_blueprints_kernels_until_restored(store: MetadataStore) -> None:
+    store.put_blueprint(_bp(1))
+    store.put_blueprint(_bp(2))
+    store.put_kernel(_kernel(1, bp=1))
+    store.put_kernel(_kernel(2, bp=2))
+
+    def offered(**kw: object) -> list[int]:
+        return [int(e.row.kernel_id[7:], 16) for e in store.query_kernels(
+            KernelQuery(**kw)).items]  # type: ignore[arg-type]
+
+    assert store.retire_blueprint(_bp(1).blueprint_id, retired=True, reason="regressed")
+    assert not store.retire_blueprint(_bp(1).blueprint_id, retired=True)
+    assert offered() == [2]
+    assert sorted(offered(include_retired=True)) == [1, 2]
+    assert store.get_kernel(f"sha256:{1:064x}").row.kernel_id  # still there, still served
+    row = store.get_blueprint(_bp(1).blueprint_id)
+    assert row.retired_at is not None and row.retired_reason == "regressed"
+    assert [b.blueprint_id for b in store.list_blueprints(BlueprintQuery()).items] == [
+        _bp(2).blueprint_id]
+    assert len(store.list_blueprints(BlueprintQuery(include_retired=True)).items) == 2
+    assert store.retire_blueprint(_bp(1).blueprint_id, retired=False)
+    assert sorted(offered()) == [1, 2]
+    assert store.get_blueprint(_bp(1).blueprint_id).retired_at is None
+    with pytest.raises(NotFoundError):
+        store.retire_blueprint("bp-00000000000000ff", retired=True)
+
+
+def test_delete_blueprint_takes_its_kernels_and_reports(store: MetadataStore) -> None:
+    store.put_blueprint(_bp(1, tags=("mlp", "x")))
+    store.put_blueprint(_bp(2))
+    store.put_kernel(_kernel(1, bp=1, tags=("fast",)))
+    store.put_kernel(_kernel(2, bp=1))
+    store.put_kernel(_kernel(3, bp=2))
+    for k in (1, 1, 2, 3):
+        store.record_outcome(_report(k, contribution=0.1))
+    assert store.delete_blueprint(_bp(1).blueprint_id) == (True, 2, 3)
+    assert store.delete_blueprint(_bp(1).blueprint_id) == (False, 0, 0)
+    assert store.kernel_ids() == [f"sha256:{3:064x}"]
+    with pytest.raises(NotFoundError):
+        store.get_blueprint(_bp(1).blueprint_id)
+    assert store.field_reports(f"sha256:{1:064x}") == []
+    assert store.artifact_shas() == {_kernel(3).artifact_sha256}
+    # The id is free again: the same blueprint and kernel can be stored afresh.
+    assert store.put_blueprint(_bp(1)) and store.put_kernel(_kernel(1, bp=1))
+    assert store.get_kernel(f"sha256:{1:064x}").stats.outcomes == 0
+
+
+def test_delete_kernel_and_field_reports_recompute_stats(store: MetadataStore) -> None:
+    store.put_kernel(_kernel(1))
+    store.put_kernel(_kernel(2))
+    for run, c in (("good", 0.5), ("good", 0.3), ("poison", 1e300)):
+        store.record_outcome(FieldReportRow(request_id=str(uuid.uuid4()),
+                                            kernel_id=f"sha256:{1:064x}", run_id=run,
+                                            slot_id="s", contribution=c, fate=FATE_FOSSILIZED))
+    store.record_outcome(FieldReportRow(request_id=str(uuid.uuid4()),
+                                        kernel_id=f"sha256:{2:064x}", run_id="poison",
+                                        slot_id="s", contribution=-0.2, fate=FATE_PRUNED))
+    assert store.delete_field_reports(run_id="poison") == 2
+    s1 = store.get_kernel(f"sha256:{1:064x}").stats
+    assert (s1.outcomes, s1.fossilized) == (2, 2)
+    assert s1.sum_contribution == pytest.approx(0.8)
+    assert s1.clipped_contribution == pytest.approx(0.8)
+    assert store.get_kernel(f"sha256:{2:064x}").stats.outcomes == 0
+    assert store.delete_field_reports(kernel_id=f"sha256:{1:064x}", run_id="other") == 0
+    with pytest.raises(InvalidArgumentError):
+        store.delete_field_reports()
+    assert store.delete_kernel(f"sha256:{1:064x}") == (True, 2)
+    assert store.delete_kernel(f"sha256:{1:064x}") == (False, 0)
+    assert store.kernel_ids() == [f"sha256:{2:064x}"]
+
+
+def test_only_kernels_of_the_given_signers_are_offered(store: MetadataStore) -> None:
+    for i, key in ((1, "aaaaaaaaaaaaaaaa"), (2, "bbbbbbbbbbbbbbbb"), (3, "aaaaaaaaaaaaaaaa")):
+        row = _kernel(i)
+        store.put_kernel(KernelRow(**{**row.__dict__, "key_id": key}))
+
+    def offered(keys: tuple[str, ...] | None, **kw: object) -> list[int]:
+        return sorted(int(e.row.kernel_id[7:], 16) for e in store.query_kernels(
+            KernelQuery(key_ids=keys, **kw)).items)  # type: ignore[arg-type]
+
+    assert offered(None) == [1, 2, 3]
+    assert offered(("aaaaaaaaaaaaaaaa",)) == [1, 3]
+    assert offered(()) == []
+    # The trusted set is server state: a token from one page still works after it changed.
+    page = store.query_kernels(KernelQuery(key_ids=("aaaaaaaaaaaaaaaa",), page_size=1))
+    rest = store.query_kernels(KernelQuery(key_ids=("aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb"),
+                                           page_size=1, page_token=page.next_page_token))
+    assert len(rest.items) == 1

@@ -63,6 +63,16 @@ HOSTS = {
     "transformer": (TinyTransformer, lambda: torch.randn(8, 5, 4), ["block.ln2", "block.mlp"]),
 }
 
+# name → parallel sites that go with HOSTS[name]'s output sites: a Linear→ReLU→Linear span
+# (8 → 16) and a single Linear (16 → 4); convolutions (8 → 8, 4 → 4); a whole transformer
+# block and its MLP's Linear→GELU→Linear span (16 → 16 tokens).
+PARALLEL_SITES = {
+    "mlp": ["0:2", "4"],
+    "cnn1d": ["2"],
+    "cnn2d": ["2"],
+    "transformer": ["block", "block.mlp.0:2"],
+}
+
 
 class ZeroOutSeed(nn.Module):
     """Channel MLP (1x1 convs for NCL/NCHW, Linear on the last dim for NC/NLD) whose

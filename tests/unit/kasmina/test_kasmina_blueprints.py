@@ -1,4 +1,5 @@
-"""Every builtin blueprint × every host site it supports: function-preserving, trainable."""
+"""Every builtin blueprint × every host site it supports (output and parallel slots):
+function-preserving, trainable."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 
 from esper.blueprints import build_module, builtin_blueprints, supports
 from esper.kasmina import SeedStage, wrap
-from tests.unit.kasmina.kasmina_hosts import HOSTS
+from tests.unit.kasmina.kasmina_hosts import HOSTS, PARALLEL_SITES
 
 BLUEPRINTS = builtin_blueprints()
 
@@ -17,7 +18,7 @@ def _wrapped(host_name: str):
     torch.manual_seed(0)
     host = factory()
     x = example()
-    return host, wrap(host, sites=sites, example_input=x), x
+    return host, wrap(host, sites=sites, parallel=PARALLEL_SITES[host_name], example_input=x), x
 
 
 def _signatures(host_name: str) -> list:

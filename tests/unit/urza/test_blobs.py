@@ -79,9 +79,10 @@ def test_corrupt_blob_is_reported_quarantined_and_repairable(tmp_path: Path) -> 
     raw = bytearray(path.read_bytes())
     raw[77] ^= 0x01
     path.write_bytes(bytes(raw))
-    with pytest.raises(DataLossError, match="corrupt on disk") as err:
+    with pytest.raises(DataLossError, match="is corrupt") as err:
         blobs.get(sha)
     assert err.value.reason == "BLOB_CORRUPT"
+    assert str(tmp_path) not in str(err.value)  # the caller learns no server path
     assert not path.exists()
     assert len(list(blobs.quarantine.iterdir())) == 1
     with pytest.raises(NotFoundError):

@@ -16,11 +16,14 @@ from esper.errors import DeadlineExceededError, InvalidArgumentError, Unavailabl
 from esper.runtime.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from esper.runtime.spec import PlatformContext, ServiceSpec
 from esper.urza.client import UrzaClient
+from esper.urza.config import MIN_CHUNK
 from esper.urza.service import UrzaServicer, open_library
 from generated.esper.urza.v1 import urza_service_pb2 as pb
 from generated.esper.urza.v1 import urza_service_pb2_grpc as rpc
 from tests.unit.urza.kernels_helper import make_artifact
 from tests.unit.urza.urza_server import API_KEY, hosted
+
+CHUNK = MIN_CHUNK  # the smallest chunks Urza sends: the most of them per artifact
 
 
 class FaultyUrza(UrzaServicer):
@@ -73,36 +76,36 @@ def _serve(lib, servicer: UrzaServicer):  # type: ignore[no-untyped-def]
 
 
 def test_broken_stream_resumes_from_last_byte(lib, key: SigningKey) -> None:  # type: ignore[no-untyped-def]
-    kernel_id, data, _ = make_artifact(key, channels=1024)
+    kernel_id, data, _ = make_artifact(key, name="bottleneck_mlp", channels=512)  # ~1 MB
     lib.put_kernel(data)
     servicer = FaultyUrza(lib, "break", faults=2)
     with _serve(lib, servicer) as target, UrzaClient(target, api_key=API_KEY) as client:
-        got = client.get_kernel(kernel_id, timeout_s=10, chunk_size=4096)
+        got = client.get_kernel(kernel_id, timeout_s=10, chunk_size=CHUNK)
     assert got == data
     # two broken streams of 2 chunks each, then the rest from where the second stopped
-    assert servicer.offsets == [0, 2 * 4096, 4 * 4096]
+    assert servicer.offsets == [0, 2 * CHUNK, 4 * CHUNK]
     assert client.resumed_downloads == 2
     assert client.breaker.state is BreakerState.CLOSED
 
 
 def test_corrupt_bytes_in_transit_are_refetched_never_returned(lib, key: SigningKey) -> None:  # type: ignore[no-untyped-def]
-    kernel_id, data, _ = make_artifact(key, channels=1024)
+    kernel_id, data, _ = make_artifact(key, name="bottleneck_mlp", channels=512)
     lib.put_kernel(data)
     servicer = FaultyUrza(lib, "corrupt", faults=1)
     with _serve(lib, servicer) as target, UrzaClient(target, api_key=API_KEY) as client:
-        got = client.get_kernel(kernel_id, timeout_s=10, chunk_size=4096)
+        got = client.get_kernel(kernel_id, timeout_s=10, chunk_size=CHUNK)
     assert hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest()
     assert servicer.offsets == [0, 0]  # the whole artifact again, not a resume
 
 
 def test_corruption_on_every_attempt_ends_at_the_deadline(lib, key: SigningKey) -> None:  # type: ignore[no-untyped-def]
-    kernel_id, data, _ = make_artifact(key, channels=1024)
+    kernel_id, data, _ = make_artifact(key, name="bottleneck_mlp", channels=512)
     lib.put_kernel(data)
     servicer = FaultyUrza(lib, "corrupt", faults=10**6)
     with _serve(lib, servicer) as target, UrzaClient(target, api_key=API_KEY) as client:
         t0 = time.monotonic()
         with pytest.raises((DeadlineExceededError, UnavailableError)):
-            client.get_kernel(kernel_id, timeout_s=0.8, chunk_size=4096)
+            client.get_kernel(kernel_id, timeout_s=0.8, chunk_size=CHUNK)
         # Bounded by the 0.8 s deadline (with slack for a loaded CI machine), not by the
         # million faults the server would serve.
         assert time.monotonic() - t0 < 2.5

@@ -21,6 +21,7 @@ from esper.errors import (
 )
 from esper.runtime.errors import as_esper_error
 from esper.urza.client import UrzaClient
+from esper.urza.config import MAX_CHUNK, MIN_CHUNK
 from generated.esper.common.v1 import kernel_pb2
 from generated.esper.urza.v1 import urza_service_pb2 as pb
 from generated.esper.urza.v1 import urza_service_pb2_grpc as rpc
@@ -77,19 +78,63 @@ def test_round_trip_kernel_and_blueprint(client: UrzaClient, key: SigningKey) ->
     assert client.query_kernels(5)[0][0].stats.fossilized == 1
 
 
+def _get_raw(target: str, request: pb.GetKernelRequest) -> list[pb.GetKernelResponse]:
+    with grpc.insecure_channel(target) as ch:  # default options: the 4 MiB receive cap
+        return list(rpc.UrzaServiceStub(ch).GetKernel(
+            request, timeout=10, metadata=[("x-api-key", API_KEY)]))
+
+
 def test_get_kernel_streams_from_offset(target: str, client: UrzaClient,
                                         key: SigningKey) -> None:
-    kernel_id, data, _ = make_artifact(key, channels=512)
+    kernel_id, data, _ = make_artifact(key, name="bottleneck_mlp", channels=512)  # ~1 MB
     client.put_kernel(data, timeout_s=10)
-    with grpc.insecure_channel(target) as ch:
-        stub = rpc.UrzaServiceStub(ch)
-        msgs = list(stub.GetKernel(pb.GetKernelRequest(kernel_id=kernel_id, offset=1000,
-                                                       chunk_size=4096),
-                                   timeout=5, metadata=[("x-api-key", API_KEY)]))
+    msgs = _get_raw(target, pb.GetKernelRequest(kernel_id=kernel_id, offset=1000,
+                                                chunk_size=MIN_CHUNK))
     assert msgs[0].WhichOneof("part") == "info"
     assert msgs[0].info.artifact_size == len(data)
-    assert [m.chunk.offset for m in msgs[1:]] == list(range(1000, len(data), 4096))
+    assert [m.chunk.offset for m in msgs[1:]] == list(range(1000, len(data), MIN_CHUNK))
     assert b"".join(m.chunk.data for m in msgs[1:]) == data[1000:]
+
+
+@pytest.mark.parametrize("asked", [1, 4096, MIN_CHUNK - 1])
+def test_tiny_chunks_are_raised_to_the_minimum(target: str, client: UrzaClient,
+                                               key: SigningKey, asked: int) -> None:
+    """chunk_size=1 once let one client make Urza send 39k messages for one kernel."""
+    kernel_id, data, _ = make_artifact(key, name="bottleneck_mlp", channels=512)
+    client.put_kernel(data, timeout_s=10)
+    msgs = _get_raw(target, pb.GetKernelRequest(kernel_id=kernel_id, chunk_size=asked))
+    chunks = [m.chunk for m in msgs[1:]]
+    assert len(chunks) == -(-len(data) // MIN_CHUNK)  # 17, not 1 million
+    assert all(len(c.data) == MIN_CHUNK for c in chunks[:-1])
+    assert b"".join(c.data for c in chunks) == data
+
+
+def test_largest_chunks_fit_the_default_message_cap(target: str, client: UrzaClient,
+                                                   key: SigningKey) -> None:
+    """The contract's largest chunk, framed, passes gRPC's default 4 MiB cap both ways
+    (it once allowed 4 MiB chunks that the cap then refused)."""
+    kernel_id, data, _ = make_artifact(key, name="bottleneck_mlp", channels=1100)  # ~4.8 MB
+    assert len(data) > MAX_CHUNK + MIN_CHUNK
+    header = pb.KernelUploadHeader(total_size=len(data),
+                                   artifact_sha256=hashlib.sha256(data).hexdigest())
+    with grpc.insecure_channel(target) as ch:
+        resp = rpc.UrzaServiceStub(ch).PutKernel(
+            iter([pb.PutKernelRequest(header=header),
+                  pb.PutKernelRequest(chunk=data[:MAX_CHUNK]),
+                  pb.PutKernelRequest(chunk=data[MAX_CHUNK:])]),
+            timeout=30, metadata=[("x-api-key", API_KEY)])
+    assert (resp.kernel_id, resp.created) == (kernel_id, True)
+    msgs = _get_raw(target, pb.GetKernelRequest(kernel_id=kernel_id, chunk_size=MAX_CHUNK))
+    assert [len(m.chunk.data) for m in msgs[1:]] == [MAX_CHUNK, len(data) - MAX_CHUNK]
+    # One byte more than the contract allows is a named INVALID_ARGUMENT, not the cap's
+    # RESOURCE_EXHAUSTED.
+    err = _raw_put(target, [pb.PutKernelRequest(header=header),
+                            pb.PutKernelRequest(chunk=data[:MAX_CHUNK + 1])])
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "chunk" in as_esper_error(err).field_violations[0][0]  # type: ignore[attr-defined]
+    with pytest.raises(grpc.RpcError) as too_big:
+        _get_raw(target, pb.GetKernelRequest(kernel_id=kernel_id, chunk_size=MAX_CHUNK + 1))
+    assert too_big.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_tampered_artifact_is_invalid_argument(target: str, client: UrzaClient,

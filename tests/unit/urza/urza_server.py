@@ -18,7 +18,7 @@ API_KEY = "urza-test-key"
 
 
 @contextmanager
-def hosted(spec: ServiceSpec) -> Iterator[str]:
+def hosted(spec: ServiceSpec, keys: dict[str, frozenset[str]] | None = None) -> Iterator[str]:
     """Serve `spec` until the block ends; yields "127.0.0.1:<port>"."""
     loop = asyncio.new_event_loop()
     started = threading.Event()
@@ -26,7 +26,7 @@ def hosted(spec: ServiceSpec) -> Iterator[str]:
 
     async def main() -> None:
         host = Host([spec], config=HostConfig(port=0, grace_s=0.5, notice_s=0.0),
-                    auth=AuthConfig(keys={API_KEY: frozenset({"*"})}))
+                    auth=AuthConfig(keys=keys or {API_KEY: frozenset({"*"})}))
         box["host"] = host
         try:
             box["port"] = await host.start()
@@ -49,8 +49,9 @@ def hosted(spec: ServiceSpec) -> Iterator[str]:
 
 
 @contextmanager
-def urza(data_dir: Path, keys_dir: Path) -> Iterator[str]:
+def urza(data_dir: Path, keys_dir: Path, *, keys: dict[str, frozenset[str]] | None = None,
+         **settings: Any) -> Iterator[str]:
     ctx = PlatformContext(data_dir=data_dir,
-                          settings={"urza": {"trusted_keys_dir": str(keys_dir)}})
-    with hosted(create_service(ctx)) as target:
+                          settings={"urza": {"trusted_keys_dir": str(keys_dir), **settings}})
+    with hosted(create_service(ctx), keys) as target:
         yield target

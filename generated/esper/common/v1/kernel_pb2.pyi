@@ -102,15 +102,19 @@ class KernelRecord(_message.Message):
     def __init__(self, kernel_id: _Optional[str] = ..., manifest: _Optional[_Union[KernelManifest, _Mapping]] = ..., artifact_size: _Optional[int] = ..., artifact_sha256: _Optional[str] = ..., stats: _Optional[_Union[KernelStats, _Mapping]] = ..., blueprint: _Optional[_Union[_blueprint_pb2.Blueprint, _Mapping]] = ...) -> None: ...
 
 class KernelStats(_message.Message):
-    __slots__ = ("outcomes", "fossilized", "pruned", "mean_contribution", "mean_accuracy_delta")
+    __slots__ = ("outcomes", "fossilized", "pruned", "mean_contribution", "mean_accuracy_delta", "rolled_back", "score")
     OUTCOMES_FIELD_NUMBER: _ClassVar[int]
     FOSSILIZED_FIELD_NUMBER: _ClassVar[int]
     PRUNED_FIELD_NUMBER: _ClassVar[int]
     MEAN_CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     MEAN_ACCURACY_DELTA_FIELD_NUMBER: _ClassVar[int]
+    ROLLED_BACK_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
     outcomes: int
     fossilized: int
     pruned: int
     mean_contribution: float
     mean_accuracy_delta: float
-    def __init__(self, outcomes: _Optional[int] = ..., fossilized: _Optional[int] = ..., pruned: _Optional[int] = ..., mean_contribution: _Optional[float] = ..., mean_accuracy_delta: _Optional[float] = ...) -> None: ...
+    rolled_back: int
+    score: float
+    def __init__(self, outcomes: _Optional[int] = ..., fossilized: _Optional[int] = ..., pruned: _Optional[int] = ..., mean_contribution: _Optional[float] = ..., mean_accuracy_delta: _Optional[float] = ..., rolled_back: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...

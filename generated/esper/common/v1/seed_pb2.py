@@ -25,13 +25,21 @@ _sym_db = _symbol_database.Default()
 from generated.buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65sper/common/v1/seed.proto\x12\x0f\x65sper.common.v1\x1a\x1b\x62uf/validate/validate.proto\"\xb9\x01\n\rSiteSignature\x12=\n\x06layout\x18\x01 \x01(\x0e\x32!.esper.common.v1.ActivationLayoutB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\x12\x1d\n\x08\x63hannels\x18\x02 \x01(\rB\x0b\xbaH\x08*\x06\x18\x80\x80\x04(\x01\x12\x19\n\x07spatial\x18\x03 \x03(\rB\x08\xbaH\x05\x92\x01\x02\x10\x02\x12/\n\x05\x64type\x18\x04 \x01(\x0e\x32\x16.esper.common.v1.DTypeB\x08\xbaH\x05\x82\x01\x02\x10\x01\"r\n\nTensorSpec\x12\x18\n\x04name\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x02\x12\x17\n\x05shape\x18\x02 \x03(\x03\x42\x08\xbaH\x05\x92\x01\x02\x10\x08\x12\x31\n\x05\x64type\x18\x03 \x01(\x0e\x32\x16.esper.common.v1.DTypeB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00*\x8a\x02\n\tSeedStage\x12\x1a\n\x16SEED_STAGE_UNSPECIFIED\x10\x00\x12\x16\n\x12SEED_STAGE_DORMANT\x10\x01\x12\x19\n\x15SEED_STAGE_GERMINATED\x10\x02\x12\x17\n\x13SEED_STAGE_TRAINING\x10\x03\x12\x17\n\x13SEED_STAGE_BLENDING\x10\x04\x12\x16\n\x12SEED_STAGE_HOLDING\x10\x05\x12\x19\n\x15SEED_STAGE_FOSSILIZED\x10\x06\x12\x15\n\x11SEED_STAGE_PRUNED\x10\x07\x12\x18\n\x14SEED_STAGE_EMBARGOED\x10\x08\x12\x18\n\x14SEED_STAGE_RESETTING\x10\t*\xa1\x01\n\x10\x41\x63tivationLayout\x12!\n\x1d\x41\x43TIVATION_LAYOUT_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41\x43TIVATION_LAYOUT_NC\x10\x01\x12\x19\n\x15\x41\x43TIVATION_LAYOUT_NCL\x10\x02\x12\x1a\n\x16\x41\x43TIVATION_LAYOUT_NCHW\x10\x03\x12\x19\n\x15\x41\x43TIVATION_LAYOUT_NLD\x10\x04*p\n\x05\x44Type\x12\x16\n\x12\x44_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44_TYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44_TYPE_FLOAT16\x10\x02\x12\x13\n\x0f\x44_TYPE_BFLOAT16\x10\x03\x12\x12\n\x0e\x44_TYPE_FLOAT64\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65sper/common/v1/seed.proto\x12\x0f\x65sper.common.v1\x1a\x1b\x62uf/validate/validate.proto\"\xba\x01\n\x0e\x41\x63tivationSpec\x12=\n\x06layout\x18\x01 \x01(\x0e\x32!.esper.common.v1.ActivationLayoutB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\x12\x1d\n\x08\x63hannels\x18\x02 \x01(\rB\x0b\xbaH\x08*\x06\x18\x80\x80\x04(\x01\x12\x19\n\x07spatial\x18\x03 \x03(\rB\x08\xbaH\x05\x92\x01\x02\x10\x02\x12/\n\x05\x64type\x18\x04 \x01(\x0e\x32\x16.esper.common.v1.DTypeB\x08\xbaH\x05\x82\x01\x02\x10\x01\"\x9c\x02\n\rSiteSignature\x12=\n\x06layout\x18\x01 \x01(\x0e\x32!.esper.common.v1.ActivationLayoutB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\x12\x1d\n\x08\x63hannels\x18\x02 \x01(\rB\x0b\xbaH\x08*\x06\x18\x80\x80\x04(\x01\x12\x19\n\x07spatial\x18\x03 \x03(\rB\x08\xbaH\x05\x92\x01\x02\x10\x02\x12/\n\x05\x64type\x18\x04 \x01(\x0e\x32\x16.esper.common.v1.DTypeB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x31\n\x04kind\x18\x05 \x01(\x0e\x32\x19.esper.common.v1.SlotKindB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12.\n\x05input\x18\x06 \x01(\x0b\x32\x1f.esper.common.v1.ActivationSpec\"r\n\nTensorSpec\x12\x18\n\x04name\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x02\x12\x17\n\x05shape\x18\x02 \x03(\x03\x42\x08\xbaH\x05\x92\x01\x02\x10\x08\x12\x31\n\x05\x64type\x18\x03 \x01(\x0e\x32\x16.esper.common.v1.DTypeB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00*\x8a\x02\n\tSeedStage\x12\x1a\n\x16SEED_STAGE_UNSPECIFIED\x10\x00\x12\x16\n\x12SEED_STAGE_DORMANT\x10\x01\x12\x19\n\x15SEED_STAGE_GERMINATED\x10\x02\x12\x17\n\x13SEED_STAGE_TRAINING\x10\x03\x12\x17\n\x13SEED_STAGE_BLENDING\x10\x04\x12\x16\n\x12SEED_STAGE_HOLDING\x10\x05\x12\x19\n\x15SEED_STAGE_FOSSILIZED\x10\x06\x12\x15\n\x11SEED_STAGE_PRUNED\x10\x07\x12\x18\n\x14SEED_STAGE_EMBARGOED\x10\x08\x12\x18\n\x14SEED_STAGE_RESETTING\x10\t*\xa1\x01\n\x10\x41\x63tivationLayout\x12!\n\x1d\x41\x43TIVATION_LAYOUT_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41\x43TIVATION_LAYOUT_NC\x10\x01\x12\x19\n\x15\x41\x43TIVATION_LAYOUT_NCL\x10\x02\x12\x1a\n\x16\x41\x43TIVATION_LAYOUT_NCHW\x10\x03\x12\x19\n\x15\x41\x43TIVATION_LAYOUT_NLD\x10\x04*p\n\x05\x44Type\x12\x16\n\x12\x44_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44_TYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44_TYPE_FLOAT16\x10\x02\x12\x13\n\x0f\x44_TYPE_BFLOAT16\x10\x03\x12\x12\n\x0e\x44_TYPE_FLOAT64\x10\x04*=\n\x08SlotKind\x12\x19\n\x15SLOT_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12SLOT_KIND_PARALLEL\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'esper.common.v1.seed_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'generated.esper.common.v1.seed_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_ACTIVATIONSPEC'].fields_by_name['layout']._loaded_options = None
+  _globals['_ACTIVATIONSPEC'].fields_by_name['layout']._serialized_options = b'\272H\007\202\001\004\020\001 \000'
+  _globals['_ACTIVATIONSPEC'].fields_by_name['channels']._loaded_options = None
+  _globals['_ACTIVATIONSPEC'].fields_by_name['channels']._serialized_options = b'\272H\010*\006\030\200\200\004(\001'
+  _globals['_ACTIVATIONSPEC'].fields_by_name['spatial']._loaded_options = None
+  _globals['_ACTIVATIONSPEC'].fields_by_name['spatial']._serialized_options = b'\272H\005\222\001\002\020\002'
+  _globals['_ACTIVATIONSPEC'].fields_by_name['dtype']._loaded_options = None
+  _globals['_ACTIVATIONSPEC'].fields_by_name['dtype']._serialized_options = b'\272H\005\202\001\002\020\001'
   _globals['_SITESIGNATURE'].fields_by_name['layout']._loaded_options = None
   _globals['_SITESIGNATURE'].fields_by_name['layout']._serialized_options = b'\272H\007\202\001\004\020\001 \000'
   _globals['_SITESIGNATURE'].fields_by_name['channels']._loaded_options = None
@@ -40,20 +48,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SITESIGNATURE'].fields_by_name['spatial']._serialized_options = b'\272H\005\222\001\002\020\002'
   _globals['_SITESIGNATURE'].fields_by_name['dtype']._loaded_options = None
   _globals['_SITESIGNATURE'].fields_by_name['dtype']._serialized_options = b'\272H\005\202\001\002\020\001'
+  _globals['_SITESIGNATURE'].fields_by_name['kind']._loaded_options = None
+  _globals['_SITESIGNATURE'].fields_by_name['kind']._serialized_options = b'\272H\005\202\001\002\020\001'
   _globals['_TENSORSPEC'].fields_by_name['name']._loaded_options = None
   _globals['_TENSORSPEC'].fields_by_name['name']._serialized_options = b'\272H\007r\005\020\001\030\200\002'
   _globals['_TENSORSPEC'].fields_by_name['shape']._loaded_options = None
   _globals['_TENSORSPEC'].fields_by_name['shape']._serialized_options = b'\272H\005\222\001\002\020\010'
   _globals['_TENSORSPEC'].fields_by_name['dtype']._loaded_options = None
   _globals['_TENSORSPEC'].fields_by_name['dtype']._serialized_options = b'\272H\007\202\001\004\020\001 \000'
-  _globals['_SEEDSTAGE']._serialized_start=381
-  _globals['_SEEDSTAGE']._serialized_end=647
-  _globals['_ACTIVATIONLAYOUT']._serialized_start=650
-  _globals['_ACTIVATIONLAYOUT']._serialized_end=811
-  _globals['_DTYPE']._serialized_start=813
-  _globals['_DTYPE']._serialized_end=925
-  _globals['_SITESIGNATURE']._serialized_start=77
-  _globals['_SITESIGNATURE']._serialized_end=262
-  _globals['_TENSORSPEC']._serialized_start=264
-  _globals['_TENSORSPEC']._serialized_end=378
+  _globals['_SEEDSTAGE']._serialized_start=669
+  _globals['_SEEDSTAGE']._serialized_end=935
+  _globals['_ACTIVATIONLAYOUT']._serialized_start=938
+  _globals['_ACTIVATIONLAYOUT']._serialized_end=1099
+  _globals['_DTYPE']._serialized_start=1101
+  _globals['_DTYPE']._serialized_end=1213
+  _globals['_SLOTKIND']._serialized_start=1215
+  _globals['_SLOTKIND']._serialized_end=1276
+  _globals['_ACTIVATIONSPEC']._serialized_start=77
+  _globals['_ACTIVATIONSPEC']._serialized_end=263
+  _globals['_SITESIGNATURE']._serialized_start=266
+  _globals['_SITESIGNATURE']._serialized_end=550
+  _globals['_TENSORSPEC']._serialized_start=552
+  _globals['_TENSORSPEC']._serialized_end=666
 # @@protoc_insertion_point(module_scope)

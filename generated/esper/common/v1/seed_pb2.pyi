@@ -3,7 +3,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -36,6 +36,11 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     D_TYPE_FLOAT16: _ClassVar[DType]
     D_TYPE_BFLOAT16: _ClassVar[DType]
     D_TYPE_FLOAT64: _ClassVar[DType]
+
+class SlotKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SLOT_KIND_UNSPECIFIED: _ClassVar[SlotKind]
+    SLOT_KIND_PARALLEL: _ClassVar[SlotKind]
 SEED_STAGE_UNSPECIFIED: SeedStage
 SEED_STAGE_DORMANT: SeedStage
 SEED_STAGE_GERMINATED: SeedStage
@@ -56,8 +61,10 @@ D_TYPE_FLOAT32: DType
 D_TYPE_FLOAT16: DType
 D_TYPE_BFLOAT16: DType
 D_TYPE_FLOAT64: DType
+SLOT_KIND_UNSPECIFIED: SlotKind
+SLOT_KIND_PARALLEL: SlotKind
 
-class SiteSignature(_message.Message):
+class ActivationSpec(_message.Message):
     __slots__ = ("layout", "channels", "spatial", "dtype")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +75,22 @@ class SiteSignature(_message.Message):
     spatial: _containers.RepeatedScalarFieldContainer[int]
     dtype: DType
     def __init__(self, layout: _Optional[_Union[ActivationLayout, str]] = ..., channels: _Optional[int] = ..., spatial: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class SiteSignature(_message.Message):
+    __slots__ = ("layout", "channels", "spatial", "dtype", "kind", "input")
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    SPATIAL_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    layout: ActivationLayout
+    channels: int
+    spatial: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DType
+    kind: SlotKind
+    input: ActivationSpec
+    def __init__(self, layout: _Optional[_Union[ActivationLayout, str]] = ..., channels: _Optional[int] = ..., spatial: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., kind: _Optional[_Union[SlotKind, str]] = ..., input: _Optional[_Union[ActivationSpec, _Mapping]] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "shape", "dtype")

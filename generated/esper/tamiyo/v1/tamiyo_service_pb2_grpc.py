@@ -53,7 +53,8 @@ class TamiyoServiceServicer:
 
     def Decide(self, request, context):
         """Decide what to do at an epoch boundary.
-        Errors: INVALID_ARGUMENT if the snapshot breaks a field rule;
+        Errors: INVALID_ARGUMENT if the snapshot or the caller's candidates break a field rule
+        (candidates for a slot the snapshot does not have, a slot or kernel listed twice);
         DEADLINE_EXCEEDED if no decision fits the caller's deadline;
         UNAUTHENTICATED / PERMISSION_DENIED for a missing, wrong or under-scoped key.
         """

@@ -50,32 +50,80 @@ class GetBlueprintRequest(_message.Message):
     def __init__(self, blueprint_id: _Optional[str] = ...) -> None: ...
 
 class GetBlueprintResponse(_message.Message):
-    __slots__ = ("blueprint",)
+    __slots__ = ("blueprint", "retired", "retired_at", "retired_reason")
     BLUEPRINT_FIELD_NUMBER: _ClassVar[int]
+    RETIRED_FIELD_NUMBER: _ClassVar[int]
+    RETIRED_AT_FIELD_NUMBER: _ClassVar[int]
+    RETIRED_REASON_FIELD_NUMBER: _ClassVar[int]
     blueprint: _blueprint_pb2.Blueprint
-    def __init__(self, blueprint: _Optional[_Union[_blueprint_pb2.Blueprint, _Mapping]] = ...) -> None: ...
+    retired: bool
+    retired_at: _timestamp_pb2.Timestamp
+    retired_reason: str
+    def __init__(self, blueprint: _Optional[_Union[_blueprint_pb2.Blueprint, _Mapping]] = ..., retired: _Optional[bool] = ..., retired_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., retired_reason: _Optional[str] = ...) -> None: ...
 
 class ListBlueprintsRequest(_message.Message):
-    __slots__ = ("page_size", "page_token", "family", "tags", "layout")
+    __slots__ = ("page_size", "page_token", "family", "tags", "layout", "include_retired")
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_RETIRED_FIELD_NUMBER: _ClassVar[int]
     page_size: int
     page_token: str
     family: str
     tags: _containers.RepeatedScalarFieldContainer[str]
     layout: _seed_pb2.ActivationLayout
-    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., family: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., layout: _Optional[_Union[_seed_pb2.ActivationLayout, str]] = ...) -> None: ...
+    include_retired: bool
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., family: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., layout: _Optional[_Union[_seed_pb2.ActivationLayout, str]] = ..., include_retired: _Optional[bool] = ...) -> None: ...
 
 class ListBlueprintsResponse(_message.Message):
-    __slots__ = ("blueprints", "next_page_token")
+    __slots__ = ("blueprints", "next_page_token", "retired_blueprint_ids")
     BLUEPRINTS_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RETIRED_BLUEPRINT_IDS_FIELD_NUMBER: _ClassVar[int]
     blueprints: _containers.RepeatedCompositeFieldContainer[_blueprint_pb2.Blueprint]
     next_page_token: str
-    def __init__(self, blueprints: _Optional[_Iterable[_Union[_blueprint_pb2.Blueprint, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+    retired_blueprint_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, blueprints: _Optional[_Iterable[_Union[_blueprint_pb2.Blueprint, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., retired_blueprint_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RetireBlueprintRequest(_message.Message):
+    __slots__ = ("request_id", "blueprint_id", "reason", "restore")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    BLUEPRINT_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    blueprint_id: str
+    reason: str
+    restore: bool
+    def __init__(self, request_id: _Optional[str] = ..., blueprint_id: _Optional[str] = ..., reason: _Optional[str] = ..., restore: _Optional[bool] = ...) -> None: ...
+
+class RetireBlueprintResponse(_message.Message):
+    __slots__ = ("changed", "retired")
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    RETIRED_FIELD_NUMBER: _ClassVar[int]
+    changed: bool
+    retired: bool
+    def __init__(self, changed: _Optional[bool] = ..., retired: _Optional[bool] = ...) -> None: ...
+
+class DeleteBlueprintRequest(_message.Message):
+    __slots__ = ("request_id", "blueprint_id")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    BLUEPRINT_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    blueprint_id: str
+    def __init__(self, request_id: _Optional[str] = ..., blueprint_id: _Optional[str] = ...) -> None: ...
+
+class DeleteBlueprintResponse(_message.Message):
+    __slots__ = ("deleted", "kernels_deleted", "field_reports_deleted")
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    KERNELS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    FIELD_REPORTS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: bool
+    kernels_deleted: int
+    field_reports_deleted: int
+    def __init__(self, deleted: _Optional[bool] = ..., kernels_deleted: _Optional[int] = ..., field_reports_deleted: _Optional[int] = ...) -> None: ...
 
 class KernelUploadHeader(_message.Message):
     __slots__ = ("request_id", "total_size", "artifact_sha256")
@@ -130,20 +178,22 @@ class KernelChunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class QueryKernelsRequest(_message.Message):
-    __slots__ = ("blueprint_id", "site", "tags", "page_size", "page_token", "max_parameters")
+    __slots__ = ("blueprint_id", "site", "tags", "page_size", "page_token", "max_parameters", "include_retired")
     BLUEPRINT_ID_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     MAX_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_RETIRED_FIELD_NUMBER: _ClassVar[int]
     blueprint_id: str
     site: _seed_pb2.SiteSignature
     tags: _containers.RepeatedScalarFieldContainer[str]
     page_size: int
     page_token: str
     max_parameters: int
-    def __init__(self, blueprint_id: _Optional[str] = ..., site: _Optional[_Union[_seed_pb2.SiteSignature, _Mapping]] = ..., tags: _Optional[_Iterable[str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., max_parameters: _Optional[int] = ...) -> None: ...
+    include_retired: bool
+    def __init__(self, blueprint_id: _Optional[str] = ..., site: _Optional[_Union[_seed_pb2.SiteSignature, _Mapping]] = ..., tags: _Optional[_Iterable[str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., max_parameters: _Optional[int] = ..., include_retired: _Optional[bool] = ...) -> None: ...
 
 class QueryKernelsResponse(_message.Message):
     __slots__ = ("kernels", "next_page_token")
@@ -152,6 +202,22 @@ class QueryKernelsResponse(_message.Message):
     kernels: _containers.RepeatedCompositeFieldContainer[_kernel_pb2.KernelRecord]
     next_page_token: str
     def __init__(self, kernels: _Optional[_Iterable[_Union[_kernel_pb2.KernelRecord, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class DeleteKernelRequest(_message.Message):
+    __slots__ = ("request_id", "kernel_id")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    kernel_id: str
+    def __init__(self, request_id: _Optional[str] = ..., kernel_id: _Optional[str] = ...) -> None: ...
+
+class DeleteKernelResponse(_message.Message):
+    __slots__ = ("deleted", "field_reports_deleted")
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    FIELD_REPORTS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: bool
+    field_reports_deleted: int
+    def __init__(self, deleted: _Optional[bool] = ..., field_reports_deleted: _Optional[int] = ...) -> None: ...
 
 class FieldReport(_message.Message):
     __slots__ = ("kernel_id", "run_id", "slot_id", "task", "contribution", "accuracy_delta", "fate", "germinated_epoch", "ended_epoch", "parameters", "recorded_at", "rejected_by_gate", "rolled_back")
@@ -196,3 +262,19 @@ class RecordOutcomeResponse(_message.Message):
     CREATED_FIELD_NUMBER: _ClassVar[int]
     created: bool
     def __init__(self, created: _Optional[bool] = ...) -> None: ...
+
+class DeleteFieldReportsRequest(_message.Message):
+    __slots__ = ("request_id", "kernel_id", "run_id")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    kernel_id: str
+    run_id: str
+    def __init__(self, request_id: _Optional[str] = ..., kernel_id: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
+
+class DeleteFieldReportsResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: int
+    def __init__(self, deleted: _Optional[int] = ...) -> None: ...

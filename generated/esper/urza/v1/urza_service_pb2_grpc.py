@@ -27,6 +27,10 @@ if _version_not_supported:
 
 class UrzaServiceStub:
     """The library of blueprints and signed kernel artifacts, with field reports.
+
+    Every list reply (ListBlueprints, QueryKernels) stays under 3 MiB whatever is stored, so
+    it fits gRPC's default 4 MiB receive limit: a page ends early (with a next_page_token)
+    when the next item would not fit.
     """
 
     def __init__(self, channel):
@@ -50,6 +54,16 @@ class UrzaServiceStub:
                 request_serializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.ListBlueprintsRequest.SerializeToString,
                 response_deserializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.ListBlueprintsResponse.FromString,
                 _registered_method=True)
+        self.RetireBlueprint = channel.unary_unary(
+                '/esper.urza.v1.UrzaService/RetireBlueprint',
+                request_serializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.RetireBlueprintRequest.SerializeToString,
+                response_deserializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.RetireBlueprintResponse.FromString,
+                _registered_method=True)
+        self.DeleteBlueprint = channel.unary_unary(
+                '/esper.urza.v1.UrzaService/DeleteBlueprint',
+                request_serializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.DeleteBlueprintRequest.SerializeToString,
+                response_deserializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.DeleteBlueprintResponse.FromString,
+                _registered_method=True)
         self.PutKernel = channel.stream_unary(
                 '/esper.urza.v1.UrzaService/PutKernel',
                 request_serializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.PutKernelRequest.SerializeToString,
@@ -65,46 +79,90 @@ class UrzaServiceStub:
                 request_serializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.QueryKernelsRequest.SerializeToString,
                 response_deserializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.QueryKernelsResponse.FromString,
                 _registered_method=True)
+        self.DeleteKernel = channel.unary_unary(
+                '/esper.urza.v1.UrzaService/DeleteKernel',
+                request_serializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.DeleteKernelRequest.SerializeToString,
+                response_deserializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.DeleteKernelResponse.FromString,
+                _registered_method=True)
         self.RecordOutcome = channel.unary_unary(
                 '/esper.urza.v1.UrzaService/RecordOutcome',
                 request_serializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.RecordOutcomeRequest.SerializeToString,
                 response_deserializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.RecordOutcomeResponse.FromString,
                 _registered_method=True)
+        self.DeleteFieldReports = channel.unary_unary(
+                '/esper.urza.v1.UrzaService/DeleteFieldReports',
+                request_serializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.DeleteFieldReportsRequest.SerializeToString,
+                response_deserializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.DeleteFieldReportsResponse.FromString,
+                _registered_method=True)
 
 
 class UrzaServiceServicer:
     """The library of blueprints and signed kernel artifacts, with field reports.
+
+    Every list reply (ListBlueprints, QueryKernels) stays under 3 MiB whatever is stored, so
+    it fits gRPC's default 4 MiB receive limit: a page ends early (with a next_page_token)
+    when the next item would not fit.
     """
 
     def PutBlueprint(self, request, context):
         """Store a blueprint; the id is derived from its content (same content, same id).
         Errors: INVALID_ARGUMENT if the IR breaks a field rule or fails IR validation
-        (unknown op, cycle, shapes that do not infer, size bounds).
+        (unknown op, cycle, shapes that do not infer, size bounds), or a parent id is not a
+        blueprint id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetBlueprint(self, request, context):
-        """Errors: NOT_FOUND if no blueprint has that id.
+        """A blueprint, retired or not.
+        Errors: NOT_FOUND if no blueprint has that id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListBlueprints(self, request, context):
-        """Errors: INVALID_ARGUMENT for a bad page token.
+        """Blueprints by id; retired ones only with include_retired.
+        Errors: INVALID_ARGUMENT for a bad filter or page token (field `page_token`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetireBlueprint(self, request, context):
+        """Retire a blueprint, or restore a retired one. A retired blueprint's kernels stay
+        stored and GetKernel still serves them (a run that uses one, or resumes with one,
+        keeps it), but QueryKernels and ListBlueprints no longer offer them. Idempotent:
+        retiring a retired blueprint changes nothing (changed=false).
+        Errors: NOT_FOUND if no blueprint has that id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteBlueprint(self, request, context):
+        """Delete a blueprint, every kernel compiled from it and those kernels' field reports.
+        Seeds already germinated from them keep running (the module is built and Kasmina's
+        loader keeps its verified copy); later GetKernel calls for them are NOT_FOUND and
+        their artifact blobs are removed by Urza's orphan sweep. Retire first where runs may
+        still fetch them. Idempotent: an unknown id answers deleted=false.
+        Errors: INVALID_ARGUMENT for a malformed id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def PutKernel(self, request_iterator, context):
-        """Upload a kernel artifact: first a header, then chunks.
+        """Upload a kernel artifact: first a header, then chunks. Urza streams the chunks to a
+        temporary file (never the whole upload in memory), refuses a stream longer than the
+        header's total_size or its configured cap, and stores no blob for a refused upload
+        or for a kernel it already holds.
         Errors: INVALID_ARGUMENT if the header is missing or first message is not one,
-        the size or hash does not match, or the artifact fails verification
-        (signature, hashes, safetensors bounds, names/shapes/dtypes);
-        FAILED_PRECONDITION if the signing key is not trusted.
+        the size or hash does not match, total_size is over the cap, or the artifact fails
+        verification (signature, hashes, safetensors bounds, names/shapes/dtypes);
+        FAILED_PRECONDITION if the signing key is not trusted (never was, or was revoked);
+        RESOURCE_EXHAUSTED if too many uploads are in progress.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,15 +170,28 @@ class UrzaServiceServicer:
 
     def GetKernel(self, request, context):
         """Download a kernel artifact: an info message, then chunks from `offset`.
-        Errors: NOT_FOUND if no kernel has that id; OUT_OF_RANGE if offset is past the end.
+        Errors: NOT_FOUND if no kernel has that id; OUT_OF_RANGE if offset is past the end;
+        FAILED_PRECONDITION if its signer is no longer trusted (its public key was removed
+        from Urza's trusted keys); DATA_LOSS if the stored blob is missing or corrupt.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def QueryKernels(self, request, context):
-        """Find kernels by blueprint, site and tags, best recorded outcomes first.
-        Errors: INVALID_ARGUMENT for a bad filter or page token.
+        """Find kernels by blueprint, site and tags, best score first (KernelStats.score).
+        Only kernels whose signer Urza trusts now, and (unless include_retired) whose
+        blueprint is not retired.
+        Errors: INVALID_ARGUMENT for a bad filter or page token (field `page_token`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteKernel(self, request, context):
+        """Delete a kernel and its field reports (its blob goes with the next orphan sweep).
+        Idempotent: an unknown id answers deleted=false.
+        Errors: INVALID_ARGUMENT for a malformed id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,7 +199,17 @@ class UrzaServiceServicer:
 
     def RecordOutcome(self, request, context):
         """Record what happened to a kernel in a run (a field report).
-        Errors: NOT_FOUND if the kernel is unknown.
+        Errors: NOT_FOUND if the kernel is unknown; INVALID_ARGUMENT naming the field for a
+        non-finite contribution or accuracy_delta, or a value out of its range.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteFieldReports(self, request, context):
+        """Delete field reports (of one kernel, one run, or one run's reports of one kernel) and
+        recompute the affected kernels' stats. Idempotent.
+        Errors: INVALID_ARGUMENT if neither kernel_id nor run_id is set.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -152,6 +233,16 @@ def add_UrzaServiceServicer_to_server(servicer, server):
                     request_deserializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.ListBlueprintsRequest.FromString,
                     response_serializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.ListBlueprintsResponse.SerializeToString,
             ),
+            'RetireBlueprint': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetireBlueprint,
+                    request_deserializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.RetireBlueprintRequest.FromString,
+                    response_serializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.RetireBlueprintResponse.SerializeToString,
+            ),
+            'DeleteBlueprint': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteBlueprint,
+                    request_deserializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.DeleteBlueprintRequest.FromString,
+                    response_serializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.DeleteBlueprintResponse.SerializeToString,
+            ),
             'PutKernel': grpc.stream_unary_rpc_method_handler(
                     servicer.PutKernel,
                     request_deserializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.PutKernelRequest.FromString,
@@ -167,10 +258,20 @@ def add_UrzaServiceServicer_to_server(servicer, server):
                     request_deserializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.QueryKernelsRequest.FromString,
                     response_serializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.QueryKernelsResponse.SerializeToString,
             ),
+            'DeleteKernel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteKernel,
+                    request_deserializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.DeleteKernelRequest.FromString,
+                    response_serializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.DeleteKernelResponse.SerializeToString,
+            ),
             'RecordOutcome': grpc.unary_unary_rpc_method_handler(
                     servicer.RecordOutcome,
                     request_deserializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.RecordOutcomeRequest.FromString,
                     response_serializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.RecordOutcomeResponse.SerializeToString,
+            ),
+            'DeleteFieldReports': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteFieldReports,
+                    request_deserializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.DeleteFieldReportsRequest.FromString,
+                    response_serializer=esper_dot_urza_dot_v1_dot_urza__service__pb2.DeleteFieldReportsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -182,6 +283,10 @@ def add_UrzaServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class UrzaService:
     """The library of blueprints and signed kernel artifacts, with field reports.
+
+    Every list reply (ListBlueprints, QueryKernels) stays under 3 MiB whatever is stored, so
+    it fits gRPC's default 4 MiB receive limit: a page ends early (with a next_page_token)
+    when the next item would not fit.
     """
 
     @staticmethod
@@ -255,6 +360,60 @@ class UrzaService:
             '/esper.urza.v1.UrzaService/ListBlueprints',
             esper_dot_urza_dot_v1_dot_urza__service__pb2.ListBlueprintsRequest.SerializeToString,
             esper_dot_urza_dot_v1_dot_urza__service__pb2.ListBlueprintsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetireBlueprint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/esper.urza.v1.UrzaService/RetireBlueprint',
+            esper_dot_urza_dot_v1_dot_urza__service__pb2.RetireBlueprintRequest.SerializeToString,
+            esper_dot_urza_dot_v1_dot_urza__service__pb2.RetireBlueprintResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteBlueprint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/esper.urza.v1.UrzaService/DeleteBlueprint',
+            esper_dot_urza_dot_v1_dot_urza__service__pb2.DeleteBlueprintRequest.SerializeToString,
+            esper_dot_urza_dot_v1_dot_urza__service__pb2.DeleteBlueprintResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -347,6 +506,33 @@ class UrzaService:
             _registered_method=True)
 
     @staticmethod
+    def DeleteKernel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/esper.urza.v1.UrzaService/DeleteKernel',
+            esper_dot_urza_dot_v1_dot_urza__service__pb2.DeleteKernelRequest.SerializeToString,
+            esper_dot_urza_dot_v1_dot_urza__service__pb2.DeleteKernelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def RecordOutcome(request,
             target,
             options=(),
@@ -363,6 +549,33 @@ class UrzaService:
             '/esper.urza.v1.UrzaService/RecordOutcome',
             esper_dot_urza_dot_v1_dot_urza__service__pb2.RecordOutcomeRequest.SerializeToString,
             esper_dot_urza_dot_v1_dot_urza__service__pb2.RecordOutcomeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteFieldReports(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/esper.urza.v1.UrzaService/DeleteFieldReports',
+            esper_dot_urza_dot_v1_dot_urza__service__pb2.DeleteFieldReportsRequest.SerializeToString,
+            esper_dot_urza_dot_v1_dot_urza__service__pb2.DeleteFieldReportsResponse.FromString,
             options,
             channel_credentials,
             insecure,
