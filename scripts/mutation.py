@@ -72,7 +72,7 @@ GROUPS: dict[str, Group] = {
     "artifact": Group(
         modules=("esper/blueprints/artifact.py", "esper/kasmina/loader.py"),
         tests=("tests/unit/blueprints/test_artifact.py", "tests/unit/loader/test_loader.py",
-               "tests/unit/loader/test_malicious_corpus.py"),
+               "tests/unit/loader/test_malicious_corpus.py", "tests/unit/loader/test_artifact_edges.py"),
     ),
     # The governor: explosion detection, last-known-good, rollback limits.
     "governor": Group(
@@ -97,7 +97,7 @@ GROUPS: dict[str, Group] = {
                f"{_BUS}test_publish_never_blocks_while_nats_is_down", f"{_BUS}test_publishing_resumes_after_restart",
                f"{_BUS}test_publisher_started_before_the_server",
                f"{_BUS}test_rejected_envelope_is_counted_and_does_not_block_the_queue",
-               f"{_BUS}test_publish_from_many_threads"),
+               f"{_BUS}test_publish_from_many_threads", "tests/integration/oona/test_publisher_accounting.py"),
         functions=tuple(f"{_PUB}{f}__mutmut_*" for f in (
             "publish", "stats", "close", "_thread_main", "_mark_down", "_mark_up", "_run", "_take_batch",
             "_requeue", "_report_overflow", "_finish", "_publish_batch", "flush")),
