@@ -1,13 +1,15 @@
 """`esper demo`: the embedded platform grows a model on MNIST-1D, live, and writes a report.
 
 1. Starts the platform exactly as `esper up` does (every service in one process on
-   loopback, a local nats-server with JetStream), with Tezzeret told to compile the
-   built-in blueprint catalog for the demo run's seed sites at first start.
-2. Waits until Urza holds a signed kernel for every site.
-3. Submits a run over gRPC (`TolariaService.StartRun`): MNIST-1D, a tiny CNN, the
-   heuristic controller (Tamiyo over gRPC), a cosine schedule that decays to 0.
-4. Follows `WatchRun`: a progress bar per epoch and a line per seed lifecycle event.
-5. Writes `report.md` and its PNG plots (esper.tolaria.report) from the run's events.
+   loopback, a local nats-server with JetStream), with no config file: only the growth
+   benchmark's controller settings travel as ESPER_TAMIYO_* / ESPER_TEZZERET_* variables,
+   so that the demo shows the configuration whose numbers the README reports.
+2. Submits a run of the registered job `mnist1d` over gRPC (`TolariaService.StartRun`):
+   a tiny CNN, the heuristic controller (Tamiyo over gRPC), a cosine schedule that
+   decays to 0. Urza starts empty: the run's worker asks Tezzeret for kernels for its
+   seed sites, which are compiled, signed and stored on demand while the first epoch runs.
+3. Follows `WatchRun`: a progress bar per epoch and a line per seed lifecycle event.
+4. Writes `report.md` and its PNG plots (esper.tolaria.report) from the run's events.
 
 Nothing in the report is computed anywhere but from the events the run emitted.
 """
@@ -38,9 +40,9 @@ class DemoConfig:
     out_dir: Path
     """Where the platform's state, its log and the report go."""
     task: str = "mnist1d"
-    """Task name (esper.tolaria.tasks)."""
+    """Registered job to train (a built-in task)."""
     host: str = "cnn"
-    """Host model of the task."""
+    """Host model of the job (its `host` parameter)."""
     epochs: int = 30
     """Training epochs; the cosine schedule reaches 0 at the last one."""
     seed: int = 0
@@ -74,7 +76,8 @@ class DemoConfig:
 
         lr = self.task_defaults().get("optimizer", {}).get("learning_rate", 0.01)
         return RunConfig.from_dict({
-            "task": self.task, "host": self.host, "controller": "heuristic", "epochs": self.epochs,
+            "job": self.task, "job_params": {"host": self.host}, "controller": "heuristic",
+            "epochs": self.epochs,
             "seed": self.seed, "batch_size": 64, "checkpoint_every": 5, "decide_timeout_s": 1.0,
             "budget": {"max_seeds": self.max_seeds, "max_added_parameters": 0},
             "optimizer": {"name": "adamw", "learning_rate": lr, "schedule": "cosine"},
@@ -83,11 +86,14 @@ class DemoConfig:
 
 
 class EmbeddedPlatform:
-    """`esper up` as a child process; `endpoints`, `api_key` and `nats_url` once it serves."""
+    """`esper up` as a child process; `endpoints`, `api_key` and `nats_url` once it serves.
 
-    def __init__(self, data_dir: Path, settings: dict[str, Any], log_path: Path) -> None:
+    `env` is added to its environment (`ESPER_<PART>_<KEY>` settings); no config file.
+    """
+
+    def __init__(self, data_dir: Path, env: dict[str, str], log_path: Path) -> None:
         self.data_dir = data_dir
-        self.settings = settings
+        self.env = env
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self.endpoints: dict[str, str] = {}
@@ -95,20 +101,16 @@ class EmbeddedPlatform:
         self.nats_url: str | None = None
 
     def start(self, timeout_s: float) -> EmbeddedPlatform:
-        import yaml
-
         from esper.runtime.auth import parse_keys
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        cfg_path = self.data_dir / "platform.yaml"
-        cfg_path.write_text(yaml.safe_dump({"settings": self.settings}, sort_keys=False))
         info_path = self.data_dir / ENDPOINTS_FILE
         info_path.unlink(missing_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "esper.cli", "up", "--config", str(cfg_path),
-                 "--data-dir", str(self.data_dir)],
+                [sys.executable, "-m", "esper.cli", "up", "--data-dir", str(self.data_dir)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, **self.env},
             )
         deadline = time.monotonic() + timeout_s
         while not info_path.exists():
@@ -140,83 +142,6 @@ class EmbeddedPlatform:
             self.proc.wait()
 
 
-def _site_settings(signatures: dict[str, Any]) -> list[dict[str, Any]]:
-    from esper.blueprints.ir import layout_name
-
-    out, seen = [], set()
-    for sig in signatures.values():
-        entry = {"layout": layout_name(sig.layout), "channels": int(sig.channels),
-                 "spatial": [int(s) for s in sig.spatial]}
-        key = json.dumps(entry, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            out.append(entry)
-    return out
-
-
-def wait_for_kernels(urza: Any, signatures: dict[str, Any], timeout_s: float) -> dict[str, int]:
-    """Poll Urza until every site has at least one kernel; slot id → kernels available."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        counts = {slot: len(urza.query_kernels(5.0, site=sig, page_size=100)[0])
-                  for slot, sig in signatures.items()}
-        if all(counts.values()):
-            return counts
-        if time.monotonic() > deadline:
-            raise UnavailableError(
-                f"Tezzeret compiled no kernel for sites {[s for s, n in counts.items() if not n]} "
-                f"within {timeout_s:.0f}s")
-        time.sleep(1.0)
-
-
-_STAGE_WORDS = {
-    "SEED_STAGE_GERMINATED": ("germinated", "green"),
-    "SEED_STAGE_TRAINING": ("training (incubator)", "cyan"),
-    "SEED_STAGE_BLENDING": ("blending in", "cyan"),
-    "SEED_STAGE_HOLDING": ("holding at alpha 1", "cyan"),
-    "SEED_STAGE_FOSSILIZED": ("fossilized (kept)", "bold blue"),
-    "SEED_STAGE_PRUNED": ("pruned", "red"),
-    "SEED_STAGE_EMBARGOED": ("embargoed", "dim"),
-    "SEED_STAGE_RESETTING": ("resetting", "dim"),
-    "SEED_STAGE_DORMANT": ("dormant again", "dim"),
-}
-
-
-def follow_run(stub: Any, run_id: str, total_epochs: int, console: Any) -> list[Any]:
-    """Stream the run's events with a progress bar; returns every event."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from generated.esper.common.v1 import seed_pb2
-    from generated.esper.tolaria.v1 import tolaria_service_pb2 as pb
-
-    events = []
-    with Progress(TextColumn("[bold]epoch"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[status]}"), console=console) as progress:
-        bar = progress.add_task("train", total=total_epochs, status="starting the worker")
-        for resp in stub.WatchRun(pb.WatchRunRequest(run_id=run_id)):
-            env = resp.event
-            events.append(env)
-            kind = env.WhichOneof("payload")
-            if kind == "epoch_metrics":
-                m = env.epoch_metrics
-                progress.update(bar, completed=m.epoch, status=(
-                    f"val acc {100 * m.val_accuracy:5.1f}%  loss {m.val_loss:.3f}  "
-                    f"params {m.parameters:,}  control {m.control_ms:.1f} ms"))
-            elif kind == "lifecycle":
-                lc = env.lifecycle
-                words, style = _STAGE_WORDS.get(seed_pb2.SeedStage.Name(lc.to_stage), ("?", ""))
-                why = f" — {lc.reason}" if lc.reason else ""
-                progress.console.print(
-                    f"  epoch {env.epoch:>3}  seed [bold]{lc.slot_id}[/]: [{style}]{words}[/]{why}")
-            elif kind == "degradation":
-                d = env.degradation
-                progress.console.print(f"  epoch {env.epoch:>3}  [yellow]degraded[/] {d.component}: "
-                                       f"{d.kind} ({d.detail[:120]})")
-            elif kind == "run_state":
-                progress.update(bar, status=f"run {env.run_state.state}")
-    return events
-
-
 def run_demo(cfg: DemoConfig) -> Path:
     """Run the whole demo; returns the report's path."""
     from rich.console import Console
@@ -227,57 +152,50 @@ def run_demo(cfg: DemoConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     run_cfg = cfg.run_config()
     console.print(f"[bold]esper demo[/] → {out}")
-
-    from esper.tolaria.kernels import site_signatures
-
-    signatures = site_signatures(run_cfg)
-    console.print(f"seed sites of {run_cfg.task}/{run_cfg.host}: {', '.join(signatures)}")
-    data_dir = out / "platform"
-    defaults = cfg.task_defaults()
-    settings = {
-        "tezzeret": {"catalog_sites": _site_settings(signatures), "benchmark_iters": 5,
-                     "catalog_blueprints": list(defaults.get("blueprints", ()))},
-        "tamiyo": {"policy": "heuristic", "heuristic": dict(defaults.get("heuristic", {}))},
-        "urza": {"trusted_keys_dir": str(data_dir / "trusted_keys")},
-    }
-    # Tezzeret writes its public key here at start; Urza and the workers trust what is here.
-    (data_dir / "trusted_keys").mkdir(parents=True, exist_ok=True)
-    platform = EmbeddedPlatform(data_dir, settings, out / "platform.log")
-    console.print("starting the embedded platform (`esper up`: all services + nats-server) ...")
+    platform = EmbeddedPlatform(out / "platform", benchmark_settings(cfg), out / "platform.log")
+    console.print("starting the embedded platform (`esper up`, no config file: all services + "
+                  "nats-server) ...")
     platform.start(cfg.platform_timeout_s)
     try:
-        return _submit_and_report(cfg, run_cfg, platform, signatures, console, out, t0)
+        return _submit_and_report(run_cfg, platform, console, out, t0)
     finally:
         console.print("stopping the platform ...")
         platform.stop()
 
 
-def _submit_and_report(cfg: DemoConfig, run_cfg: Any, platform: EmbeddedPlatform, signatures: dict[str, Any],
-                       console: Any, out: Path, t0: float) -> Path:
-    from esper.runtime.client import sync_channel
+def benchmark_settings(cfg: DemoConfig) -> dict[str, str]:
+    """The growth benchmark's Tamiyo and Tezzeret settings for the demo's job, as the
+    `ESPER_<PART>_<KEY>` variables `esper up` reads (the platform works without them)."""
+    import json
+
+    defaults = cfg.task_defaults()
+    env = {"ESPER_TAMIYO_POLICY": "heuristic", "ESPER_TEZZERET_BENCHMARK_ITERS": "5"}
+    if defaults.get("heuristic"):
+        env["ESPER_TAMIYO_HEURISTIC"] = json.dumps(dict(defaults["heuristic"]))
+    if defaults.get("blueprints"):
+        env["ESPER_TEZZERET_CATALOG_BLUEPRINTS"] = json.dumps(list(defaults["blueprints"]))
+    return env
+
+
+def _submit_and_report(run_cfg: Any, platform: EmbeddedPlatform, console: Any, out: Path,
+                       t0: float) -> Path:
+    from esper.tolaria.client import TolariaClient
+    from esper.tolaria.commands import follow_run
     from esper.tolaria.report import write_report
-    from esper.urza.client import UrzaClient
     from generated.esper.tolaria.v1 import tolaria_service_pb2 as pb
-    from generated.esper.tolaria.v1 import tolaria_service_pb2_grpc as rpc
 
     for part, target in sorted(platform.endpoints.items()):
         console.print(f"  {part:<9} {target}")
     console.print(f"  nats      {platform.nats_url}")
-    with UrzaClient(platform.endpoints["urza"], platform.api_key) as urza:
-        counts = wait_for_kernels(urza, signatures, cfg.platform_timeout_s)
-    console.print("kernels signed by Tezzeret and stored in Urza: "
-                  + ", ".join(f"{slot}: {n}" for slot, n in counts.items()))
-    channel = sync_channel(platform.endpoints["tolaria"], api_key=platform.api_key, default_timeout_s=30.0)
-    try:
-        stub = rpc.TolariaServiceStub(channel)
-        run = stub.StartRun(pb.StartRunRequest(request_id=str(uuid.uuid4()), config=run_cfg.to_proto())).run
-        console.print(f"run [bold]{run.run_id}[/]: {run_cfg.task}/{run_cfg.host}, {run_cfg.epochs} epochs, "
-                      f"heuristic controller over gRPC, up to {run_cfg.budget.max_seeds} seeds")
-        events = follow_run(stub, run.run_id, run_cfg.epochs, console)
-        final = stub.GetRun(pb.GetRunRequest(run_id=run.run_id)).run
-    finally:
-        channel.close()
-    report = write_report(events, out / "report", title=f"Esper demo: {run_cfg.task} / {run_cfg.host} "
+    job, params = run_cfg.job_spec()
+    with TolariaClient(platform.endpoints["tolaria"], platform.api_key) as tolaria:
+        run = tolaria.start_run(run_cfg, request_id=str(uuid.uuid4()))
+        console.print(f"run [bold]{run.run_id}[/]: job {job} {params}, {run_cfg.epochs} epochs, "
+                      f"heuristic controller over gRPC, up to {run_cfg.budget.max_seeds} seeds; "
+                      "kernels for its sites are compiled on demand")
+        events = follow_run(tolaria.watch(run.run_id), run_cfg.epochs, console)
+        final = tolaria.get_run(run.run_id)
+    report = write_report(events, out / "report", title=f"Esper demo: {job} / {params['host']} "
                           "grown by the heuristic controller")
     state = pb.RunState.Name(final.state).removeprefix("RUN_STATE_").lower()
     console.print(f"run {state}: {final.detail}")

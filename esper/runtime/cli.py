@@ -11,6 +11,11 @@ if it dies) and refuses anonymous clients (users and 0600 password files under
 clients, and removes it on a clean exit.
 Without ESPER_API_KEYS / ESPER_API_KEYS_FILE it creates `<data-dir>/api-keys` (mode 0600,
 one key with scope "*", kept across runs) and uses that.
+
+With no config at all, `esper up` can grow a submitted run: Tezzeret, Urza and the run
+workers share one trusted-keys directory (`<data-dir>/trusted_keys` unless a setting or
+ESPER_TRUSTED_KEYS_DIR names one), so Urza accepts what the local Tezzeret signs, and a
+run's workers ask Tezzeret for kernels of any site Urza has none for.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import logging
 import os
 import secrets
 import socket
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +45,34 @@ ENV_ENDPOINTS = "ESPER_ENDPOINTS"
 ENV_NATS_URL = "ESPER_NATS_URL"
 ENV_API_KEY = "ESPER_API_KEY"
 """Key this process sends on its own outbound calls (e.g. Tolaria → Tamiyo)."""
+ENV_TRUSTED_KEYS_DIR = "ESPER_TRUSTED_KEYS_DIR"
+TRUSTED_KEYS_DIR = "trusted_keys"
+
+ENV_HELP = """\
+environment (flags win over these, these over the config file):
+  ESPER_DATA_DIR, ESPER_HOST, ESPER_BASE_PORT, ESPER_GRACE_S, ESPER_LOG_LEVEL
+                         the platform config's data_dir, host, base_port, grace_s, log_level
+  ESPER_<PART>_<KEY>     settings.<part>.<key> (YAML value), e.g. ESPER_URZA_DATABASE_URL,
+                         ESPER_TOLARIA_JOBS='{my-job: my_pkg.jobs:my_job}'
+  ESPER_API_KEYS         accepted API keys, 'key=scope,scope;key2=*' (keys >= 16 characters)
+  ESPER_API_KEYS_FILE    the same, one 'key=scopes' per line
+  ESPER_API_KEY          the key this process sends on its own calls to other services
+  ESPER_ENDPOINTS        (serve) where the other parts are: 'urza=host:port,tezzeret=...'
+  ESPER_NATS_URL         (serve) the NATS server(s) of Oona, comma-separated; unset: events
+                         only in the run logs
+  ESPER_NATS_USER, ESPER_NATS_PASSWORD_FILE
+                         (serve) the NATS user Oona clients log in as (`up` sets its own)
+  ESPER_NATS_STREAM_REPLICAS
+                         replicas of the JetStream streams a client creates (1, 3 or 5)
+  ESPER_TRUSTED_KEYS_DIR kernel-signing public keys Urza and the workers trust, where Tezzeret
+                         publishes its own (default: <data-dir>/trusted_keys)
+  ESPER_SIGNING_KEY, ESPER_SIGNING_KEY_FILE
+                         Tezzeret's Ed25519 signing key (default: created under <data-dir>)
+  ESPER_NATS_SERVER      (up) the nats-server binary (default: the one the pip package ships)
+  OTEL_TRACES_EXPORTER, OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
+  OTEL_SERVICE_NAME, OTEL_SDK_DISABLED
+                         OpenTelemetry tracing (off unless an exporter or endpoint is set)
+"""
 
 
 def parse_endpoints(text: str) -> dict[str, str]:
@@ -144,11 +178,38 @@ def _platform_keys(cfg: PlatformConfig) -> tuple[AuthConfig, str | None, Path | 
     return AuthConfig(keys=keys), admin, path
 
 
+def shared_trust(cfg: PlatformConfig, env: dict[str, str] | None = None) -> PlatformConfig:
+    """One trusted-keys directory for every part of an embedded platform.
+
+    Tezzeret publishes its public key to its `trusted_keys_dir` (else ESPER_TRUSTED_KEYS_DIR,
+    else `<data-dir>/trusted_keys`); Urza trusts its own `trusted_keys_dir` (else the
+    variable, else no signer at all); the workers read `--trusted-keys` (else the variable,
+    else `<data-dir>/trusted_keys`). Left alone, a config-less `esper up` would have Urza
+    refuse every kernel Tezzeret signs. Whatever directory the config or the environment
+    names wins; only the parts that name none are pointed at it.
+    """
+    env = dict(os.environ) if env is None else env
+    settings = {k: dict(v) for k, v in cfg.settings.items()}
+    tz, urza, tol = (settings.setdefault(p, {}) for p in ("tezzeret", "urza", "tolaria"))
+    chosen = (tz.get("trusted_keys_dir") or urza.get("trusted_keys_dir")
+              or env.get(ENV_TRUSTED_KEYS_DIR) or str((cfg.data_dir / TRUSTED_KEYS_DIR).resolve()))
+    tz.setdefault("trusted_keys_dir", chosen)
+    urza.setdefault("trusted_keys_dir", chosen)
+    worker_args = [str(a) for a in tol.get("worker_args", [])]
+    if "--trusted-keys" not in worker_args:
+        tol["worker_args"] = [*worker_args, "--trusted-keys", urza["trusted_keys_dir"]]
+    for d in {tz["trusted_keys_dir"], urza["trusted_keys_dir"]}:
+        # Urza opens its trust store before Tezzeret has published into it.
+        Path(d).mkdir(parents=True, exist_ok=True)
+    return replace(cfg, settings=settings)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from esper.oona.natsd import embedded as embedded_nats
     from esper.runtime.logging import configure_logging
 
     cfg = _config(args, args.base_port)
+    cfg = shared_trust(cfg)
     configure_logging(cfg.log_level)
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     endpoints_path = cfg.data_dir / ENDPOINTS_FILE
@@ -274,13 +335,20 @@ def _status_nats(data_dir: Path) -> list[tuple[str, Path | None]]:
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("serve", help="host one service")
+    p = sub.add_parser("serve", help="host one service", epilog=ENV_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("part", choices=PARTS)
     p.add_argument("--port", type=int, help="port to bind (default 0: pick a free one)")
     _common(p, data_dir_default=None)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("up", help="every service in one process on loopback, plus nats-server")
+    p = sub.add_parser(
+        "up", help="every service in one process on loopback, plus nats-server",
+        description="Every service on one gRPC server on loopback, plus a nats-server with "
+                    "JetStream; works with no config at all (API key created under the data "
+                    "dir, one trusted-keys directory for Tezzeret, Urza and the workers, "
+                    "kernels compiled on demand for each run's sites).",
+        epilog=ENV_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-port", type=int, help="port of the one gRPC server (default 0: pick a free one)")
     _common(p, data_dir_default=".esper")
     p.set_defaults(func=cmd_up)

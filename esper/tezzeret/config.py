@@ -26,7 +26,10 @@ class TezzeretConfig:
     catalog_sites: tuple[dict[str, Any], ...] = ()
     """Sites ({layout, channels, spatial}) to compile the built-in catalog for at start."""
     catalog_blueprints: tuple[str, ...] = ()
-    """Names of the built-in blueprints to compile for `catalog_sites`; empty: all of them."""
+    """Names of the built-in blueprints Tezzeret compiles for `catalog_sites` and for the
+    sites `EnsureKernels` asks about; empty: all of them."""
+    max_parallel_compiles: int = 2
+    """Compiles running at once (each one is CPU-bound torch work in the service)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.benchmark_iters <= 10_000:
@@ -34,6 +37,9 @@ class TezzeretConfig:
         if not 1 <= self.benchmark_batch_size <= 4096:
             raise ConfigError(f"benchmark_batch_size={self.benchmark_batch_size}: must be in "
                               "[1, 4096]")
+        if not 1 <= self.max_parallel_compiles <= 64:
+            raise ConfigError(f"max_parallel_compiles={self.max_parallel_compiles}: must be in "
+                              "[1, 64]")
         if not self.urza_timeout_s > 0:
             raise ConfigError(f"urza_timeout_s={self.urza_timeout_s}: must be > 0")
         from esper.blueprints import builtin_blueprints

@@ -1,19 +1,29 @@
-"""TezzeretService: a thin gRPC adapter over `TezzeretCore` (jobs + compiler + Urza upload)."""
+"""TezzeretService: a thin gRPC adapter over `TezzeretCore` (jobs + compiler + Urza upload).
+
+Kernels for any site, on demand: `EnsureKernels(site)` starts the compile job of every
+catalog blueprint that supports the site (idempotent through the job store, so a run that
+asks again, or a second run with the same site, finds the jobs already done), and with
+`wait` answers when they finished or the caller's deadline is near.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import functools
+import importlib
 import logging
 import os
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
 from esper.blueprints import blueprint_id, site_key, site_signature, supports, validate_ir
 from esper.blueprints.artifact import SigningKey, TrustedKeys
 from esper.blueprints.ir import check_site, layout_name
-from esper.errors import EsperError, FailedPreconditionError
+from esper.errors import EsperError, FailedPreconditionError, InvalidArgumentError
 from esper.runtime.spec import PlatformContext, ServiceSpec
 from esper.tezzeret.compiler import compile_kernel
 from esper.tezzeret.config import TezzeretConfig
@@ -41,13 +51,28 @@ class TezzeretCore:
     """Compile jobs, idempotent on (blueprint id, site), published to Urza."""
 
     def __init__(self, store: JobStore, key: SigningKey, urza: Callable[[], Library],
-                 config: TezzeretConfig):
+                 config: TezzeretConfig, catalog: list[blueprint_pb2.Blueprint] | None = None):
         self.store = store
         self.key = key
         self._urza_factory = urza
         self._urza: Library | None = None
         self.config = config
+        self.catalog = list(catalog or [])
+        """What `ensure_kernels` compiles: the built-in blueprints the config selects."""
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # Jobs are CPU-bound torch work on the service's threads: a run asking for a whole
+        # catalog must not take every core from training.
+        self._jobs_running = asyncio.Semaphore(config.max_parallel_compiles)
+        # Tezzeret's own threads for its blocking work (Urza calls, compiles). On the loop's
+        # default executor, jobs blocked on calls to an Urza in the same process (`esper up`)
+        # would hold every thread that Urza's own handlers need to answer them: deadlock
+        # until the calls' deadlines.
+        self._executor = ThreadPoolExecutor(max_workers=config.max_parallel_compiles + 2,
+                                            thread_name_prefix="tezzeret")
+
+    async def _blocking(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, functools.partial(fn, *args, **kwargs))
 
     @property
     def urza(self) -> Library:
@@ -59,7 +84,7 @@ class TezzeretCore:
         """The blueprint to compile. An inline one gets its content id but is NOT stored yet:
         it reaches Urza only after it passed every check (see `_run`)."""
         if isinstance(bp_or_id, str):
-            return await asyncio.to_thread(self.urza.get_blueprint, bp_or_id,
+            return await self._blocking(self.urza.get_blueprint, bp_or_id,
                                            self.config.urza_timeout_s)
         bp = blueprint_pb2.Blueprint()
         bp.CopyFrom(bp_or_id)
@@ -67,7 +92,7 @@ class TezzeretCore:
         return bp
 
     async def _store_blueprint(self, bp: blueprint_pb2.Blueprint) -> None:
-        stored_id, _ = await asyncio.to_thread(self.urza.put_blueprint, bp,
+        stored_id, _ = await self._blocking(self.urza.put_blueprint, bp,
                                                self.config.urza_timeout_s)
         if stored_id != bp.blueprint_id:
             raise FailedPreconditionError(f"Urza stored blueprint as {stored_id}, Tezzeret "
@@ -106,17 +131,22 @@ class TezzeretCore:
 
     async def _run(self, job_id: str, bp: blueprint_pb2.Blueprint,
                    site: seed_pb2.SiteSignature, *, store_blueprint: bool) -> None:
+        async with self._jobs_running:
+            await self._run_job(job_id, bp, site, store_blueprint=store_blueprint)
+
+    async def _run_job(self, job_id: str, bp: blueprint_pb2.Blueprint,
+                       site: seed_pb2.SiteSignature, *, store_blueprint: bool) -> None:
         self.store.set_state(job_id, pb.COMPILE_JOB_STATE_RUNNING)
         t = self.config.urza_timeout_s
         try:
             # A kernel Urza already holds for this pair wins (idempotent across lost job state).
-            records, _ = await asyncio.to_thread(self.urza.query_kernels, t,
+            records, _ = await self._blocking(self.urza.query_kernels, t,
                                                  blueprint_id=bp.blueprint_id, site=site)
             mine = [r for r in records if r.manifest.site == site]
             if mine:
                 self.store.succeed(job_id, mine[0].kernel_id, mine[0].manifest)
                 return
-            ck = await asyncio.to_thread(
+            ck = await self._blocking(
                 compile_kernel, bp, site, self.key,
                 benchmark_iters=self.config.benchmark_iters,
                 benchmark_batch_size=self.config.benchmark_batch_size)
@@ -124,7 +154,7 @@ class TezzeretCore:
             # blueprint enter the library (a rejected proposal never reaches Urza).
             if store_blueprint:
                 await self._store_blueprint(bp)
-            stored, _ = await asyncio.to_thread(self.urza.put_kernel, ck.artifact_bytes, t)
+            stored, _ = await self._blocking(self.urza.put_kernel, ck.artifact_bytes, t)
             if stored != ck.kernel_id:
                 raise FailedPreconditionError(f"Urza stored kernel as {stored}, expected "
                                               f"{ck.kernel_id}")
@@ -144,10 +174,56 @@ class TezzeretCore:
                     jobs.append(await self.compile(bp, site, wait=True))
         return jobs
 
+    async def ensure_kernels(self, site: seed_pb2.SiteSignature, names: list[str] | tuple[str, ...] = (),
+                             *, wait: bool, timeout_s: float | None = None
+                             ) -> tuple[list[pb.CompileJob], list[str]]:
+        """Start (or find) a job per catalog blueprint supporting `site`; (jobs, unsupported).
+
+        With `wait`, returns when all jobs finished or `timeout_s` (the caller's time left)
+        is nearly spent, whichever comes first: a late answer would reach no one.
+
+        Raises:
+            InvalidArgumentError: `names` has a blueprint that is not in the catalog.
+        """
+        check_site(site)
+        by_name = {bp.name: bp for bp in self.catalog}
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise InvalidArgumentError(
+                f"blueprint(s) {unknown} are not in Tezzeret's catalog; catalog: "
+                f"{', '.join(by_name) or '(empty)'}", field="blueprint_names")
+        chosen = [by_name[n] for n in names] if names else self.catalog
+        supported = [bp for bp in chosen if supports(bp, site)]
+        unsupported = [bp.name for bp in chosen if bp not in supported]
+        start = time.monotonic()
+        jobs = [await self.compile(bp, site, wait=False) for bp in supported]
+        if wait:
+            pending = [t for j in jobs if (t := self._tasks.get(j.job_id)) is not None
+                       and not t.done()]
+            if pending:
+                budget = None
+                if timeout_s is not None:
+                    # Answer before the caller gives up: keep a tenth (at most 0.5 s) spare.
+                    budget = max(0.0, timeout_s - min(0.5, 0.1 * timeout_s)
+                                 - (time.monotonic() - start))
+                await asyncio.wait(pending, timeout=budget)
+            jobs = [self.store.get(j.job_id) for j in jobs]
+        return jobs, unsupported
+
     async def drain(self) -> None:
         pending = [t for t in self._tasks.values() if not t.done()]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def warm_up(self) -> None:
+        """Import what a process's first compile imports lazily: FlopCounterMode pulls in
+        torch._dynamo (4-6 s measured; later compiles take ~0.05 s each), which an
+        on-demand compile would otherwise add to a run's wait. Awaited before the service
+        reports SERVING, so a shutdown never has to wait for a half-done import."""
+        await self._blocking(importlib.import_module, "torch._dynamo")
 
 
 class TezzeretServicer(rpc.TezzeretServiceServicer):
@@ -164,6 +240,13 @@ class TezzeretServicer(rpc.TezzeretServiceServicer):
     async def GetCompileJob(self, request: pb.GetCompileJobRequest, context: Any
                             ) -> pb.GetCompileJobResponse:
         return pb.GetCompileJobResponse(job=self.core.store.get(request.job_id))
+
+    async def EnsureKernels(self, request: pb.EnsureKernelsRequest, context: Any
+                            ) -> pb.EnsureKernelsResponse:
+        left = context.time_remaining() if context is not None else None
+        jobs, unsupported = await self.core.ensure_kernels(
+            request.site, list(request.blueprint_names), wait=request.wait, timeout_s=left)
+        return pb.EnsureKernelsResponse(jobs=jobs, unsupported_blueprints=unsupported)
 
 
 def signing_key_for(ctx: PlatformContext, config: TezzeretConfig) -> SigningKey:
@@ -233,11 +316,11 @@ def create_service(ctx: PlatformContext, *, urza: Callable[[], Library] | None =
     key = signing_key_for(ctx, config)
     publish_public_key(ctx, config, key)
     store = JobStore(ctx.part_dir("tezzeret") / "jobs.sqlite")
-    core = TezzeretCore(store, key, urza or (lambda: _urza_client(ctx)), config)
     sites = [site_signature(s["layout"], s["channels"], tuple(s.get("spatial", ())))
              for s in config.catalog_sites]
     catalog = [bp for bp in builtin_blueprints()
                if not config.catalog_blueprints or bp.name in config.catalog_blueprints]
+    core = TezzeretCore(store, key, urza or (lambda: _urza_client(ctx)), config, catalog)
     background: list[asyncio.Task[Any]] = []
 
     async def on_start() -> None:
@@ -256,11 +339,13 @@ def create_service(ctx: PlatformContext, *, urza: Callable[[], Library] | None =
                 core.ensure_catalog(sites, catalog))
             task.add_done_callback(_report_catalog)
             background.append(task)
+        await core.warm_up()
 
     async def on_stop() -> None:
         for t in background:
             t.cancel()
         await core.drain()
+        core.close()
         store.close()
 
     return ServiceSpec(
@@ -268,7 +353,7 @@ def create_service(ctx: PlatformContext, *, urza: Callable[[], Library] | None =
         service_name="esper.tezzeret.v1.TezzeretService",
         servicer=TezzeretServicer(core),
         add_to_server=rpc.add_TezzeretServiceServicer_to_server,
-        write_methods=frozenset({"Compile"}),
+        write_methods=frozenset({"Compile", "EnsureKernels"}),
         on_start=on_start,
         on_stop=on_stop,
     )

@@ -47,7 +47,7 @@ class GrowthBenchConfig:
     """One benchmark: the shared training setup and each controller's settings."""
 
     task: str = "mnist1d"
-    """Task name (esper.tolaria.tasks)."""
+    """Task name (esper.tasks)."""
     host: str = "cnn"
     """Host model of the task."""
     width: float = 1.0

@@ -1,4 +1,5 @@
-"""Tolaria's subcommands: `esper demo` (the README's first command), `esper bench growth` and
+"""Tolaria's subcommands: `esper demo` (the README's first command), `esper run ...` and
+`esper jobs list` (a running platform, esper/tolaria/commands.py), `esper bench growth` and
 `esper bench controllers`.
 
 Heavy imports (torch, the platform) stay inside the commands: every `esper` invocation
@@ -12,8 +13,10 @@ import argparse
 
 def register_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from esper import demo
+    from esper.tolaria import commands
 
     demo.register_cli(sub)
+    commands.register(sub)
     bench = sub.add_parser("bench", help="reproducible benchmarks")
     kinds = bench.add_subparsers(dest="bench", metavar="<benchmark>")
     kinds.required = True

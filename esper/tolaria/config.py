@@ -7,6 +7,11 @@ zero values of optional knobs (`width`, an unset `optimizer`, `budget` or
 
 Every validation failure is a `RunConfigError`: a `ConfigError` that also carries the
 dotted `field` it is about, so the service can answer INVALID_ARGUMENT naming it.
+
+What a run trains is a registered job (`job` + `job_params`, see `esper.jobs.registry`).
+The older `task`/`host`/`width` fields still work, for clients written before jobs: with
+`job` empty they name the built-in job `task` with parameters `host` and `width`
+(`RunConfig.job_spec()` gives the effective pair either way).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from esper.errors import ConfigError
+from esper.jobs.errors import JobConfigError
 from generated.esper.tolaria.v1 import tolaria_service_pb2 as pb
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -25,12 +30,15 @@ SCHEDULES = ("cosine", "constant")
 CONTROLLERS = ("heuristic", "gnn", "random", "fixed", "none")
 
 
-class RunConfigError(ConfigError):
-    """A run configuration value or key is invalid; `field` is its dotted path."""
+MAX_JOB_PARAMS = 32
+MAX_JOB_PARAM_KEY = 64
+MAX_JOB_PARAM_VALUE = 1024
+LEGACY_FIELDS = ("task", "host", "width")
+"""Superseded by `job`/`job_params`; only meaningful while `job` is empty."""
 
-    def __init__(self, message: str, *, field: str) -> None:
-        super().__init__(message)
-        self.field = field
+
+class RunConfigError(JobConfigError):
+    """A run configuration value or key is invalid; `field` is its dotted path."""
 
 
 def _fail(field_name: str, message: str) -> RunConfigError:
@@ -132,12 +140,19 @@ class GrowthBudget:
 class RunConfig:
     """Everything that defines one training run (mirrors `esper.tolaria.v1.RunConfig`)."""
 
+    job: str = ""
+    """Registered job to train (`esper.jobs.registry`); empty: the built-in job named by the
+    deprecated `task`, with `host` and `width` as its parameters."""
+    job_params: Mapping[str, str] = field(default_factory=dict)
+    """The job's parameters as strings (at most 32; keys <= 64, values <= 1024 characters),
+    coerced to the job function's parameter types by the registry."""
     task: str = "mnist1d"
-    """Task name in `esper.tolaria.tasks` ("mnist1d", "digits", "spirals")."""
+    """Deprecated (use `job`): built-in task ("mnist1d", "digits", "spirals"); used only
+    while `job` is empty."""
     host: str = "mlp"
-    """Host model of that task ("mlp", "cnn")."""
+    """Deprecated (use `job_params.host`): host model of `task` ("mlp", "cnn")."""
     sites: tuple[str, ...] = ()
-    """Seed sites as module-name patterns (fnmatch); empty: the host's default sites."""
+    """Seed sites as module-name patterns (fnmatch); empty: the job's own sites."""
     controller: str = "heuristic"
     """Growth controller: "heuristic", "gnn", "random", "fixed" or "none"."""
     budget: GrowthBudget = field(default_factory=GrowthBudget)
@@ -155,15 +170,33 @@ class RunConfig:
     decide_timeout_s: float = 0.5
     """Deadline of each controller call, in seconds (> 0)."""
     width: float = 1.0
-    """Host width multiplier (> 0, <= 64)."""
+    """Deprecated (use `job_params.width`): host width multiplier of `task` (> 0, <= 64)."""
     labels: Mapping[str, str] = field(default_factory=dict)
     """Free-form labels (at most 32), shown by ListRuns."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.job, str) or len(self.job) > 64:
+            raise _fail("job", f"{self.job!r} must be a job name of at most 64 characters")
+        if not self.job and not self.task:
+            raise _fail("job", "no job given: name a registered job (`esper jobs list`)")
         for name in ("task", "host", "controller"):
             value = getattr(self, name)
             if not isinstance(value, str) or not 1 <= len(value) <= 64:
                 raise _fail(name, f"{value!r} must be a non-empty string of at most 64 characters")
+        if not isinstance(self.job_params, Mapping) or len(self.job_params) > MAX_JOB_PARAMS:
+            raise _fail("job_params", f"{self.job_params!r} must map at most {MAX_JOB_PARAMS} "
+                        "parameter names to string values")
+        for key, value in self.job_params.items():
+            if not isinstance(key, str) or not 1 <= len(key) <= MAX_JOB_PARAM_KEY:
+                raise _fail("job_params", f"parameter name {key!r} must be a string of 1-"
+                            f"{MAX_JOB_PARAM_KEY} characters")
+            if not isinstance(value, str) or len(value) > MAX_JOB_PARAM_VALUE:
+                raise _fail(f"job_params.{key}", f"{value!r} must be a string of at most "
+                            f"{MAX_JOB_PARAM_VALUE} characters")
+        if self.job_params and not self.job:
+            raise _fail("job_params", "job parameters need a job: set job as well (the "
+                        "deprecated task takes host and width instead)")
+        object.__setattr__(self, "job_params", dict(self.job_params))
         _one_of("controller", self.controller, CONTROLLERS)
         if isinstance(self.sites, str) or not all(isinstance(s, str) and s for s in self.sites):
             raise _fail("sites", f"{self.sites!r} must be a list of non-empty module-name patterns")
@@ -191,12 +224,24 @@ class RunConfig:
             raise _fail("labels", f"{self.labels!r} must map strings to strings (at most 32 pairs)")
         object.__setattr__(self, "labels", dict(self.labels))
 
+    def job_spec(self) -> tuple[str, dict[str, str]]:
+        """(job name, string parameters) this run trains, whichever fields named it."""
+        if self.job:
+            return self.job, dict(self.job_params)
+        return self.task, {"host": self.host, "width": repr(float(self.width))}
+
+    @property
+    def job_name(self) -> str:
+        return self.job_spec()[0]
+
     # ----- plain mappings (YAML / JSON) -----
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
         """Build from a plain mapping; unknown keys at any level raise `RunConfigError`."""
         _check_keys(cls, data, "")
+        if data.get("job"):
+            _no_legacy_with_job([k for k in LEGACY_FIELDS if k in data])
         kwargs = dict(data)
         if "budget" in kwargs and not isinstance(kwargs["budget"], GrowthBudget):
             kwargs["budget"] = GrowthBudget.from_dict(kwargs["budget"])
@@ -211,6 +256,10 @@ class RunConfig:
         out = dataclasses.asdict(self)
         out["sites"] = list(self.sites)
         out["labels"] = dict(self.labels)
+        out["job_params"] = dict(self.job_params)
+        if self.job:
+            for k in LEGACY_FIELDS:
+                del out[k]
         return out
 
     def replace(self, **changes: Any) -> RunConfig:
@@ -222,18 +271,24 @@ class RunConfig:
     def from_proto(cls, msg: pb.RunConfig) -> RunConfig:
         """From `esper.tolaria.v1.RunConfig`; zero values of optional knobs take defaults."""
         d = cls()
-        kwargs: dict[str, Any] = {
-            "task": msg.task,
-            "host": msg.host,
-            "sites": tuple(msg.sites),
+        kwargs: dict[str, Any] = {"sites": tuple(msg.sites)}
+        if msg.job:
+            _no_legacy_with_job([k for k in LEGACY_FIELDS if getattr(msg, k)])
+            kwargs.update(job=msg.job, job_params=dict(msg.job_params))
+        else:
+            if msg.job_params:
+                raise _fail("job_params", "job parameters need a job: set job as well (the "
+                            "deprecated task takes host and width instead)")
+            kwargs.update(task=msg.task, host=msg.host,
+                          width=float(msg.width) if msg.width else d.width)
+        kwargs.update({
             "controller": msg.controller,
             "epochs": int(msg.epochs),
             "seed": int(msg.seed),
             "batch_size": int(msg.batch_size),
             "checkpoint_every": int(msg.checkpoint_every),
-            "width": float(msg.width) if msg.width else d.width,
             "labels": dict(msg.labels),
-        }
+        })
         if msg.HasField("budget"):
             kwargs["budget"] = GrowthBudget(
                 max_seeds=int(msg.budget.max_seeds),
@@ -256,8 +311,6 @@ class RunConfig:
 
     def to_proto(self) -> pb.RunConfig:
         msg = pb.RunConfig(
-            task=self.task,
-            host=self.host,
             sites=list(self.sites),
             controller=self.controller,
             budget=pb.GrowthBudget(
@@ -277,8 +330,18 @@ class RunConfig:
             ),
             batch_size=self.batch_size,
             checkpoint_every=self.checkpoint_every,
-            width=self.width,
             labels=dict(self.labels),
         )
+        if self.job:
+            msg.job = self.job
+            msg.job_params.update(self.job_params)
+        else:
+            msg.task, msg.host, msg.width = self.task, self.host, self.width
         msg.decide_timeout.FromNanoseconds(round(self.decide_timeout_s * 1e9))
         return msg
+
+
+def _no_legacy_with_job(given: list[str]) -> None:
+    if given:
+        raise _fail(given[0], f"{', '.join(given)} (deprecated) cannot be combined with job; "
+                    "give the job's parameters in job_params instead")

@@ -31,7 +31,7 @@ from esper.blueprints import (
 from esper.blueprints import site_signature as make_site_signature
 from esper.errors import ConfigError, NotFoundError
 from esper.tamiyo.policy import KernelCandidate, Policy, check_decisions
-from esper.tolaria.tasks.hosts import STATIC_SEED
+from esper.tasks.hosts import STATIC_SEED
 from generated.esper.common.v1 import blueprint_pb2, decision_pb2, health_pb2, seed_pb2
 
 _log = logging.getLogger(__name__)

@@ -1,12 +1,17 @@
 """TolariaService: a thin gRPC adapter over the run store and the run supervisor.
 
-Validation that protovalidate cannot express (the task, host and sites exist; no field
-this build does not know) happens here and answers INVALID_ARGUMENT naming the field.
+Validation that protovalidate cannot express (the job is registered and its parameters
+fit its function; the deprecated task, host and sites exist; no field this build does not
+know) happens here and answers INVALID_ARGUMENT naming the field. The job function itself
+runs only in the run's worker: a job that raises while building fails its run, never the
+service.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
+from functools import partial
 
 import grpc
 from google.protobuf import unknown_fields
@@ -14,6 +19,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import propagate
 
 from esper.errors import InvalidArgumentError
+from esper.jobs.errors import JobConfigError
+from esper.jobs.registry import JobInfo, JobRegistry
 from esper.runtime.spec import PlatformContext, ServiceSpec
 from esper.tolaria.runs import RunStore
 from esper.tolaria.supervisor import RunSupervisor, SupervisorConfig
@@ -21,24 +28,38 @@ from generated.esper.tolaria.v1 import tolaria_service_pb2 as pb
 from generated.esper.tolaria.v1 import tolaria_service_pb2_grpc as rpc
 
 
-def validate_run_config(msg: pb.RunConfig) -> None:
-    """Check what the proto rules cannot: known fields, task, host and site names.
+def validate_run_config(msg: pb.RunConfig, registry: JobRegistry | None = None) -> None:
+    """Check what the proto rules cannot: known fields, the job and its parameters, the
+    deprecated task, host and site names.
 
     Raises:
-        InvalidArgumentError: `field` is the dotted path under the request ("config.sites[1]").
+        InvalidArgumentError: `field` is the dotted path under the request ("config.job",
+            "config.job_params.width", "config.sites[1]").
+        FailedPreconditionError: the job is registered but cannot be imported.
     """
-    from esper.tolaria.config import RunConfig, RunConfigError
-    from esper.tolaria.tasks import get_task, resolve_sites
+    from esper.tolaria.config import RunConfig
 
+    registry = registry or JobRegistry.discover()
     _reject_unknown_fields(msg, "config")
     try:
         cfg = RunConfig.from_proto(msg)
-        task = get_task(cfg.task)
-        host = task.host(cfg.host)
-        if cfg.sites:
-            resolve_sites(host.build(cfg.width), cfg.sites)
-    except RunConfigError as e:
+        if not cfg.job:
+            _check_legacy_task(cfg)
+        name, params = cfg.job_spec()
+        registry.coerce(name, params, run={"seed": cfg.seed, "batch_size": cfg.batch_size})
+    except JobConfigError as e:
         raise InvalidArgumentError(str(e), field=f"config.{e.field}") from e
+
+
+def _check_legacy_task(cfg) -> None:  # type: ignore[no-untyped-def]
+    """The deprecated task/host/width/sites, checked as before jobs (the hosts are tiny to
+    build): errors name `task`, `host` and `sites[i]`, as old clients expect."""
+    from esper.tasks import get_task, resolve_sites
+
+    task = get_task(cfg.task)
+    host = task.host(cfg.host)
+    if cfg.sites:
+        resolve_sites(host.build(cfg.width), cfg.sites)
 
 
 def _reject_unknown_fields(msg, path: str) -> None:
@@ -67,9 +88,21 @@ def _current_traceparent() -> str | None:
     return carrier.get("traceparent")
 
 
+def _job_proto(info: JobInfo) -> pb.Job:
+    return pb.Job(name=info.name, description=info.description, source=info.source, parameters=[
+        pb.JobParameter(name=p.name, type=p.type, default_value=p.default or "",
+                        required=p.default is None, description=p.doc, choices=list(p.choices),
+                        accepts_none=p.optional, run_config_field=p.run_field)
+        for p in info.params])
+
+
+DEFAULT_JOB_PAGE = 100
+
+
 class TolariaServicer(rpc.TolariaServiceServicer):
-    def __init__(self, supervisor: RunSupervisor) -> None:
+    def __init__(self, supervisor: RunSupervisor, registry: JobRegistry) -> None:
         self.sup = supervisor
+        self.registry = registry
 
     async def StartRun(self, request: pb.StartRunRequest, context: grpc.aio.ServicerContext) -> pb.StartRunResponse:
         rec = await self.sup.start_run(
@@ -98,32 +131,59 @@ class TolariaServicer(rpc.TolariaServiceServicer):
         rec = await self.sup.stop_run(request.run_id, request.reason)
         return pb.StopRunResponse(run=rec.to_proto(), requested_at=requested)
 
+    async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext
+                       ) -> pb.ListJobsResponse:
+        names = self.registry.names()
+        start = 0
+        if request.page_token:
+            if request.page_token not in names:
+                raise InvalidArgumentError(
+                    f"page token {request.page_token!r} is not one this Tolaria gave out "
+                    "(use next_page_token from the previous page)", field="page_token")
+            start = names.index(request.page_token) + 1
+        size = request.page_size or DEFAULT_JOB_PAGE
+        page = names[start:start + size]
+        more = start + size < len(names)
+        return pb.ListJobsResponse(jobs=[_job_proto(self.registry.describe(n)) for n in page],
+                                   next_page_token=page[-1] if more and page else "")
+
 
 def create_service(ctx: PlatformContext) -> ServiceSpec:
-    """Settings (``ctx.settings["tolaria"]``): ``supervisor`` (SupervisorConfig keys) and
-    ``worker_args`` (extra worker command-line arguments, e.g. ``["--trusted-keys", path]``)."""
+    """Settings (``ctx.settings["tolaria"]``): ``supervisor`` (SupervisorConfig keys),
+    ``worker_args`` (extra worker command-line arguments, e.g. ``["--trusted-keys", path]``)
+    and ``jobs`` (job name → "package.module:function", the operator's own jobs; also
+    ``ESPER_TOLARIA_JOBS='{name: pkg.mod:func}'``)."""
     settings = dict(ctx.settings.get("tolaria", {}))
-    unknown = sorted(set(settings) - {"supervisor", "worker_args"})
+    allowed = ["jobs", "supervisor", "worker_args"]
+    unknown = sorted(set(settings) - set(allowed))
     if unknown:
         raise InvalidArgumentError(
-            f"unknown tolaria settings {unknown}; allowed: ['supervisor', 'worker_args']",
+            f"unknown tolaria settings {unknown}; allowed: {allowed}",
             field=f"settings.tolaria.{unknown[0]}",
         )
     sup_cfg = settings.get("supervisor", {})
+    configured_jobs = dict(settings.get("jobs") or {})
+    # A bad registration (malformed target, a name taken twice) fails the service at start,
+    # not the first StartRun naming it.
+    registry = JobRegistry.discover(configured_jobs)
+    worker_args = [str(a) for a in settings.get("worker_args", [])]
+    if configured_jobs:
+        worker_args += ["--jobs", json.dumps(configured_jobs)]
     store = RunStore(ctx.part_dir("tolaria"))
     sup = RunSupervisor(
         store,
         endpoints=dict(ctx.endpoints),
         nats_url=ctx.nats_url,
         api_key=ctx.api_key,
-        validate=validate_run_config,
+        validate=partial(validate_run_config, registry=registry),
         config=SupervisorConfig.from_dict(dict(sup_cfg)),
-        worker_args=[str(a) for a in settings.get("worker_args", [])],
+        worker_args=worker_args,
     )
 
     async def on_start() -> None:
         # Endpoints are final only once every part listens (ports may be 0 until then).
         sup.endpoints = dict(ctx.endpoints)
+        sup.start()
         await sup.resume_active()
 
     async def on_stop() -> None:
@@ -133,7 +193,7 @@ def create_service(ctx: PlatformContext) -> ServiceSpec:
     return ServiceSpec(
         part="tolaria",
         service_name="esper.tolaria.v1.TolariaService",
-        servicer=TolariaServicer(sup),
+        servicer=TolariaServicer(sup, registry),
         add_to_server=rpc.add_TolariaServiceServicer_to_server,
         write_methods=frozenset({"StartRun", "StopRun"}),
         on_start=on_start,

@@ -24,6 +24,7 @@ from typing import Any
 
 from esper.config import reject_unknown_keys
 from esper.errors import FailedPreconditionError, ResourceExhaustedError
+from esper.tolaria.forkserver import ForkedWorker, ForkServer
 from esper.tolaria.runs import (
     EventLog,
     RunRecord,
@@ -54,6 +55,14 @@ class SupervisorConfig:
     worker trains on its own process, so size this to the machine's cores."""
     worker_module: str = "esper.tolaria.worker"
     """Module run as ``python -m <module> --run-dir ...``; tests swap in a scripted worker."""
+    launcher: str = "fork"
+    """"fork": each worker is forked from a helper that has imported the worker module
+    and run its `preload()` (esper.tolaria.forkserver: StartRun → first epoch in about a
+    second instead of ten); "spawn": each worker is a fresh interpreter. Either way a run
+    is its own process; if the helper cannot fork, workers are spawned."""
+    fork_wait_s: float = 60.0
+    """How long a launch waits for a fork server that is still preloading (right after the
+    service starts) before it spawns the worker instead."""
 
     def __post_init__(self) -> None:
         if self.max_restarts < 0:
@@ -66,6 +75,10 @@ class SupervisorConfig:
             raise ValueError(f"stop_grace_s={self.stop_grace_s!r}: must be > 0")
         if not self.worker_module or not all(p.isidentifier() for p in self.worker_module.split(".")):
             raise ValueError(f"worker_module={self.worker_module!r}: must be a dotted module name")
+        if self.launcher not in ("fork", "spawn"):
+            raise ValueError(f"launcher={self.launcher!r}: must be 'fork' or 'spawn'")
+        if not 0 <= self.fork_wait_s <= 600:
+            raise ValueError(f"fork_wait_s={self.fork_wait_s!r}: must be in [0, 600]")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SupervisorConfig:
@@ -75,7 +88,7 @@ class SupervisorConfig:
 
 @dataclass(kw_only=True)
 class _Live:
-    proc: subprocess.Popen[bytes] | None
+    proc: subprocess.Popen[bytes] | ForkedWorker | None
     task: asyncio.Task[None] | None = None
     offset: int = 0
 
@@ -103,6 +116,12 @@ class RunSupervisor:
         self.worker_args = worker_args or []
         self._live: dict[str, _Live] = {}
         self._closing = False
+        self.forks = ForkServer(self.config.worker_module) if self.config.launcher == "fork" else None
+
+    def start(self) -> None:
+        """Start the fork server now, so it is preloaded by the time runs come."""
+        if self.forks is not None:
+            self.forks.start()
 
     # ---- lifecycle of the supervisor itself ----------------------------------------
     async def resume_active(self) -> None:
@@ -122,7 +141,7 @@ class RunSupervisor:
                     f"the service restarted and worker pid {rec.worker_pid} was gone; "
                     "resuming from the last checkpoint")
                 self._append(rec, env)
-                self._spawn(rec, traceparent=None, why="after a service restart")
+                await self._spawn(rec, traceparent=None, why="after a service restart")
 
     async def close(self) -> None:
         """Ask every worker to checkpoint and stop, then wait for them."""
@@ -142,6 +161,8 @@ class RunSupervisor:
                         log.warning("worker pid %s ignored SIGTERM; killing it", live.proc.pid)
                         live.proc.kill()
                     live.task.cancel()
+        if self.forks is not None:
+            await asyncio.to_thread(self.forks.close)
 
     # ---- RPC cores ----------------------------------------------------------------
     async def start_run(
@@ -151,7 +172,8 @@ class RunSupervisor:
             raise FailedPreconditionError("the Tolaria service is shutting down; retry elsewhere")
         self.validate(config)
         # A retried StartRun (same request_id) gets its run back even when the pool is full.
-        # No await between this check and the spawn: two calls cannot both take the last slot.
+        # No await between this check and taking the slot (`_live`): two calls cannot both
+        # take the last one.
         replay = bool(request_id) and self.store.by_request_id(request_id) is not None
         if not replay and len(self._live) >= self.config.max_active_runs:
             raise ResourceExhaustedError(
@@ -164,7 +186,8 @@ class RunSupervisor:
             env.run_state.state = "pending"
             env.run_state.detail = "accepted; starting a worker"
             self._append(rec, env)
-            self._spawn(rec, traceparent=traceparent, why="")
+            self._live[rec.run_id] = _Live(proc=None)
+            await self._spawn(rec, traceparent=traceparent, why="")
         return self.store.get(rec.run_id)
 
     def get_run(self, run_id: str) -> RunRecord:
@@ -224,7 +247,17 @@ class RunSupervisor:
                 await asyncio.sleep(self.config.poll_interval_s)
 
     # ---- workers ------------------------------------------------------------------
-    def _spawn(self, rec: RunRecord, *, traceparent: str | None, why: str) -> None:
+    async def _spawn(self, rec: RunRecord, *, traceparent: str | None, why: str) -> None:
+        if self.forks is not None and self.forks.alive() and not self.forks.ready():
+            # Right after the service started, the fork server is still preloading: waiting
+            # for it beats spawning a worker that imports torch alongside it on the same cores.
+            await asyncio.to_thread(self.forks.wait_ready, self.config.fork_wait_s)
+            rec = self.store.get(rec.run_id)
+            if rec.ended or self._closing:  # stopped (or shutting down) while it waited
+                live = self._live.get(rec.run_id)
+                if live is not None and live.task is None:
+                    self._live.pop(rec.run_id, None)
+                return
         run_dir = self.store.run_dir(rec.run_id)
         cmd = [
             sys.executable,
@@ -247,20 +280,28 @@ class RunSupervisor:
         elif (run_dir / "traceparent").exists():
             # A restarted worker stays in the trace of the StartRun that created the run.
             env["TRACEPARENT"] = (run_dir / "traceparent").read_text().strip()
-        out = open(run_dir / "worker.log", "ab")  # noqa: SIM115 - handed to the child
-        try:
-            proc = subprocess.Popen(
-                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        finally:
-            out.close()
+        proc: subprocess.Popen[bytes] | ForkedWorker | None = None
+        if self.forks is not None:
+            proc = self.forks.spawn(cmd[3:], env=env, log_path=run_dir / "worker.log")
+            how = "forked" if proc is not None else "spawned (the fork server is not ready)"
+        else:
+            how = "spawned"
+        if proc is None:
+            # Both return at once (a local file, a fork+exec): no reason to leave the loop.
+            out = open(run_dir / "worker.log", "ab")  # noqa: SIM115, ASYNC230 - handed to the child
+            try:
+                proc = subprocess.Popen(  # noqa: ASYNC220
+                    cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                )
+            finally:
+                out.close()
         rec = self.store.get(rec.run_id)
         rec.worker_pid = proc.pid
         self.store.update(rec)
-        log.info("run %s: worker pid %d started %s", rec.run_id, proc.pid, why)
+        log.info("run %s: worker pid %d %s %s", rec.run_id, proc.pid, how, why)
         self._watch(rec.run_id, proc)
 
-    def _watch(self, run_id: str, proc: subprocess.Popen[bytes] | None) -> None:
+    def _watch(self, run_id: str, proc: subprocess.Popen[bytes] | ForkedWorker | None) -> None:
         live = self._live.get(run_id)
         if live is None:
             live = self._live[run_id] = _Live(proc=proc)
@@ -310,7 +351,7 @@ class RunSupervisor:
                 )
                 self._append(rec, env)
                 # _spawn hands the new process to this monitor (live.proc), which goes on.
-                self._spawn(rec, traceparent=None, why=f"(restart {rec.restarts})")
+                await self._spawn(rec, traceparent=None, why=f"(restart {rec.restarts})")
             else:
                 self._finish(rec, "failed", why + f"; gave up after {rec.restarts} restarts")
 
@@ -362,11 +403,14 @@ def _alive(pid: int) -> bool:
 def _exited(live: _Live, rec: RunRecord) -> tuple[bool, int | None]:
     if live.proc is not None:
         rc = live.proc.poll()
-        return rc is not None, rc
+        if rc is None:
+            return False, None
+        # A forked worker whose fork server died first: gone, status unknown.
+        return True, None if getattr(live.proc, "lost", False) else rc
     return (rec.worker_pid is None or not _alive(rec.worker_pid)), None
 
 
-def _reap(proc: subprocess.Popen[bytes], grace_s: float) -> None:
+def _reap(proc: subprocess.Popen[bytes] | ForkedWorker, grace_s: float) -> None:
     try:
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:

@@ -11,7 +11,9 @@ The loop is the story:
 Control runs before the checkpoint (not after) so that a checkpoint holds the effects of
 the decisions taken at its boundary, and a resumed run never asks the controller twice.
 
-Everything around the loop is pluggable: a `Controller` decides (an in-process Tamiyo
+What is trained is a `Job` (`esper.jobs`): the model, data loaders, loss and metric a
+registered job function built; `Trainer(config)` builds the run's job itself from the
+registry when it is not given one. Everything around the loop is pluggable: a `Controller` decides (an in-process Tamiyo
 policy for the benchmark, the gRPC Tamiyo client under the service), a `KernelProvider`
 turns a kernel id into a seed module (the built-in catalog in process, Urza plus Kasmina's
 `KernelLoader` under the service), and `event_sink` receives every event as an
@@ -32,18 +34,19 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from google.protobuf.timestamp_pb2 import Timestamp
 from torch import nn
 
-from esper.errors import EsperError, FailedPreconditionError, NotFoundError
+from esper.errors import ConfigError, EsperError, FailedPreconditionError, NotFoundError
+from esper.jobs.registry import JobRegistry, default_registry
+from esper.jobs.sites import resolve_sites
+from esper.jobs.spec import Job
 from esper.kasmina import KasminaConfig, KasminaEvent, MorphogeneticModel, SeedStage, wrap
+from esper.tasks.hosts import STATIC_SEED
 from esper.tolaria import checkpoint as ckpt
 from esper.tolaria.config import RunConfig
 from esper.tolaria.flops import FlopMeter
 from esper.tolaria.governor import Governor, GovernorConfig
-from esper.tolaria.tasks import TaskData, get_task, resolve_sites
-from esper.tolaria.tasks.hosts import STATIC_SEED
 from generated.esper.common.v1 import decision_pb2, health_pb2, seed_pb2
 from generated.esper.oona.v1 import events_pb2
 
@@ -132,11 +135,28 @@ class RunResult:
     history: History
 
 
+def build_job(config: RunConfig, registry: JobRegistry | None = None) -> Job:
+    """The run's job, built by its registered function under the run's seed.
+
+    torch's global RNG is seeded with `config.seed` first, so the job's model starts from
+    the same weights every time the run (or its resumed worker) builds it.
+
+    Raises:
+        JobConfigError: the job is not registered or a parameter is bad (field named).
+        JobBuildError: the job function raised or returned no `Job`.
+    """
+    name, params = config.job_spec()
+    torch.manual_seed(config.seed)
+    return (registry or default_registry()).build(
+        name, params, run={"seed": config.seed, "batch_size": config.batch_size})
+
+
 class Trainer:
     """One training run. Build it, optionally `resume()`, then `run()`.
 
     Args:
         config: the run.
+        job: what to train; None: `build_job(config)` (built-in jobs and entry points).
         run_id: identifies the run in events and snapshots.
         kernels: where seed modules come from.
         controller: decides growth; None trains the host as it is.
@@ -154,6 +174,7 @@ class Trainer:
         config: RunConfig,
         *,
         run_id: str,
+        job: Job | None = None,
         kernels: KernelProvider,
         controller: Controller | None = None,
         event_sink: EventSink | None = None,
@@ -187,15 +208,12 @@ class Trainer:
         self._decide_ms = 0.0
         self._epoch_t0 = time.perf_counter()
 
-        task = get_task(config.task)
-        host_spec = task.host(config.host)
-        self.data: TaskData = task.load(config.seed)
-        torch.manual_seed(config.seed)
-        host = host_spec.build(config.width)
+        self.job = job if job is not None else build_job(config)
+        host = self.job.model
         if host_setup is not None:
             host_setup(host)
-        self.sites = resolve_sites(host, config.sites or host_spec.default_sites)
-        example = self.data.x_train[:8]
+        self.sites = resolve_sites(host, config.sites or self.job.sites)
+        example = self.job.example_input
         self._graph_order = _execution_order(host, example)
         self.model: MorphogeneticModel = wrap(
             host,
@@ -208,10 +226,16 @@ class Trainer:
         self.host_parameters = _count(self.model.host.parameters())
         self.optimizer = self._build_optimizer()
         self.model.attach_optimizer(self.optimizer)
-        self.steps_per_epoch = math.ceil(len(self.data.y_train) / config.batch_size)
+        try:
+            self.steps_per_epoch = len(self.job.train_loader)
+        except TypeError:
+            raise ConfigError(
+                f"job {self.job.name!r}: its train_loader has no length; the schedule needs the "
+                "number of batches per epoch (give the dataset a __len__)") from None
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"job {self.job.name!r}: its train_loader yields no batches")
         self.total_steps = config.epochs * self.steps_per_epoch
-        self._contribution_batch = (self.data.x_val[:CONTRIBUTION_ROWS],
-                                    self.data.y_val[:CONTRIBUTION_ROWS])
+        self._contribution_batch = _head(next(iter(self.job.val_loader)), CONTRIBUTION_ROWS)
         self._started = time.perf_counter()
         self._elapsed_before = 0.0
         self._remember_good()
@@ -228,31 +252,33 @@ class Trainer:
             self.evaluate()
             self.maybe_control()
             self.maybe_checkpoint()
-        test_loss, test_acc = self._eval_on(self.data.x_test, self.data.y_test)
-        return self._result(completed=True, test=(test_loss, test_acc))
+        test = None
+        if self.job.test_loader is not None:
+            test = self._eval_on(self.job.test_loader)
+        return self._result(completed=True, test=test)
 
     def train_epoch(self) -> bool:
         """One pass over the training set in this epoch's fixed order.
 
         Returns False when a stop was requested (the model is at a step boundary).
         """
-        cfg = self.config
         self._epoch_t0 = time.perf_counter()
         self.model.train()
-        order = torch.randperm(len(self.data.y_train), generator=_epoch_generator(cfg.seed, self.epoch))
-        batches = order.split(cfg.batch_size)
-        while self._step_in_epoch < len(batches):
+        batches = iter(_epoch_batches(self.job.train_loader, self.epoch))
+        for _ in range(self._step_in_epoch):  # resumed mid-epoch: replay up to where it was
+            next(batches)
+        for x, y in batches:
             if self.stop.is_set():
                 return False
-            idx = batches[self._step_in_epoch]
-            loss = self._train_step(self.data.x_train[idx], self.data.y_train[idx])
+            loss = self._train_step(x, y)
             self._step_in_epoch += 1
             why = self.governor.check(loss)
             if why is not None:
                 self._roll_back(why)
                 break
-            self._epoch_acc["loss_sum"] += loss * len(idx)
-            self._epoch_acc["seen"] += len(idx)
+            n = _rows(y)
+            self._epoch_acc["loss_sum"] += loss * n
+            self._epoch_acc["seen"] += n
         seen = self._epoch_acc["seen"]
         self.history.train_loss.append(self._epoch_acc["loss_sum"] / seen if seen else float("nan"))
         self._step_in_epoch = 0
@@ -262,7 +288,7 @@ class Trainer:
         return True
 
     def evaluate(self) -> None:
-        loss, acc = self._eval_on(self.data.x_val, self.data.y_val)
+        loss, acc = self._eval_on(self.job.val_loader)
         self.history.val_loss.append(loss)
         self.history.val_accuracy.append(acc)
 
@@ -300,11 +326,11 @@ class Trainer:
 
     # ----- one step -----
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+    def _train_step(self, x: Any, y: Any) -> float:
         self._set_learning_rate()
         self.optimizer.zero_grad(set_to_none=True)
-        with self.flops.step(len(y)):
-            loss = F.cross_entropy(self.model(x), y)
+        with self.flops.step(_rows(y)):
+            loss = self.job.loss_fn(_forward(self.model, x), y)
             loss.backward()
         value = float(loss.detach())
         if not math.isfinite(value):
@@ -346,24 +372,33 @@ class Trainer:
             group["lr"] = base * factor
 
     @torch.no_grad()
-    def _eval_on(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    def _eval_on(self, loader: Any) -> tuple[float, float]:
+        """(loss, metric) over `loader`, each the row-weighted mean of its batch values
+        (metric NaN when the job has none)."""
         was = self.model.training
         self.model.eval()
+        batches: list[tuple[float, float, int]] = []
+        metric_fn = self.job.metric_fn
         try:
-            logits = torch.cat([self.model(xb) for xb in x.split(1024)])
+            for x, y in loader:
+                out = _forward(self.model, x)
+                metric = float(metric_fn(out, y)) if metric_fn is not None else float("nan")
+                batches.append((float(self.job.loss_fn(out, y)), metric, _rows(y)))
         finally:
             self.model.train(was)
-        loss = float(F.cross_entropy(logits, y))
-        acc = float((logits.argmax(1) == y).float().mean())
-        return loss, acc
+        if not batches:
+            raise ConfigError(f"job {self.job.name!r}: an evaluation loader yielded no batches")
+        if len(batches) == 1:  # as it is: x * n / n need not round back to x
+            return batches[0][0], batches[0][1]
+        rows = sum(n for _, _, n in batches)
+        return (sum(v * n for v, _, n in batches) / rows,
+                sum(m * n for _, m, n in batches) / rows)
 
     # ----- control -----
 
     def snapshot(self) -> health_pb2.HealthSnapshot:
         """What the controller sees now (contribution measured on a held-out batch)."""
-        contributions = self.model.measure_contribution(
-            *self._contribution_batch, lambda out, y: F.cross_entropy(out, y)
-        )
+        contributions = self.model.measure_contribution(*self._contribution_batch, self.job.loss_fn)
         snap = health_pb2.HealthSnapshot(
             run_id=self.run_id,
             epoch=self.epoch,
@@ -376,7 +411,7 @@ class Trainer:
             total_parameters=self.parameters(),
             seeds_left=max(0, self.config.budget.max_seeds - self.seeds_germinated),
             parameters_left=self.parameters_left(),
-            task=self.config.task,
+            task=self.config.job_name,
         )
         for h in self.model.health():
             slot = snap.slots.add()
@@ -704,9 +739,50 @@ class _IdentityList(list):
         raise ValueError("param group not in the optimizer")
 
 
-def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """Batch order of an epoch depends on (seed, epoch) only, so a resume replays it."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+def _epoch_batches(loader: Any, epoch: int) -> Any:
+    """`loader`, its sampler told the epoch (`set_epoch`, as DistributedSampler and
+    `esper.jobs.data.ShuffledBatches` have) so that a resume replays the epoch's order."""
+    for sampler in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+    return loader
+
+
+def _forward(model: nn.Module, x: Any) -> Any:
+    """Call the model on one batch's inputs: a tensor, positional inputs, or keyword inputs."""
+    if isinstance(x, Mapping):
+        return model(**x)
+    if isinstance(x, tuple | list):
+        return model(*x)
+    return model(x)
+
+
+def _rows(y: Any) -> int:
+    """Examples in a batch, read from its target (a tensor, or a sequence of them)."""
+    if isinstance(y, torch.Tensor):
+        return int(y.shape[0]) if y.dim() else 1
+    if isinstance(y, Mapping):
+        return _rows(next(iter(y.values())))
+    if isinstance(y, tuple | list):
+        return _rows(y[0]) if y and isinstance(y[0], torch.Tensor | Mapping | tuple | list) else len(y)
+    raise ConfigError(f"batch target of type {type(y).__name__} has no row count; targets must "
+                      "be tensors (or tuples/dicts of tensors)")
+
+
+def _head(batch: Any, rows: int) -> tuple[Any, Any]:
+    """The first `rows` rows of an (input, target) batch (the contribution batch)."""
+    x, y = batch
+
+    def cut(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v[:rows] if v.dim() else v
+        if isinstance(v, Mapping):
+            return {k: cut(t) for k, t in v.items()}
+        if isinstance(v, tuple | list):
+            return type(v)(cut(t) for t in v)
+        return v
+
+    return cut(x), cut(y)
 
 
 def _count(params: Any) -> int:
@@ -719,7 +795,7 @@ def _now() -> Timestamp:
     return ts
 
 
-def _execution_order(host: nn.Module, example: torch.Tensor) -> list[str]:
+def _execution_order(host: nn.Module, example: Any) -> list[str]:
     """Names of the host's leaf modules in the order a forward pass runs them."""
     order: list[str] = []
     handles = []
@@ -732,9 +808,10 @@ def _execution_order(host: nn.Module, example: torch.Tensor) -> list[str]:
                 lambda _m, _a, _o, name=name: order.append(name) if name not in order else None))
     try:
         with torch.no_grad():
+            was = host.training
             host.eval()
-            host(example)
-            host.train()
+            _forward(host, example)
+            host.train(was)
     finally:
         for h in handles:
             h.remove()

@@ -34,7 +34,7 @@ import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
-from esper.errors import EsperError
+from esper.errors import EsperError, FailedPreconditionError, NotFoundError
 from esper.runtime import tracing
 from esper.runtime.client import as_esper_error, sync_channel
 from esper.tolaria.control import OutcomeReporter, RemoteController, RemoteKernelProvider
@@ -172,6 +172,33 @@ def tamiyo_policy(channel: grpc.Channel, timeout_s: float, events: RunEvents) ->
         return None
 
 
+def preload() -> None:
+    """What the fork server (esper.tolaria.forkserver) runs once before it forks workers:
+    the imports a run needs and the built-in jobs' data, so that a forked worker starts
+    training at once. It must leave no threads or open channels behind (fork safety):
+    imports and pure-numpy data generation only."""
+    import torch
+
+    # The first optimizer a process builds imports torch._dynamo (seconds): do it here,
+    # on a parameter that never sees a step (no autograd or intra-op threads are started).
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+
+    import esper.blueprints.artifact
+    import esper.jobs.registry
+    import esper.kasmina.loader
+    import esper.oona.publisher
+    import esper.tezzeret.client
+    import esper.tolaria.governor
+    import esper.tolaria.trainer
+    import esper.urza.source  # noqa: F401
+    from esper import tasks
+    from esper.jobs.registry import installed_entry_points
+
+    installed_entry_points()
+    tasks.warm()
+
+
 # ---- main ---------------------------------------------------------------------------------
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m esper.tolaria.worker", description=__doc__.splitlines()[0])
@@ -186,6 +213,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="verified-kernel disk cache (default: <run-dir>/../../kernel-cache)")
     ap.add_argument("--oona-max-queue", type=int, default=10_000,
                     help="events buffered while NATS is down before the oldest are dropped (counted)")
+    ap.add_argument("--jobs", default=None,
+                    help='JSON {"name": "package.module:function"}: the operator\'s own jobs '
+                         "(tolaria.jobs), on top of the built-in ones and installed entry points")
+    ap.add_argument("--compile-wait-s", type=float, default=60.0,
+                    help="how long the first epoch boundary waits for kernels Tezzeret compiles "
+                         "on demand for the run's sites before germination there is deferred")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="intra-op threads for torch (default 1: the hosts are tiny, and more "
                          "threads than cores shared with other runs slow each step down many-fold)")
@@ -249,57 +282,74 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _train(cfg: Any, run_id: str, run_dir: Path, args: argparse.Namespace, endpoints: dict[str, str],
            api_key: str | None, events: RunEvents, stop: threading.Event) -> int:
-    from esper.blueprints.artifact import TrustedKeys
-    from esper.kasmina.loader import KernelLoader
+    """Build the run (clients, kernel source, controller, job, trainer), then train it.
+
+    Everything that can fail for a reason a restart would not cure (a missing endpoint or
+    key directory, a job that raises, Tamiyo serving another policy) ends the run FAILED
+    with the reason in its detail, instead of crashing into a restart loop.
+    """
+    from esper.jobs import JobBuildError, JobConfigError
+    from esper.jobs.registry import JobRegistry
     from esper.tolaria.governor import RunDivergedError
-    from esper.tolaria.trainer import Trainer
-    from esper.urza.client import UrzaClient, fetcher
+    from esper.tolaria.trainer import Trainer, build_job
 
-    channels: list[grpc.Channel] = []
+    closers: list[Any] = []
 
-    def chan(part: str) -> grpc.Channel:
-        if part not in endpoints:
-            raise EsperError(f"no endpoint for {part!r}; the worker got {sorted(endpoints)}")
-        ch = sync_channel(endpoints[part], api_key=api_key, default_timeout_s=cfg.decide_timeout_s)
-        channels.append(ch)
-        return ch
+    def fail(detail: str) -> int:
+        events.emit(run_state=events_pb2.RunStateChanged(state="failed", detail=detail))
+        return 0
 
-    data_dir = run_dir.parent.parent.parent
-    if "urza" not in endpoints:
-        raise EsperError(f"no endpoint for 'urza'; the worker got {sorted(endpoints)}")
-    urza = UrzaClient(endpoints["urza"], api_key, channel=urza_channel(endpoints["urza"]))
-    keys_dir = args.trusted_keys or Path(os.environ.get("ESPER_TRUSTED_KEYS_DIR") or data_dir / "trusted_keys")
-    loader = KernelLoader(fetcher(urza), TrustedKeys.from_dir(keys_dir),
-                          args.kernel_cache or run_dir.parent.parent / "kernel-cache")
-    # Fetching a kernel is a stream of chunks: it gets more time than one Decide. The
-    # Urza client carries its own breaker and retries.
-    kernels = RemoteKernelProvider(loader.load, timeout_s=max(cfg.decide_timeout_s, 5.0), breaker=None)
-    outcomes = OutcomeReporter(
-        run_id, cfg.task, lambda req, t: urza.record_outcome(req.report, t, request_id=req.request_id),
-        degrade=events.degrade,
-    )
-    events.observers.append(outcomes.observe)
-    controller = None
-    if cfg.controller != "none":
-        tamiyo_ch = chan("tamiyo")
-        served = tamiyo_policy(tamiyo_ch, cfg.decide_timeout_s, events)
-        if served is not None and served != cfg.controller:
-            # Training under another policy than the one asked for would be a silent lie.
-            events.emit(run_state=events_pb2.RunStateChanged(state="failed", detail=(
-                f"the run asks for controller {cfg.controller!r} but Tamiyo at {endpoints['tamiyo']} "
-                f"serves {served!r}; start Tamiyo with that policy or change the run's controller")))
-            for ch in channels:
-                ch.close()
-            urza.close()
-            return 0
-        controller = RemoteController(
-            tamiyo_decide(tamiyo_ch), timeout_s=cfg.decide_timeout_s,
-            on_snapshot=outcomes.observe_snapshot,
-        )
     try:
+        source = _kernel_source(cfg, run_dir, args, endpoints, api_key, events, closers)
+        urza = source.urza if source is not None else None
+        kernels: Any = (RemoteKernelProvider(lambda kid, t: source.load(kid, timeout_s=t),
+                                             timeout_s=max(cfg.decide_timeout_s, 5.0), breaker=None)
+                        if source is not None else _NoKernels())
+        outcomes = OutcomeReporter(
+            run_id, cfg.job_name,
+            (lambda req, t: urza.record_outcome(req.report, t, request_id=req.request_id))
+            if urza is not None else (lambda req, t: None),
+            degrade=events.degrade,
+        )
+        events.observers.append(outcomes.observe)
+        controller = None
+        if cfg.controller != "none":
+            tamiyo_ch = _channel("tamiyo", endpoints, api_key, cfg.decide_timeout_s)
+            closers.append(tamiyo_ch)
+            served = tamiyo_policy(tamiyo_ch, cfg.decide_timeout_s, events)
+            if served is not None and served != cfg.controller:
+                # Training under another policy than the one asked for would be a silent lie.
+                return fail(
+                    f"the run asks for controller {cfg.controller!r} but Tamiyo at "
+                    f"{endpoints['tamiyo']} serves {served!r}; start Tamiyo with that policy or "
+                    "change the run's controller")
+
+            def before_decide(snapshot: health_pb2.HealthSnapshot) -> None:
+                outcomes.observe_snapshot(snapshot)
+                if source is not None and source.pending():
+                    # The run waits (bounded, once) for kernels compiled on demand for its
+                    # sites, so that the first Decide already finds them in Urza.
+                    try:
+                        source.wait_pending(args.compile_wait_s)
+                    except EsperError as e:
+                        events.degrade("kernels", e.reason.lower(),
+                                       f"could not ask Tezzeret about on-demand kernels: {e}")
+
+            controller = RemoteController(
+                tamiyo_decide(tamiyo_ch), timeout_s=cfg.decide_timeout_s,
+                on_snapshot=before_decide,
+            )
+        try:
+            job = build_job(cfg, JobRegistry.discover(json.loads(args.jobs) if args.jobs else None))
+        except (JobBuildError, JobConfigError) as e:
+            # The job's own code failed (or its registration changed since StartRun):
+            # deterministic, so the run fails with the job's error instead of restarting.
+            log.exception("run %s: building job %r failed", run_id, cfg.job_name)
+            return fail(str(e))
         trainer = Trainer(
             cfg,
             run_id=run_id,
+            job=job,
             kernels=kernels,
             controller=controller,
             event_sink=events,
@@ -309,11 +359,12 @@ def _train(cfg: Any, run_id: str, run_dir: Path, args: argparse.Namespace, endpo
         resumed = trainer.resume()
         detail = f"resumed from the checkpoint after epoch {trainer.epoch}" if resumed else "started"
         events.emit(run_state=events_pb2.RunStateChanged(state="running", detail=detail))
+        if source is not None and controller is not None:
+            _ensure_kernels(source, trainer, events)
         try:
             result = trainer.run()
         except RunDivergedError as e:
-            events.emit(run_state=events_pb2.RunStateChanged(state="failed", detail=str(e)))
-            return 0
+            return fail(str(e))
         if not result.completed:
             detail = f"stopped after {result.global_step} steps (epoch {trainer.epoch}) on request; checkpoint written"
             events.emit(run_state=events_pb2.RunStateChanged(state="stopped", detail=detail))
@@ -329,12 +380,62 @@ def _train(cfg: Any, run_id: str, run_dir: Path, args: argparse.Namespace, endpo
     except EsperError as e:
         # A typed error is deterministic (bad config, missing key): restarting cannot help.
         log.exception("run %s failed", run_id)
-        events.emit(run_state=events_pb2.RunStateChanged(state="failed", detail=f"{type(e).__name__}: {e}"))
-        return 0
+        return fail(f"{type(e).__name__}: {e}")
     finally:
-        for ch in channels:
-            ch.close()
-        urza.close()
+        for c in closers:
+            c.close()
+
+
+class _NoKernels:
+    """The kernel provider of a run that grows nothing (controller "none")."""
+
+    def load(self, kernel_id: str, site: Any = None) -> Any:
+        raise NotFoundError(f"kernel {kernel_id!r}: this run has no controller and loads no kernels")
+
+
+def _channel(part: str, endpoints: dict[str, str], api_key: str | None, timeout_s: float) -> grpc.Channel:
+    if part not in endpoints:
+        raise FailedPreconditionError(f"no endpoint for {part!r}; the worker got {sorted(endpoints)}")
+    return sync_channel(endpoints[part], api_key=api_key, default_timeout_s=timeout_s)
+
+
+def _kernel_source(cfg: Any, run_dir: Path, args: argparse.Namespace, endpoints: dict[str, str],
+                   api_key: str | None, events: RunEvents, closers: list[Any]) -> Any:
+    """Urza's kernels through Kasmina's verifying loader, Tezzeret compiling what Urza
+    lacks; None for a run without a controller (it loads no kernel)."""
+    from esper.blueprints.artifact import TrustedKeys
+    from esper.kasmina.loader import KernelLoader
+    from esper.tezzeret.client import TezzeretClient
+    from esper.urza.client import UrzaClient, fetcher
+    from esper.urza.source import UrzaKernels
+
+    if cfg.controller == "none":
+        return None
+    if "urza" not in endpoints:
+        raise FailedPreconditionError(f"no endpoint for 'urza'; the worker got {sorted(endpoints)}")
+    data_dir = run_dir.parent.parent.parent
+    keys_dir = args.trusted_keys or Path(os.environ.get("ESPER_TRUSTED_KEYS_DIR") or data_dir / "trusted_keys")
+    urza = UrzaClient(endpoints["urza"], api_key, channel=urza_channel(endpoints["urza"]))
+    closers.append(urza)
+    loader = KernelLoader(fetcher(urza), TrustedKeys.from_dir(keys_dir),
+                          args.kernel_cache or run_dir.parent.parent / "kernel-cache")
+    tezzeret = None
+    if "tezzeret" in endpoints:
+        tezzeret = TezzeretClient(endpoints["tezzeret"], api_key)
+        closers.append(tezzeret)
+    return UrzaKernels(urza, loader, tezzeret=tezzeret, timeout_s=max(cfg.decide_timeout_s, 5.0),
+                       compile_wait_s=args.compile_wait_s,
+                       on_event=lambda kind, detail: events.degrade("kernels", kind, detail))
+
+
+def _ensure_kernels(source: Any, trainer: Any, events: RunEvents) -> None:
+    """Ask for kernels for every seed site Urza has none for (compiled while training runs)."""
+    sites = [trainer.model.site_signature(slot) for slot in trainer.model.slots]
+    try:
+        source.ensure_all(sites)
+    except EsperError as e:
+        events.degrade("kernels", e.reason.lower(),
+                       f"could not check or request kernels for the run's sites: {e}")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from esper.errors import ConfigError
+from esper.jobs.errors import JobConfigError
+from esper.tasks import TASKS, get_task, mnist1d, resolve_sites
 from esper.tolaria.config import RunConfig, RunConfigError
-from esper.tolaria.tasks import TASKS, get_task, mnist1d, resolve_sites
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_task_loads_offline_with_fixed_splits(no_network: None, name: str, shape: tuple[int, ...],
                                               sizes: tuple[int, int, int]) -> None:
     if name == "mnist1d":
-        mnist1d._generated.cache_clear()  # generate under the network block, not from cache
+        mnist1d.generated.cache_clear()  # generate under the network block, not from cache
     task = get_task(name)
     d = task.load(3)
     assert d.input_shape == shape
@@ -57,14 +58,16 @@ def test_width_scales_the_host() -> None:
 
 
 def test_unknown_task_host_and_site_list_what_exists() -> None:
-    with pytest.raises(RunConfigError, match="available: mnist1d, digits, spirals") as e:
+    # The tasks live in the library layer now (esper.tasks): their errors are the jobs
+    # layer's JobConfigError, of which RunConfigError is the run-config kind.
+    with pytest.raises(JobConfigError, match="available: mnist1d, digits, spirals") as e:
         get_task("cifar")
     assert e.value.field == "task"
-    with pytest.raises(RunConfigError, match="available: mlp") as e:
+    with pytest.raises(JobConfigError, match="available: mlp") as e:
         get_task("spirals").host("cnn")
     assert e.value.field == "host"
     model = get_task("mnist1d").host("cnn").build(1.0)
-    with pytest.raises(RunConfigError, match="available: conv1, act1, pool1, conv2") as e:
+    with pytest.raises(JobConfigError, match="available: conv1, act1, pool1, conv2") as e:
         resolve_sites(model, ["act1", "body.9"])
     assert e.value.field == "sites[1]"
     assert set(TASKS) == {"mnist1d", "digits", "spirals"}

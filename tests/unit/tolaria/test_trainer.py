@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from esper.errors import UnavailableError
+from esper.jobs.errors import JobConfigError
 from esper.kasmina import SeedStage
-from esper.tolaria.config import RunConfigError
 from generated.esper.common.v1 import decision_pb2, health_pb2
 
 from .conftest import tiny_config
@@ -41,7 +41,7 @@ def test_germination_attaches_a_seed_that_trains_and_preserves_output(make_train
     trainer, events = make_trainer(tiny_config(epochs=4), plan=plan)
     trainer.train_epoch()
     trainer.evaluate()
-    x = trainer.data.x_val[:64]
+    x = next(iter(trainer.job.val_loader))[0][:64]  # the job's validation rows
     trainer.model.eval()
     with torch.no_grad():
         before = trainer.model(x)
@@ -125,7 +125,7 @@ def test_flops_count_forward_and_backward_and_grow_with_seeds(make_trainer) -> N
     forward = 2 * (2 * 8 + 8 * 8 + 8 * 3)
     backward = 2 * (2 * 8 + 8 * 8 + 8 * 3) + 2 * (8 * 8 + 8 * 3)
     assert trainer.flops.per_sample == forward + backward
-    assert trainer.flops.total == (forward + backward) * len(trainer.data.y_train)
+    assert trainer.flops.total == (forward + backward) * len(trainer.job.train_loader.dataset)
     host_epoch = trainer.flops.total
     trainer.evaluate()
     trainer.maybe_control()
@@ -136,8 +136,10 @@ def test_flops_count_forward_and_backward_and_grow_with_seeds(make_trainer) -> N
 
 
 def test_bad_site_lists_available_modules(make_trainer) -> None:
-    with pytest.raises(RunConfigError, match="available: flatten, fc1, act1, fc2, act2, head"):
+    # Site resolution is the jobs layer's now (any job's model): its JobConfigError.
+    with pytest.raises(JobConfigError, match="available: flatten, fc1, act1, fc2, act2, head") as e:
         make_trainer(tiny_config(sites=["act9"]))
+    assert e.value.field == "sites[0]"
 
 
 def test_schedule_warms_up_then_decays_to_exactly_zero(make_trainer) -> None:
@@ -176,3 +178,23 @@ def test_kernel_source_down_defers_growth_then_recovers(make_trainer) -> None:
     assert [(d.component, d.kind) for d in payloads(events, "degradation")] == [
         ("urza", "unavailable"), ("urza", "recovered")]
     assert trainer.model.slots["act1"].seed is not None
+
+
+def test_any_job_trains_and_grows_at_type_sites(make_trainer) -> None:
+    """A job function's own non-Sequential model, sites given as a module type, its own
+    loaders, loss and metric: the trainer needs nothing else, and a seed grows there."""
+    from esper.jobs.registry import JobRegistry
+
+    reg = JobRegistry.discover({"two-branch": "tests.unit.jobs.sample_jobs:tiny"}, entry_points=False)
+    cfg = tiny_config(task="spirals", epochs=3).replace(job="two-branch", job_params={"hidden": "6"})
+    from esper.tolaria.trainer import build_job
+
+    job = build_job(cfg, reg)
+    trainer, events = make_trainer(cfg, plan={1: [("GERMINATE", "mix", "bottleneck_mlp")]}, job=job)
+    assert list(trainer.model.slots) == ["mix"] and trainer.steps_per_epoch == 96 // 128 + 1
+    result = trainer.run()
+    assert result.completed and result.epochs == 3 and 0.0 <= result.val_accuracy <= 1.0
+    assert math.isnan(result.test_accuracy)  # the job has no test loader
+    assert trainer.model.slots["mix"].current_stage != SeedStage.DORMANT
+    assert result.parameters > trainer.host_parameters
+    assert payloads(events, "health")[0].task == "two-branch"

@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--endpoints", required=True)
     ap.add_argument("--nats-url")
     ap.add_argument("--epoch-seconds", type=float, default=0.02)
+    ap.add_argument("--jobs")
     args = ap.parse_args()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

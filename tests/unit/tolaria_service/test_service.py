@@ -18,12 +18,17 @@ from generated.esper.tolaria.v1 import tolaria_service_pb2_grpc as rpc
 WORKER = "tests.unit.tolaria_service.scripted_worker"
 
 
+SAMPLE_JOBS = {"two-branch": "tests.unit.jobs.sample_jobs:tiny",
+               "needs-size": "tests.unit.jobs.sample_jobs:required"}
+
+
 async def _serve(tmp_path, **supervisor):  # type: ignore[no-untyped-def]
     ctx = PlatformContext(
         data_dir=tmp_path,
         settings={"tolaria": {"supervisor": {"worker_module": WORKER, "poll_interval_s": 0.02,
                                              **supervisor},
-                              "worker_args": ["--epoch-seconds", "0.05"]}},
+                              "worker_args": ["--epoch-seconds", "0.05"],
+                              "jobs": SAMPLE_JOBS}},
     )
     host = Host([create_service(ctx)], auth=AuthConfig(disabled=True))
     port = await host.start()
@@ -52,6 +57,11 @@ def _good(**kw) -> pb.RunConfig:
     return pb.RunConfig(**{**base, **kw})
 
 
+def _job(**kw) -> pb.RunConfig:
+    base = {"job": "two-branch", "controller": "heuristic", "epochs": 2, "batch_size": 32}
+    return pb.RunConfig(**{**base, **kw})
+
+
 def _violations(err: grpc.aio.AioRpcError) -> list[str]:
     for key, value in err.trailing_metadata() or ():
         if key == "grpc-status-details-bin":
@@ -70,6 +80,14 @@ def _bad_configs() -> list[tuple[str, pb.RunConfig]]:
     negative = _good()
     negative.budget.max_added_parameters = -5
     return [
+        ("config.job", pb.RunConfig(job="imagenet", controller="heuristic", epochs=4, batch_size=32)),
+        ("config.job_params.hidden", _job(job_params={"hidden": "wide"})),
+        ("config.job_params.hiden", _job(job_params={"hiden": "3"})),
+        ("config.job_params.size", _job(job="needs-size")),
+        ("config.job_params.seed", _job(job_params={"seed": "3"})),
+        ("config.task", _job(task="digits")),
+        ("config.job_params", _good(job_params={"host": "cnn"})),
+        ("config.job", pb.RunConfig(controller="heuristic", epochs=4, batch_size=32)),
         ("config.sites[1]", _good(sites=["conv1", "no_such_layer"])),
         ("config.task", _good(task="imagenet")),
         ("config.host", _good(host="resnet50")),
@@ -168,3 +186,61 @@ async def test_start_run_beyond_the_worker_pool_is_resource_exhausted(tolaria_on
         raise AssertionError("the slot was not freed after the run stopped")
     events = [r.event async for r in tolaria.WatchRun(pb.WatchRunRequest(run_id=second.run_id))]
     assert events[-1].run_state.state == "succeeded"
+
+
+async def test_an_unregistered_job_is_invalid_argument_listing_the_registered_ones(tolaria):
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await tolaria.StartRun(pb.StartRunRequest(config=_job(job="imagenet")))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _violations(e.value) == ["config.job"]
+    assert ("job 'imagenet' is not registered; registered jobs: digits, mnist1d, needs-size, "
+            "spirals, two-branch") in e.value.details()
+    # An import path is not even a job name: the contract refuses it before any lookup.
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await tolaria.StartRun(pb.StartRunRequest(config=_job(job="os:system")))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _violations(e.value) == ["config.job"]
+    listed = await tolaria.ListRuns(pb.ListRunsRequest(page_size=10))
+    assert list(listed.runs) == []
+
+
+async def test_a_registered_job_runs_and_its_config_is_echoed(tolaria):
+    cfg = _job(job_params={"hidden": "4", "mode": "xor"})
+    run = (await tolaria.StartRun(pb.StartRunRequest(config=cfg))).run
+    assert run.config.job == "two-branch" and dict(run.config.job_params) == {"hidden": "4", "mode": "xor"}
+    assert run.config.task == "" and run.config.host == ""
+    events = [r.event async for r in tolaria.WatchRun(pb.WatchRunRequest(run_id=run.run_id))]
+    assert events[-1].run_state.state == "succeeded"
+
+
+async def test_list_jobs_describes_every_registered_job_and_pages(tolaria):
+    everything = await tolaria.ListJobs(pb.ListJobsRequest())
+    assert [j.name for j in everything.jobs] == ["digits", "mnist1d", "needs-size", "spirals",
+                                                 "two-branch"]
+    assert everything.next_page_token == ""
+    tiny = next(j for j in everything.jobs if j.name == "two-branch")
+    assert tiny.source == "platform config" and tiny.description.startswith("A 4-feature")
+    params = {p.name: p for p in tiny.parameters}
+    assert (params["hidden"].type, params["hidden"].default_value, params["hidden"].required) == ("int", "6", False)
+    assert list(params["mode"].choices) == ["sum", "xor"] and params["noise"].accepts_none
+    assert params["seed"].run_config_field == "seed"
+    needs = next(j for j in everything.jobs if j.name == "needs-size")
+    assert needs.parameters[0].required and needs.parameters[0].default_value == ""
+    mnist = next(j for j in everything.jobs if j.name == "mnist1d")
+    assert mnist.source == "builtin"
+    page1 = await tolaria.ListJobs(pb.ListJobsRequest(page_size=2))
+    page2 = await tolaria.ListJobs(pb.ListJobsRequest(page_size=2, page_token=page1.next_page_token))
+    page3 = await tolaria.ListJobs(pb.ListJobsRequest(page_size=2, page_token=page2.next_page_token))
+    assert [j.name for p in (page1, page2, page3) for j in p.jobs] == [j.name for j in everything.jobs]
+    assert page3.next_page_token == ""
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await tolaria.ListJobs(pb.ListJobsRequest(page_token="zzz"))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_bad_job_registration_fails_the_service_at_start(tmp_path):
+    from esper.errors import ConfigError
+
+    ctx = PlatformContext(data_dir=tmp_path, settings={"tolaria": {"jobs": {"x": "not a target"}}})
+    with pytest.raises(ConfigError, match="must be 'package.module:function'"):
+        create_service(ctx)

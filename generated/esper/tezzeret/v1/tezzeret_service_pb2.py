@@ -29,7 +29,7 @@ from generated.esper.common.v1 import seed_pb2 as esper_dot_common_dot_v1_dot_se
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(esper/tezzeret/v1/tezzeret_service.proto\x12\x11\x65sper.tezzeret.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1f\x65sper/common/v1/blueprint.proto\x1a\x1c\x65sper/common/v1/kernel.proto\x1a\x1a\x65sper/common/v1/seed.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc9\x02\n\nCompileJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x31\n\x05state\x18\x02 \x01(\x0e\x32\".esper.tezzeret.v1.CompileJobState\x12\x14\n\x0c\x62lueprint_id\x18\x03 \x01(\t\x12,\n\x04site\x18\x04 \x01(\x0b\x32\x1e.esper.common.v1.SiteSignature\x12\x11\n\tkernel_id\x18\x05 \x01(\t\x12\x31\n\x08manifest\x18\x06 \x01(\x0b\x32\x1f.esper.common.v1.KernelManifest\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe9\x01\n\x0e\x43ompileRequest\x12\x1f\n\nrequest_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12\x30\n\x0c\x62lueprint_id\x18\x02 \x01(\tB\x18\xbaH\x15r\x13\x32\x11^bp-[0-9a-f]{16}$H\x00\x12/\n\tblueprint\x18\x03 \x01(\x0b\x32\x1a.esper.common.v1.BlueprintH\x00\x12\x34\n\x04site\x18\x04 \x01(\x0b\x32\x1e.esper.common.v1.SiteSignatureB\x06\xbaH\x03\xc8\x01\x01\x12\x0c\n\x04wait\x18\x05 \x01(\x08\x42\x0f\n\x06source\x12\x05\xbaH\x02\x08\x01\"=\n\x0f\x43ompileResponse\x12*\n\x03job\x18\x01 \x01(\x0b\x32\x1d.esper.tezzeret.v1.CompileJob\"2\n\x14GetCompileJobRequest\x12\x1a\n\x06job_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\"C\n\x15GetCompileJobResponse\x12*\n\x03job\x18\x01 \x01(\x0b\x32\x1d.esper.tezzeret.v1.CompileJob*\xb0\x01\n\x0f\x43ompileJobState\x12!\n\x1d\x43OMPILE_JOB_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43OMPILE_JOB_STATE_QUEUED\x10\x01\x12\x1d\n\x19\x43OMPILE_JOB_STATE_RUNNING\x10\x02\x12\x1f\n\x1b\x43OMPILE_JOB_STATE_SUCCEEDED\x10\x03\x12\x1c\n\x18\x43OMPILE_JOB_STATE_FAILED\x10\x04\x32\xc7\x01\n\x0fTezzeretService\x12P\n\x07\x43ompile\x12!.esper.tezzeret.v1.CompileRequest\x1a\".esper.tezzeret.v1.CompileResponse\x12\x62\n\rGetCompileJob\x12\'.esper.tezzeret.v1.GetCompileJobRequest\x1a(.esper.tezzeret.v1.GetCompileJobResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(esper/tezzeret/v1/tezzeret_service.proto\x12\x11\x65sper.tezzeret.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1f\x65sper/common/v1/blueprint.proto\x1a\x1c\x65sper/common/v1/kernel.proto\x1a\x1a\x65sper/common/v1/seed.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc9\x02\n\nCompileJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x31\n\x05state\x18\x02 \x01(\x0e\x32\".esper.tezzeret.v1.CompileJobState\x12\x14\n\x0c\x62lueprint_id\x18\x03 \x01(\t\x12,\n\x04site\x18\x04 \x01(\x0b\x32\x1e.esper.common.v1.SiteSignature\x12\x11\n\tkernel_id\x18\x05 \x01(\t\x12\x31\n\x08manifest\x18\x06 \x01(\x0b\x32\x1f.esper.common.v1.KernelManifest\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe9\x01\n\x0e\x43ompileRequest\x12\x1f\n\nrequest_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12\x30\n\x0c\x62lueprint_id\x18\x02 \x01(\tB\x18\xbaH\x15r\x13\x32\x11^bp-[0-9a-f]{16}$H\x00\x12/\n\tblueprint\x18\x03 \x01(\x0b\x32\x1a.esper.common.v1.BlueprintH\x00\x12\x34\n\x04site\x18\x04 \x01(\x0b\x32\x1e.esper.common.v1.SiteSignatureB\x06\xbaH\x03\xc8\x01\x01\x12\x0c\n\x04wait\x18\x05 \x01(\x08\x42\x0f\n\x06source\x12\x05\xbaH\x02\x08\x01\"=\n\x0f\x43ompileResponse\x12*\n\x03job\x18\x01 \x01(\x0b\x32\x1d.esper.tezzeret.v1.CompileJob\"2\n\x14GetCompileJobRequest\x12\x1a\n\x06job_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\"C\n\x15GetCompileJobResponse\x12*\n\x03job\x18\x01 \x01(\x0b\x32\x1d.esper.tezzeret.v1.CompileJob\"\xa6\x01\n\x14\x45nsureKernelsRequest\x12\x1f\n\nrequest_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12\x34\n\x04site\x18\x02 \x01(\x0b\x32\x1e.esper.common.v1.SiteSignatureB\x06\xbaH\x03\xc8\x01\x01\x12)\n\x0f\x62lueprint_names\x18\x03 \x03(\tB\x10\xbaH\r\x92\x01\n\x10@\"\x06r\x04\x10\x01\x18@\x12\x0c\n\x04wait\x18\x04 \x01(\x08\"d\n\x15\x45nsureKernelsResponse\x12+\n\x04jobs\x18\x01 \x03(\x0b\x32\x1d.esper.tezzeret.v1.CompileJob\x12\x1e\n\x16unsupported_blueprints\x18\x02 \x03(\t*\xb0\x01\n\x0f\x43ompileJobState\x12!\n\x1d\x43OMPILE_JOB_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43OMPILE_JOB_STATE_QUEUED\x10\x01\x12\x1d\n\x19\x43OMPILE_JOB_STATE_RUNNING\x10\x02\x12\x1f\n\x1b\x43OMPILE_JOB_STATE_SUCCEEDED\x10\x03\x12\x1c\n\x18\x43OMPILE_JOB_STATE_FAILED\x10\x04\x32\xab\x02\n\x0fTezzeretService\x12P\n\x07\x43ompile\x12!.esper.tezzeret.v1.CompileRequest\x1a\".esper.tezzeret.v1.CompileResponse\x12\x62\n\rGetCompileJob\x12\'.esper.tezzeret.v1.GetCompileJobRequest\x1a(.esper.tezzeret.v1.GetCompileJobResponse\x12\x62\n\rEnsureKernels\x12\'.esper.tezzeret.v1.EnsureKernelsRequest\x1a(.esper.tezzeret.v1.EnsureKernelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,8 +46,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMPILEREQUEST'].fields_by_name['site']._serialized_options = b'\272H\003\310\001\001'
   _globals['_GETCOMPILEJOBREQUEST'].fields_by_name['job_id']._loaded_options = None
   _globals['_GETCOMPILEJOBREQUEST'].fields_by_name['job_id']._serialized_options = b'\272H\007r\005\020\001\030\200\001'
-  _globals['_COMPILEJOBSTATE']._serialized_start=969
-  _globals['_COMPILEJOBSTATE']._serialized_end=1145
+  _globals['_ENSUREKERNELSREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_ENSUREKERNELSREQUEST'].fields_by_name['request_id']._serialized_options = b'\272H\010r\003\260\001\001\330\001\001'
+  _globals['_ENSUREKERNELSREQUEST'].fields_by_name['site']._loaded_options = None
+  _globals['_ENSUREKERNELSREQUEST'].fields_by_name['site']._serialized_options = b'\272H\003\310\001\001'
+  _globals['_ENSUREKERNELSREQUEST'].fields_by_name['blueprint_names']._loaded_options = None
+  _globals['_ENSUREKERNELSREQUEST'].fields_by_name['blueprint_names']._serialized_options = b'\272H\r\222\001\n\020@\"\006r\004\020\001\030@'
+  _globals['_COMPILEJOBSTATE']._serialized_start=1240
+  _globals['_COMPILEJOBSTATE']._serialized_end=1416
   _globals['_COMPILEJOB']._serialized_start=217
   _globals['_COMPILEJOB']._serialized_end=546
   _globals['_COMPILEREQUEST']._serialized_start=549
@@ -58,6 +64,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETCOMPILEJOBREQUEST']._serialized_end=897
   _globals['_GETCOMPILEJOBRESPONSE']._serialized_start=899
   _globals['_GETCOMPILEJOBRESPONSE']._serialized_end=966
-  _globals['_TEZZERETSERVICE']._serialized_start=1148
-  _globals['_TEZZERETSERVICE']._serialized_end=1347
+  _globals['_ENSUREKERNELSREQUEST']._serialized_start=969
+  _globals['_ENSUREKERNELSREQUEST']._serialized_end=1135
+  _globals['_ENSUREKERNELSRESPONSE']._serialized_start=1137
+  _globals['_ENSUREKERNELSRESPONSE']._serialized_end=1237
+  _globals['_TEZZERETSERVICE']._serialized_start=1419
+  _globals['_TEZZERETSERVICE']._serialized_end=1718
 # @@protoc_insertion_point(module_scope)

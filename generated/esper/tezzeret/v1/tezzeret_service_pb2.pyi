@@ -5,10 +5,11 @@ from generated.esper.common.v1 import blueprint_pb2 as _blueprint_pb2
 from generated.esper.common.v1 import kernel_pb2 as _kernel_pb2
 from generated.esper.common.v1 import seed_pb2 as _seed_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -79,3 +80,23 @@ class GetCompileJobResponse(_message.Message):
     JOB_FIELD_NUMBER: _ClassVar[int]
     job: CompileJob
     def __init__(self, job: _Optional[_Union[CompileJob, _Mapping]] = ...) -> None: ...
+
+class EnsureKernelsRequest(_message.Message):
+    __slots__ = ("request_id", "site", "blueprint_names", "wait")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    BLUEPRINT_NAMES_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    site: _seed_pb2.SiteSignature
+    blueprint_names: _containers.RepeatedScalarFieldContainer[str]
+    wait: bool
+    def __init__(self, request_id: _Optional[str] = ..., site: _Optional[_Union[_seed_pb2.SiteSignature, _Mapping]] = ..., blueprint_names: _Optional[_Iterable[str]] = ..., wait: _Optional[bool] = ...) -> None: ...
+
+class EnsureKernelsResponse(_message.Message):
+    __slots__ = ("jobs", "unsupported_blueprints")
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    UNSUPPORTED_BLUEPRINTS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[CompileJob]
+    unsupported_blueprints: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[CompileJob, _Mapping]]] = ..., unsupported_blueprints: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -45,6 +45,11 @@ class TezzeretServiceStub:
                 request_serializer=esper_dot_tezzeret_dot_v1_dot_tezzeret__service__pb2.GetCompileJobRequest.SerializeToString,
                 response_deserializer=esper_dot_tezzeret_dot_v1_dot_tezzeret__service__pb2.GetCompileJobResponse.FromString,
                 _registered_method=True)
+        self.EnsureKernels = channel.unary_unary(
+                '/esper.tezzeret.v1.TezzeretService/EnsureKernels',
+                request_serializer=esper_dot_tezzeret_dot_v1_dot_tezzeret__service__pb2.EnsureKernelsRequest.SerializeToString,
+                response_deserializer=esper_dot_tezzeret_dot_v1_dot_tezzeret__service__pb2.EnsureKernelsResponse.FromString,
+                _registered_method=True)
 
 
 class TezzeretServiceServicer:
@@ -70,6 +75,20 @@ class TezzeretServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EnsureKernels(self, request, context):
+        """Make sure Urza gets kernels for a site: start (or find) the compile job of every
+        catalog blueprint that supports the site. Idempotent on (blueprint, site) like
+        Compile: a job that succeeded is not repeated, a failed one is tried again. With
+        `wait`, answers once every job finished or when the call's deadline is near (jobs
+        still going are returned QUEUED or RUNNING); without, answers at once.
+        Errors: INVALID_ARGUMENT if the site breaks a field rule or `blueprint_names` names a
+        blueprint that is not in Tezzeret's catalog (the message lists the catalog);
+        UNAVAILABLE if Urza cannot be reached.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TezzeretServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -82,6 +101,11 @@ def add_TezzeretServiceServicer_to_server(servicer, server):
                     servicer.GetCompileJob,
                     request_deserializer=esper_dot_tezzeret_dot_v1_dot_tezzeret__service__pb2.GetCompileJobRequest.FromString,
                     response_serializer=esper_dot_tezzeret_dot_v1_dot_tezzeret__service__pb2.GetCompileJobResponse.SerializeToString,
+            ),
+            'EnsureKernels': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnsureKernels,
+                    request_deserializer=esper_dot_tezzeret_dot_v1_dot_tezzeret__service__pb2.EnsureKernelsRequest.FromString,
+                    response_serializer=esper_dot_tezzeret_dot_v1_dot_tezzeret__service__pb2.EnsureKernelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -139,6 +163,33 @@ class TezzeretService:
             '/esper.tezzeret.v1.TezzeretService/GetCompileJob',
             esper_dot_tezzeret_dot_v1_dot_tezzeret__service__pb2.GetCompileJobRequest.SerializeToString,
             esper_dot_tezzeret_dot_v1_dot_tezzeret__service__pb2.GetCompileJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnsureKernels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/esper.tezzeret.v1.TezzeretService/EnsureKernels',
+            esper_dot_tezzeret_dot_v1_dot_tezzeret__service__pb2.EnsureKernelsRequest.SerializeToString,
+            esper_dot_tezzeret_dot_v1_dot_tezzeret__service__pb2.EnsureKernelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

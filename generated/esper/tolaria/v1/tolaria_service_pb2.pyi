@@ -55,8 +55,15 @@ class GrowthBudget(_message.Message):
     def __init__(self, max_seeds: _Optional[int] = ..., max_added_parameters: _Optional[int] = ...) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("task", "host", "sites", "controller", "budget", "epochs", "seed", "optimizer", "batch_size", "checkpoint_every", "decide_timeout", "width", "labels")
+    __slots__ = ("task", "host", "sites", "controller", "budget", "epochs", "seed", "optimizer", "batch_size", "checkpoint_every", "decide_timeout", "width", "labels", "job", "job_params")
     class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class JobParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +83,8 @@ class RunConfig(_message.Message):
     DECIDE_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    JOB_PARAMS_FIELD_NUMBER: _ClassVar[int]
     task: str
     host: str
     sites: _containers.RepeatedScalarFieldContainer[str]
@@ -89,7 +98,9 @@ class RunConfig(_message.Message):
     decide_timeout: _duration_pb2.Duration
     width: float
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, task: _Optional[str] = ..., host: _Optional[str] = ..., sites: _Optional[_Iterable[str]] = ..., controller: _Optional[str] = ..., budget: _Optional[_Union[GrowthBudget, _Mapping]] = ..., epochs: _Optional[int] = ..., seed: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., batch_size: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., decide_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., width: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    job: str
+    job_params: _containers.ScalarMap[str, str]
+    def __init__(self, task: _Optional[str] = ..., host: _Optional[str] = ..., sites: _Optional[_Iterable[str]] = ..., controller: _Optional[str] = ..., budget: _Optional[_Union[GrowthBudget, _Mapping]] = ..., epochs: _Optional[int] = ..., seed: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., batch_size: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., decide_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., width: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., job: _Optional[str] = ..., job_params: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Run(_message.Message):
     __slots__ = ("run_id", "config", "state", "epoch", "global_step", "val_accuracy", "val_loss", "parameters", "created_at", "updated_at", "detail", "degraded", "last_sequence")
@@ -196,3 +207,51 @@ class StopRunResponse(_message.Message):
     run: Run
     requested_at: _timestamp_pb2.Timestamp
     def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ..., requested_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs", "next_page_token")
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    next_page_token: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("name", "description", "source", "parameters")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    source: str
+    parameters: _containers.RepeatedCompositeFieldContainer[JobParameter]
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., source: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[JobParameter, _Mapping]]] = ...) -> None: ...
+
+class JobParameter(_message.Message):
+    __slots__ = ("name", "type", "default_value", "required", "description", "choices", "accepts_none", "run_config_field")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    CHOICES_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_NONE_FIELD_NUMBER: _ClassVar[int]
+    RUN_CONFIG_FIELD_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    type: str
+    default_value: str
+    required: bool
+    description: str
+    choices: _containers.RepeatedScalarFieldContainer[str]
+    accepts_none: bool
+    run_config_field: str
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., default_value: _Optional[str] = ..., required: _Optional[bool] = ..., description: _Optional[str] = ..., choices: _Optional[_Iterable[str]] = ..., accepts_none: _Optional[bool] = ..., run_config_field: _Optional[str] = ...) -> None: ...

@@ -60,6 +60,11 @@ class TolariaServiceStub:
                 request_serializer=esper_dot_tolaria_dot_v1_dot_tolaria__service__pb2.StopRunRequest.SerializeToString,
                 response_deserializer=esper_dot_tolaria_dot_v1_dot_tolaria__service__pb2.StopRunResponse.FromString,
                 _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/esper.tolaria.v1.TolariaService/ListJobs',
+                request_serializer=esper_dot_tolaria_dot_v1_dot_tolaria__service__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=esper_dot_tolaria_dot_v1_dot_tolaria__service__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
 
 
 class TolariaServiceServicer:
@@ -68,8 +73,13 @@ class TolariaServiceServicer:
 
     def StartRun(self, request, context):
         """Start a run. Idempotent on request_id.
-        Errors: INVALID_ARGUMENT naming the field for a bad config (unknown task,
-        host or site, negative budget, ...); RESOURCE_EXHAUSTED if the worker pool is full.
+        Errors: INVALID_ARGUMENT naming the field for a bad config: `config.job` for a job
+        that is not registered (the message lists the registered ones), `config.job_params.<name>`
+        for an unknown, missing or ill-typed job parameter, `config.task`/`host`/`sites[i]`,
+        a negative budget, ...; FAILED_PRECONDITION if the job is registered but cannot be
+        imported (the operator's registration is broken); RESOURCE_EXHAUSTED if the worker
+        pool is full. A job that raises while it builds its model or data is not an error
+        here: the run ends FAILED with the job's error in `Run.detail`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -105,6 +115,15 @@ class TolariaServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListJobs(self, request, context):
+        """The jobs this Tolaria can run (registered by its operator), with their parameters.
+        Errors: INVALID_ARGUMENT for a bad page token; FAILED_PRECONDITION if a registered
+        job cannot be imported (the message names it and its registration).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TolariaServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +151,11 @@ def add_TolariaServiceServicer_to_server(servicer, server):
                     servicer.StopRun,
                     request_deserializer=esper_dot_tolaria_dot_v1_dot_tolaria__service__pb2.StopRunRequest.FromString,
                     response_serializer=esper_dot_tolaria_dot_v1_dot_tolaria__service__pb2.StopRunResponse.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=esper_dot_tolaria_dot_v1_dot_tolaria__service__pb2.ListJobsRequest.FromString,
+                    response_serializer=esper_dot_tolaria_dot_v1_dot_tolaria__service__pb2.ListJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +294,33 @@ class TolariaService:
             '/esper.tolaria.v1.TolariaService/StopRun',
             esper_dot_tolaria_dot_v1_dot_tolaria__service__pb2.StopRunRequest.SerializeToString,
             esper_dot_tolaria_dot_v1_dot_tolaria__service__pb2.StopRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/esper.tolaria.v1.TolariaService/ListJobs',
+            esper_dot_tolaria_dot_v1_dot_tolaria__service__pb2.ListJobsRequest.SerializeToString,
+            esper_dot_tolaria_dot_v1_dot_tolaria__service__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import functools
 import random
+from typing import Literal
 
 import numpy as np
 
-from esper.tolaria.tasks import hosts
-from esper.tolaria.tasks.base import Task, TaskData, split
+from esper.jobs.spec import Job
+from esper.tasks import hosts
+from esper.tasks.base import Task, TaskData, check_width, make_job, split
 
 LENGTH = 40
 CLASSES = 10
 
 
 @functools.cache
-def _generated() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def generated() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     from mnist1d.data import get_dataset_args, make_dataset
 
     py_state, np_state = random.getstate(), np.random.get_state()
@@ -34,7 +36,7 @@ def _generated() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 def load(seed: int) -> TaskData:
     """The package's 4000/1000 train/test split; 10% of train held out for validation."""
-    x, y, x_test, y_test = _generated()
+    x, y, x_test, y_test = generated()
     (x_train, y_train), (x_val, y_val) = split(x[:, None, :], y, fractions=(0.9, 0.1), seed=seed)
     (x_test_t, y_test_t), = split(x_test[:, None, :], y_test, fractions=(1.0,), seed=0)
     return TaskData(x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val,
@@ -60,3 +62,15 @@ TASK = Task(
         ),
     },
 )
+
+
+def job(*, host: Literal["mlp", "cnn"] = "cnn", width: float = 1.0, seed: int = 0, batch_size: int = 64) -> Job:
+    """MNIST-1D: 10 classes of length-40 signals (4000 train / 1000 test), generated offline.
+
+    Args:
+        host: the host model: "cnn" (two Conv1d blocks of 4 channels) or "mlp" (40 → 16 → 16 → 10).
+        width: host width multiplier, in (0, 64].
+        seed: split seed (the run's seed).
+        batch_size: training batch size (the run's batch size).
+    """
+    return make_job(TASK, host=host, width=check_width(width), seed=seed, batch_size=batch_size)

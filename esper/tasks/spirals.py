@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 
-from esper.tolaria.tasks import hosts
-from esper.tolaria.tasks.base import Task, TaskData, split
+from esper.jobs.spec import Job
+from esper.tasks import hosts
+from esper.tasks.base import Task, TaskData, check_width, make_job, split
 
 ARMS = 3
 PER_ARM = 1000
@@ -49,3 +52,15 @@ TASK = Task(
         ),
     },
 )
+
+
+def job(*, host: Literal["mlp"] = "mlp", width: float = 1.0, seed: int = 0, batch_size: int = 64) -> Job:
+    """Three interleaved noisy spirals in 2-d (3000 points).
+
+    Args:
+        host: the host model: "mlp" (2 → 8 → 8 → 3); points have no spatial structure for a CNN.
+        width: host width multiplier, in (0, 64].
+        seed: split seed (the run's seed).
+        batch_size: training batch size (the run's batch size).
+    """
+    return make_job(TASK, host=host, width=check_width(width), seed=seed, batch_size=batch_size)

@@ -1,0 +1,183 @@
+"""The public Tolaria client (blocking): submit, follow, inspect and stop runs; list jobs.
+
+    with TolariaClient.local(".esper") as tolaria:          # an `esper up` on this machine
+        run = tolaria.start_run(RunConfig.from_dict({"job": "mnist1d", "epochs": 10}))
+        for event in tolaria.watch(run.run_id):
+            ...
+
+`TolariaClient(target, api_key)` reaches any Tolaria; `find_platform` resolves where one
+is the way the `esper run` commands do (flags, then ESPER_ENDPOINTS / ESPER_API_KEY, then
+the `endpoints.json` and API-key file a local `esper up` writes in its data dir). Every
+failure is an `esper.errors` type.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+import grpc
+
+from esper.errors import ConfigError, UnavailableError
+from esper.runtime.client import as_esper_error, sync_channel
+from generated.esper.oona.v1 import events_pb2
+from generated.esper.tolaria.v1 import tolaria_service_pb2 as pb
+from generated.esper.tolaria.v1 import tolaria_service_pb2_grpc as rpc
+
+ENV_ENDPOINTS = "ESPER_ENDPOINTS"
+ENV_API_KEY = "ESPER_API_KEY"
+ENV_DATA_DIR = "ESPER_DATA_DIR"
+ENDPOINTS_FILE = "endpoints.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Platform:
+    """Where a Tolaria is and the key to send it."""
+
+    target: str
+    api_key: str | None
+    source: str
+    """Where `target` came from (for error messages)."""
+
+
+def _key_from_file(path: Path) -> str | None:
+    """The first key of an API-key file that may call Tolaria (scope "*" or "tolaria:*")."""
+    from esper.runtime.auth import parse_keys
+
+    keys = parse_keys(path.read_text(), source=str(path), separator="\n")
+    for want in ("*", "tolaria:*", "tolaria:write"):
+        for key, scopes in keys.items():
+            if want in scopes:
+                return key
+    return None
+
+
+def find_platform(*, endpoint: str | None = None, api_key: str | None = None,
+                  data_dir: str | Path | None = None, env: Mapping[str, str] | None = None
+                  ) -> Platform:
+    """Resolve Tolaria's address and key: arguments, then the environment, then a local
+    `esper up`'s `<data_dir>/endpoints.json` (data dir: argument, ESPER_DATA_DIR, ".esper").
+
+    The local platform's key file is used only with the local platform's endpoint, so a
+    local admin key is never sent to another address.
+
+    Raises:
+        ConfigError: ESPER_ENDPOINTS is malformed or has no tolaria entry.
+        UnavailableError: nothing says where a Tolaria is.
+    """
+    env = os.environ if env is None else env
+    key = api_key or env.get(ENV_API_KEY) or None
+    if endpoint:
+        return Platform(target=endpoint, api_key=key, source="--endpoint")
+    if env.get(ENV_ENDPOINTS):
+        from esper.runtime.cli import parse_endpoints
+
+        found = parse_endpoints(env[ENV_ENDPOINTS])
+        if "tolaria" not in found:
+            raise ConfigError(f"{ENV_ENDPOINTS}={env[ENV_ENDPOINTS]!r} has no tolaria=host:port entry")
+        return Platform(target=found["tolaria"], api_key=key, source=ENV_ENDPOINTS)
+    root = Path(data_dir or env.get(ENV_DATA_DIR) or ".esper")
+    path = root / ENDPOINTS_FILE
+    if not path.exists():
+        raise UnavailableError(
+            f"no Tolaria to talk to: no {path} (start one with `esper up --data-dir {root}`), "
+            f"no {ENV_ENDPOINTS} and no --endpoint")
+    info = json.loads(path.read_text())
+    target = info.get("endpoints", {}).get("tolaria")
+    if not target:
+        raise UnavailableError(f"{path} names no tolaria endpoint")
+    if key is None and info.get("auth") and info.get("api_keys_file"):
+        key = _key_from_file(Path(info["api_keys_file"]))
+    return Platform(target=target, api_key=key, source=str(path))
+
+
+class TolariaClient:
+    """Blocking client for `esper.tolaria.v1.TolariaService`; thread-safe."""
+
+    def __init__(self, target: str, api_key: str | None = None, *, timeout_s: float = 30.0) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        # Unary calls get `timeout_s`; WatchRun (a stream) runs until the run ends.
+        self._channel = sync_channel(target, api_key=api_key, default_timeout_s=None)
+        self._stub = rpc.TolariaServiceStub(self._channel)
+
+    @classmethod
+    def local(cls, data_dir: str | Path = ".esper", **kwargs: Any) -> TolariaClient:
+        p = find_platform(data_dir=data_dir, env={})
+        return cls(p.target, p.api_key, **kwargs)
+
+    @classmethod
+    def find(cls, **kwargs: Any) -> TolariaClient:
+        """The Tolaria `find_platform(**kwargs)` resolves."""
+        p = find_platform(**kwargs)
+        return cls(p.target, p.api_key)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise as_esper_error(e) from e
+
+    def start_run(self, config: Any, *, request_id: str | None = None) -> pb.Run:
+        """Start a run of `config` (a `RunConfig` or its proto); one request id for retries."""
+        msg = config if isinstance(config, pb.RunConfig) else config.to_proto()
+        req = pb.StartRunRequest(request_id=request_id or str(uuid.uuid4()), config=msg)
+        return self._call(self._stub.StartRun, req).run
+
+    def get_run(self, run_id: str) -> pb.Run:
+        return self._call(self._stub.GetRun, pb.GetRunRequest(run_id=run_id)).run
+
+    def list_runs(self, *, state: int = 0, page_size: int = 100, limit: int | None = None
+                  ) -> list[pb.Run]:
+        """Runs in creation order, every page fetched (up to `limit`)."""
+        out: list[pb.Run] = []
+        token = ""
+        while True:
+            resp = self._call(self._stub.ListRuns, pb.ListRunsRequest(
+                page_size=page_size, page_token=token, state=state))
+            out.extend(resp.runs)
+            token = resp.next_page_token
+            if not token or (limit is not None and len(out) >= limit):
+                return out[:limit] if limit is not None else out
+
+    def stop_run(self, run_id: str, reason: str = "") -> pb.Run:
+        req = pb.StopRunRequest(request_id=str(uuid.uuid4()), run_id=run_id, reason=reason)
+        return self._call(self._stub.StopRun, req).run
+
+    def watch(self, run_id: str, from_sequence: int = 0) -> Iterator[events_pb2.EventEnvelope]:
+        """The run's events from `from_sequence` on, until it ends (or the caller stops)."""
+        stream = self._stub.WatchRun(pb.WatchRunRequest(run_id=run_id, from_sequence=from_sequence))
+        try:
+            for resp in stream:
+                yield resp.event
+        except grpc.RpcError as e:
+            raise as_esper_error(e) from e
+        finally:
+            stream.cancel()
+
+    def list_jobs(self) -> list[pb.Job]:
+        out: list[pb.Job] = []
+        token = ""
+        while True:
+            resp = self._call(self._stub.ListJobs, pb.ListJobsRequest(page_token=token))
+            out.extend(resp.jobs)
+            token = resp.next_page_token
+            if not token:
+                return out
+
+
+__all__ = ["Platform", "TolariaClient", "find_platform"]
