@@ -111,3 +111,16 @@ def test_signing_key_parse_errors_name_the_source() -> None:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     with pytest.raises(ConfigError, match=r"ENV_X: PEM key is \w+PrivateKey, not Ed25519"):
         SigningKey.from_bytes(ecdsa, source="ENV_X")
+
+
+def test_signing_key_from_env_reads_the_process_environment_and_names_the_variable(monkeypatch) -> None:
+    monkeypatch.delenv("ESPER_SIGNING_KEY_FILE", raising=False)
+    monkeypatch.setenv("ESPER_SIGNING_KEY", "44" * 32)
+    assert SigningKey.from_env().key_id == KEY.key_id
+    monkeypatch.setenv("ESPER_SIGNING_KEY", "not-hex")
+    with pytest.raises(ConfigError, match=r"^ESPER_SIGNING_KEY: not an Ed25519 private key"):
+        SigningKey.from_env()
+    monkeypatch.delenv("ESPER_SIGNING_KEY")
+    with pytest.raises(ConfigError, match=r"^no signing key: set ESPER_SIGNING_KEY \(PEM or 64 hex chars\) or "
+                                          r"ESPER_SIGNING_KEY_FILE \(path to a PEM file\)$"):
+        SigningKey.from_env()
