@@ -25,6 +25,11 @@ Two problems are solved here, once:
 
 `--check` regenerates into a temporary folder and exits 1 if anything differs from
 generated/ (CI runs it through the test suite).
+
+`--write-baseline` writes proto/baseline/v1.binpb, the image of the released contract
+that `buf breaking` checks proto/ against (tests/unit/contracts). A change cannot move it
+by itself: run it deliberately, when a release fixes the contract, and commit the image
+on its own (the test also checks that each committed baseline keeps the one before it).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ OUT_DIR = ROOT / "generated"
 PROTOSET = "esper.protoset"
 VENDORED_PROTOVALIDATE = ROOT / "third_party" / "protovalidate"
 BUF_LOCK = ROOT / "buf.lock"
+BASELINE = PROTO_DIR / "baseline" / "v1.binpb"
 _IMPORT_RE = re.compile(r"^(\s*)(from|import) (esper|buf)\.", re.MULTILINE)
 _MODULE_NAME_RE = re.compile(r"(BuildTopDescriptorsAndMessages\(DESCRIPTOR, ')(esper|buf)\.")
 
@@ -80,7 +86,7 @@ def proto_files() -> list[str]:
     return sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
 
 
-def generate(out: Path, *, image: Path | None = None) -> None:
+def generate(out: Path, *, image: Path | None = None, source_info: bool = True) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         desc = Path(tmp) / "validate.binpb"
@@ -109,7 +115,7 @@ def generate(out: Path, *, image: Path | None = None) -> None:
                 f"-I{PROTO_DIR}",
                 f"-I{wkt_include}",
                 "--include_imports",
-                "--include_source_info",
+                *(["--include_source_info"] if source_info else []),
                 f"--descriptor_set_out={image}",
                 *proto_files(),
             ]
@@ -213,10 +219,10 @@ def seed_buf_cache(cache_dir: Path) -> Path:
     return target
 
 
-def build_image(path: Path) -> None:
-    """Write a buf image (FileDescriptorSet with source info) of proto/ to `path`."""
+def build_image(path: Path, *, source_info: bool = True) -> None:
+    """Write a buf image (FileDescriptorSet, with source info unless told not to) of proto/."""
     with tempfile.TemporaryDirectory() as tmp:
-        generate(Path(tmp) / "gen", image=path)
+        generate(Path(tmp) / "gen", image=path, source_info=source_info)
 
 
 def _same_tree(a: Path, b: Path) -> list[str]:
@@ -243,7 +249,15 @@ def main() -> int:
     ap.add_argument("--seed-buf-cache", nargs="?", type=Path, metavar="DIR",
                     const=Path(os.environ.get("BUF_CACHE_DIR") or Path.home() / ".cache" / "buf"),
                     help="put buf.lock's protovalidate into buf's module cache (offline `buf lint`)")
+    ap.add_argument("--write-baseline", action="store_true",
+                    help=f"write the released-contract image {BASELINE.relative_to(ROOT)} and exit")
     ns = ap.parse_args()
+    if ns.write_baseline:
+        BASELINE.parent.mkdir(parents=True, exist_ok=True)
+        # No source info: buf breaking needs only the descriptors, and the image stays small.
+        build_image(BASELINE, source_info=False)
+        print(f"wrote {BASELINE.relative_to(ROOT)}; commit it on its own")
+        return 0
     if ns.seed_buf_cache is not None:
         print(f"seeded {seed_buf_cache(ns.seed_buf_cache)}")
         return 0
