@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import importlib.util
-import json
 import os
 import shutil
 import signal
