@@ -30,7 +30,7 @@ def test_resume_is_bit_identical(make_trainer) -> None:
         first.evaluate()
         first.maybe_control()
         first.maybe_checkpoint()
-    assert [e for e, _ in ckpt.list_checkpoints(first.checkpoint_dir)] == [1, 2]
+    assert [e for e, _ in ckpt.list_checkpoints(first.checkpointer.directory)] == [1, 2]
     assert first.model.slots["act2"].current_stage is not SeedStage.DORMANT
 
     second, _ = make_trainer(config, plan=PLAN, ckpt="a")
@@ -88,8 +88,8 @@ def test_checkpoint_write_is_atomic_and_pickle_free(tmp_path) -> None:
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=0.1)
     opt.param_groups[0]["params"][0].grad = torch.ones(3)
     opt.step()
-    flat, structure = ckpt.flatten_optimizer(opt.state_dict(), "o/")
-    back = ckpt.unflatten_optimizer(flat, structure)
+    flat, structure = ckpt.flatten(opt.state_dict(), "o/")
+    back = ckpt.unflatten(flat, structure)
     assert torch.equal(back["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
     assert back["param_groups"][0]["lr"] == 0.1
 
