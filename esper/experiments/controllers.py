@@ -63,8 +63,11 @@ def _growth_config(task: str, epochs: int | None):
 
 
 def run_controller(task: str, controller: str, seed: int, *, epochs: int | None, policy_file: str,
-                   uncertainty_threshold: float) -> ControllerRun:
-    """Train `task` for `seed` under one controller (a process-pool job)."""
+                   uncertainty_threshold: float, trusted_public_keys: Sequence[bytes] = ()) -> ControllerRun:
+    """Train `task` for `seed` under one controller (a process-pool job).
+
+    `trusted_public_keys` (raw Ed25519 public keys) are the keys the policy file must be signed by.
+    """
     import torch
 
     from esper.experiments import growth
@@ -76,13 +79,14 @@ def run_controller(task: str, controller: str, seed: int, *, epochs: int | None,
         return ControllerRun(controller=controller, task=task, seed=seed, test_accuracy=r.test_accuracy,
                              parameters=r.parameters, train_flops=r.train_flops, wall_seconds=r.wall_seconds,
                              seeds_kept=len(r.fossilized))
+    from esper.blueprints.artifact import TrustedKeys
     from esper.grow import BuiltinKernels, PolicyController
     from esper.kasmina import KasminaConfig
     from esper.tamiyo.gnn import GnnPolicy, load_policy
     from esper.tamiyo.heuristic import HeuristicConfig, HeuristicPolicy
     from esper.tolaria.trainer import build_trainer
 
-    ensemble, meta = load_policy(Path(policy_file))
+    ensemble, meta = load_policy(Path(policy_file), TrustedKeys(trusted_public_keys))
     policy = GnnPolicy(ensemble, uncertainty_threshold=uncertainty_threshold,
                        fallback=HeuristicPolicy(HeuristicConfig.from_dict(cfg.heuristic)), version=str(meta["version"]))
     kernels = BuiltinKernels(cfg.blueprints, init_seed=seed)
@@ -276,6 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="esper bench controllers", description=__doc__.split("\n\n")[0])
     p.add_argument("--policy", type=Path, help="a trained policy JSON (default: train one on --train-*)")
+    p.add_argument("--trusted-keys", default="",
+                   help="directory of public keys a --policy file must be signed by "
+                        "(default: ESPER_TRUSTED_KEYS_DIR, else .esper/trusted_keys)")
     p.add_argument("--train-tasks", default="mnist1d,spirals")
     p.add_argument("--train-seeds", default="0-4")
     p.add_argument("--eval", default="digits:100-104;mnist1d:100-104", help="TASK:SEEDS;TASK:SEEDS")
@@ -306,17 +313,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             **({"synthetic": 120, "imitation_steps": 30, "net": {"members": 2, "hidden": 16},
                 "awr": {"steps": 20}} if args.quick else {}),
         })
-        trained = train_policy(spec, args.out / "policy", version=f"bench-{time.strftime('%Y%m%dT%H%M%S')}",
+        from esper.blueprints.artifact import SigningKey, TrustedKeys
+
+        # The policy this run trains is trusted because this process trained it: a key of
+        # its own signs it, and only that key is trusted to load it back.
+        key = SigningKey.generate()
+        trusted = TrustedKeys([key])
+        trained = train_policy(spec, args.out / "policy", signing_key=key,
+                               version=f"bench-{time.strftime('%Y%m%dT%H%M%S')}",
                                collector=collect_inprocess)
         args.policy = trained.current
+    else:
+        from esper.tamiyo.gnn import trusted_keys_for
+
+        trusted = trusted_keys_for(args.trusted_keys or None, data_dir=Path(".esper"))
     from esper.tamiyo.gnn import load_policy
 
-    _, pmeta = load_policy(args.policy)
+    _, pmeta = load_policy(args.policy, trusted)
     _refuse_leaks(evals, _trained_runs(pmeta))
     jobs = [(task, c, s) for task, seeds in evals for s in seeds for c in CONTROLLERS]
     print(f"controller benchmark: {len(jobs)} runs ({len(CONTROLLERS)} controllers × {sum(len(s) for _, s in evals)} "
           f"held-out task-seeds), {args.jobs} job(s)", flush=True)
-    kw = {"epochs": args.epochs, "policy_file": str(args.policy), "uncertainty_threshold": args.threshold}
+    kw = {"epochs": args.epochs, "policy_file": str(args.policy), "uncertainty_threshold": args.threshold,
+          "trusted_public_keys": [trusted.get(k).public_bytes_raw() for k in trusted.key_ids]}
     runs: list[ControllerRun] = []
 
     def done(r: ControllerRun) -> None:

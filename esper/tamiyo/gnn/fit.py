@@ -8,9 +8,11 @@
 2. Stage 1: imitation of the heuristic on synthetic boundaries plus the field snapshots
    (value head fitted to the field returns).
 3. Stage 2: advantage-weighted regression on the behaviour's actions (`gnn.awr`).
-4. A versioned policy file `<name>-<version>.json` + `.safetensors`, and `<name>.json`
-   replaced atomically by a copy of it (same pinned weights file), so a service whose
-   `gnn.policy_file` is `<out>/<name>.json` hot-reloads the new version.
+4. A versioned policy file `<name>-<version>.json` + `.safetensors`, signed with the
+   operator's Ed25519 key (`io.signing_key_for`: the key Tezzeret signs kernels with), and
+   `<name>.json` replaced atomically by a copy of it (same pinned weights file, same
+   signature), so a service whose `gnn.policy_file` is `<out>/<name>.json` hot-reloads the
+   new version once it verifies.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 import torch
 
+from esper.blueprints.artifact import SigningKey
 from esper.errors import ConfigError
 from esper.tamiyo._config import config_from_dict
 from esper.tamiyo.fieldreports import RewardConfig, RunReport
@@ -118,14 +121,15 @@ def train_policy(
     spec: TrainSpec,
     out_dir: Path,
     *,
+    signing_key: SigningKey,
     name: str = "gnn",
     version: str = "",
     reports: Sequence[RunReport] = (),
     collector: Collect | None = None,
     progress: Callable[[str], None] = print,
 ) -> Trained:
-    """Collect (if `spec.collect_runs`, with `collector`), train and write a versioned policy
-    under `out_dir`.
+    """Collect (if `spec.collect_runs`, with `collector`), train and write a versioned policy,
+    signed with `signing_key`, under `out_dir`.
 
     `reports` adds field reports read elsewhere (JetStream). Without any report the policy
     is imitation only.
@@ -185,11 +189,13 @@ def train_policy(
     training["seconds"] = round(time.monotonic() - t0, 1)
     version = version or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{random.Random().getrandbits(16):04x}"
     out_dir = Path(out_dir)
-    path = save_policy(ens, out_dir / f"{name}-{version}.json", version=version, training=training)
+    path = save_policy(ens, out_dir / f"{name}-{version}.json", version=version, signing_key=signing_key,
+                       training=training)
     # The stable name is a copy of the versioned config (it pins the same weights file), so
     # the service's reload sees one atomic change of its policy_file.
     current = out_dir / f"{name}.json"
     _atomic_write(current, path.read_bytes())
-    progress(f"wrote {path} (version {version}); {current} now serves it; held-out agreement with the "
+    progress(f"wrote {path} (version {version}, signed by key {signing_key.key_id}); {current} now serves it; "
+             "held-out agreement with the "
              f"heuristic {training['heldout_agreement']:.1%}")
     return Trained(path=path, current=current, version=version, training=json.loads(path.read_text())["training"])

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from esper.grow import BuiltinKernels
 from esper.kasmina import KasminaConfig
 from esper.tolaria.config import RunConfig
-from esper.grow import BuiltinKernels
 from esper.tolaria.trainer import Trainer, build_trainer
 from generated.esper.common.v1 import decision_pb2, health_pb2
 from generated.esper.oona.v1 import events_pb2
