@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
+from esper.blueprints.artifact import SigningKey
+from esper.errors import ConfigError
 from esper.experiments.fieldreports import collect_inprocess
 from esper.tamiyo.fieldreports import boundary_rewards
+from esper.tamiyo.gnn.fit import TrainSpec, train_policy
 from generated.esper.common.v1 import decision_pb2 as D
 from tests.unit.tamiyo.snapshots import S
 
@@ -19,3 +24,10 @@ def test_in_process_collection_records_boundaries_exploration_and_a_baseline() -
                   if d.kind == D.DECISION_KIND_GERMINATE and i not in b.rejected]
     assert sorted(o.slot_id for o in report.seeds) == sorted(germinated)
     assert len(boundary_rewards(report)) == len(report.boundaries)
+
+
+def test_policy_training_asks_for_a_collector_when_it_should_collect(tmp_path) -> None:
+    spec = TrainSpec.from_dict({"tasks": ("spirals",), "seeds": (0,), "collect_runs": 1})
+    # Tamiyo does not run Tolaria: the in-process runs come from the caller (the top floor).
+    with pytest.raises(ConfigError, match="collect_runs=1 needs a collector"):
+        train_policy(spec, tmp_path, signing_key=SigningKey.generate())
