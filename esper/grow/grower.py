@@ -305,6 +305,7 @@ class Grower:
         control: bool = True,
         learning_rate: float | None = None,
         train_flops: float = 0.0,
+        stepped: bool = True,
     ) -> EpochReport:
         """Close an epoch: Kasmina's boundary, then snapshot → decide → apply, then events.
 
@@ -315,6 +316,8 @@ class Grower:
             control: False skips the controller at this boundary.
             learning_rate: reported in `EpochMetrics` (default: the template group's).
             train_flops: reported in `EpochMetrics` (a caller that counts FLOPs).
+            stepped: False when the caller knows the epoch took no optimizer step (a
+                governor rolled it back at its first step): the two step checks are skipped.
 
         Raises:
             FailedPreconditionError: `step()` was not called since the last boundary, the
@@ -322,7 +325,7 @@ class Grower:
                 param group of the managed optimizer.
             ConfigError: a reported loss or accuracy that is not finite.
         """
-        self._check_use()
+        self._check_use(stepped)
         self.model.end_epoch()
         h = self.history
         for name, value, series in (("train_loss", train_loss, h.train_loss),
@@ -344,15 +347,15 @@ class Grower:
         self._degradations.clear()
         return report
 
-    def _check_use(self) -> None:
+    def _check_use(self, stepped: bool = True) -> None:
         steps = self.global_step - self._steps_at_boundary
-        if steps == 0:
+        if stepped and steps == 0:
             raise FailedPreconditionError(
                 f"end_epoch() at epoch {self.epoch + 1}: grower.step() was not called since the "
                 f"last boundary (the optimizer stepped {self._optimizer_steps} times); call "
                 "grower.step() after every optimizer.step(), or seeds never advance",
                 reason="NO_STEP")
-        if self._optimizer_steps == 0:
+        if stepped and self._optimizer_steps == 0:
             raise FailedPreconditionError(
                 f"end_epoch() at epoch {self.epoch + 1}: grower.step() ran {steps} times but the "
                 "optimizer the grower manages never stepped; if you built a new optimizer, "

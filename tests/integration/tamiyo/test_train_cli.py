@@ -77,7 +77,7 @@ def test_train_refuses_bad_arguments_with_a_typed_error(tmp_path: Path) -> None:
 
 
 def test_bench_controllers_quick_writes_the_table_and_plot(tmp_path: Path) -> None:
-    from esper import bench_controllers
+    from esper.experiments import controllers as bench_controllers
 
     assert bench_controllers.main(["--quick", "--out", str(tmp_path), "--jobs", "1"]) == 0
     table = (tmp_path / "controllers.md").read_text()
@@ -93,7 +93,7 @@ def test_bench_controllers_quick_writes_the_table_and_plot(tmp_path: Path) -> No
 
 
 def test_bench_controllers_refuses_to_evaluate_on_training_runs(tmp_path: Path) -> None:
-    from esper import bench_controllers
+    from esper.experiments import controllers as bench_controllers
     from esper.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"\('spirals', 0\)"):

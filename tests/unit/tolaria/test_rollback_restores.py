@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from esper.tolaria.trainer import build_job
+
 from .conftest import tiny_config
 
 # The explosion: logits × 1e4 make the cross-entropy ~1e4 times the healthy one (finite).
@@ -52,7 +54,10 @@ def test_finite_explosion_is_rolled_back_to_the_last_good_weights(make_trainer) 
             seen.setdefault("lifecycle", []).append(env.lifecycle)
 
     plan = {1: [("GERMINATE", "act2", "bottleneck_mlp")]}
-    trainer, _events = make_trainer(tiny_config(epochs=3), plan=plan, host_setup=explode_when_armed)
+    config = tiny_config(epochs=3)
+    job = build_job(config)  # the trainer takes the job as given: the hook is on its model
+    explode_when_armed(job.model)
+    trainer, _events = make_trainer(config, plan=plan, job=job)
     trainer_box.append(trainer)
     trainer.event_sink = sink
     result = trainer.run()

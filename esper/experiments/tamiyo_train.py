@@ -1,9 +1,9 @@
-"""Tamiyo's subcommand `esper tamiyo train`.
+"""`esper tamiyo train`: train Tamiyo's learned policy (`esper.tamiyo.gnn.fit.train_policy`)
+from field reports of in-process runs (`esper.experiments.fieldreports.collect_inprocess`,
+which runs Tolaria's trainer: the top floor) and/or a live platform's JetStream.
 
-The controller benchmark, `esper bench controllers`, is registered with the other benchmarks
-in `esper/tolaria/cli.py`'s `bench` group.
-
-Heavy imports (torch, torch_geometric) stay inside the commands.
+Registered by `esper/experiments/cli.py`. Heavy imports (torch, torch_geometric) stay
+inside the command.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from esper.errors import ConfigError
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-def register_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     tamiyo = sub.add_parser("tamiyo", help="Tamiyo's learned policy: train it from field reports")
     cmds = tamiyo.add_subparsers(dest="tamiyo", metavar="<command>")
     cmds.required = True
@@ -54,7 +54,6 @@ def register_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
                    help="the platform's data directory: its Tezzeret key signs when no other key is given")
     t.add_argument("--trusted-keys", default="", help="directory the public key is written to")
     t.set_defaults(func=_train)
-
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -103,7 +102,10 @@ def _train(args: argparse.Namespace) -> int:
         finally:
             candidates.close()
         print(f"read {len(reports)} run report(s) from {args.jetstream}")
-    train_policy(spec, args.out, signing_key=key, name=args.name, version=args.version, reports=reports)
+    from esper.experiments.fieldreports import collect_inprocess
+
+    train_policy(spec, args.out, signing_key=key, name=args.name, version=args.version, reports=reports,
+                 collector=collect_inprocess)
     return 0
 
 
