@@ -33,24 +33,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from esper.blueprints.artifact import SigningKey, TrustedKeys
+from esper.grow import BuiltinKernels, PolicyController
 from esper.kasmina import KasminaConfig
 from esper.kasmina.loader import KernelLoader
 from esper.oona.natsd import NatsServer
 from esper.oona.publisher import Publisher
 from esper.runtime.auth import AuthConfig
-from esper.runtime.client import sync_channel
 from esper.runtime.host import Host, HostConfig
 from esper.runtime.spec import PlatformContext
+from esper.tamiyo.client import TamiyoController
 from esper.tamiyo.heuristic import HeuristicConfig, HeuristicPolicy
 from esper.tezzeret.compiler import compile_catalog
 from esper.tolaria.config import RunConfig
-from esper.tolaria.control import RemoteController, RemoteKernelProvider
-from esper.tolaria.inprocess import BuiltinKernels, PolicyController
 from esper.tolaria.kernels import site_signatures
 from esper.tolaria.runs import EventLog
-from esper.tolaria.trainer import Trainer
-from esper.tolaria.worker import RunEvents, tamiyo_decide
+from esper.tolaria.trainer import Trainer, build_trainer
+from esper.tolaria.worker import RunEvents, TracedKernels
 from esper.urza.client import UrzaClient, fetcher
+from esper.urza.source import UrzaKernels
 
 HEURISTIC = {"warmup_epochs": 2, "plateau_window": 2, "plateau_threshold": 0.05,
              "fossilize_epochs": 1, "holding_patience_epochs": 3}
@@ -120,23 +120,23 @@ def boundary_runs(cfg: RunConfig, root: Path, nats_url: str, ctx: PlatformContex
     sink = TimedSink(events)
     urza = UrzaClient(ctx.endpoints["urza"])
     loader = KernelLoader(fetcher(urza), TrustedKeys.from_dir(keys_dir), root / "kernel-cache")
-    controller = RemoteController(tamiyo_decide(sync_channel(ctx.endpoints["tamiyo"])),
-                                  timeout_s=cfg.decide_timeout_s)
-    trainer = Trainer(cfg, run_id="bench-grpc", kernels=RemoteKernelProvider(loader.load, timeout_s=5.0, breaker=None),
-                      controller=controller, event_sink=sink)
+    controller = TamiyoController(ctx.endpoints["tamiyo"], timeout_s=cfg.decide_timeout_s)
+    trainer = build_trainer(cfg, run_id="bench-grpc", kernels=TracedKernels(UrzaKernels(urza, loader)),
+                            controller=controller, event_sink=sink)
     out["gRPC Tamiyo + Urza, events to log + NATS"] = _drive(trainer, sink, decide=controller)
     publisher.close(5.0)
+    controller.close()
     urza.close()
     # Baseline: the same policy in this process, kernels built locally, no bus.
     local_sink = TimedSink(RunEvents("bench-local", EventLog(root / "local-events.log")))
-    kernels = BuiltinKernels()
-    policy = PolicyController(HeuristicPolicy(HeuristicConfig.from_dict(HEURISTIC)), kernels)
-    trainer = Trainer(cfg, run_id="bench-local", kernels=kernels, controller=policy, event_sink=local_sink)
+    policy = PolicyController(HeuristicPolicy(HeuristicConfig.from_dict(HEURISTIC)))
+    trainer = build_trainer(cfg, run_id="bench-local", kernels=BuiltinKernels(), controller=policy,
+                            event_sink=local_sink)
     out["in-process heuristic (baseline)"] = _drive(trainer, local_sink, decide=None)
     return out
 
 
-def _drive(trainer: Trainer, sink: TimedSink, *, decide: RemoteController | None) -> dict[str, list[float]]:
+def _drive(trainer: Trainer, sink: TimedSink, *, decide: TamiyoController | None) -> dict[str, list[float]]:
     train_s, snapshot_ms, decide_ms, grew = [], [], [], []
     while trainer.epoch < trainer.config.epochs:
         t0 = time.perf_counter()
@@ -165,9 +165,8 @@ def telemetry_runs(cfg: RunConfig, root: Path, nats_url: str, epochs: int) -> di
     cfg = cfg.replace(controller="none")
     publisher = Publisher(nats_url)
     sink = TimedSink(RunEvents("bench-telemetry", EventLog(root / "telemetry-events.log"), publisher=publisher))
-    on = Trainer(cfg, run_id="bench-telemetry", kernels=BuiltinKernels(), event_sink=sink)
-    off = Trainer(cfg, run_id="bench-quiet", kernels=BuiltinKernels(),
-                  kasmina=KasminaConfig(stats_interval=steps_off))
+    on = build_trainer(cfg, run_id="bench-telemetry", event_sink=sink)
+    off = build_trainer(cfg, run_id="bench-quiet", kasmina=KasminaConfig(stats_interval=steps_off))
     t_on, t_off, steps = [], [], 0
     for _ in range(epochs):
         for trainer, acc in ((on, t_on), (off, t_off)):

@@ -4,7 +4,8 @@
 
 Prints a Markdown table (mean ± std over seeds of test accuracy, parameters, training
 FLOPs and its ratio to the static-initial baseline measured in the same run, wall time)
-and writes growth.md, growth.png and growth.json; see esper/tolaria/bench_growth.py.
+and writes growth.md, growth.png and growth.json; see esper/experiments/growth.py
+(the same as `esper bench growth`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from esper.tolaria.bench_growth import main
+from esper.experiments.growth import main
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:]))

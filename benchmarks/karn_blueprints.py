@@ -33,13 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from esper.blueprints import builtin_blueprints, plan_ir, site_signature, supports
+from esper.grow import BuiltinKernels, PolicyController
 from esper.karn.evolve import Evolver, Scored, pareto_front
 from esper.kasmina import KasminaConfig
 from esper.tamiyo.heuristic.config import HeuristicConfig
 from esper.tamiyo.heuristic.policy import HeuristicPolicy
 from esper.tolaria.config import RunConfig
-from esper.tolaria.inprocess import BuiltinKernels, PolicyController
-from esper.tolaria.trainer import Trainer
+from esper.tolaria.trainer import build_trainer
 from generated.esper.common.v1 import blueprint_pb2, seed_pb2
 
 SITE = site_signature("NCL", 4, (40,))
@@ -68,8 +68,8 @@ def run(bps: list[blueprint_pb2.Blueprint], seed: int, epochs: int) -> tuple[flo
                                   "checkpoint_every": epochs,
                                   "optimizer": {"learning_rate": 0.01},
                                   "budget": {"max_seeds": 2}})
-    trainer = Trainer(config, run_id=f"karn-bench-{seed}", kernels=kernels,
-                      controller=PolicyController(HeuristicPolicy(HEURISTIC), kernels), kasmina=KASMINA)
+    trainer = build_trainer(config, run_id=f"karn-bench-{seed}", kernels=kernels,
+                            controller=PolicyController(HeuristicPolicy(HEURISTIC)), kasmina=KASMINA)
     result = trainer.run()
     snap = trainer.snapshot()
     reports = [(s.blueprint_id, s.contribution) for s in snap.slots

@@ -174,15 +174,23 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
-def gnn_policy_file(directory: Path) -> str:
-    """A policy file with the default architecture, freshly initialised.
+def gnn_policy_file(directory: Path) -> tuple[str, str]:
+    """A policy file with the default architecture, freshly initialised, and the directory of
+    the (throwaway) key that signed it, for `gnn.trusted_keys_dir`.
 
     Latency does not depend on the weights' values, only on the architecture, so the
     benchmark needs no trained policy (pass --gnn-policy-file to time a trained one).
     """
+    from esper.blueprints.artifact import SigningKey
     from esper.tamiyo.gnn import Ensemble, NetConfig, save_policy
 
-    return str(save_policy(Ensemble(NetConfig(), vocab=[]), directory / "bench_gnn.json", version="bench-untrained"))
+    key = SigningKey.generate()
+    keys = directory / "bench_keys"
+    keys.mkdir(exist_ok=True)
+    (keys / f"bench-{key.key_id}.pub").write_bytes(key.public_pem())
+    path = save_policy(Ensemble(NetConfig(), vocab=[]), directory / "bench_gnn.json", version="bench-untrained",
+                       signing_key=key)
+    return str(path), str(keys)
 
 
 def measure(settings: dict, calls: int, warmup: int) -> tuple[list[float], list[tuple], object]:
@@ -226,7 +234,12 @@ def main() -> None:
                 import torch
 
                 torch.set_num_threads(args.torch_threads)
-                settings["gnn"] = {"policy_file": args.gnn_policy_file or gnn_policy_file(Path(tmp))}
+                if args.gnn_policy_file:
+                    # A trained policy verifies under the operator's keys (ESPER_TRUSTED_KEYS_DIR).
+                    settings["gnn"] = {"policy_file": args.gnn_policy_file}
+                else:
+                    policy_file, keys_dir = gnn_policy_file(Path(tmp))
+                    settings["gnn"] = {"policy_file": policy_file, "trusted_keys_dir": keys_dir}
             results.append((policy, *measure(settings, args.calls, args.warmup)))
     rtt = [x for _, r, _, _ in results for x in r]
     rtt50 = statistics.median(rtt)

@@ -6,19 +6,25 @@ status codes (see `esper.runtime.errors`); clients turn a `grpc.RpcError` back i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class EsperError(Exception):
     """Base of every error Esper raises on purpose.
 
-    `reason` is a stable UPPER_SNAKE identifier (sent as `google.rpc.ErrorInfo.reason`).
+    `reason` is a stable UPPER_SNAKE identifier (sent as `google.rpc.ErrorInfo.reason`);
+    `metadata` holds the facts a client may act on, as strings under lowerCamelCase keys
+    (sent as `ErrorInfo.metadata`, e.g. {"requiredScope": "urza:write"}).
     """
 
     reason: str = "ESPER_ERROR"
 
-    def __init__(self, message: str, *, reason: str | None = None) -> None:
+    def __init__(self, message: str, *, reason: str | None = None,
+                 metadata: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         if reason is not None:
             self.reason = reason
+        self.metadata: dict[str, str] = dict(metadata) if metadata else {}
 
 
 class ConfigError(EsperError, ValueError):
@@ -32,8 +38,9 @@ class InvalidArgumentError(EsperError, ValueError):
 
     reason = "INVALID_ARGUMENT"
 
-    def __init__(self, message: str, *, field: str = "", reason: str | None = None) -> None:
-        super().__init__(message, reason=reason)
+    def __init__(self, message: str, *, field: str = "", reason: str | None = None,
+                 metadata: Mapping[str, str] | None = None) -> None:
+        super().__init__(message, reason=reason, metadata=metadata)
         self.field = field
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 #   karn     Urza ListBlueprints, QueryKernels; Tezzeret Compile (write)
 #   urza     calls no other part: no key of its own
 SCOPES: dict[str, tuple[str, ...]] = {
-    "tolaria": ("tamiyo:read", "urza:read", "urza:write"),
+    "tolaria": ("tamiyo:read", "tezzeret:write", "urza:read", "urza:write"),
     "tezzeret": ("urza:read", "urza:write"),
     "tamiyo": ("urza:read",),
     "karn": ("tezzeret:write", "urza:read"),

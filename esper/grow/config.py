@@ -67,6 +67,9 @@ class GrowthConfig:
         _int("template_group", self.template_group, 0)
         _int("probe_steps", self.probe_steps, 0)
         _int("probe_max_kernels", self.probe_max_kernels, 1)
+        if self.probe_max_kernels > 128:  # HealthSnapshot.probes' bound
+            raise ConfigError(f"GrowthConfig.probe_max_kernels={self.probe_max_kernels} must be "
+                              "<= 128 (a snapshot carries at most 128 probes)")
         for name, lo, hi in (("probe_lr", 0.0, 10.0), ("probe_fit_fraction", 0.0, 1.0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not lo < v < hi:

@@ -45,7 +45,7 @@ class PolicyController:
 
     @property
     def uses_probes(self) -> bool:
-        """Whether the policy reads `SlotHealth.probes` (the grower probes only for those)."""
+        """Whether the policy reads `HealthSnapshot.probes` (the grower probes only for those)."""
         return bool(getattr(self.policy, "uses_probes", False))
 
     def __init__(self, policy: Policy) -> None:
@@ -153,22 +153,28 @@ def fixed_controller(config: FixedConfig | Mapping[str, Any] | None = None,
     return PolicyController(FixedPolicy(_config(FixedConfig, config, settings)))
 
 
-def gnn_controller(policy_file: str | Path, *, uncertainty_threshold: float = 0.2,
+def gnn_controller(policy_file: str | Path, *, trusted_keys: Any = None, uncertainty_threshold: float = 0.2,
                    heuristic: HeuristicConfig | Mapping[str, Any] | None = None) -> PolicyController:
-    """The learned policy from a policy file (`esper tamiyo train` writes one).
+    """The learned policy from a policy file (`esper tamiyo train` writes one, signed).
 
     Imports torch_geometric (seconds). Where the ensemble is unsure the heuristic
-    (`heuristic` settings) decides.
+    (`heuristic` settings) decides. The file must be signed by one of `trusted_keys`
+    (an `esper.blueprints.artifact.TrustedKeys`, or a directory of Ed25519 public keys;
+    None: ESPER_TRUSTED_KEYS_DIR), like a kernel.
 
     Raises:
-        PolicyFileError: the file or its weights fail verification.
-        ConfigError: bad settings.
+        PolicyFileError: the file or its weights fail verification (`UntrustedPolicyKeyError`,
+            `PolicySignatureError` for its signature).
+        ConfigError: bad settings, or no trusted keys.
     """
-    from esper.tamiyo.gnn import GnnConfig, GnnPolicy, load_policy
+    from esper.blueprints.artifact import TrustedKeys
+    from esper.tamiyo.gnn import GnnConfig, GnnPolicy, load_policy, trusted_keys_for
 
     gcfg = GnnConfig.from_dict({"policy_file": str(policy_file),
                                 "uncertainty_threshold": uncertainty_threshold})
-    ensemble, meta = load_policy(Path(gcfg.policy_file))
+    trusted = (trusted_keys if isinstance(trusted_keys, TrustedKeys)
+               else trusted_keys_for(trusted_keys, data_dir=None))
+    ensemble, meta = load_policy(Path(gcfg.policy_file), trusted)
     fallback = HeuristicPolicy(_config(HeuristicConfig, heuristic, {}))
     return PolicyController(GnnPolicy(ensemble, uncertainty_threshold=gcfg.uncertainty_threshold,
                                       fallback=fallback, version=str(meta["version"])))

@@ -27,7 +27,7 @@ FLOPs a caller reports.
 
 Each slot's record at every controlled boundary (stage, contribution) is kept in
 `GrowthHistory.slot_records`, which is in the grower's `state_dict`, and sent in every
-snapshot (`SlotHealth.history`, `HealthSnapshot.slot_history`): a controller reads the
+snapshot (`HealthSnapshot.slot_records`, `HealthSnapshot.slot_history`): a controller reads the
 run's history from the run, so any Tamiyo replica answers a boundary the same way, and a
 resumed run carries it.
 """
@@ -94,7 +94,7 @@ class GrowthHistory:
     """FLOPs of the grower's own work at each boundary: contribution forwards and probes."""
     slot_records: list[dict[str, Any]] = field(default_factory=list)
     """Per controlled boundary, `{"epoch": e, "slots": {slot_id: [stage, measured,
-    contribution, kernel_id]}}`: what every snapshot's `SlotHealth.history` is built from."""
+    contribution, kernel_id]}}`: what every snapshot's `HealthSnapshot.slot_records` is built from."""
     probes: list[dict[str, Any]] = field(default_factory=list)
     """Per boundary that probed, `{"epoch": e, "slots": {slot_id: [[kernel_id, gain,
     gain_stderr, steps, flops], ...]}}`."""
@@ -364,6 +364,7 @@ class Grower:
         control: bool = True,
         learning_rate: float | None = None,
         train_flops: float = 0.0,
+        stepped: bool = True,
     ) -> EpochReport:
         """Close an epoch: Kasmina's boundary, then snapshot → decide → apply, then events.
 
@@ -376,6 +377,8 @@ class Grower:
                 flight and no germination the budget and the slots still allow.
             learning_rate: reported in `EpochMetrics` (default: the template group's).
             train_flops: reported in `EpochMetrics` (a caller that counts FLOPs).
+            stepped: False when the caller knows the epoch took no optimizer step (a
+                governor rolled it back at its first step): the two step checks are skipped.
 
         Raises:
             FailedPreconditionError: `step()` was not called since the last boundary, the
@@ -383,7 +386,7 @@ class Grower:
                 param group of the managed optimizer.
             ConfigError: a reported loss or accuracy that is not finite.
         """
-        self._check_use()
+        self._check_use(stepped)
         self.model.end_epoch()
         h = self.history
         for name, value, series in (("train_loss", train_loss, h.train_loss),
@@ -416,15 +419,15 @@ class Grower:
         return (self.seeds_germinated < self.config.max_seeds and self.parameters_left() > 0
                 and any(st is not SeedStage.FOSSILIZED for st in stages))
 
-    def _check_use(self) -> None:
+    def _check_use(self, stepped: bool = True) -> None:
         steps = self.global_step - self._steps_at_boundary
-        if steps == 0:
+        if stepped and steps == 0:
             raise FailedPreconditionError(
                 f"end_epoch() at epoch {self.epoch + 1}: grower.step() was not called since the "
                 f"last boundary (the optimizer stepped {self._optimizer_steps} times); call "
                 "grower.step() after every optimizer.step(), or seeds never advance",
                 reason="NO_STEP")
-        if self._optimizer_steps == 0:
+        if stepped and self._optimizer_steps == 0:
             raise FailedPreconditionError(
                 f"end_epoch() at epoch {self.epoch + 1}: grower.step() ran {steps} times but the "
                 "optimizer the grower manages never stepped; if you built a new optimizer, "
@@ -496,7 +499,7 @@ class Grower:
     def _probe(self, snapshot: health_pb2.HealthSnapshot, candidates: Mapping[str, Sequence[Any]],
                decisions: Sequence[decision_pb2.Decision], held_out: tuple[Any, Any]) -> bool:
         """Probe the offered kernels (the slots the controller chose first); results go into
-        `snapshot.slots[i].probes`. Returns whether anything was probed."""
+        `snapshot.probes` (each naming its slot). Returns whether anything was probed."""
         assert self.loss_fn is not None
         chosen = [d.slot_id for d in decisions if d.kind == _Kind.DECISION_KIND_GERMINATE]
         order = chosen + [s.slot_id for s in snapshot.slots if s.slot_id not in chosen]
@@ -524,7 +527,7 @@ class Grower:
             if not seeds:
                 continue
             probes = probe_slot(self.model, slot_id, seeds, fit, evaluate, self.loss_fn, settings)
-            by_slot[slot_id].probes.extend(probes)
+            snapshot.probes.extend(probes)
             self._decision_flops += sum(p.flops for p in probes)
             record[slot_id] = [[p.kernel_id, p.gain, p.gain_stderr, p.steps, p.flops]
                                for p in probes]
@@ -535,7 +538,7 @@ class Grower:
         return bool(record)
 
     def _record_boundary(self, snapshot: health_pb2.HealthSnapshot) -> None:
-        """Keep this boundary's slot records (what later snapshots' `SlotHealth.history` shows)."""
+        """Keep this boundary's slot records (what later snapshots' `HealthSnapshot.slot_records` shows)."""
         records = self.history.slot_records
         if records and records[-1]["epoch"] == snapshot.epoch:
             records.pop()  # the same boundary again (a caller re-running it): latest wins

@@ -23,7 +23,7 @@ That is a short germinate-and-measure, small enough to run at a boundary: `steps
 forwards and backwards over a few hundred rows per kernel. Its FLOPs are counted
 (`torch.utils.flop_counter`) and reported with the grower's other decision FLOPs. The
 grower probes only at boundaries where its controller wanted to germinate (see
-`Grower`), then asks again with the results in `SlotHealth.probes`.
+`Grower`), then asks again with the results in `HealthSnapshot.probes`.
 
 Probes draw no random numbers from the caller's streams (`torch.random.fork_rng`) and
 leave the model exactly as they found it.
@@ -156,7 +156,7 @@ def probe_slot(
                 seed.train()
                 gain, stderr, steps, flops = _fit_and_measure(
                     mm, slot_id, seed, (fit_x, fit_y), (eval_x, eval_y), loss_fn, settings, base)
-                out.append(health_pb2.KernelProbe(kernel_id=candidate.kernel_id, gain=gain,
+                out.append(health_pb2.KernelProbe(kernel_id=candidate.kernel_id, slot_id=slot_id, gain=gain,
                                                   gain_stderr=stderr, steps=steps, flops=flops))
     finally:
         for m, mode in modes:

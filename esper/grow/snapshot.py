@@ -149,8 +149,11 @@ def build_snapshot(
     return snap
 
 
-HISTORY_LIMIT = 64
-"""Records per slot a snapshot carries (`SlotHealth.history`'s bound)."""
+HISTORY_LIMIT = 16
+"""Records per slot a snapshot carries (the heuristic's streaks are shorter)."""
+
+RECORDS_LIMIT = 512
+"""Records a snapshot carries in all (`HealthSnapshot.slot_records`' bound)."""
 
 
 def slot_records(snapshot: health_pb2.HealthSnapshot) -> dict[str, list[Any]]:
@@ -160,28 +163,33 @@ def slot_records(snapshot: health_pb2.HealthSnapshot) -> dict[str, list[Any]]:
 
 
 def attach_history(snapshot: health_pb2.HealthSnapshot, boundaries: Sequence[Mapping[str, Any]]) -> None:
-    """Fill each seed-holding slot's `history` from earlier boundaries' records and this one.
+    """Fill `snapshot.slot_records` for each seed-holding slot from earlier boundaries'
+    records and this one.
 
     `boundaries` are `{"epoch": e, "slots": slot_records(...)}` in epoch order (the
     grower's `GrowthHistory.slot_records`). A slot's history is the run of boundaries,
     newest backwards, at which it held the kernel it holds now (a new seed starts a new
-    history), at most `HISTORY_LIMIT` records ending with this boundary. Sets
+    history), at most `HISTORY_LIMIT` records ending with this boundary (fewer when so
+    many slots hold seeds that `RECORDS_LIMIT` would be passed). Sets
     `snapshot.slot_history`.
     """
     snapshot.slot_history = True
     current = slot_records(snapshot)
     earlier = [b for b in boundaries if b["epoch"] < snapshot.epoch]
-    for slot in snapshot.slots:
-        if not slot.kernel_id:
-            continue
+    seeded = [s for s in snapshot.slots if s.kernel_id]
+    limit = min(HISTORY_LIMIT, RECORDS_LIMIT // max(1, len(seeded)))
+    for slot in seeded:
+        if limit < 1:
+            break
         kept: list[tuple[int, list[Any]]] = [(snapshot.epoch, current[slot.slot_id])]
         for b in reversed(earlier):
             rec = b["slots"].get(slot.slot_id)
-            if rec is None or rec[3] != slot.kernel_id or len(kept) >= HISTORY_LIMIT:
+            if rec is None or rec[3] != slot.kernel_id or len(kept) >= limit:
                 break
             kept.append((int(b["epoch"]), rec))
         for epoch, (stage, measured, contribution, _) in reversed(kept):
-            slot.history.add(epoch=epoch, stage=stage, contribution_measured=measured,
+            snapshot.slot_records.add(slot_id=slot.slot_id, epoch=epoch, stage=stage,
+                                      contribution_measured=measured,
                              contribution=contribution if math.isfinite(contribution) else 0.0)
 
 

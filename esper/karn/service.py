@@ -7,12 +7,17 @@ One ProposeBlueprints call:
    preservation at init, finite forward/backward) and a child that fails is answered with
    accepted=false and the reason, and is never sent anywhere;
 3. sends each child that passed to Tezzeret `Compile(inline blueprint, wait=true)`, which
-   validates again, signs, and publishes blueprint and kernel to Urza.
+   validates again (`compile_kernel`), signs, and only then publishes blueprint and kernel
+   to Urza.
 
-Pre-flight is what keeps failing children out of Urza: Tezzeret stores an inline blueprint
-in Urza before it compiles it, so a child Tezzeret rejected would already be in the
-library. Pre-flight runs the same checks Tezzeret does (same seed-0 weights), so a child
-that reaches Tezzeret compiles.
+Pre-flight runs the same checks Tezzeret does (same seed-0 weights), so a child that
+reaches Tezzeret normally compiles; it saves a compile call per failing child and gives
+the reason in Karn's own words. It is not what keeps failing children out of Urza:
+Tezzeret stores an inline blueprint only after `compile_kernel` passed. A child that
+passed pre-flight but that Tezzeret refuses (INVALID_ARGUMENT / FAILED_PRECONDITION), whose
+job FAILED, or that is still compiling at the deadline is answered accepted=false with a
+`tezzeret: ...` reason, and the call goes on with the next child; Tezzeret being
+unavailable fails the whole call (it says nothing about the child).
 
 Responses are kept by request_id (`<data_dir>/karn/requests.sqlite`): a retry gets the
 first answer without proposing (or compiling) again.

@@ -5,6 +5,13 @@ Keys come from `ESPER_API_KEYS` ("key=scope1,scope2;key2=*") or from the file na
 "<part>:read", "<part>:write", "<part>:*" and "*". A method listed in its
 `ServiceSpec.write_methods` needs "<part>:write"; every other method "<part>:read".
 Clients send the key as `x-api-key` metadata (or `authorization: Bearer <key>`).
+A key has at least 16 characters (any printable ASCII except ";", "=", "#" and
+whitespace at either end); `python -c "import secrets; print(secrets.token_urlsafe(32))"`
+makes a good one.
+
+Logs never show a key: each call's access-log line names it by its `key_id`, the first 8
+hex digits of SHA-256("esper-key-id:" + key), which the host also logs at start-up next
+to each key's scopes.
 """
 
 from __future__ import annotations
@@ -23,7 +30,13 @@ ENV_KEYS = "ESPER_API_KEYS"
 ENV_KEYS_FILE = "ESPER_API_KEYS_FILE"
 METADATA_KEY = "x-api-key"
 _SCOPE_RE = re.compile(r"^(\*|[a-z][a-z0-9_]*:(read|write|\*))$")
-_MIN_KEY_LEN = 16
+MIN_KEY_LEN = 16
+"""Shortest API key accepted: short keys are guessable."""
+
+
+def key_id(key: str) -> str:
+    """The name a key goes by in logs: 8 hex digits of SHA-256("esper-key-id:" + key)."""
+    return hashlib.sha256(b"esper-key-id:" + key.encode()).hexdigest()[:8]
 
 
 def parse_keys(text: str, *, source: str, separator: str = ";") -> dict[str, frozenset[str]]:
@@ -42,9 +55,12 @@ def parse_keys(text: str, *, source: str, separator: str = ";") -> dict[str, fro
         key = key.strip()
         where = f"{source} entry {n}"
         if not eq:
-            raise ConfigError(f"{where}: expected 'key=scope1,scope2', got no '=' (scopes are required)")
-        if len(key) < _MIN_KEY_LEN:
-            raise ConfigError(f"{where}: API keys must have at least {_MIN_KEY_LEN} characters, got {len(key)}")
+            raise ConfigError(f"{where}: expected '<key>=<scope1>,<scope2>', got no '=' (scopes are required)")
+        if len(key) < MIN_KEY_LEN:
+            raise ConfigError(
+                f"{where}: API keys must have at least {MIN_KEY_LEN} characters, got {len(key)}; "
+                "make one with: python -c \"import secrets; "
+                "print(secrets.token_urlsafe(32))\"")
         if key in keys:
             raise ConfigError(f"{where}: key ending '...{key[-4:]}' is listed twice")
         scopes = frozenset(s.strip() for s in scopes_text.split(",") if s.strip())
@@ -70,7 +86,8 @@ class AuthConfig:
     def __post_init__(self) -> None:
         if not self.disabled and not self.keys:
             raise ConfigError(
-                f"no API keys configured: set {ENV_KEYS}='key=scope,...' or {ENV_KEYS_FILE}=<path>, "
+                f"no API keys configured: set {ENV_KEYS}='<key>=<scope>,...' (keys of at least "
+                f"{MIN_KEY_LEN} characters) or {ENV_KEYS_FILE}=<path>, "
                 "or disable auth explicitly (--insecure-no-auth)"
             )
         if self.disabled and self.keys:
@@ -104,21 +121,30 @@ class KeyChecker:
     def __init__(self, config: AuthConfig) -> None:
         # Comparing fixed-length digests keeps compare_digest's time independent of the
         # presented key's length as well as its content.
-        self._keys = [(hashlib.sha256(k.encode()).digest(), s) for k, s in config.keys.items()]
+        self._keys = [(hashlib.sha256(k.encode()).digest(), (key_id(k), s)) for k, s in config.keys.items()]
         self.disabled = config.disabled
 
-    def scopes_for(self, presented: str) -> frozenset[str] | None:
-        """Scopes of the presented key, or None when it matches no key.
+    def key_ids(self) -> list[tuple[str, list[str]]]:
+        """(key id, sorted scopes) of every configured key, for the start-up log."""
+        return [(kid, sorted(s)) for _, (kid, s) in self._keys]
+
+    def match(self, presented: str) -> tuple[str, frozenset[str]] | None:
+        """(key id, scopes) of the presented key, or None when it matches no key.
 
         Every configured key is compared (no early exit), so timing does not reveal
         which key, or how much of one, matched.
         """
         digest = hashlib.sha256(presented.encode()).digest()
-        found: frozenset[str] | None = None
-        for key_digest, scopes in self._keys:
+        found: tuple[str, frozenset[str]] | None = None
+        for key_digest, entry in self._keys:
             if hmac.compare_digest(digest, key_digest):
-                found = scopes
+                found = entry
         return found
+
+    def scopes_for(self, presented: str) -> frozenset[str] | None:
+        """Scopes of the presented key, or None when it matches no key."""
+        found = self.match(presented)
+        return None if found is None else found[1]
 
     @staticmethod
     def allows(scopes: frozenset[str], part: str, write: bool) -> bool:

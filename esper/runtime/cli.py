@@ -54,8 +54,9 @@ environment (flags win over these, these over the config file):
                          the platform config's data_dir, host, base_port, grace_s, log_level
   ESPER_<PART>_<KEY>     settings.<part>.<key> (YAML value), e.g. ESPER_URZA_DATABASE_URL,
                          ESPER_TOLARIA_JOBS='{my-job: my_pkg.jobs:my_job}'
-  ESPER_API_KEYS         accepted API keys, 'key=scope,scope;key2=*' (keys >= 16 characters)
-  ESPER_API_KEYS_FILE    the same, one 'key=scopes' per line
+  ESPER_API_KEYS         accepted API keys, '<key>=<scope>,<scope>;<key2>=*', each key at least
+                         16 characters (python -c "import secrets; print(secrets.token_urlsafe(32))")
+  ESPER_API_KEYS_FILE    the same, one '<key>=<scopes>' per line
   ESPER_API_KEY          the key this process sends on its own calls to other services
   ESPER_ENDPOINTS        (serve) where the other parts are: 'urza=host:port,tezzeret=...'
   ESPER_NATS_URL         (serve) the NATS server(s) of Oona, comma-separated; unset: events

@@ -1,8 +1,11 @@
 """Structured logs: one JSON object per line on stderr.
 
 Every record carries ts, level, logger and msg; fields passed as `extra={"fields": {...}}`
-are merged in, so a call log line reads
-`{"ts": ..., "level": "INFO", "logger": "esper.rpc", "msg": "rpc", "method": "/esper.urza.v1.UrzaService/GetBlueprint", "code": "OK", "latency_ms": 0.21, "trace_id": "..."}`.
+are merged in, so a call log line (the access log: one per call, whatever its outcome)
+reads
+`{"ts": ..., "level": "INFO", "logger": "esper.rpc", "msg": "rpc", "method": "/esper.urza.v1.UrzaService/GetBlueprint", "code": "OK", "latency_ms": 0.21, "trace_id": "...", "key_id": "1a2b3c4d"}`
+(`key_id`: see `esper.runtime.auth.key_id`; "" when no key was sent, "unknown" for a key
+that matches none).
 """
 
 from __future__ import annotations
@@ -87,7 +90,9 @@ class CallLog:
         self._buf: list[str] = []
         self._scheduled = False
 
-    def emit(self, method: str, code: str, latency_ms: float, trace_id: str) -> None:
+    def emit(self, method: str, code: str, latency_ms: float, trace_id: str, key_id: str = "") -> None:
+        """One access-log line. `method` must need no JSON escaping (a proto path does;
+        pass a path a client made up through `json_safe` first)."""
         if not _rpc_log.isEnabledFor(logging.INFO):
             return
         stream = _call_stream
@@ -97,12 +102,15 @@ class CallLog:
             loop = None
         if stream is None or loop is None:
             _rpc_log.info("rpc", extra={"fields": {
-                "method": method, "code": code, "latency_ms": latency_ms, "trace_id": trace_id}})
+                "method": method, "code": code, "latency_ms": latency_ms, "trace_id": trace_id,
+                "key_id": key_id}})
             return
-        # method is a proto path and code a StatusCode name: neither needs JSON escaping.
+        # method is a proto path, code a StatusCode name, trace_id and key_id hex: none
+        # needs JSON escaping.
         self._buf.append(
             f'{{"ts": {time.time():.6f}, "level": "INFO", "logger": "esper.rpc", "msg": "rpc", '
-            f'"method": "{method}", "code": "{code}", "latency_ms": {latency_ms}, "trace_id": "{trace_id}"}}\n'
+            f'"method": "{method}", "code": "{code}", "latency_ms": {latency_ms}, "trace_id": "{trace_id}", '
+            f'"key_id": "{key_id}"}}\n'
         )
         if len(self._buf) >= self.MAX_BUFFERED:
             self.flush()
@@ -121,3 +129,45 @@ class CallLog:
 
 
 call_log = CallLog()
+
+
+def json_safe(text: str, limit: int = 200) -> str:
+    """`text` cut to `limit` characters and escaped so it can sit between JSON quotes."""
+    return json.dumps(text[:limit])[1:-1]
+
+
+class RateLimitedLog:
+    """A log that writes at most `burst` records per `window_s` and counts the rest.
+
+    For records a caller can trigger at will (undecodable requests): without a bound,
+    anyone who can reach the port could fill the disk. The first record after a window
+    with drops carries `suppressed` (how many were dropped). Not thread-safe; used from
+    the event loop.
+    """
+
+    def __init__(self, logger: logging.Logger, *, burst: int = 10, window_s: float = 60.0) -> None:
+        self.logger = logger
+        self.burst = burst
+        self.window_s = window_s
+        self._window_start = -float("inf")
+        self._written = 0
+        self.suppressed = 0
+        """Records dropped in the current window."""
+        self.suppressed_total = 0
+
+    def warning(self, msg: str, **fields: Any) -> bool:
+        """Log `msg` unless this window's budget is spent; True when it was written."""
+        now = time.monotonic()
+        if now - self._window_start >= self.window_s:
+            if self.suppressed:
+                fields["suppressed"] = self.suppressed
+            self._window_start, self._written, self.suppressed = now, 0, 0
+        if self._written >= self.burst:
+            self.suppressed += 1
+            self.suppressed_total += 1
+            return False
+        self._written += 1
+        if fields.get("suppressed"):
+            msg = f"{msg} ({fields['suppressed']} similar record(s) suppressed before this one)"
+        self.logger.warning(msg, extra={"fields": fields})
+        return True

@@ -111,7 +111,7 @@ class TamiyoController:
         breaker: circuit breaker (default: opens after 2 failures of the last 4 calls,
             tries again after 3 s); while open, `decide` raises at once.
         allowed_blueprints: blueprint ids the service may choose (empty: any offered).
-        uses_probes: whether the served policy reads `SlotHealth.probes` (the heuristic
+        uses_probes: whether the served policy reads `HealthSnapshot.probes` (the heuristic
             and the learned policy do): the grower then probes offered kernels at
             boundaries where Tamiyo wants to germinate and asks again. False for a
             service running the random or fixed baseline saves the probes' compute.

@@ -10,8 +10,9 @@ boundary for the advantage-weighted objective (docs/LEARNED_CONTROL.md).
 Reports are built from Tolaria's event stream alone (`reports_from_events`), so the same
 code reads:
 
-* runs trained in this process (`collect_inprocess`: the Tolaria `Trainer` with a
-  behaviour policy, `esper tamiyo train --collect-runs` and `esper bench controllers`);
+* runs trained in this process (`esper.experiments.fieldreports.collect_inprocess`: the
+  Tolaria trainer with a behaviour policy, for `esper tamiyo train --collect-runs` and
+  `esper bench controllers`; the top floor, since it runs Tolaria);
 * runs of a live platform from JetStream (`read_jetstream`: the `health`, `decision`,
   `lifecycle`, `gate`, `epoch_metrics` and `degradation` events Tolaria published), with
   the kernels on offer and their outcome statistics from Urza (`UrzaCandidates`, over
@@ -29,7 +30,7 @@ import hashlib
 import logging
 import math
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -369,62 +370,6 @@ def boundary_rewards(report: RunReport, config: RewardConfig | None = None) -> l
 
 
 # ----- sources -----
-
-
-def collect_inprocess(
-    *,
-    task: str,
-    seeds: Sequence[int],
-    epsilon: float,
-    epochs: int | None = None,
-    with_baseline: bool = True,
-    progress: Callable[[str], None] | None = None,
-) -> list[RunReport]:
-    """Run `task` once per seed under the heuristic + ε-exploration, in this process.
-
-    Setup (host, lr, catalog, heuristic settings) is the growth benchmark's for the task
-    (`esper.tolaria.bench_growth.TASK_DEFAULTS`); `with_baseline` also trains the static
-    host for each seed, for the reward's accuracy term.
-    """
-    import torch
-
-    from esper.kasmina import KasminaConfig
-    from esper.tamiyo.heuristic import HeuristicConfig, HeuristicPolicy
-    from esper.tolaria.bench_growth import TASK_DEFAULTS, GrowthBenchConfig
-    from esper.tolaria.inprocess import BuiltinKernels, PolicyController
-    from esper.tolaria.trainer import Trainer
-
-    if task not in TASK_DEFAULTS:
-        raise ConfigError(f"task={task!r} has no benchmark setup; tasks: {', '.join(sorted(TASK_DEFAULTS))}")
-    torch.set_num_threads(1)
-    data = {**TASK_DEFAULTS[task], "task": task, "seeds": 1, "jobs": 1}
-    if epochs is not None:
-        data["epochs"] = epochs
-    cfg = GrowthBenchConfig.from_dict(data)
-    reports = []
-    for seed in seeds:
-        kernels = BuiltinKernels(cfg.blueprints, init_seed=seed)
-        policy = ExploringPolicy(HeuristicPolicy(HeuristicConfig.from_dict(cfg.heuristic)), epsilon=epsilon, seed=seed)
-        events: list[events_pb2.EventEnvelope] = []
-        run_id = f"collect-{task}-{seed}"
-        Trainer(cfg.run_config(seed=seed, controller="heuristic"), run_id=run_id, kernels=kernels,
-                controller=PolicyController(policy, kernels), event_sink=events.append,
-                kasmina=KasminaConfig.from_dict(cfg.kasmina)).run()
-        baseline = None
-        if with_baseline:
-            base = Trainer(cfg.run_config(seed=seed, controller="none"), run_id=f"{run_id}-static",
-                           kernels=kernels).run()
-            baseline = {run_id: base.val_accuracy}
-        (report,) = reports_from_events(events, kernels.candidates, baselines=baseline)
-        reports.append(report)
-        if progress is not None:
-            explored = sum(b.explored for b in report.boundaries)
-            progress(f"  {run_id}: val {100 * report.final_val_accuracy:.1f}% "
-                     f"(static {100 * baseline[run_id]:.1f}%)" if baseline else f"  {run_id}: val "
-                     f"{100 * report.final_val_accuracy:.1f}%")
-            progress(f"    {len(report.boundaries)} boundaries, {explored} explored, seeds "
-                     f"{[(o.slot_id, o.fate, round(o.contribution, 4)) for o in report.seeds]}")
-    return reports
 
 
 def read_jetstream(

@@ -126,7 +126,7 @@ class Policy(abc.ABC):
     """Registry name ("heuristic", "random", "fixed", "gnn")."""
 
     uses_probes: bool = False
-    """Whether the policy reads `SlotHealth.probes` (a client runs probes only for those)."""
+    """Whether the policy reads `HealthSnapshot.probes` (a client runs probes only for those)."""
 
     @property
     def version(self) -> str:

@@ -7,6 +7,7 @@ at `ctx.endpoints["urza"]`; without it the service still decides, but cannot ger
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -76,12 +77,13 @@ def build_controller(ctx: PlatformContext, *, source: CandidateSource | None = N
         source = UrzaCandidateSource(ctx.endpoints["urza"], ctx.api_key)
     if source is None:
         log.warning("tamiyo: no Urza endpoint in the platform context; decisions cannot germinate")
-    return TamiyoController(make_policy(config), source, config)
+    return TamiyoController(make_policy(config, data_dir=ctx.data_dir), source, config)
 
 
-def _reload_gnn(config: TamiyoConfig, controller: TamiyoController) -> Policy:
-    """A freshly verified GNN policy that keeps the serving policy's heuristic (and its history)."""
-    policy = make_policy(config)
+def _reload_gnn(config: TamiyoConfig, controller: TamiyoController, data_dir: Path) -> Policy:
+    """A freshly verified GNN policy (signature, pin, shapes) that keeps the serving policy's
+    heuristic (and its history)."""
+    policy = make_policy(config, data_dir=data_dir)
     old_fallback = getattr(controller.policy, "fallback", None)
     if old_fallback is not None:
         policy.fallback = old_fallback  # type: ignore[attr-defined]
@@ -97,7 +99,7 @@ def create_service(ctx: PlatformContext) -> ServiceSpec:
         reloader = PolicyReloader(
             controller,
             watched_files(str(config.gnn.get("policy_file", ""))),
-            lambda: _reload_gnn(config, controller),
+            lambda: _reload_gnn(config, controller, ctx.data_dir),
             every_s=config.reload_check_s,
         )
 

@@ -13,10 +13,6 @@ from dataclasses import dataclass
 
 from torch import nn
 
-STATIC_SEED = "static_seed"
-"""Child name, under a site module, of a seed fixed into the host from the start
-(`esper.tolaria.inprocess.attach_static_seeds`, the static-final baseline)."""
-
 
 def scaled(base: int, width: float) -> int:
     """Channels of a layer whose width at multiplier 1.0 is `base` (at least 1)."""

@@ -1,9 +1,15 @@
 """Atomic, pickle-free training checkpoints.
 
-One checkpoint is one safetensors file: every tensor (model and seed state, optimizer
-state, RNG states) is a named tensor, and everything else (epoch, step, histories,
-optimizer structure, controller-visible state) is JSON in the safetensors metadata under
-the key "esper". safetensors runs no code on load, unlike pickle or `torch.load`.
+One checkpoint is one safetensors file holding a nested state (the trainer's: every
+component's `state_dict()`): every tensor (host weights, seed slots, optimizer state, RNG
+states) is a named tensor, and everything else (epoch, step, histories, optimizer and
+scheduler structure, controller memory) is JSON in the safetensors metadata under the key
+"esper", referring to the tensors by name (`flatten` / `unflatten`). safetensors runs no
+code on load, unlike pickle or `torch.load`.
+
+    checkpointer = CheckpointConfig(directory=run_dir / "checkpoints", every=1).build()
+    checkpointer.save(epoch, trainer.state_dict())
+    trainer.load_state_dict(read_state(checkpointer.latest()))
 
 Writing is atomic: the bytes go to a temporary file in the same directory, which is
 fsynced, renamed over the final name, and the directory is fsynced, so a crash leaves
@@ -18,6 +24,7 @@ import os
 import re
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +32,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from esper.errors import FailedPreconditionError
+from esper.errors import ConfigError, FailedPreconditionError
 
-FORMAT = "esper.tolaria.checkpoint/1"
+FORMAT = "esper.tolaria.checkpoint/2"
 _NAME = re.compile(r"^ckpt-(\d{6})\.safetensors$")
 
 
@@ -105,35 +112,117 @@ def prune_old(directory: Path, keep: int) -> None:
         p.unlink(missing_ok=True)
 
 
-# ----- optimizer state without pickle -----
+# ----- nested state without pickle -----
+
+_TENSOR = "__tensor__"
+_ITEMS = "__items__"
+_TUPLE = "__tuple__"
 
 
-def flatten_optimizer(state: Mapping[str, Any], prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split `optimizer.state_dict()` into named tensors and a JSON structure.
+def flatten(state: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
+    """Split a nested state (dicts, lists, tuples, tensors, plain values) into named tensors
+    and a JSON-able structure that refers to them by name.
 
-    Per-parameter entries that are tensors become `<prefix><param>/<key>` tensors; the
-    rest (and `param_groups`) stay in the JSON, where tensors are referenced by name.
+    A tensor at path `a -> b -> 0` is stored as `<prefix>a/b/0`. Dicts whose keys are not
+    all strings (an optimizer's per-parameter state is keyed by index) keep their keys.
+
+    Raises:
+        ValueError: two paths give the same tensor name.
     """
     tensors: dict[str, torch.Tensor] = {}
-    per_param: dict[str, dict[str, Any]] = {}
-    for idx, entries in state["state"].items():
-        out: dict[str, Any] = {}
-        for key, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                name = f"{prefix}{idx}/{key}"
-                tensors[name] = value
-                out[key] = {"tensor": name}
-            else:
-                out[key] = {"value": value}
-        per_param[str(idx)] = out
-    return tensors, {"state": per_param, "param_groups": state["param_groups"]}
+
+    def walk(value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            name = prefix + path
+            if name in tensors:
+                raise ValueError(f"two tensors of the checkpoint state are both named {name!r}")
+            tensors[name] = value
+            return {_TENSOR: name}
+        if isinstance(value, Mapping):
+            if all(isinstance(k, str) for k in value) and not ({_TENSOR, _ITEMS, _TUPLE} & set(value)):
+                return {k: walk(v, f"{path}/{k}" if path else k) for k, v in value.items()}
+            return {_ITEMS: [[k, walk(v, f"{path}/{k}" if path else str(k))] for k, v in value.items()]}
+        if isinstance(value, tuple):
+            return {_TUPLE: [walk(v, f"{path}/{i}" if path else str(i)) for i, v in enumerate(value)]}
+        if isinstance(value, list):
+            return [walk(v, f"{path}/{i}" if path else str(i)) for i, v in enumerate(value)]
+        return value
+
+    return tensors, walk(state, "")
 
 
-def unflatten_optimizer(tensors: Mapping[str, torch.Tensor], structure: Mapping[str, Any]) -> dict[str, Any]:
-    """Inverse of `flatten_optimizer`: a dict `optimizer.load_state_dict` accepts."""
-    state: dict[int, dict[str, Any]] = {}
-    for idx, entries in structure["state"].items():
-        state[int(idx)] = {
-            key: tensors[v["tensor"]] if "tensor" in v else v["value"] for key, v in entries.items()
-        }
-    return {"state": state, "param_groups": [dict(g) for g in structure["param_groups"]]}
+def unflatten(tensors: Mapping[str, torch.Tensor], structure: Any) -> Any:
+    """Inverse of `flatten`."""
+    if isinstance(structure, dict):
+        if set(structure) == {_TENSOR}:
+            return tensors[structure[_TENSOR]]
+        if set(structure) == {_ITEMS}:
+            return {k: unflatten(tensors, v) for k, v in structure[_ITEMS]}
+        if set(structure) == {_TUPLE}:
+            return tuple(unflatten(tensors, v) for v in structure[_TUPLE])
+        return {k: unflatten(tensors, v) for k, v in structure.items()}
+    if isinstance(structure, list):
+        return [unflatten(tensors, v) for v in structure]
+    return structure
+
+
+@dataclass(kw_only=True, frozen=True)
+class CheckpointConfig:
+    """Where a run's checkpoints go and how many are kept."""
+
+    directory: Path
+    """Directory of `ckpt-<epoch>.safetensors` files (created on the first save)."""
+    every: int = 1
+    """Write one every N epochs; 0: only after the last epoch (and on a stop)."""
+    keep: int = 2
+    """Newest checkpoints kept (>= 1); older ones are deleted after each save."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 0:
+            raise ConfigError(f"CheckpointConfig.every={self.every!r} must be an integer >= 0")
+        if isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 1:
+            raise ConfigError(f"CheckpointConfig.keep={self.keep!r} must be an integer >= 1")
+        object.__setattr__(self, "directory", Path(self.directory))
+
+    def build(self) -> Checkpointer:
+        return Checkpointer(self)
+
+
+class Checkpointer:
+    """Saves and finds a run's checkpoints: one atomic safetensors file per save, holding a
+    nested state (every component's `state_dict()`) as named tensors + JSON metadata."""
+
+    def __init__(self, config: CheckpointConfig) -> None:
+        self.config = config
+
+    @property
+    def directory(self) -> Path:
+        return self.config.directory
+
+    def due(self, epoch: int, *, last: bool) -> bool:
+        """Whether the boundary after `epoch` epochs gets a checkpoint."""
+        every = self.config.every
+        return last or bool(every and epoch % every == 0)
+
+    def save(self, epoch: int, state: Mapping[str, Any]) -> Path:
+        """Write `state` as the checkpoint after `epoch` epochs (a stop mid-epoch writes
+        under the epochs completed); older ones beyond `keep` are deleted."""
+        tensors, structure = flatten(dict(state))
+        path = checkpoint_path(self.directory, epoch)
+        save(path, tensors, {"state": structure})
+        prune_old(self.directory, self.config.keep)
+        return path
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.directory)
+
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """The nested state a `Checkpointer` wrote to `path`.
+
+    Raises:
+        FailedPreconditionError: not an Esper checkpoint of this format.
+    """
+    tensors, meta = load(path)
+    return unflatten(tensors, meta["state"])

@@ -1,47 +1,51 @@
-"""Tolaria's subcommands: `esper demo` (the README's first command), `esper run ...` and
-`esper jobs list` (a running platform, esper/tolaria/commands.py), `esper bench growth` and
-`esper bench controllers`.
+"""Tolaria's subcommands: `esper run ...` and `esper jobs list` (a running platform,
+esper/tolaria/commands.py) and `esper export` (a platform run's grown model,
+esper/tolaria/export.py).
 
 Heavy imports (torch, the platform) stay inside the commands: every `esper` invocation
-imports this module.
+imports this module. (`esper demo` and `esper bench ...` are the experiments', registered
+by esper/experiments/cli.py.)
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from esper import demo
     from esper.tolaria import commands
 
-    demo.register_cli(sub)
     commands.register(sub)
-    bench = sub.add_parser("bench", help="reproducible benchmarks")
-    kinds = bench.add_subparsers(dest="bench", metavar="<benchmark>")
-    kinds.required = True
-    growth = kinds.add_parser(
-        "growth", add_help=False, prefix_chars="\0",
-        help="compute-matched growth proof: static-initial, static-final, fixed, random, heuristic "
-             "(`esper bench growth --help` for its options)")
-    # Its own parser owns the options (and --help); everything after "growth" goes to it.
-    growth.add_argument("argv", nargs="*")
-    growth.set_defaults(func=_bench_growth)
-    controllers = kinds.add_parser(
-        "controllers", add_help=False, prefix_chars="\0",
-        help="learned vs heuristic vs random vs fixed on held-out tasks and seeds "
-             "(`esper bench controllers --help` for its options)")
-    controllers.add_argument("argv", nargs="*")
-    controllers.set_defaults(func=_bench_controllers)
+    _register_export(sub)
 
 
-def _bench_growth(args: argparse.Namespace) -> int:
-    from esper.tolaria import bench_growth
+def _register_export(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "export", help="write a platform run's grown model (fossilized seeds folded in) as "
+                       "model.safetensors + manifest.json",
+        description="A platform run's grown model (fossilized seeds folded in), as a plain module "
+                    "you can take away: model.safetensors + manifest.json, from the run's newest "
+                    "checkpoint, the job's model rebuilt through the job registry. Load it with "
+                    "esper.grow.load_exported(<the job's model>, OUT). Reads the run's files under "
+                    "--data-dir; fetches kernels from the platform only when its kernel cache "
+                    "lacks them. Exit 0 exported, 2 refused (the message says why).")
+    p.add_argument("run", help="run id (under <data-dir>/tolaria/runs/) or the run's directory")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="the platform's data dir (default: $ESPER_DATA_DIR, else .esper)")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: ./<run id>-export)")
+    p.add_argument("--drop-live", action="store_true",
+                   help="leave out seeds that are not fossilized (default: refuse to export them)")
+    p.add_argument("--trusted-keys", type=Path, default=None,
+                   help="kernel-signing public keys (default: $ESPER_TRUSTED_KEYS_DIR, else "
+                        "<data-dir>/trusted_keys)")
+    p.add_argument("--jobs", default=None,
+                   help='JSON {"name": "package.module:function"}: the operator\'s own jobs, as the '
+                        "platform's tolaria.jobs registers them")
+    p.set_defaults(func=_export)
 
-    return int(bench_growth.main(args.argv) or 0)
 
+def _export(args: argparse.Namespace) -> int:
+    from esper.tolaria.export import cmd_export
 
-def _bench_controllers(args: argparse.Namespace) -> int:
-    from esper import bench_controllers
-
-    return int(bench_controllers.main(args.argv) or 0)
+    return cmd_export(args)

@@ -63,6 +63,8 @@ class GoodState:
 
 
 class Governor:
+    """Watches step losses (`check`), remembers the last good state, counts rollbacks."""
+
     def __init__(self, config: GovernorConfig | None = None) -> None:
         self.config = config or GovernorConfig()
         self._recent: deque[float] = deque(maxlen=self.config.window)
@@ -110,3 +112,13 @@ class Governor:
         # The losses that led here may already be drifting up; judge the next steps afresh.
         self._recent.clear()
         return self.good
+
+    def state_dict(self) -> dict[str, Any]:
+        """Rollbacks taken and the recent healthy losses (the good state is taken again
+        after a resume, from the resumed run)."""
+        return {"rollbacks": self.rollbacks, "recent": list(self._recent)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.rollbacks = int(state["rollbacks"])
+        self._recent.clear()
+        self._recent.extend(float(v) for v in state["recent"])

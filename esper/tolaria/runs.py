@@ -38,6 +38,11 @@ _HEADER = struct.Struct(">I")
 # An envelope bigger than this is a corrupt length prefix, not a real event.
 _MAX_RECORD_BYTES = 64 * 1024 * 1024
 
+MAX_PAGE_BYTES = 3 * 1024 * 1024
+"""ListRuns stops a page before its runs exceed this many bytes, so a reply fits gRPC's
+default 4 MiB receive limit whatever page_size asks for (runs with big labels included)."""
+_MAX_SEQ = 2**63 - 1
+
 TERMINAL_STATES = frozenset({pb.RUN_STATE_SUCCEEDED, pb.RUN_STATE_FAILED, pb.RUN_STATE_STOPPED})
 
 STATE_BY_NAME: dict[str, int] = {
@@ -334,16 +339,21 @@ class RunStore:
     def list(
         self, *, page_size: int, page_token: str = "", state: int = pb.RUN_STATE_UNSPECIFIED
     ) -> tuple[list[RunRecord], str]:
-        """Runs in creation order, `page_size` at a time; the token is opaque to callers."""
+        """Runs in creation order, `page_size` at a time but at most MAX_PAGE_BYTES of them
+        (at least one); the token is opaque to callers."""
         after = 0
         if page_token:
             try:
-                after = int(json.loads(bytes.fromhex(page_token))["after"])
-            except (ValueError, KeyError, TypeError) as e:
+                after = json.loads(bytes.fromhex(page_token))["after"]
+            except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+                after = None
+            # A hand-made token may hold anything JSON can: only a row number is one of ours.
+            if type(after) is not int or not 0 <= after <= _MAX_SEQ:
                 raise InvalidArgumentError(
-                    f"page_token {page_token!r} is not one ListRuns returned ({e})",
+                    f"page_token {page_token[:64]!r} is not one ListRuns returned; pass the "
+                    "previous reply's next_page_token unchanged, or none for the first page",
                     field="page_token",
-                ) from e
+                )
         size = page_size or 50
         sql = f"SELECT seq, {', '.join(_COLUMNS)} FROM runs WHERE seq > ?"
         args: list[object] = [after]
@@ -356,10 +366,19 @@ class RunStore:
             rows = self._db.execute(sql, args).fetchall()
         more = len(rows) > size
         rows = rows[:size]
+        records: list[RunRecord] = []
+        used = 0
+        for i, r in enumerate(rows):
+            rec = _from_row(r[1:])
+            used += rec.to_proto().ByteSize() + 8  # the run and its framing in the reply
+            if records and used > MAX_PAGE_BYTES:
+                rows, more = rows[:i], True
+                break
+            records.append(rec)
         token = ""
         if more:
             token = json.dumps({"after": rows[-1][0]}).encode().hex()
-        return [_from_row(r[1:]) for r in rows], token
+        return records, token
 
     def active(self) -> list[RunRecord]:
         """Runs not yet ended (to re-supervise after a service restart)."""

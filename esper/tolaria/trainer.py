@@ -1,117 +1,66 @@
-"""Tolaria's training loop: a host wrapped with seed slots, grown by a controller.
+"""Tolaria's training loop: a job's model, grown by `esper.grow`, epoch by epoch.
 
 The loop is the story:
 
     for each epoch:
         train_epoch()       # pure torch; the governor watches every step's loss
-        evaluate()          # validation loss and accuracy
-        maybe_control()     # health snapshot → controller → germinate / prune / fossilize
+        evaluate()          # validation loss and metric
+        maybe_control()     # the grower's boundary: snapshot → controller → germinate / prune / fossilize
         maybe_checkpoint()  # atomic, pickle-free, resumable bit for bit
 
 Control runs before the checkpoint (not after) so that a checkpoint holds the effects of
 the decisions taken at its boundary, and a resumed run never asks the controller twice.
 
-What is trained is a `Job` (`esper.jobs`): the model, data loaders, loss and metric a
-registered job function built; `Trainer(config)` builds the run's job itself from the
-registry when it is not given one. Everything around the loop is pluggable: a `Controller` decides (an in-process Tamiyo
-policy for the benchmark, the gRPC Tamiyo client under the service), a `KernelProvider`
-turns a kernel id into a seed module (the built-in catalog in process, Urza plus Kasmina's
-`KernelLoader` under the service), and `event_sink` receives every event as an
-`esper.oona.v1.EventEnvelope` (the worker forwards them to Oona and WatchRun).
+Tolaria's trainer is a client of `esper.grow` like any user's loop: the `Grower` wraps the
+job's model, builds the health snapshot, asks the controller, applies its decisions and
+emits the lifecycle events; the trainer owns what is around it. Every part is a component
+given to it, each saving its own state: the `Job` (model, loaders, loss, metric, example
+input, sites), the optimizer and LR scheduler (`esper.tolaria.optim`), the `Checkpointer`,
+the `Governor`, the `FlopMeter`, the controller and the kernel source (in process:
+`esper.grow.heuristic_controller()`, `BuiltinKernels`; under the service:
+`esper.tamiyo.client.TamiyoController`, `esper.urza.source.UrzaKernels`).
+`build_trainer(config, ...)` builds the components a `RunConfig` describes.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import torch
-from google.protobuf.timestamp_pb2 import Timestamp
 from torch import nn
 
-from esper.errors import ConfigError, EsperError, FailedPreconditionError, NotFoundError
+from esper.errors import ConfigError, FailedPreconditionError
+from esper.grow import (
+    Controller,
+    EpochReport,
+    EventSink,
+    Grower,
+    GrowthConfig,
+    GrowthHistory,
+    KernelSource,
+)
 from esper.jobs.registry import JobRegistry, default_registry
 from esper.jobs.sites import resolve_sites
 from esper.jobs.spec import Job
-from esper.kasmina import KasminaConfig, KasminaEvent, MorphogeneticModel, SeedStage, wrap
-from esper.tasks.hosts import STATIC_SEED
-from esper.tolaria import checkpoint as ckpt
+from esper.kasmina import KasminaConfig
+from esper.tolaria.checkpoint import CheckpointConfig, Checkpointer, read_state
 from esper.tolaria.config import RunConfig
 from esper.tolaria.flops import FlopMeter
 from esper.tolaria.governor import Governor, GovernorConfig
-from generated.esper.common.v1 import decision_pb2, health_pb2, seed_pb2
+from esper.tolaria.optim import build_optimizer, build_scheduler
+from generated.esper.common.v1 import health_pb2
 from generated.esper.oona.v1 import events_pb2
 
-_log = logging.getLogger(__name__)
-
-EventSink = Callable[[events_pb2.EventEnvelope], None]
-UNBOUNDED_PARAMETERS = 2**63 - 1
-"""`HealthSnapshot.parameters_left` when the budget sets no parameter bound."""
 CONTRIBUTION_ROWS = 256
 """Validation rows the counterfactual contribution is measured on (a fixed held-out batch)."""
-
-_PRUNABLE = (SeedStage.GERMINATED, SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.HOLDING)
-
-
-class Controller(Protocol):
-    """Decides growth at an epoch boundary.
-
-    Raises an `EsperError` (e.g. `UnavailableError`, `DeadlineExceededError`) when it
-    cannot answer; the run then continues without growth and records a degradation.
-    """
-
-    def decide(self, snapshot: health_pb2.HealthSnapshot) -> Sequence[decision_pb2.Decision]: ...
-
-
-@runtime_checkable
-class StatefulController(Protocol):
-    """A controller whose memory must survive a resume (stored in the checkpoint as JSON)."""
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
-
-
-class KernelProvider(Protocol):
-    """Turns a kernel id into a seed module.
-
-    `site` is the slot's signature at germination, and None when Kasmina re-materialises a
-    seed from a checkpoint (the kernel id alone must then suffice). Raises an `EsperError`
-    when the kernel cannot be had (not found, unverifiable, Urza unavailable).
-    """
-
-    def load(self, kernel_id: str, site: seed_pb2.SiteSignature | None = None) -> nn.Module: ...
-
-
-@dataclass(kw_only=True)
-class History:
-    """Per-epoch records of a run (index i = epoch i + 1)."""
-
-    train_loss: list[float] = field(default_factory=list)
-    val_loss: list[float] = field(default_factory=list)
-    val_accuracy: list[float] = field(default_factory=list)
-    parameters: list[int] = field(default_factory=list)
-    train_flops: list[float] = field(default_factory=list)
-    learning_rate: list[float] = field(default_factory=list)
-    alphas: list[dict[str, float]] = field(default_factory=list)
-    stages: list[dict[str, str]] = field(default_factory=list)
-    decisions: list[dict[str, Any]] = field(default_factory=list)
-    """Every decision applied or rejected: epoch, kind, slot, kernel, outcome."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) for k, v in self.__dict__.items()}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> History:
-        return cls(**{k: list(v) for k, v in d.items()})
 
 
 @dataclass(kw_only=True)
@@ -132,7 +81,8 @@ class RunResult:
     rollbacks: int
     fossilized: dict[str, str]
     """slot id → kernel id of every fossilized seed (the grown topology)."""
-    history: History
+    history: GrowthHistory
+    """The grower's per-boundary records (finite losses, parameters, decisions, ...)."""
 
 
 def build_job(config: RunConfig, registry: JobRegistry | None = None) -> Job:
@@ -151,91 +101,131 @@ def build_job(config: RunConfig, registry: JobRegistry | None = None) -> Job:
         name, params, run={"seed": config.seed, "batch_size": config.batch_size})
 
 
-class Trainer:
-    """One training run. Build it, optionally `resume()`, then `run()`.
+def steps_per_epoch(job: Job) -> int:
+    """Batches in one pass over the job's training loader.
+
+    Raises:
+        ConfigError: the loader has no length or yields no batches.
+    """
+    try:
+        n = len(job.train_loader)
+    except TypeError:
+        raise ConfigError(
+            f"job {job.name!r}: its train_loader has no length; the schedule needs the number "
+            "of batches per epoch (give the dataset a __len__)") from None
+    if n < 1:
+        raise ConfigError(f"job {job.name!r}: its train_loader yields no batches")
+    return n
+
+
+def build_trainer(
+    config: RunConfig,
+    *,
+    run_id: str,
+    job: Job | None = None,
+    registry: JobRegistry | None = None,
+    controller: Controller | None = None,
+    kernels: KernelSource | None = None,
+    event_sink: EventSink | None = None,
+    checkpoint_dir: Path | None = None,
+    keep_checkpoints: int = 2,
+    kasmina: KasminaConfig | None = None,
+    governor: GovernorConfig | None = None,
+    stop: threading.Event | None = None,
+) -> Trainer:
+    """A `Trainer` with the components `config` describes.
 
     Args:
-        config: the run.
-        job: what to train; None: `build_job(config)` (built-in jobs and entry points).
-        run_id: identifies the run in events and snapshots.
-        kernels: where seed modules come from.
-        controller: decides growth; None trains the host as it is.
-        event_sink: receives every event envelope (None: events are only counted).
+        job: what to train; None: `build_job(config, registry)`.
+        controller, kernels: decide growth / supply seed modules (None: the host as it is).
         checkpoint_dir: where checkpoints go (None: none are written).
+    """
+    job = job if job is not None else build_job(config, registry)
+    optimizer = build_optimizer(config.optimizer, job.model.parameters())
+    scheduler = build_scheduler(config.optimizer, optimizer, steps_per_epoch=steps_per_epoch(job),
+                                epochs=config.epochs)
+    checkpointer = None
+    if checkpoint_dir is not None:
+        checkpointer = CheckpointConfig(directory=checkpoint_dir, every=config.checkpoint_every,
+                                        keep=keep_checkpoints).build()
+    return Trainer(job, config, run_id=run_id, optimizer=optimizer, scheduler=scheduler,
+                   controller=controller, kernels=kernels, checkpointer=checkpointer,
+                   governor=Governor(governor), kasmina=kasmina, event_sink=event_sink, stop=stop)
+
+
+class Trainer:
+    """One training run. Build it (`build_trainer`), optionally `resume()`, then `run()`.
+
+    Args:
+        job: the model, loaders, loss, metric, example input and sites.
+        config: the run (epochs, budget, seed sites, clipping, checkpoint interval).
+        run_id: identifies the run in events and snapshots.
+        optimizer: over the host's parameters (seeds join it at germination).
+        scheduler: a torch LR scheduler of `optimizer`, stepped once per batch position of
+            the run: its `last_epoch` is epoch × steps per epoch + batch index, so steps
+            a governor rollback skips do not shift the schedule.
+        controller: decides growth; None trains the host as it is.
+        kernels: where seed modules come from (needed with a controller).
+        checkpointer: writes and finds checkpoints (None: none are written).
+        governor: divergence detection and rollback.
+        flops: counts training FLOPs.
         kasmina: seed-slot behaviour (incubation, blending, gates).
-        governor: divergence detection and rollback limits.
-        host_setup: called on the freshly built host before wrapping (the static-final
-            baseline fixes seed modules into the host here).
+        event_sink: receives every event envelope.
         stop: set from any thread to stop at the next step boundary.
     """
 
     def __init__(
         self,
+        job: Job,
         config: RunConfig,
         *,
         run_id: str,
-        job: Job | None = None,
-        kernels: KernelProvider,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
         controller: Controller | None = None,
-        event_sink: EventSink | None = None,
-        checkpoint_dir: Path | None = None,
+        kernels: KernelSource | None = None,
+        checkpointer: Checkpointer | None = None,
+        governor: Governor | None = None,
+        flops: FlopMeter | None = None,
         kasmina: KasminaConfig | None = None,
-        governor: GovernorConfig | None = None,
-        host_setup: Callable[[nn.Module], None] | None = None,
+        event_sink: EventSink | None = None,
         stop: threading.Event | None = None,
-        keep_checkpoints: int = 2,
     ) -> None:
-        self.config = config
-        self.run_id = run_id
-        self.kernels = kernels
-        self.controller = controller
+        self.job, self.config = job, config
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.checkpointer = checkpointer
+        self.governor = governor or Governor()
+        self.flops = flops or FlopMeter()
         self.event_sink = event_sink
-        self.checkpoint_dir = checkpoint_dir
-        self.keep_checkpoints = keep_checkpoints
         self.stop = stop or threading.Event()
-        self.governor = Governor(governor)
-        self.flops = FlopMeter()
-        self.history = History()
-        self.sequence = 0
-        self.epoch = 0
-        """Epochs completed."""
-        self.global_step = 0
+        self.steps_per_epoch = steps_per_epoch(job)
+        self.total_steps = config.epochs * self.steps_per_epoch
+        budget = config.budget
+        self.grower = Grower(
+            job.model,
+            sites=resolve_sites(job.model, config.sites or job.sites),
+            example_input=job.example_input,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            loss_fn=job.loss_fn,
+            held_out=_head(next(iter(job.val_loader)), CONTRIBUTION_ROWS),
+            controller=controller,
+            kernels=kernels,
+            config=GrowthConfig(max_seeds=budget.max_seeds,
+                                max_added_parameters=budget.max_added_parameters or None,
+                                total_epochs=config.epochs, task=config.job_name),
+            kasmina=kasmina,
+            event_sink=self._on_event,
+            run_id=run_id,
+            event_source="tolaria",
+        )
+        self.model = self.grower.model
         self._step_in_epoch = 0
         self._epoch_acc = {"loss_sum": 0.0, "seen": 0}
-        self.seeds_germinated = 0
-        self.degraded: set[str] = set()
-        self._control_ms = 0.0
-        self._decide_ms = 0.0
-        self._epoch_t0 = time.perf_counter()
-
-        self.job = job if job is not None else build_job(config)
-        host = self.job.model
-        if host_setup is not None:
-            host_setup(host)
-        self.sites = resolve_sites(host, config.sites or self.job.sites)
-        example = self.job.example_input
-        self._graph_order = _execution_order(host, example)
-        self.model: MorphogeneticModel = wrap(
-            host,
-            sites=self.sites,
-            example_input=example,
-            config=kasmina or KasminaConfig(),
-            event_sink=self._on_kasmina_event,
-            kernel_resolver=lambda kernel_id: self.kernels.load(kernel_id, None),
-        )
-        self.host_parameters = _count(self.model.host.parameters())
-        self.optimizer = self._build_optimizer()
-        self.model.attach_optimizer(self.optimizer)
-        try:
-            self.steps_per_epoch = len(self.job.train_loader)
-        except TypeError:
-            raise ConfigError(
-                f"job {self.job.name!r}: its train_loader has no length; the schedule needs the "
-                "number of batches per epoch (give the dataset a __len__)") from None
-        if self.steps_per_epoch < 1:
-            raise ConfigError(f"job {self.job.name!r}: its train_loader yields no batches")
-        self.total_steps = config.epochs * self.steps_per_epoch
-        self._contribution_batch = _head(next(iter(self.job.val_loader)), CONTRIBUTION_ROWS)
+        self._last_lr = float(optimizer.param_groups[0]["lr"])
+        self._train_loss: float | None = None
+        self._val: tuple[float, float] = (math.nan, math.nan)
+        self._rolled_back = False
         self._started = time.perf_counter()
         self._elapsed_before = 0.0
         self._remember_good()
@@ -252,17 +242,14 @@ class Trainer:
             self.evaluate()
             self.maybe_control()
             self.maybe_checkpoint()
-        test = None
-        if self.job.test_loader is not None:
-            test = self._eval_on(self.job.test_loader)
+        test = self._eval_on(self.job.test_loader) if self.job.test_loader is not None else None
         return self._result(completed=True, test=test)
 
     def train_epoch(self) -> bool:
-        """One pass over the training set in this epoch's fixed order.
+        """One pass over the training set in this epoch's order.
 
         Returns False when a stop was requested (the model is at a step boundary).
         """
-        self._epoch_t0 = time.perf_counter()
         self.model.train()
         batches = iter(_epoch_batches(self.job.train_loader, self.epoch))
         for _ in range(self._step_in_epoch):  # resumed mid-epoch: replay up to where it was
@@ -280,54 +267,39 @@ class Trainer:
             self._epoch_acc["loss_sum"] += loss * n
             self._epoch_acc["seen"] += n
         seen = self._epoch_acc["seen"]
-        self.history.train_loss.append(self._epoch_acc["loss_sum"] / seen if seen else float("nan"))
+        self._train_loss = self._epoch_acc["loss_sum"] / seen if seen else None
         self._step_in_epoch = 0
         self._epoch_acc = {"loss_sum": 0.0, "seen": 0}
-        self.model.end_epoch()
-        self.epoch += 1
+        # A rollback ends the epoch early; the schedule is by position, so it skips ahead.
+        while self.scheduler.last_epoch < (self.epoch + 1) * self.steps_per_epoch:
+            self.scheduler.step()
         return True
 
-    def evaluate(self) -> None:
-        loss, acc = self._eval_on(self.job.val_loader)
-        self.history.val_loss.append(loss)
-        self.history.val_accuracy.append(acc)
+    def evaluate(self) -> tuple[float, float]:
+        """Validation loss and metric of the epoch just trained."""
+        self._val = self._eval_on(self.job.val_loader)
+        return self._val
 
-    def maybe_control(self) -> None:
-        """Ask the controller at this boundary (not after the last epoch) and apply its answer."""
-        t0 = time.perf_counter()
-        if self.controller is not None and self.epoch < self.config.epochs:
-            snapshot = self.snapshot()
-            self._emit("health", snapshot)
-            self._apply(self._decide(snapshot))
-        self._control_ms = (time.perf_counter() - t0) * 1e3
-        self._record_epoch()
+    def maybe_control(self) -> EpochReport:
+        """The grower's epoch boundary: Kasmina closes the epoch and, before the last one,
+        the controller decides and its decisions are applied; events and history follow."""
+        val_loss, val_accuracy = self._val
+        report = self.grower.end_epoch(
+            train_loss=self._train_loss, val_loss=_finite(val_loss), val_accuracy=_finite(val_accuracy),
+            learning_rate=self._last_lr, train_flops=self.flops.total, stepped=not self._rolled_back)
+        self._rolled_back = False
         self._remember_good()
+        return report
 
-    def maybe_checkpoint(self) -> None:
-        every = self.config.checkpoint_every
-        last = self.epoch == self.config.epochs
-        if self.checkpoint_dir is not None and (last or (every and self.epoch % every == 0)):
-            self.save_checkpoint()
-
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        """Host parameters only; Kasmina adds each seed's own param group at germination."""
-        o = self.config.optimizer
-        params = list(self.model.host.parameters())
-        if o.name == "sgd":
-            opt: torch.optim.Optimizer = torch.optim.SGD(
-                params, lr=o.learning_rate, momentum=o.momentum, weight_decay=o.weight_decay)
-        else:
-            opt = torch.optim.AdamW(params, lr=o.learning_rate, weight_decay=o.weight_decay)
-        # Kasmina removes a pruned seed's group with `param_groups.remove(group)`, which
-        # compares groups by value and raises on their tensors once two seed groups exist;
-        # groups are identities, so remove them by identity.
-        opt.param_groups = _IdentityList(opt.param_groups)
-        return opt
+    def maybe_checkpoint(self) -> Path | None:
+        if self.checkpointer is not None and self.checkpointer.due(
+                self.epoch, last=self.epoch == self.config.epochs):
+            return self.save_checkpoint()
+        return None
 
     # ----- one step -----
 
     def _train_step(self, x: Any, y: Any) -> float:
-        self._set_learning_rate()
         self.optimizer.zero_grad(set_to_none=True)
         with self.flops.step(_rows(y)):
             loss = self.job.loss_fn(_forward(self.model, x), y)
@@ -340,36 +312,11 @@ class Trainer:
         clip = self.config.optimizer.clip_grad_norm
         if clip > 0:
             self.model.clip_grad_norms(clip, clip)
+        self._last_lr = float(self.optimizer.param_groups[0]["lr"])
         self.optimizer.step()
-        self.model.step()
-        self.global_step += 1
+        self.scheduler.step()
+        self.grower.step()
         return value
-
-    def learning_rate_factor(self, step: int) -> float:
-        """Multiplier of the peak rate at step position `step` of the run (0-based).
-
-        The position is epoch × steps per epoch + batch index, not a count of steps taken,
-        so steps skipped by a governor rollback do not shift the schedule. Cosine reaches
-        exactly 0 at the run's last step, so every arm of a comparison ends fully decayed
-        at the same point whatever it grew.
-        """
-        o = self.config.optimizer
-        warm = o.warmup_epochs * self.steps_per_epoch
-        if step < warm:
-            return (step + 1) / warm
-        if o.schedule == "constant":
-            return 1.0
-        span = max(1, self.total_steps - 1 - warm)
-        progress = min(1.0, (step - warm) / span)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    def _set_learning_rate(self) -> None:
-        factor = self.learning_rate_factor(self.epoch * self.steps_per_epoch + self._step_in_epoch)
-        peak = self.config.optimizer.learning_rate
-        seed_peak = self.model.config.seed_lr
-        for group in self.optimizer.param_groups:
-            base = seed_peak if (seed_peak is not None and "kasmina_slot" in group) else peak
-            group["lr"] = base * factor
 
     @torch.no_grad()
     def _eval_on(self, loader: Any) -> tuple[float, float]:
@@ -394,349 +341,166 @@ class Trainer:
         return (sum(v * n for v, _, n in batches) / rows,
                 sum(m * n for _, m, n in batches) / rows)
 
-    # ----- control -----
-
-    def snapshot(self) -> health_pb2.HealthSnapshot:
-        """What the controller sees now (contribution measured on a held-out batch)."""
-        contributions = self.model.measure_contribution(*self._contribution_batch, self.job.loss_fn)
-        snap = health_pb2.HealthSnapshot(
-            run_id=self.run_id,
-            epoch=self.epoch,
-            total_epochs=self.config.epochs,
-            global_step=self.global_step,
-            train_loss_history=self.history.train_loss,
-            val_loss_history=self.history.val_loss,
-            val_accuracy_history=self.history.val_accuracy,
-            host_parameters=self.host_parameters,
-            total_parameters=self.parameters(),
-            seeds_left=max(0, self.config.budget.max_seeds - self.seeds_germinated),
-            parameters_left=self.parameters_left(),
-            task=self.config.job_name,
-        )
-        for h in self.model.health():
-            slot = snap.slots.add()
-            slot.CopyFrom(h.to_proto())
-            if h.slot_id in contributions:
-                slot.contribution = contributions[h.slot_id]
-                slot.contribution_measured = True
-            if not math.isfinite(slot.contribution):
-                slot.finite = False
-                slot.contribution = 0.0
-        snap.graph.CopyFrom(self._graph())
-        snap.taken_at.GetCurrentTime()
-        return snap
-
-    def _decide(self, snapshot: health_pb2.HealthSnapshot) -> list[decision_pb2.Decision]:
-        assert self.controller is not None
-        t0 = time.perf_counter()
-        try:
-            decisions = list(self.controller.decide(snapshot))
-        except EsperError as e:
-            self._degrade("tamiyo", e.reason.lower(), f"no growth decision this boundary: {e}")
-            return []
-        if "tamiyo" in self.degraded:
-            self.degraded.discard("tamiyo")
-            self._degrade("tamiyo", "recovered", "controller answered again", recovered=True)
-        self._decide_ms = (time.perf_counter() - t0) * 1e3
-        return decisions
-
-    def _apply(self, decisions: Sequence[decision_pb2.Decision]) -> None:
-        """Apply each decision through Kasmina; an illegal one is recorded, never fatal."""
-        rejected: dict[int, str] = {}
-        for i, d in enumerate(decisions):
-            why = self._apply_one(d)
-            if why:
-                rejected[i] = why
-            if d.kind != decision_pb2.DECISION_KIND_WAIT:
-                self.history.decisions.append({
-                    "epoch": self.epoch, "kind": decision_pb2.DecisionKind.Name(d.kind),
-                    "slot": d.slot_id, "kernel_id": d.kernel_id, "reason": d.reason,
-                    "rejected": why,
-                })
-        if decisions:
-            self._emit("decision", events_pb2.DecisionEvent(
-                decisions=decisions, rejected=rejected, latency_ms=self._decide_ms))
-
-    def _apply_one(self, d: decision_pb2.Decision) -> str:
-        """Why `d` could not be applied, or "" when it was."""
-        kind = d.kind
-        if kind == decision_pb2.DECISION_KIND_WAIT:
-            return ""
-        if d.slot_id not in self.model.slots:
-            return f"no slot {d.slot_id!r}; slots: {', '.join(self.model.slots)}"
-        try:
-            if kind == decision_pb2.DECISION_KIND_GERMINATE:
-                return self._germinate(d)
-            if kind == decision_pb2.DECISION_KIND_PRUNE:
-                self.model.prune(d.slot_id, d.reason or "controller decision")
-            elif kind == decision_pb2.DECISION_KIND_FOSSILIZE:
-                self.model.fossilize(d.slot_id, d.reason or "controller decision")
-            else:
-                return f"decision kind {kind} is not an action"
-        except EsperError as e:
-            return f"{e.reason}: {e}"
-        return ""
-
-    def _germinate(self, d: decision_pb2.Decision) -> str:
-        if self.seeds_germinated >= self.config.budget.max_seeds:
-            return f"seed budget spent ({self.config.budget.max_seeds} germinated)"
-        if "germinate" not in self.model.legal_actions(d.slot_id):
-            return f"germinate is not legal for slot {d.slot_id!r} now (legal: {sorted(self.model.legal_actions(d.slot_id))})"
-        try:
-            seed = self.kernels.load(d.kernel_id, self.model.site_signature(d.slot_id))
-        except NotFoundError as e:
-            return f"kernel unavailable: {e}"
-        except EsperError as e:
-            # Urza down or an unverifiable artifact: growth waits, training does not.
-            self._degrade("urza", e.reason.lower(), f"kernel {d.kernel_id!r} not loaded: {e}")
-            return f"kernel unavailable: {e}"
-        if "urza" in self.degraded:
-            self.degraded.discard("urza")
-            self._degrade("urza", "recovered", f"kernel {d.kernel_id!r} loaded", recovered=True)
-        added = _count(seed.parameters())
-        if added > self.parameters_left():
-            return f"kernel adds {added} parameters, more than the {self.parameters_left()} left"
-        try:
-            self.model.germinate(d.slot_id, seed, kernel_id=d.kernel_id,
-                                 blueprint_id=d.blueprint_id or d.kernel_id,
-                                 reason=d.reason or "controller decision")
-        except EsperError as e:
-            return f"{e.reason}: {e}"
-        self.seeds_germinated += 1
-        return ""
-
     # ----- the governor -----
 
     def _roll_back(self, why: str) -> None:
         """Restore the last good state, prune every live seed, reset optimizer state."""
         good = self.governor.begin_rollback(why)
         self.model.load_state_dict(good.model)
-        pruned = []
-        for slot_id, slot in self.model.slots.items():
-            if slot.current_stage in _PRUNABLE:
-                self.model.prune(slot_id, f"governor rollback: {why}")
-                pruned.append(slot_id)
+        pruned = self.grower.prune_live(f"governor rollback: {why}")
         self.optimizer.state.clear()
         self.flops.invalidate()
-        self._degrade(
+        self._rolled_back = True
+        self.grower.record_degradation(
             "governor", "rollback",
             f"{why}; rolled back to the state after epoch {good.epoch}, pruned "
-            f"{pruned or 'no seeds'}, optimizer state reset (rollback {self.governor.rollbacks})",
-        )
+            f"{pruned or 'no seeds'}, optimizer state reset (rollback {self.governor.rollbacks})")
 
     def _remember_good(self) -> None:
         self.governor.remember(self.epoch, self.model.state_dict(), self.optimizer.state_dict())
 
     # ----- checkpoints -----
 
-    def save_checkpoint(self) -> Path | None:
-        """Write a checkpoint of the run as it is now (at a step boundary)."""
-        if self.checkpoint_dir is None:
-            return None
-        tensors, meta = self._state()
-        path = ckpt.checkpoint_path(self.checkpoint_dir, self.epoch)
-        ckpt.save(path, tensors, meta)
-        ckpt.prune_old(self.checkpoint_dir, self.keep_checkpoints)
-        return path
+    def state_dict(self) -> dict[str, Any]:
+        """Every component's state, at a step boundary: what a checkpoint holds."""
+        np_state = np.random.get_state()
+        return {
+            "run": {"run_id": self.run_id, "config": self.config.to_dict()},
+            "model": self.model.host.state_dict(),
+            "grower": self.grower.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "flops": self.flops.state_dict(),
+            "governor": self.governor.state_dict(),
+            "loop": {"step_in_epoch": self._step_in_epoch, "epoch_acc": dict(self._epoch_acc),
+                     "last_lr": self._last_lr,
+                     "elapsed": self._elapsed_before + time.perf_counter() - self._started},
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                              int(np_state[2]), int(np_state[3]), float(np_state[4])]},
+        }
 
-    def resume(self, path: Path | None = None) -> bool:
-        """Load `path` (default: the latest checkpoint in `checkpoint_dir`); False if none."""
-        if path is None:
-            if self.checkpoint_dir is None:
-                return False
-            path = ckpt.latest_checkpoint(self.checkpoint_dir)
-            if path is None:
-                return False
-        tensors, meta = ckpt.load(path)
-        saved = meta["config"]
-        current = self.config.to_dict()
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from `state_dict()`: the same run resumes bit for bit.
+
+        Raises:
+            FailedPreconditionError: the state is of a run with another config.
+        """
+        saved, current = state["run"]["config"], self.config.to_dict()
         differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         if differ:
             raise FailedPreconditionError(
-                f"checkpoint {path} is of a run with a different config ({', '.join(differ)} "
-                f"differ); resume it with the config it was written with"
-            )
-        model_state: dict[str, Any] = {k[len("model/"):]: v for k, v in tensors.items()
-                                       if k.startswith("model/")}
-        model_state.update(meta["model_extra"])
-        self.model.load_state_dict(model_state)
-        self.optimizer.load_state_dict(ckpt.unflatten_optimizer(tensors, meta["optimizer"]))
-        t = meta["trainer"]
-        self.epoch, self.global_step = t["epoch"], t["global_step"]
-        self._step_in_epoch, self._epoch_acc = t["step_in_epoch"], dict(t["epoch_acc"])
-        self.sequence, self.seeds_germinated = t["sequence"], t["seeds_germinated"]
-        self._elapsed_before = t["elapsed"]
-        self.history = History.from_dict(t["history"])
-        self.flops.load_state_dict(t["flops"])
-        self.governor.rollbacks = t["rollbacks"]
-        if "controller" in t and isinstance(self.controller, StatefulController):
-            self.controller.load_state_dict(t["controller"])
-        torch.set_rng_state(tensors["rng/torch"])
-        r = t["rng_python"]
-        random.setstate((r[0], tuple(r[1]), r[2]))
-        n = t["rng_numpy"]
-        np.random.set_state((n[0], tensors["rng/numpy"].numpy().astype(np.uint32), n[1], n[2], n[3]))
+                f"the checkpoint is of a run with a different config ({', '.join(differ)} "
+                "differ); resume it with the config it was written with")
+        self.model.host.load_state_dict(state["model"])
+        # The grower first: seeds are rebuilt and rejoin the optimizer, whose state (and the
+        # scheduler's per-group lists) then fit.
+        self.grower.load_state_dict(state["grower"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.flops.load_state_dict(state["flops"])
+        self.governor.load_state_dict(state["governor"])
+        loop = state["loop"]
+        self._step_in_epoch, self._epoch_acc = int(loop["step_in_epoch"]), dict(loop["epoch_acc"])
+        self._last_lr, self._elapsed_before = float(loop["last_lr"]), float(loop["elapsed"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        n = rng["numpy"]
+        np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
         self._remember_good()
-        return True
 
-    def _state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        sd = self.model.state_dict()
-        tensors = {f"model/{k}": v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-        model_extra = {k: v for k, v in sd.items() if not isinstance(v, torch.Tensor)}
-        opt_tensors, opt_structure = ckpt.flatten_optimizer(self.optimizer.state_dict(), "optim/")
-        tensors.update(opt_tensors)
-        tensors["rng/torch"] = torch.get_rng_state()
-        np_state = np.random.get_state()
-        tensors["rng/numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
-        trainer = {
-            "epoch": self.epoch,
-            "global_step": self.global_step,
-            "step_in_epoch": self._step_in_epoch,
-            "epoch_acc": self._epoch_acc,
-            "sequence": self.sequence,
-            "seeds_germinated": self.seeds_germinated,
-            "elapsed": self._elapsed_before + time.perf_counter() - self._started,
-            "history": self.history.to_dict(),
-            "flops": self.flops.state_dict(),
-            "rollbacks": self.governor.rollbacks,
-            "rng_python": random.getstate(),
-            "rng_numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        }
-        if isinstance(self.controller, StatefulController):
-            trainer["controller"] = self.controller.state_dict()
-        meta = {
-            "run_id": self.run_id,
-            "config": self.config.to_dict(),
-            "model_extra": model_extra,
-            "optimizer": opt_structure,
-            "trainer": trainer,
-        }
-        return tensors, meta
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint of the run as it is now (at a step boundary)."""
+        if self.checkpointer is None:
+            return None
+        return self.checkpointer.save(self.epoch, self.state_dict())
+
+    def resume(self, path: Path | None = None) -> bool:
+        """Load `path` (default: the checkpointer's latest); False if there is none."""
+        if path is None:
+            path = self.checkpointer.latest() if self.checkpointer is not None else None
+            if path is None:
+                return False
+        self.load_state_dict(read_state(path))
+        return True
 
     # ----- views -----
 
-    def parameters(self) -> int:
-        return _count(self.model.parameters())
+    @property
+    def run_id(self) -> str:
+        return self.grower.run_id
 
-    def parameters_left(self) -> int:
-        bound = self.config.budget.max_added_parameters
-        if bound == 0:
-            return UNBOUNDED_PARAMETERS
-        return max(0, bound - (self.parameters() - self.host_parameters))
+    @property
+    def epoch(self) -> int:
+        """Epochs completed."""
+        return self.grower.epoch
 
-    def fossilized(self) -> dict[str, str]:
-        return {sid: s.kernel_id for sid, s in self.model.slots.items()
-                if s.current_stage is SeedStage.FOSSILIZED}
+    @property
+    def global_step(self) -> int:
+        return self.grower.global_step
 
-    def _graph(self) -> health_pb2.ModelGraph:
-        """Leaf modules in execution order, a slot node after each site, chained."""
-        graph = health_pb2.ModelGraph()
-        modules = dict(self.model.host.named_modules())
-        slots = self.model.slots
-        for name in self._graph_order:
-            mod = modules[name]
-            graph.nodes.add(name=name, kind=type(mod).__name__.lower(),
-                            parameters=_count(mod.parameters()))
-            if name in slots:
-                seed = slots[name].seed
-                graph.nodes.add(name=f"{name}/slot", kind="slot", slot_id=name,
-                                parameters=_count(seed.parameters()) if seed is not None else 0)
-        for i in range(len(graph.nodes) - 1):
-            graph.edges.add(src=i, dst=i + 1)
-        return graph
+    @property
+    def controller(self) -> Controller | None:
+        return self.grower.controller
+
+    @property
+    def kernels(self) -> KernelSource | None:
+        return self.grower.kernels
+
+    @property
+    def history(self) -> GrowthHistory:
+        return self.grower.history
+
+    @property
+    def host_parameters(self) -> int:
+        return self.grower.host_parameters
+
+    @property
+    def seeds_germinated(self) -> int:
+        return self.grower.seeds_germinated
+
+    def snapshot(self) -> health_pb2.HealthSnapshot:
+        """What the controller would see now, contribution measured on the held-out batch."""
+        held_out = self.grower.held_out
+        assert held_out is not None
+        return self.grower.snapshot(self.model.measure_contribution(*held_out, self.job.loss_fn))
 
     def _result(self, *, completed: bool, test: tuple[float, float] | None = None) -> RunResult:
-        test_loss, test_acc = test if test is not None else (float("nan"), float("nan"))
+        test_loss, test_acc = test if test is not None else (math.nan, math.nan)
+        history = self.history
         return RunResult(
             completed=completed,
             epochs=self.epoch,
             global_step=self.global_step,
             test_loss=test_loss,
             test_accuracy=test_acc,
-            val_accuracy=self.history.val_accuracy[-1] if self.history.val_accuracy else float("nan"),
-            parameters=self.parameters(),
+            val_accuracy=history.val_accuracy[-1] if history.val_accuracy else math.nan,
+            parameters=self.grower.parameters(),
             train_flops=self.flops.total,
             wall_seconds=self._elapsed_before + time.perf_counter() - self._started,
             rollbacks=self.governor.rollbacks,
-            fossilized=self.fossilized(),
-            history=self.history,
+            fossilized=self.grower.fossilized(),
+            history=history,
         )
 
     # ----- events -----
 
-    def emit(self, payload: str, message: Any, *, source: str = "tolaria", epoch: int | None = None,
+    def emit(self, payload: str, message: Any, *, source: str | None = None, epoch: int | None = None,
              step: int | None = None) -> events_pb2.EventEnvelope:
-        """Wrap `message` as the envelope's `payload` field and hand it to the sink.
+        """An event in the run's own sequence (`<run id>/<sequence>` ids, repeated after a
+        resume so that JetStream's `Nats-Msg-Id` dedup drops the repeats)."""
+        return self.grower.emit(payload, message, source=source, epoch=epoch, step=step)
 
-        The worker uses this too (run state changes), so sequences stay one per run.
-        Event ids are `<run id>/<sequence>`: a resumed run re-emits the same ids for the
-        events it repeats, which JetStream's `Nats-Msg-Id` dedup then drops.
-        """
-        self.sequence += 1
-        env = events_pb2.EventEnvelope(
-            event_id=f"{self.run_id}/{self.sequence}",
-            run_id=self.run_id,
-            step=self.global_step if step is None else step,
-            epoch=self.epoch if epoch is None else epoch,
-            source=source,
-            sequence=self.sequence,
-        )
-        env.emitted_at.CopyFrom(_now())
-        getattr(env, payload).CopyFrom(message)
+    def _on_event(self, env: events_pb2.EventEnvelope) -> None:
+        if env.WhichOneof("payload") == "lifecycle":
+            self.flops.invalidate()  # the topology changed: the next step is measured again
         if self.event_sink is not None:
             self.event_sink(env)
-        return env
-
-    _emit = emit
-
-    def _on_kasmina_event(self, event: KasminaEvent) -> None:
-        if event.kind == "transition":
-            self.flops.invalidate()
-            self.emit("lifecycle", event.to_proto(), source="kasmina", step=self.global_step)
-        else:
-            self.emit("gate", event.to_proto(), source="kasmina", step=self.global_step)
-
-    def _degrade(self, component: str, kind: str, detail: str, *, recovered: bool = False) -> None:
-        if not recovered:
-            self.degraded.add(component)
-        _log.warning("run %s degraded: %s %s: %s", self.run_id, component, kind, detail)
-        self.emit("degradation", events_pb2.DegradationEvent(component=component, kind=kind, detail=detail))
-
-    def _record_epoch(self) -> None:
-        slots = self.model.slots
-        alphas = {sid: s.alpha for sid, s in slots.items()}
-        stages = {sid: s.current_stage for sid, s in slots.items()}
-        h = self.history
-        h.parameters.append(self.parameters())
-        h.train_flops.append(self.flops.total)
-        h.learning_rate.append(self.optimizer.param_groups[0]["lr"])
-        h.alphas.append(alphas)
-        h.stages.append({k: v.name for k, v in stages.items()})
-        self.emit("epoch_metrics", events_pb2.EpochMetrics(
-            epoch=self.epoch,
-            total_epochs=self.config.epochs,
-            train_loss=h.train_loss[-1],
-            val_loss=h.val_loss[-1],
-            val_accuracy=h.val_accuracy[-1],
-            parameters=h.parameters[-1],
-            learning_rate=h.learning_rate[-1],
-            epoch_seconds=time.perf_counter() - self._epoch_t0,
-            train_flops=self.flops.total,
-            alphas=alphas,
-            stages={k: int(v) for k, v in stages.items()},
-            control_ms=self._control_ms,
-        ))
 
 
-class _IdentityList(list):
-    """A list whose `remove` finds the element by identity, not equality."""
-
-    def remove(self, value: Any) -> None:
-        for i, item in enumerate(self):
-            if item is value:
-                del self[i]
-                return
-        raise ValueError("param group not in the optimizer")
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _epoch_batches(loader: Any, epoch: int) -> Any:
@@ -783,36 +547,3 @@ def _head(batch: Any, rows: int) -> tuple[Any, Any]:
         return v
 
     return cut(x), cut(y)
-
-
-def _count(params: Any) -> int:
-    return sum(p.numel() for p in params)
-
-
-def _now() -> Timestamp:
-    ts = Timestamp()
-    ts.GetCurrentTime()
-    return ts
-
-
-def _execution_order(host: nn.Module, example: Any) -> list[str]:
-    """Names of the host's leaf modules in the order a forward pass runs them."""
-    order: list[str] = []
-    handles = []
-    for name, mod in host.named_modules():
-        # A site holding a static seed still counts as one node; the seed's insides do not.
-        if STATIC_SEED in name.split("."):
-            continue
-        if name and all(child == STATIC_SEED for child, _ in mod.named_children()):
-            handles.append(mod.register_forward_hook(
-                lambda _m, _a, _o, name=name: order.append(name) if name not in order else None))
-    try:
-        with torch.no_grad():
-            was = host.training
-            host.eval()
-            _forward(host, example)
-            host.train(was)
-    finally:
-        for h in handles:
-            h.remove()
-    return order

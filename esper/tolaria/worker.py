@@ -34,15 +34,11 @@ import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
-from esper.errors import EsperError, FailedPreconditionError, NotFoundError
+from esper.errors import EsperError, FailedPreconditionError
 from esper.runtime import tracing
-from esper.runtime.client import as_esper_error, sync_channel
-from esper.tolaria.control import OutcomeReporter, RemoteController, RemoteKernelProvider
+from esper.tolaria.outcomes import OutcomeReporter
 from esper.tolaria.runs import EventLog, new_envelope, read_config
-from generated.esper.common.v1 import decision_pb2, health_pb2
 from generated.esper.oona.v1 import events_pb2
-from generated.esper.tamiyo.v1 import tamiyo_service_pb2 as tamiyo_pb
-from generated.esper.tamiyo.v1 import tamiyo_service_pb2_grpc as tamiyo_rpc
 
 log = logging.getLogger("esper.tolaria.worker")
 
@@ -103,20 +99,7 @@ class RunEvents:
         )
 
 
-# ---- remote calls (generated stubs over esper.runtime.client channels) ---------------------
-def tamiyo_decide(channel: grpc.Channel):
-    stub = tamiyo_rpc.TamiyoServiceStub(channel)
-
-    def decide(snapshot: health_pb2.HealthSnapshot, timeout_s: float) -> list[decision_pb2.Decision]:
-        try:
-            resp = stub.Decide(tamiyo_pb.DecideRequest(snapshot=snapshot), timeout=timeout_s)
-        except grpc.RpcError as e:
-            raise as_esper_error(e) from e
-        return list(resp.decisions)
-
-    return decide
-
-
+# ---- remote links ---------------------------------------------------------------------------
 class _CallDetails(grpc.ClientCallDetails):
     def __init__(self, d: grpc.ClientCallDetails, metadata: list[tuple[str, str]]) -> None:
         self.method, self.timeout, self.credentials = d.method, d.timeout, d.credentials
@@ -159,17 +142,40 @@ def urza_channel(target: str) -> grpc.Channel:
                                   TraceContextInterceptor())
 
 
-def tamiyo_policy(channel: grpc.Channel, timeout_s: float, events: RunEvents) -> str | None:
+def served_policy(controller: Any, timeout_s: float, events: RunEvents) -> str | None:
     """The policy Tamiyo serves, or None (with a degradation event) when it cannot be asked."""
-    stub = tamiyo_rpc.TamiyoServiceStub(channel)
     try:
-        return stub.GetPolicyInfo(tamiyo_pb.GetPolicyInfoRequest(), timeout=max(timeout_s, 2.0)).policy
-    except grpc.RpcError as e:
-        err = as_esper_error(e)
-        events.degrade("tamiyo", err.reason.lower(),
-                       f"could not ask Tamiyo which policy it serves ({err}); the run goes on and "
+        return controller.policy_info(max(timeout_s, 2.0)).policy
+    except EsperError as e:
+        events.degrade("tamiyo", e.reason.lower(),
+                       f"could not ask Tamiyo which policy it serves ({e}); the run goes on and "
                        "grows only when Tamiyo answers")
         return None
+
+
+class TracedKernels:
+    """The run's `KernelSource`: Urza's kernels (`esper.urza.source.UrzaKernels`), each call
+    in a span of the run's trace; the grower records their degradations as Urza's."""
+
+    component = "urza"
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def candidates(self, site: Any) -> list[Any]:
+        with _tracer().start_as_current_span("tolaria.kernel_candidates"):
+            return self.source.candidates(site)
+
+    def load(self, kernel_id: str, site: Any = None) -> Any:
+        with _tracer().start_as_current_span("tolaria.load_kernel") as span:
+            span.set_attribute("esper.kernel_id", kernel_id)
+            return self.source.load(kernel_id, site)
+
+
+def _tracer() -> trace.Tracer:
+    """The process's configured tracer, else the API's no-op one (which still carries the
+    caller's trace context through to the gRPC calls below it)."""
+    return tracing.tracer() or trace.get_tracer("esper.tolaria.worker")
 
 
 def preload() -> None:
@@ -188,6 +194,7 @@ def preload() -> None:
     import esper.jobs.registry
     import esper.kasmina.loader
     import esper.oona.publisher
+    import esper.tamiyo.client
     import esper.tezzeret.client
     import esper.tolaria.governor
     import esper.tolaria.trainer
@@ -282,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _train(cfg: Any, run_id: str, run_dir: Path, args: argparse.Namespace, endpoints: dict[str, str],
            api_key: str | None, events: RunEvents, stop: threading.Event) -> int:
-    """Build the run (clients, kernel source, controller, job, trainer), then train it.
+    """Build the run (kernel source, controller, job, trainer), then train it.
 
     Everything that can fail for a reason a restart would not cure (a missing endpoint or
     key directory, a job that raises, Tamiyo serving another policy) ends the run FAILED
@@ -290,8 +297,9 @@ def _train(cfg: Any, run_id: str, run_dir: Path, args: argparse.Namespace, endpo
     """
     from esper.jobs import JobBuildError, JobConfigError
     from esper.jobs.registry import JobRegistry
+    from esper.tamiyo.client import TamiyoController
     from esper.tolaria.governor import RunDivergedError
-    from esper.tolaria.trainer import Trainer, build_job
+    from esper.tolaria.trainer import build_job, build_trainer
 
     closers: list[Any] = []
 
@@ -302,9 +310,6 @@ def _train(cfg: Any, run_id: str, run_dir: Path, args: argparse.Namespace, endpo
     try:
         source = _kernel_source(cfg, run_dir, args, endpoints, api_key, events, closers)
         urza = source.urza if source is not None else None
-        kernels: Any = (RemoteKernelProvider(lambda kid, t: source.load(kid, timeout_s=t),
-                                             timeout_s=max(cfg.decide_timeout_s, 5.0), breaker=None)
-                        if source is not None else _NoKernels())
         outcomes = OutcomeReporter(
             run_id, cfg.job_name,
             (lambda req, t: urza.record_outcome(req.report, t, request_id=req.request_id))
@@ -314,31 +319,17 @@ def _train(cfg: Any, run_id: str, run_dir: Path, args: argparse.Namespace, endpo
         events.observers.append(outcomes.observe)
         controller = None
         if cfg.controller != "none":
-            tamiyo_ch = _channel("tamiyo", endpoints, api_key, cfg.decide_timeout_s)
-            closers.append(tamiyo_ch)
-            served = tamiyo_policy(tamiyo_ch, cfg.decide_timeout_s, events)
+            if "tamiyo" not in endpoints:
+                raise FailedPreconditionError(f"no endpoint for 'tamiyo'; the worker got {sorted(endpoints)}")
+            controller = TamiyoController(endpoints["tamiyo"], api_key=api_key, timeout_s=cfg.decide_timeout_s)
+            closers.append(controller)
+            served = served_policy(controller, cfg.decide_timeout_s, events)
             if served is not None and served != cfg.controller:
                 # Training under another policy than the one asked for would be a silent lie.
                 return fail(
                     f"the run asks for controller {cfg.controller!r} but Tamiyo at "
                     f"{endpoints['tamiyo']} serves {served!r}; start Tamiyo with that policy or "
                     "change the run's controller")
-
-            def before_decide(snapshot: health_pb2.HealthSnapshot) -> None:
-                outcomes.observe_snapshot(snapshot)
-                if source is not None and source.pending():
-                    # The run waits (bounded, once) for kernels compiled on demand for its
-                    # sites, so that the first Decide already finds them in Urza.
-                    try:
-                        source.wait_pending(args.compile_wait_s)
-                    except EsperError as e:
-                        events.degrade("kernels", e.reason.lower(),
-                                       f"could not ask Tezzeret about on-demand kernels: {e}")
-
-            controller = RemoteController(
-                tamiyo_decide(tamiyo_ch), timeout_s=cfg.decide_timeout_s,
-                on_snapshot=before_decide,
-            )
         try:
             job = build_job(cfg, JobRegistry.discover(json.loads(args.jobs) if args.jobs else None))
         except (JobBuildError, JobConfigError) as e:
@@ -346,11 +337,11 @@ def _train(cfg: Any, run_id: str, run_dir: Path, args: argparse.Namespace, endpo
             # deterministic, so the run fails with the job's error instead of restarting.
             log.exception("run %s: building job %r failed", run_id, cfg.job_name)
             return fail(str(e))
-        trainer = Trainer(
+        trainer = build_trainer(
             cfg,
             run_id=run_id,
             job=job,
-            kernels=kernels,
+            kernels=TracedKernels(source) if source is not None else None,
             controller=controller,
             event_sink=events,
             checkpoint_dir=run_dir / "checkpoints",
@@ -359,7 +350,7 @@ def _train(cfg: Any, run_id: str, run_dir: Path, args: argparse.Namespace, endpo
         resumed = trainer.resume()
         detail = f"resumed from the checkpoint after epoch {trainer.epoch}" if resumed else "started"
         events.emit(run_state=events_pb2.RunStateChanged(state="running", detail=detail))
-        if source is not None and controller is not None:
+        if source is not None:
             _ensure_kernels(source, trainer, events)
         try:
             result = trainer.run()
@@ -384,19 +375,6 @@ def _train(cfg: Any, run_id: str, run_dir: Path, args: argparse.Namespace, endpo
     finally:
         for c in closers:
             c.close()
-
-
-class _NoKernels:
-    """The kernel provider of a run that grows nothing (controller "none")."""
-
-    def load(self, kernel_id: str, site: Any = None) -> Any:
-        raise NotFoundError(f"kernel {kernel_id!r}: this run has no controller and loads no kernels")
-
-
-def _channel(part: str, endpoints: dict[str, str], api_key: str | None, timeout_s: float) -> grpc.Channel:
-    if part not in endpoints:
-        raise FailedPreconditionError(f"no endpoint for {part!r}; the worker got {sorted(endpoints)}")
-    return sync_channel(endpoints[part], api_key=api_key, default_timeout_s=timeout_s)
 
 
 def _kernel_source(cfg: Any, run_dir: Path, args: argparse.Namespace, endpoints: dict[str, str],

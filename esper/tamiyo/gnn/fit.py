@@ -1,14 +1,18 @@
 """The whole training pipeline behind `esper tamiyo train`: field reports → imitation → AWR → policy file.
 
 1. Field reports: in-process runs under the heuristic + ε-exploration (`collect_runs` per
-   task) and/or everything a live platform published on JetStream (with Urza's kernel
-   statistics as the candidates).
+   task, by the `collector` the caller passes: Tolaria's trainer runs them, so it
+   lives on the top floor, `esper.experiments.fieldreports.collect_inprocess`) and/or
+   everything a live platform published on JetStream (with Urza's kernel statistics as
+   the candidates).
 2. Stage 1: imitation of the heuristic on synthetic boundaries plus the field snapshots
    (value head fitted to the field returns).
 3. Stage 2: advantage-weighted regression on the behaviour's actions (`gnn.awr`).
-4. A versioned policy file `<name>-<version>.json` + `.safetensors`, and `<name>.json`
-   replaced atomically by a copy of it (same pinned weights file), so a service whose
-   `gnn.policy_file` is `<out>/<name>.json` hot-reloads the new version.
+4. A versioned policy file `<name>-<version>.json` + `.safetensors`, signed with the
+   operator's Ed25519 key (`io.signing_key_for`: the key Tezzeret signs kernels with), and
+   `<name>.json` replaced atomically by a copy of it (same pinned weights file, same
+   signature), so a service whose `gnn.policy_file` is `<out>/<name>.json` hot-reloads the
+   new version once it verifies.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from typing import Any
 
 import torch
 
+from esper.blueprints.artifact import SigningKey
 from esper.errors import ConfigError
 from esper.tamiyo._config import config_from_dict
-from esper.tamiyo.fieldreports import RewardConfig, RunReport, collect_inprocess
+from esper.tamiyo.fieldreports import RewardConfig, RunReport
 from esper.tamiyo.gnn.awr import AwrConfig, behaviour_examples, teacher_examples, train_awr
 from esper.tamiyo.gnn.io import _atomic_write, save_policy
 from esper.tamiyo.gnn.model import Ensemble, NetConfig
@@ -98,12 +103,17 @@ class Trained:
     training: dict[str, Any]
 
 
-def collect(spec: TrainSpec, progress: Callable[[str], None] = print) -> list[RunReport]:
+Collect = Callable[..., list[RunReport]]
+"""`collect(task=, seeds=, epsilon=, epochs=, progress=)` → run reports of in-process runs
+(`esper.experiments.fieldreports.collect_inprocess`)."""
+
+
+def collect(spec: TrainSpec, run: Collect, progress: Callable[[str], None] = print) -> list[RunReport]:
     reports: list[RunReport] = []
     for task in spec.tasks:
         progress(f"collecting {spec.collect_runs} run(s) of {task} under heuristic + ε={spec.epsilon} exploration")
-        reports += collect_inprocess(task=task, seeds=spec.seeds[: spec.collect_runs], epsilon=spec.epsilon,
-                                     epochs=spec.epochs, progress=progress)
+        reports += run(task=task, seeds=spec.seeds[: spec.collect_runs], epsilon=spec.epsilon,
+                       epochs=spec.epochs, progress=progress)
     return reports
 
 
@@ -111,21 +121,31 @@ def train_policy(
     spec: TrainSpec,
     out_dir: Path,
     *,
+    signing_key: SigningKey,
     name: str = "gnn",
     version: str = "",
     reports: Sequence[RunReport] = (),
+    collector: Collect | None = None,
     progress: Callable[[str], None] = print,
 ) -> Trained:
-    """Collect (if `spec.collect_runs`), train and write a versioned policy under `out_dir`.
+    """Collect (if `spec.collect_runs`, with `collector`), train and write a versioned policy,
+    signed with `signing_key`, under `out_dir`.
 
     `reports` adds field reports read elsewhere (JetStream). Without any report the policy
     is imitation only.
+
+    Raises:
+        ConfigError: a bad name, or `spec.collect_runs` without a `collector`.
     """
     if not name or Path(name).name != name or name.endswith(".json"):
         raise ConfigError(f"policy name={name!r} must be a bare file stem such as 'gnn'")
+    if spec.collect_runs and collector is None:
+        raise ConfigError(
+            f"collect_runs={spec.collect_runs} needs a collector that runs them "
+            "(esper.experiments.fieldreports.collect_inprocess)")
     torch.set_num_threads(1)
     t0 = time.monotonic()
-    reports = list(reports) + (collect(spec, progress) if spec.collect_runs else [])
+    reports = list(reports) + (collect(spec, collector, progress) if spec.collect_runs else [])
     reward = RewardConfig.from_dict(spec.reward)
     synthetic = synthetic_examples(spec.synthetic, seed=spec.seed * 2 + 1, teacher_config=TEACHER)
     held = synthetic_examples(max(spec.synthetic // 3, 50), seed=spec.seed * 2 + 2, teacher_config=TEACHER)
@@ -169,11 +189,13 @@ def train_policy(
     training["seconds"] = round(time.monotonic() - t0, 1)
     version = version or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{random.Random().getrandbits(16):04x}"
     out_dir = Path(out_dir)
-    path = save_policy(ens, out_dir / f"{name}-{version}.json", version=version, training=training)
+    path = save_policy(ens, out_dir / f"{name}-{version}.json", version=version, signing_key=signing_key,
+                       training=training)
     # The stable name is a copy of the versioned config (it pins the same weights file), so
     # the service's reload sees one atomic change of its policy_file.
     current = out_dir / f"{name}.json"
     _atomic_write(current, path.read_bytes())
-    progress(f"wrote {path} (version {version}); {current} now serves it; held-out agreement with the "
+    progress(f"wrote {path} (version {version}, signed by key {signing_key.key_id}); {current} now serves it; "
+             "held-out agreement with the "
              f"heuristic {training['heldout_agreement']:.1%}")
     return Trained(path=path, current=current, version=version, training=json.loads(path.read_text())["training"])

@@ -24,7 +24,7 @@ import torch
 
 from esper.tamiyo._config import config_from_dict
 from esper.tamiyo.gnn.features import build_graph
-from esper.tamiyo.gnn.io import load_policy
+from esper.tamiyo.gnn.io import load_policy, trusted_keys_for
 from esper.tamiyo.gnn.model import ACTIONS, Ensemble, kernel_features
 from esper.tamiyo.heuristic import HeuristicConfig, HeuristicPolicy
 from esper.tamiyo.policy import (
@@ -54,6 +54,10 @@ class GnnConfig:
     """Path of the policy's JSON config (its safetensors weights sit next to it)."""
     uncertainty_threshold: float = 0.2
     """Normalised ensemble mutual information above which the heuristic decides instead."""
+    trusted_keys_dir: str = ""
+    """Directory of the Ed25519 public keys (*.pub/*.pem) whose policy signatures are accepted;
+    empty: ESPER_TRUSTED_KEYS_DIR, else `<data_dir>/trusted_keys` (where Tezzeret publishes its
+    key). Re-read at every (re)load."""
 
     def __post_init__(self) -> None:
         if not self.policy_file:
@@ -235,10 +239,15 @@ class GnnPolicy(Policy):
         return decisions
 
 
-def load_gnn_policy(config: Any) -> GnnPolicy:
-    """The GNN policy `TamiyoConfig.gnn` names, with the heuristic from `TamiyoConfig.heuristic` as fallback."""
+def load_gnn_policy(config: Any, *, data_dir: Path | None = None) -> GnnPolicy:
+    """The GNN policy `TamiyoConfig.gnn` names, with the heuristic from `TamiyoConfig.heuristic` as fallback.
+
+    The file must be signed by a key in `gnn.trusted_keys_dir` (else ESPER_TRUSTED_KEYS_DIR,
+    else `<data_dir>/trusted_keys`).
+    """
     gcfg = GnnConfig.from_dict(config.gnn)
-    ensemble, meta = load_policy(Path(gcfg.policy_file))
+    trusted = trusted_keys_for(gcfg.trusted_keys_dir or None, data_dir=data_dir)
+    ensemble, meta = load_policy(Path(gcfg.policy_file), trusted)
     return GnnPolicy(
         ensemble,
         uncertainty_threshold=gcfg.uncertainty_threshold,

@@ -346,7 +346,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--hidden", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--version", default="", help="policy version (default: UTC timestamp)")
+    ap.add_argument("--signing-key", default="", help="Ed25519 private key file to sign with (default: "
+                    "ESPER_SIGNING_KEY(_FILE), else DATA_DIR/tezzeret/signing_key.pem)")
+    ap.add_argument("--data-dir", type=Path, default=Path(".esper"), help="the platform's data directory")
     args = ap.parse_args(argv)
+    from esper.tamiyo.gnn.io import signing_key_for
+
+    key, _ = signing_key_for(args.signing_key or None, data_dir=args.data_dir)
     torch.set_num_threads(1)
     train = synthetic_examples(args.examples, seed=args.seed * 2 + 1)
     held = synthetic_examples(max(args.examples // 3, 50), seed=args.seed * 2 + 2)
@@ -360,6 +366,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ens,
         Path(args.out),
         version=version,
+        signing_key=key,
         training={
             "method": "imitation of the heuristic (synthetic boundaries)",
             "examples": len(train),
@@ -370,7 +377,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             "seconds": round(time.monotonic() - t0, 1),
         },
     )
-    print(f"wrote {path} version {version}: held-out agreement with the heuristic {agreement:.1%}")
+    print(f"wrote {path} version {version} (signed by key {key.key_id}): held-out agreement with the "
+          f"heuristic {agreement:.1%}")
 
 
 if __name__ == "__main__":

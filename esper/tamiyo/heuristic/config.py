@@ -51,7 +51,7 @@ class HeuristicConfig:
     cost_weight: float = 0.01
     """Score lost per host-sized parameter count the kernel adds (parameter rent)."""
     probe_weight: float = 1.0
-    """How much of a probe's measured gain (`SlotHealth.probes`) becomes the kernel's prior:
+    """How much of a probe's measured gain (`HealthSnapshot.probes`) becomes the kernel's prior:
     `prior = probe_weight × gain` replaces `prior_contribution` for a probed kernel."""
     probe_tie_stderr: float = 1.0
     """Probed kernels whose score is within this many standard errors (from the probes'
@@ -91,8 +91,11 @@ class HeuristicConfig:
         if self.probe_min_gain is not None and not (
                 isinstance(self.probe_min_gain, int | float) and math.isfinite(self.probe_min_gain)):
             raise ValueError(f"probe_min_gain={self.probe_min_gain!r} must be a finite number or None")
-        if self.fossilize_epochs < 1:
-            raise ValueError(f"fossilize_epochs={self.fossilize_epochs} must be >= 1")
+        if not 1 <= self.fossilize_epochs <= 16:
+            # The streak is read from the snapshot's slot history, which carries at most
+            # the last 16 boundaries (esper.grow sends at most 16 per slot).
+            raise ValueError(f"fossilize_epochs={self.fossilize_epochs} must be in 1..16 "
+                             "(a snapshot carries at most 16 boundaries of a slot's history)")
         if self.holding_patience_epochs < self.fossilize_epochs:
             raise ValueError(
                 f"holding_patience_epochs={self.holding_patience_epochs} must be >= "

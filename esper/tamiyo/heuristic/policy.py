@@ -7,7 +7,7 @@ At each epoch boundary, in this order:
    HOLDING without earning fossilization.
 2. **Fossilize** a HOLDING seed whose measured contribution was at least
    `fossilize_threshold` for `fossilize_epochs` consecutive boundaries. The record is the
-   snapshot's own (`SlotHealth.history`) when the client sends it (`HealthSnapshot.
+   snapshot's own (`HealthSnapshot.slot_records`) when the client sends it (`HealthSnapshot.
    slot_history`; `esper.grow` always does), so any replica of the service decides a
    boundary alike and a resumed run keeps its streaks; for clients that send none, the
    policy remembers boundaries itself, per run and slot, reset when the slot's kernel
@@ -20,7 +20,7 @@ At each epoch boundary, in this order:
    (output: the seed reads the site's output; parallel: it reads the wrapped module's
    input and can add width) in one decision:
 
-   *With probes* (`SlotHealth.probes`: the client trained a fresh seed of each offered
+   *With probes* (`HealthSnapshot.probes`: the client trained a fresh seed of each offered
    kernel alone for a few steps and measured its held-out gain and that gain's standard
    error, `esper.grow.probe`): *where and what* together, over every probed kernel of
    every open slot, whatever the slot's kind — measured gains are in one unit (validation
@@ -188,7 +188,7 @@ class HeuristicPolicy(Policy):
             return self.history.streak(snapshot.run_id, slot.slot_id,
                                        stage=seed_pb2.SEED_STAGE_HOLDING,
                                        up_to_epoch=snapshot.epoch, at_least=cfg.fossilize_threshold)
-        return history_streak(slot, up_to_epoch=snapshot.epoch, stage=seed_pb2.SEED_STAGE_HOLDING,
+        return history_streak(snapshot, slot, up_to_epoch=snapshot.epoch, stage=seed_pb2.SEED_STAGE_HOLDING,
                               at_least=cfg.fossilize_threshold)
 
     def _germination(
@@ -271,8 +271,11 @@ class HeuristicPolicy(Policy):
                 ) -> list[tuple[health_pb2.SlotHealth, KernelCandidate, health_pb2.KernelProbe]]:
         """(slot, kernel, probe) for every affordable offered kernel a probe measured."""
         out = []
+        by_slot: dict[str, dict[str, health_pb2.KernelProbe]] = {}
+        for p in snapshot.probes:
+            by_slot.setdefault(p.slot_id, {})[p.kernel_id] = p
         for slot in open_slots:
-            probes = {p.kernel_id: p for p in slot.probes}
+            probes = by_slot.get(slot.slot_id, {})
             if not probes:
                 continue
             for c in affordable(snapshot, list(candidates.get(slot.slot_id, ()))):
@@ -343,11 +346,12 @@ def _kind_words(policy: HeuristicPolicy, slot: health_pb2.SlotHealth, *, plural:
     return f"{kind} slots"
 
 
-def history_streak(slot: health_pb2.SlotHealth, *, up_to_epoch: int, stage: int, at_least: float) -> int:
+def history_streak(snapshot: health_pb2.HealthSnapshot, slot: health_pb2.SlotHealth, *,
+                   up_to_epoch: int, stage: int, at_least: float) -> int:
     """Consecutive epochs ending at `up_to_epoch` in `stage` with a measured contribution
-    >= `at_least`, read from the slot's own `history` (newest last)."""
+    >= `at_least`, read from the snapshot's records of the slot (`slot_records`)."""
     n, expect = 0, up_to_epoch
-    for rec in reversed(slot.history):
+    for rec in reversed([r for r in snapshot.slot_records if r.slot_id == slot.slot_id]):
         if (rec.epoch != expect or rec.stage != stage or not rec.contribution_measured
                 or not rec.contribution >= at_least):
             break

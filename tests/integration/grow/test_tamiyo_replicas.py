@@ -1,6 +1,6 @@
 """Tamiyo is safe to replicate: two independent Tamiyo services answering alternate
 boundaries of one run take the same decisions as one service, because the run's slot
-history travels in every snapshot (`SlotHealth.history`), not in a replica's memory."""
+history travels in every snapshot (`HealthSnapshot.slot_records`), not in a replica's memory."""
 
 from __future__ import annotations
 
@@ -58,8 +58,7 @@ class RoundRobin:
         if self.strip_history:  # what a client from before slot histories sends
             snapshot = type(snapshot).FromString(snapshot.SerializeToString())
             snapshot.slot_history = False
-            for s in snapshot.slots:
-                s.ClearField("history")
+            snapshot.ClearField("slot_records")
         i = snapshot.epoch % len(self.controllers)
         self.calls += 1
         self.answered_by.append(i)

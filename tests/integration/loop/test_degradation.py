@@ -174,7 +174,7 @@ async def test_urza_down_defers_germination_until_it_is_back(platform_factory):
     async def on_event(env):
         if not env.HasField("epoch_metrics"):
             return
-        # Tamiyo has cached Urza's kernel list by epoch 1; then Urza goes away.
+        # Urza has served the run's kernel candidates by epoch 1; then it goes away.
         if env.epoch_metrics.epoch == 1 and "down" not in marks:
             marks["down"] = env.sequence
             await p.stop_part("urza")
@@ -187,9 +187,11 @@ async def test_urza_down_defers_germination_until_it_is_back(platform_factory):
     outage = [e for e in events if marks["down"] < e.sequence <= marks["up"]]
     urza = [e.degradation for e in outage if e.HasField("degradation") and e.degradation.component == "urza"]
     assert urza and all(d.kind in ("unavailable", "deadline_exceeded", "circuit_open") for d in urza)
-    # Tamiyo still asked to germinate; the kernel could not be had, so nothing was attached.
+    # The run's kernel source (Urza) could not offer or load a kernel, so Tamiyo, which
+    # chooses among the candidates the run sends, could not germinate: nothing was attached.
+    assert all("no kernel candidates" in d.detail or "not loaded" in d.detail for d in urza), urza
     rejected = [r for e in outage if e.HasField("decision") for r in e.decision.rejected.values()]
-    assert rejected and all("kernel unavailable" in r for r in rejected)
+    assert all("kernel unavailable" in r for r in rejected)
     assert not [e for e in outage if e.HasField("lifecycle")]
     # Once Urza is back the deferred germination happens.
     after = [e for e in events if e.sequence > marks["up"]]

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from esper.demo import DemoConfig, run_demo
+from esper.experiments.demo import DemoConfig, run_demo
 from esper.tolaria.report import RunHistory
 from esper.tolaria.runs import EventLog
 

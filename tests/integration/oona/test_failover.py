@@ -62,6 +62,11 @@ def test_a_dead_first_url_fails_over_to_the_next(natsd: NatsServer) -> None:
     assert len(drain(urls, "esper.events.v1.fo.>", "fo", timeout=1.0)) == 20
 
 
+def _proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
 def test_a_server_that_stops_acking_is_reported_as_stalled_then_recovered(natsd: NatsServer) -> None:
     degraded: list[tuple[str, str]] = []
     with Publisher(natsd.url, stall_after_s=0.5, ack_timeout_s=0.5,
@@ -70,6 +75,9 @@ def test_a_server_that_stops_acking_is_reported_as_stalled_then_recovered(natsd:
         assert pub.flush(10)
         os.kill(natsd.pid, signal.SIGSTOP)  # the connection stays open; nothing answers
         try:
+            # kill() only queues the signal: on a loaded machine the server can still ack a
+            # publish before it is descheduled, so wait until the kernel reports it stopped.
+            assert _wait_for(lambda: _proc_state(natsd.pid) in ("T", "t"), 10)
             for i in range(1, 11):
                 pub.publish(lifecycle("stall", i))
             assert _wait_for(lambda: any(k == "stalled" for k, _ in degraded), 10), degraded

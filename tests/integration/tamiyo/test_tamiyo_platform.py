@@ -12,6 +12,7 @@ import pytest
 from esper.blueprints import builtin_blueprints, site_signature, supports
 from esper.errors import AuthError, InvalidArgumentError, PermissionDeniedError
 from esper.runtime.auth import AuthConfig
+from esper.runtime.errors import RequestValidationError
 from esper.runtime.host import Host, HostConfig
 from esper.runtime.spec import PlatformContext
 from esper.tamiyo.client import TamiyoClient
@@ -108,7 +109,8 @@ async def test_decide_picks_a_kernel_urza_serves_within_budget_behind_auth(tmp_p
         d = resp.decisions[0]
         assert d.kernel_id in affordable and d.blueprint_id in {b.blueprint_id for b in builtin_blueprints()}
         assert info.policy == "heuristic"
-        assert [type(e) for e in errors] == [AuthError, PermissionDeniedError, InvalidArgumentError]
+        # A broken field rule comes back as the host's RequestValidationError (an InvalidArgumentError).
+        assert [type(e) for e in errors] == [AuthError, PermissionDeniedError, RequestValidationError]
         assert errors[2].field == "request_id"
         assert first == again
     finally:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from esper.tamiyo.gnn import load_policy
+from esper.tamiyo.gnn import load_policy, trusted_keys_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -33,10 +33,16 @@ async def test_trained_policy_is_served_hot_reloaded_and_reported(tmp_path: Path
     from tests.unit.tamiyo.test_service import GOOD, CatalogUrza, Platform, plateau_snapshot
 
     out = tmp_path / "policies"
-    first = await asyncio.to_thread(esper, "tamiyo", "train", "--out", str(out), "--version", "v1", *TINY)
+    # Signed with the platform data dir's Tezzeret key (created here), whose public key lands in
+    # <data dir>/trusted_keys, where the Tamiyo service below (data dir tmp_path) looks.
+    signing = ["--data-dir", str(tmp_path)]
+    first = await asyncio.to_thread(esper, "tamiyo", "train", "--out", str(out), "--version", "v1", *TINY, *signing)
     assert first.returncode == 0, first.stderr
     assert "advantage" in first.stdout or "AWR" in first.stdout
-    ens, meta = load_policy(out / "gnn.json")
+    assert "signing with key" in first.stdout and (tmp_path / "tezzeret" / "signing_key.pem").is_file()
+    trusted = trusted_keys_for(data_dir=tmp_path)
+    ens, meta = load_policy(out / "gnn.json", trusted)
+    assert meta["signature"]["key_id"] in trusted
     assert meta["version"] == "v1" and meta["weights_file"] == "gnn-v1.safetensors" and len(ens.members) == 2
     training = meta["training"]
     assert training["method"].startswith("imitation of the heuristic, then advantage-weighted")
@@ -48,7 +54,8 @@ async def test_trained_policy_is_served_hot_reloaded_and_reported(tmp_path: Path
     async with Platform(tmp_path, CatalogUrza([record(GOOD)]), settings) as p:
         info = await p.stub.GetPolicyInfo(pb.GetPolicyInfoRequest(), timeout=5)
         assert (info.policy, info.policy_version) == ("gnn", "v1")
-        second = await asyncio.to_thread(esper, "tamiyo", "train", "--out", str(out), "--version", "v2", *TINY)
+        second = await asyncio.to_thread(esper, "tamiyo", "train", "--out", str(out), "--version", "v2", *TINY,
+                                         *signing)
         assert second.returncode == 0, second.stderr
         deadline = asyncio.get_running_loop().time() + 20
         while info.policy_version != "v2" and asyncio.get_running_loop().time() < deadline:
@@ -59,7 +66,7 @@ async def test_trained_policy_is_served_hot_reloaded_and_reported(tmp_path: Path
         assert (resp.policy, resp.policy_version) == ("gnn", "v2")
         assert all(0.0 <= d.uncertainty <= 1.0 for d in resp.decisions)
     # The first version is still on disk and still verifies: versions are kept, not overwritten.
-    assert load_policy(out / "gnn-v1.json")[1]["version"] == "v1"
+    assert load_policy(out / "gnn-v1.json", trusted)[1]["version"] == "v1"
 
 
 def test_train_refuses_bad_arguments_with_a_typed_error(tmp_path: Path) -> None:
@@ -70,7 +77,7 @@ def test_train_refuses_bad_arguments_with_a_typed_error(tmp_path: Path) -> None:
 
 
 def test_bench_controllers_quick_writes_the_table_and_plot(tmp_path: Path) -> None:
-    from esper import bench_controllers
+    from esper.experiments import controllers as bench_controllers
 
     assert bench_controllers.main(["--quick", "--out", str(tmp_path), "--jobs", "1"]) == 0
     table = (tmp_path / "controllers.md").read_text()
@@ -86,7 +93,7 @@ def test_bench_controllers_quick_writes_the_table_and_plot(tmp_path: Path) -> No
 
 
 def test_bench_controllers_refuses_to_evaluate_on_training_runs(tmp_path: Path) -> None:
-    from esper import bench_controllers
+    from esper.experiments import controllers as bench_controllers
     from esper.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"\('spirals', 0\)"):

@@ -1,4 +1,5 @@
-"""The contracts hold: buf lint is clean, generated/ is fresh, nothing breaks main's protos."""
+"""The contracts hold: buf lint is clean, generated/ is fresh, nothing breaks the released
+contract (the committed baseline image) or main's protos."""
 
 from __future__ import annotations
 
@@ -114,3 +115,75 @@ def test_buf_breaking_detects_a_renumbered_field(image: Path, tmp_path: Path) ->
                        cwd=ROOT, check=False, capture_output=True, text=True)
     assert r.returncode != 0
     assert "GetBlueprintRequest" in r.stdout + r.stderr
+
+
+# ---- the released contract: a baseline image that a change cannot move by itself -------
+
+BASELINE = ROOT / "proto" / "baseline" / "v1.binpb"
+
+
+def _breaking(image: Path, against: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BUF), "breaking", str(image), "--against", str(against), "--path", "esper"],
+                          cwd=ROOT, check=False, capture_output=True, text=True)
+
+
+def test_buf_breaking_against_the_committed_baseline(image: Path) -> None:
+    # main's HEAD is the very tree under test once a change is committed, so comparing with
+    # it cannot fail on main; the baseline moves only by `gen_protos.py --write-baseline`.
+    assert BASELINE.is_file(), f"{BASELINE} is missing: `python scripts/gen_protos.py --write-baseline`"
+    r = _breaking(image, BASELINE)
+    assert r.returncode == 0, (
+        f"proto/ breaks the released contract {BASELINE.relative_to(ROOT)}:\n{r.stdout}{r.stderr}"
+        "Evolve protos additively (new fields/messages/RPCs, `reserved`, `deprecated`).")
+
+
+def test_the_baseline_covers_the_contract_files() -> None:
+    # A baseline without the services' files would let any change of them through.
+    from google.protobuf import descriptor_pb2
+
+    fds = descriptor_pb2.FileDescriptorSet.FromString(BASELINE.read_bytes())
+    names = {f.name for f in fds.file if f.name.startswith("esper/")}
+    for part in ("urza", "tamiyo", "tolaria", "tezzeret", "karn"):
+        assert f"esper/{part}/v1/{part}_service.proto" in names, sorted(names)
+    assert len(names) >= 10
+
+
+def test_a_breaking_change_against_the_baseline_is_caught(tmp_path: Path) -> None:
+    # A deliberate breaking change in a copy of proto/: a field renamed and another one
+    # removed from messages the released contract has. The baseline gate must report both.
+    import shutil
+
+    shutil.copytree(ROOT / "proto", tmp_path / "proto")
+    f = tmp_path / "proto/esper/tolaria/v1/tolaria_service.proto"
+    text = f.read_text()
+    assert "uint64 global_step = 5;" in text and "uint64 last_sequence = 13;" in text
+    text = text.replace("uint64 global_step = 5;", "uint64 global_steps = 5;", 1)
+    text = text.replace("uint64 last_sequence = 13;\n", "", 1)
+    f.write_text(text)
+    changed = tmp_path / "changed.binpb"
+    build_image(tmp_path / "proto", changed)
+    r = _breaking(changed, BASELINE)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out
+    assert "global_step" in out and "last_sequence" in out, out
+
+
+def test_each_committed_baseline_keeps_the_one_before(tmp_path: Path) -> None:
+    # Updating the baseline is deliberate, never a way to wave a breaking change through:
+    # every version of it in git history must be compatible with its predecessor.
+    rel = str(BASELINE.relative_to(ROOT))
+    log = _git("log", "--format=%H", "--", rel)
+    commits = log.stdout.decode().split() if log.returncode == 0 else []
+    if len(commits) < 2:
+        pytest.skip(f"{rel} has {len(commits)} committed version(s): nothing to compare yet")
+    versions = []
+    for i, sha in enumerate(reversed(commits)):
+        blob = _git("show", f"{sha}:{rel}")
+        if blob.returncode != 0:  # the commit deleted it
+            continue
+        path = tmp_path / f"baseline-{i}.binpb"
+        path.write_bytes(blob.stdout)
+        versions.append((sha[:12], path))
+    for (old_sha, old), (new_sha, new) in zip(versions, versions[1:]):
+        r = _breaking(new, old)
+        assert r.returncode == 0, f"baseline {new_sha} breaks baseline {old_sha}:\n{r.stdout}{r.stderr}"

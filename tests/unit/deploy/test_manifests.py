@@ -36,7 +36,8 @@ pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl (kustomize) is 
 # and the clients it builds; Tolaria's run worker for Tolaria). The scopes, the network
 # policies and the loopback cluster test all follow from it.
 CALLS: dict[str, dict[str, tuple[str, ...]]] = {
-    "tolaria": {"tamiyo": ("GetPolicyInfo", "Decide"), "urza": ("GetKernel", "RecordOutcome")},
+    "tolaria": {"tamiyo": ("GetPolicyInfo", "Decide"), "urza": ("GetKernel", "RecordOutcome"),
+                "tezzeret": ("EnsureKernels",)},
     "tezzeret": {"urza": ("GetBlueprint", "QueryKernels", "PutBlueprint", "PutKernel")},
     "tamiyo": {"urza": ("QueryKernels",)},
     "karn": {"urza": ("ListBlueprints", "QueryKernels"), "tezzeret": ("Compile",)},

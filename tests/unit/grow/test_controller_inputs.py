@@ -132,10 +132,11 @@ def test_every_snapshot_carries_each_seed_slots_history_and_a_resumed_grower_kee
     snap = reports[-1].snapshot
     assert snap.slot_history
     (live,) = [s for s in snap.slots if s.kernel_id]
-    assert [r.epoch for r in live.history] == list(range(2, 6))  # from germination on
-    assert live.history[-1].stage == live.stage and live.history[-1].contribution == live.contribution
-    assert any(r.contribution_measured for r in live.history)
-    assert all(not s.history for s in snap.slots if not s.kernel_id)  # dormant slots: none
+    history = [r for r in snap.slot_records if r.slot_id == live.slot_id]
+    assert [r.epoch for r in history] == list(range(2, 6))  # from germination on
+    assert history[-1].stage == live.stage and history[-1].contribution == live.contribution
+    assert any(r.contribution_measured for r in history)
+    assert {r.slot_id for r in snap.slot_records} == {live.slot_id}  # dormant slots: none
 
     # A fresh grower loaded from the state dict shows the same history.
     torch.manual_seed(0)
@@ -144,9 +145,9 @@ def test_every_snapshot_carries_each_seed_slots_history_and_a_resumed_grower_kee
     opt2 = torch.optim.Adam(model2.parameters(), lr=1e-2)
     g2 = make_grower(CASE, model2, opt2, controller=fixed_controller(germinate_epochs=(1,)))
     g2.load_state_dict(g.state_dict())
-    again = {s.slot_id: list(s.history) for s in g2.snapshot().slots}
+    again = list(g2.snapshot().slot_records)
     # snapshot() adds "now" (epoch 5 again, as recorded) to the recorded boundaries.
-    assert again[live.slot_id] == list(live.history)
+    assert again == history
 
 
 # ---- cold-start probes ------------------------------------------------------------------
@@ -158,7 +159,7 @@ def test_probes_run_only_when_the_controller_would_germinate_and_leave_the_model
     data = loader(CASE)
     train_epoch(model, g, data, opt, CASE.loss_fn)
     r1 = g.end_epoch(val_loss=evaluate(model, CASE))  # warm-up: no germination, no probes
-    assert r1.probe_ms == 0 and not any(s.probes for s in r1.snapshot.slots)
+    assert r1.probe_ms == 0 and not r1.snapshot.probes
     train_epoch(model, g, data, opt, CASE.loss_fn)
 
     # What a probe must not change: host weights, BN-free but grads and RNG streams too.
@@ -167,11 +168,11 @@ def test_probes_run_only_when_the_controller_would_germinate_and_leave_the_model
     grads = [p.grad.clone() for p in model.parameters()]
     calls: list[int] = []
     inner = g.controller.decide
-    g.controller.decide = lambda snap, c: calls.append(sum(len(s.probes) for s in snap.slots)) or inner(snap, c)
+    g.controller.decide = lambda snap, c: calls.append(len(snap.probes)) or inner(snap, c)
     r2 = g.end_epoch(val_loss=evaluate(model, CASE))
     assert calls == [0, 6]  # asked once without probes, once with both open slots' 3 kernels
     (germ,) = [d for d in r2.applied if d.kind == D.DECISION_KIND_GERMINATE]
-    probes = {s.slot_id: s.probes for s in r2.snapshot.slots}
+    probes = {s.slot_id: [p for p in r2.snapshot.probes if p.slot_id == s.slot_id] for s in r2.snapshot.slots}
     assert {len(p) for p in probes.values()} == {3}
     assert all(p.steps == g.config.probe_steps and p.flops > 0 for ps in probes.values() for p in ps)
     best = max((p.gain, sid, p.kernel_id) for sid, ps in probes.items() for p in ps
@@ -188,7 +189,7 @@ def test_probes_run_only_when_the_controller_would_germinate_and_leave_the_model
 
 def test_no_probes_for_controllers_that_do_not_read_them_or_when_switched_off() -> None:
     g, model, opt = grower_with(fixed_controller(germinate_epochs=(1,)))
-    assert not any(s.probes for r in run(g, model, opt, 2) for s in r.snapshot.slots)
+    assert not any(r.snapshot.probes for r in run(g, model, opt, 2))
     g, model, opt = grower_with(heuristic_controller(QUICK),
                                 config=GrowthConfig(max_seeds=2, probe_steps=0))
     reports = run(g, model, opt, 3)
@@ -211,7 +212,7 @@ def test_a_probe_picks_a_kernel_that_helps_over_the_cheapest() -> None:
     assert name == "norm_scale"
     name, r = first_germination(GrowthConfig(max_seeds=1))
     assert name != "norm_scale"
-    probes = {p.kernel_id: p for s in r.snapshot.slots for p in s.probes}
+    probes = {p.kernel_id: p for p in r.snapshot.probes}
     chosen = next(d for d in r.applied if d.kind == D.DECISION_KIND_GERMINATE)
     assert all(p.gain_stderr > 0 for p in probes.values())
     # The choice was measured: the chosen kernel's gain is within the noise of the best or
@@ -231,11 +232,11 @@ def test_parallel_and_output_slots_compete_in_one_decision() -> None:
                                 kernels=BuiltinKernels(["bottleneck_mlp", "width8_relu"]),
                                 sites=("3",), parallel=("0:2",))
     for r in run(g, model, opt, 3):
-        if r.snapshot is not None and any(s.probes for s in r.snapshot.slots):
-            kinds = {s.site.kind for s in r.snapshot.slots if s.probes}
+        if r.snapshot is not None and r.snapshot.probes:
+            kinds = {s.site.kind for s in r.snapshot.slots if any(p.slot_id == s.slot_id for p in r.snapshot.probes)}
             assert kinds == {seed_pb2.SLOT_KIND_UNSPECIFIED, seed_pb2.SLOT_KIND_PARALLEL}
             (germ,) = [d for d in r.applied if d.kind == D.DECISION_KIND_GERMINATE]
-            gains = {(s.slot_id, p.kernel_id): p.gain for s in r.snapshot.slots for p in s.probes}
+            gains = {(p.slot_id, p.kernel_id): p.gain for p in r.snapshot.probes}
             assert gains[(germ.slot_id, germ.kernel_id)] == max(gains.values())
             return
     raise AssertionError("no boundary probed")

@@ -106,16 +106,21 @@ def test_each_in_process_controller_grows_the_model(make) -> None:
 
 
 def test_gnn_controller_loads_a_policy_file_and_decides(tmp_path) -> None:
-    from esper.tamiyo.gnn import Ensemble, NetConfig, save_policy
+    from esper.blueprints.artifact import SigningKey, TrustedKeys
+    from esper.tamiyo.gnn import Ensemble, NetConfig, UntrustedPolicyKeyError, save_policy
 
     kernels = BuiltinKernels(["bottleneck_mlp"])
     vocab = sorted(kernels.blueprints)
+    key = SigningKey.generate()
     path = save_policy(Ensemble(NetConfig(hidden=8, heads=2, members=2), vocab=vocab), tmp_path / "gnn.json",
-                       version="test-1")
+                       version="test-1", signing_key=key)
+    with pytest.raises(UntrustedPolicyKeyError):  # signed, but not by a key this caller trusts
+        gnn_controller(path, trusted_keys=TrustedKeys([SigningKey.generate()]))
     torch.manual_seed(0)
     model = CASE.build()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    ctrl = gnn_controller(path, uncertainty_threshold=0.0, heuristic={"warmup_epochs": 1})
+    ctrl = gnn_controller(path, trusted_keys=TrustedKeys([key]), uncertainty_threshold=0.0,
+                          heuristic={"warmup_epochs": 1})
     assert ctrl.policy.name == "gnn" and ctrl.policy.version == "test-1"
     grower = make_grower(CASE, model, opt, controller=ctrl)
     train_epoch(model, grower, loader(CASE), opt, CASE.loss_fn)

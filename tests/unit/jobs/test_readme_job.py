@@ -9,8 +9,8 @@ from pathlib import Path
 
 from esper.jobs.registry import JobRegistry
 from esper.tolaria.config import RunConfig
-from esper.tolaria.inprocess import BuiltinKernels
-from esper.tolaria.trainer import Trainer, build_job
+from esper.grow import BuiltinKernels
+from esper.tolaria.trainer import build_job, build_trainer
 
 README = Path(__file__).resolve().parents[3] / "README.md"
 
@@ -26,7 +26,7 @@ def test_the_readme_job_example_registers_and_trains(monkeypatch) -> None:
     cfg = RunConfig.from_dict({"job": "tabular", "job_params": {"act": "gelu"}, "epochs": 2,
                                "controller": "none", "checkpoint_every": 0})
     job = build_job(cfg, reg)
-    trainer = Trainer(cfg, run_id="readme", job=job, kernels=BuiltinKernels())
+    trainer = build_trainer(cfg, run_id="readme", job=job, kernels=BuiltinKernels())
     assert list(trainer.model.slots) == ["1"]  # the GELU, found by type
     result = trainer.run()
     assert result.completed and result.val_accuracy > 0.8

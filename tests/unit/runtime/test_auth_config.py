@@ -107,3 +107,39 @@ def test_part_settings_from_the_environment_override_the_file(tmp_path: Path) ->
         UrzaConfig.from_dict(dict(typo.settings["urza"]))
     with pytest.raises(ConfigError, match="ESPER_URZA_CHUNK_SIZE"):
         PlatformConfig.load(None, env={"ESPER_URZA_CHUNK_SIZE": "{unclosed"})
+
+
+def test_the_readme_key_example_works_as_printed() -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    m = re.search(r"export ESPER_API_KEYS='([^']+)'", readme)
+    assert m is not None, "README shows no ESPER_API_KEYS example"
+    cfg = AuthConfig.from_env({"ESPER_API_KEYS": m.group(1)})
+    assert len(cfg.keys) == 2 and frozenset({"*"}) in cfg.keys.values()
+
+
+def test_short_keys_are_refused_with_the_rule_and_how_to_make_one() -> None:
+    with pytest.raises(ConfigError) as ei:
+        parse_keys("key=*", source="ESPER_API_KEYS")
+    assert "at least 16 characters, got 3" in str(ei.value) and "secrets.token_urlsafe" in str(ei.value)
+
+
+def test_cli_help_documents_the_key_format() -> None:
+    import subprocess
+    import sys
+
+    for cmd in ("serve", "up"):
+        r = subprocess.run([sys.executable, "-m", "esper.cli", cmd, "--help"], check=True, capture_output=True,
+                           text=True, timeout=60, cwd=Path(__file__).resolve().parents[3])
+        text = " ".join(r.stdout.split())
+        assert "at least 16 characters" in text and "ESPER_API_KEYS" in text, r.stdout
+
+
+def test_key_ids_name_keys_without_revealing_them() -> None:
+    from esper.runtime.auth import key_id
+
+    checker = KeyChecker(AuthConfig(keys={K1: frozenset({"*"}), K2: frozenset({"urza:read"})}))
+    assert checker.match(K1) == (key_id(K1), frozenset({"*"}))
+    assert checker.match("nope" * 5) is None
+    assert len(key_id(K1)) == 8 and key_id(K1) != key_id(K2) and key_id(K1) not in K1

@@ -89,3 +89,35 @@ def test_foreign_status_maps_by_code() -> None:
     assert type(back) is E.UnavailableError and "connection refused" in str(back)
     back = as_esper_error(_Failed(grpc.StatusCode.UNIMPLEMENTED, "nope", ()))
     assert type(back) is E.EsperError and back.reason == "UNIMPLEMENTED"
+
+
+def test_a_huge_invalid_request_is_checked_up_to_its_first_violation() -> None:
+    # 20,000 bad items once took protovalidate 3 s to list, holding the event loop.
+    from generated.esper.tamiyo.v1 import tamiyo_service_pb2
+
+    req = tamiyo_service_pb2.DecideRequest(allowed_blueprints=["x"] * 20_000)
+    with pytest.raises(RequestValidationError) as ei:
+        check(req)
+    assert len(ei.value.violations) == 1
+    assert "checked up to its first broken rule" in str(ei.value)
+    assert ei.value.metadata["violations"] == "1+"
+
+
+def test_a_small_invalid_request_names_every_broken_field_up_to_a_cap() -> None:
+    ir = blueprint_pb2.BlueprintIR(ir_version=2, output="", nodes=[blueprint_pb2.IRNode(name="A", op="")])
+    with pytest.raises(RequestValidationError) as ei:
+        check(ir)
+    assert {f for f, _, _ in ei.value.violations} == {"ir_version", "output", "nodes[0].name", "nodes[0].op"}
+    assert ei.value.metadata["violations"] == "4"
+
+
+def test_status_details_stay_small_whatever_the_error_says() -> None:
+    # A message echoing a client's 1.5 MB value came back as RESOURCE_EXHAUSTED (the
+    # client refuses trailers over 16 KiB) instead of the error.
+    exc = E.InvalidArgumentError("bad value " + "x" * 1_500_000, field="f" * 10_000,
+                                 metadata={"k": "v" * 100_000})
+    st = to_rich_status(exc)
+    assert len(st.SerializeToString()) < 4096
+    assert st.message.endswith("more characters)") and len(st.message) <= 1024
+    back = as_esper_error(_Failed(code_for(exc), st.message, trailing_metadata(st)))
+    assert type(back) is E.InvalidArgumentError and back.field.startswith("fff")

@@ -16,7 +16,6 @@ from esper.tamiyo.fieldreports import (
     RunReport,
     SeedOutcome,
     boundary_rewards,
-    collect_inprocess,
     random_legal_decision,
     reports_from_events,
 )
@@ -170,19 +169,6 @@ def test_random_legal_decision_never_germinates_without_seeds_or_at_an_embargoed
     snap = snapshot([slot("a", embargo=2), slot("b", depth=1)], seeds_left=0)
     rng = random.Random(0)
     assert {random_legal_decision(snap, {"a": [K], "b": [K]}, rng).kind for _ in range(30)} == {D.DECISION_KIND_WAIT}
-
-
-def test_in_process_collection_records_boundaries_exploration_and_a_baseline() -> None:
-    (report,) = collect_inprocess(task="spirals", seeds=[7], epsilon=0.5, epochs=6)
-    assert report.run_id == "collect-spirals-7" and report.task == "spirals"
-    assert [b.snapshot.epoch for b in report.boundaries] == [1, 2, 3, 4, 5]
-    assert any(b.explored for b in report.boundaries)
-    assert all(b.candidates for b in report.boundaries if any(s.stage == S.SEED_STAGE_DORMANT for s in b.snapshot.slots))
-    assert report.baseline_val_accuracy is not None and 0.0 < report.baseline_val_accuracy <= 1.0
-    germinated = [d.slot_id for b in report.boundaries for i, d in enumerate(b.decisions)
-                  if d.kind == D.DECISION_KIND_GERMINATE and i not in b.rejected]
-    assert sorted(o.slot_id for o in report.seeds) == sorted(germinated)
-    assert len(boundary_rewards(report)) == len(report.boundaries)
 
 
 def snap_total_epochs() -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from esper.blueprints.artifact import SigningKey, TrustedKeys
 from esper.tamiyo.gnn import (
     ACTIONS,
     Ensemble,
@@ -34,6 +35,16 @@ from generated.esper.common.v1 import seed_pb2
 from tests.unit.tamiyo.snapshots import IMPROVING, S, candidate, slot, snapshot
 
 ALL_STAGES = [v for v in seed_pb2.SeedStage.values() if v != S.SEED_STAGE_UNSPECIFIED]
+KEY = SigningKey.from_bytes(b"71" * 32)
+TRUSTED = TrustedKeys([KEY])
+
+
+def trust_dir(data_dir: Path) -> Path:
+    """`<data_dir>/trusted_keys` holding KEY's public half (where the service looks by default)."""
+    d = data_dir / "trusted_keys"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"tezzeret-{KEY.key_id}.pub").write_bytes(KEY.public_pem())
+    return d
 
 
 @pytest.fixture(autouse=True)
@@ -153,12 +164,12 @@ def test_uncertain_choices_fall_back_to_the_heuristic_and_say_so() -> None:
 
 def test_policy_file_round_trip_is_exact_and_uses_no_pickle(tmp_path: Path) -> None:
     ens = ensemble()
-    path = save_policy(ens, tmp_path / "policy.json", version="test-1", training={"examples": 0})
+    path = save_policy(ens, tmp_path / "policy.json", version="test-1", signing_key=KEY, training={"examples": 0})
     weights = (tmp_path / "policy.safetensors").read_bytes()
     header_len = int.from_bytes(weights[:8], "little")
     assert weights[8:9] == b"{" and json.loads(weights[8 : 8 + header_len])["__metadata__"]["format"] == "esper.tamiyo.gnn"
     assert b"\x80\x04" not in weights[:2]  # not a pickle stream
-    loaded, meta = load_policy(path)
+    loaded, meta = load_policy(path, TRUSTED)
     assert meta["version"] == "test-1"
     snap, cands = two_slot_snapshot(), {"s0": [candidate("a", 100)]}
     a = GnnPolicy(ens, uncertainty_threshold=1.0).evaluate(snap, cands)[1]
@@ -166,32 +177,46 @@ def test_policy_file_round_trip_is_exact_and_uses_no_pickle(tmp_path: Path) -> N
     assert torch.equal(a, b)
 
 
+def _signed(config: dict, key: SigningKey = KEY) -> str:
+    """`config` re-signed by `key`: a signer's own mistakes, which the checks after the
+    signature must still catch."""
+    from esper.tamiyo.gnn.io import signed_bytes
+
+    config = {k: v for k, v in config.items() if k != "signature"}
+    config["signature"] = {"key_id": key.key_id, "ed25519": key.sign(signed_bytes(config)).hex()}
+    return json.dumps(config)
+
+
 def test_tampered_policy_files_are_rejected(tmp_path: Path) -> None:
-    path = save_policy(ensemble(), tmp_path / "p.json", version="v")
+    path = save_policy(ensemble(), tmp_path / "p.json", version="v", signing_key=KEY)
     wpath = tmp_path / "p.safetensors"
     good = wpath.read_bytes()
     flipped = bytearray(good)
     flipped[-3] ^= 0x01
     wpath.write_bytes(bytes(flipped))
     with pytest.raises(PolicyFileError, match="changed after training"):
-        load_policy(path)
+        load_policy(path, TRUSTED)
     wpath.write_bytes(good)
     config = json.loads(path.read_text())
-    # A config edited to describe another network is caught by the shape check, not trusted.
+    # Any edit of the signed config is refused by the signature before anything else...
     config["net"]["hidden"] = 32
     path.write_text(json.dumps(config))
+    with pytest.raises(PolicyFileError, match="changed after signing"):
+        load_policy(path, TRUSTED)
+    # ...and a signed config that describes another network is still caught by the shape check.
+    path.write_text(_signed(config))
     with pytest.raises(PolicyFileError, match="configured network needs"):
-        load_policy(path)
+        load_policy(path, TRUSTED)
     config["net"]["hidden"] = 16
     config["extra"] = 1
-    path.write_text(json.dumps(config))
+    path.write_text(_signed(config))
     with pytest.raises(PolicyFileError, match="expected exactly"):
-        load_policy(path)
+        load_policy(path, TRUSTED)
     del config["extra"]
     config["weights_file"] = "../p.safetensors"
-    path.write_text(json.dumps(config))
+    path.write_text(_signed(config))
     with pytest.raises(PolicyFileError, match="bare file name"):
-        load_policy(path)
+        load_policy(path, TRUSTED)
 
 
 def test_imitation_learns_the_heuristic_and_uncertainty_rises_out_of_distribution() -> None:
@@ -244,7 +269,8 @@ async def test_service_serves_the_gnn_policy_from_its_file(tmp_path: Path) -> No
     from tests.unit.tamiyo.snapshots import record
     from tests.unit.tamiyo.test_service import GOOD, CatalogUrza, Platform, plateau_snapshot
 
-    path = save_policy(ensemble(), tmp_path / "gnn.json", version="2026-11-27.1")
+    trust_dir(tmp_path)
+    path = save_policy(ensemble(), tmp_path / "gnn.json", version="2026-11-27.1", signing_key=KEY)
     settings = {"policy": "gnn", "gnn": {"policy_file": str(path), "uncertainty_threshold": 0.5}}
     async with Platform(tmp_path, CatalogUrza([record(GOOD)]), settings) as p:
         info = await p.stub.GetPolicyInfo(pb.GetPolicyInfoRequest(), timeout=5)
@@ -288,7 +314,8 @@ async def test_a_new_policy_file_is_hot_reloaded_and_a_tampered_one_never_serves
     from generated.esper.tamiyo.v1 import tamiyo_service_pb2 as pb
     from tests.unit.tamiyo.test_service import CatalogUrza, Platform
 
-    path = save_policy(ensemble(), tmp_path / "gnn.json", version="v1")
+    trust_dir(tmp_path)
+    path = save_policy(ensemble(), tmp_path / "gnn.json", version="v1", signing_key=KEY)
     settings = {"policy": "gnn", "gnn": {"policy_file": str(path)}, "reload_check_s": 0.05}
 
     async def info_when(p: Platform, ok, timeout_s: float = 10.0) -> pb.GetPolicyInfoResponse:
@@ -302,7 +329,7 @@ async def test_a_new_policy_file_is_hot_reloaded_and_a_tampered_one_never_serves
     async with Platform(tmp_path, CatalogUrza([]), settings) as p:
         first = await p.stub.GetPolicyInfo(pb.GetPolicyInfoRequest(), timeout=5)
         assert first.policy_version == "v1"
-        save_policy(ensemble(members=2, seed=9), path, version="v2")
+        save_policy(ensemble(members=2, seed=9), path, version="v2", signing_key=KEY)
         info = await info_when(p, lambda i: i.policy_version == "v2")
         assert info.policy_version == "v2" and info.settings["ensemble_members"] == "2"
         assert info.loaded_at.ToNanoseconds() >= first.loaded_at.ToNanoseconds()
@@ -319,10 +346,13 @@ async def test_a_new_policy_file_is_hot_reloaded_and_a_tampered_one_never_serves
 
 
 def test_train_entry_point_writes_a_loadable_versioned_policy(tmp_path: Path, capsys) -> None:
+    from esper.tamiyo.gnn import trusted_keys_for
     from esper.tamiyo.gnn.train import main
 
-    main(["--out", str(tmp_path / "p" / "gnn.json"), "--examples", "60", "--steps", "10", "--members", "2", "--hidden", "16", "--version", "t-1"])
-    ens, meta = load_policy(tmp_path / "p" / "gnn.json")
+    main(["--out", str(tmp_path / "p" / "gnn.json"), "--examples", "60", "--steps", "10", "--members", "2",
+          "--hidden", "16", "--version", "t-1", "--data-dir", str(tmp_path / "platform")])
+    # Signed with the data dir's Tezzeret key, whose public key it published beside Tezzeret's.
+    ens, meta = load_policy(tmp_path / "p" / "gnn.json", trusted_keys_for(data_dir=tmp_path / "platform"))
     assert meta["version"] == "t-1" and len(ens.members) == 2
     assert meta["training"]["examples"] == 60 and 0.0 <= meta["training"]["heldout_agreement"] <= 1.0
     assert "held-out agreement" in capsys.readouterr().out
@@ -343,10 +373,10 @@ def test_slot_nodes_carry_the_slot_kind_and_old_feature_versions_are_refused(tmp
     assert row[col[0]] == 1.0 and row[col[1]] < 0  # 16 out of 64 in: narrowing
     assert g.x[g.slot_nodes[1]][list(col)].abs().sum() == 0
     # A policy file trained on the features before slot kinds is refused, saying why.
-    path = save_policy(ensemble(), tmp_path / "p.json", version="v")
+    path = save_policy(ensemble(), tmp_path / "p.json", version="v", signing_key=KEY)
     config = json.loads(path.read_text())
     config["feature_version"] = FEATURE_VERSION - 1
     config["node_features"] = [f for f in config["node_features"] if not f.startswith("slot_")]
-    path.write_text(json.dumps(config))
+    path.write_text(_signed(config))
     with pytest.raises(PolicyFileError, match=f"feature version {FEATURE_VERSION - 1}.*retrain it"):
-        load_policy(path)
+        load_policy(path, TRUSTED)

@@ -9,7 +9,8 @@ from esper.grow import BuiltinKernels
 from esper.tamiyo.heuristic import HeuristicConfig, HeuristicPolicy
 from generated.esper.common.v1 import decision_pb2 as D
 from generated.esper.common.v1 import health_pb2, seed_pb2
-from tests.unit.tamiyo.snapshots import IMPROVING, S, slot, snapshot
+from tests.unit.tamiyo.snapshots import IMPROVING, S, slot
+from tests.unit.tamiyo.snapshots import snapshot as _snapshot
 
 G, F, W = D.DECISION_KIND_GERMINATE, D.DECISION_KIND_FOSSILIZE, D.DECISION_KIND_WAIT
 
@@ -32,8 +33,34 @@ def ncl_slot(slot_id: str, *, depth: int = 0, grad: float = 1.0) -> health_pb2.S
     return s
 
 
+_PROBES: dict[int, list[health_pb2.KernelProbe]] = {}
+"""Probes by slot object (`HealthSnapshot.probes` names the slot; `snapshot` adds them)."""
+
+
 def probe(s: health_pb2.SlotHealth, kernel_id: str, gain: float, stderr: float = 0.0) -> None:
-    s.probes.add(kernel_id=kernel_id, gain=gain, gain_stderr=stderr, steps=20, flops=1e6)
+    _PROBES.setdefault(id(s), []).append(health_pb2.KernelProbe(
+        kernel_id=kernel_id, slot_id=s.slot_id, gain=gain, gain_stderr=stderr, steps=20, flops=1e6))
+
+
+_RECORDS: list[health_pb2.SlotRecord] = []
+
+
+def clear_probes(s: health_pb2.SlotHealth) -> None:
+    _PROBES.pop(id(s), None)
+
+
+def snapshot(slots: list[health_pb2.SlotHealth], **kw) -> health_pb2.HealthSnapshot:
+    snap = _snapshot(slots, **kw)
+    for s in slots:
+        snap.probes.extend(_PROBES.get(id(s), []))
+    return snap
+
+
+@pytest.fixture(autouse=True)
+def _fresh_probes():
+    _PROBES.clear()
+    yield
+    _PROBES.clear()
 
 
 def test_cold_start_with_the_full_catalog_follows_the_probe_not_the_cost() -> None:
@@ -59,7 +86,7 @@ def test_cold_start_with_the_full_catalog_follows_the_probe_not_the_cost() -> No
 
     # The probe is the evidence, not "anything but the cheapest": where the cheap kernel
     # measures best, it is chosen.
-    s.ClearField("probes")
+    clear_probes(s)
     for c in cands:
         probe(s, c.kernel_id, 0.05 if c is cheapest else 0.0)
     (d,) = pol.decide(snapshot([s], host_parameters=300), {"act1": cands})
@@ -84,7 +111,7 @@ def test_kernels_a_probe_cannot_tell_apart_go_to_the_larger_one() -> None:
     (d,) = HeuristicPolicy(HeuristicConfig(probe_tie_stderr=0.0)).decide(snap, offered)
     assert d.kernel_id == norm.kernel_id
     # A clear measurement is not overridden by size.
-    s.ClearField("probes")
+    clear_probes(s)
     probe(s, norm.kernel_id, 0.050, 0.001)
     probe(s, conv.kernel_id, 0.030, 0.001)
     (d,) = HeuristicPolicy().decide(snapshot([s], host_parameters=300), {"act1": [norm, conv]})
@@ -145,9 +172,11 @@ def holding_with_history(epoch: int, contributions: list[float]) -> health_pb2.H
              epochs_in_stage=len(contributions))
     first = epoch - len(contributions) + 1
     for i, c in enumerate(contributions):
-        s.history.add(epoch=first + i, stage=S.SEED_STAGE_HOLDING, contribution_measured=True,
-                      contribution=c)
+        _RECORDS.append(health_pb2.SlotRecord(slot_id="s0", epoch=first + i, stage=S.SEED_STAGE_HOLDING,
+                                              contribution_measured=True, contribution=c))
     snap = snapshot([s], epoch=epoch, val_loss=IMPROVING)
+    snap.slot_records.extend(_RECORDS)
+    _RECORDS.clear()
     snap.slot_history = True
     return snap
 
@@ -161,7 +190,7 @@ def test_a_fresh_policy_reads_the_streak_from_the_snapshot() -> None:
     # A dip inside the window, or a gap in the epochs, breaks the streak.
     assert HeuristicPolicy(cfg).decide(holding_with_history(13, [0.05, 0.001, 0.03]), {})[0].kind == W
     gap = holding_with_history(13, [0.05, 0.04, 0.03])
-    gap.slots[0].history[0].epoch = 9
+    gap.slot_records[0].epoch = 9
     assert HeuristicPolicy(cfg).decide(gap, {})[0].kind == W
     # The policy kept nothing: a snapshot without the flag starts from its own (empty) memory.
     pol = HeuristicPolicy(cfg)

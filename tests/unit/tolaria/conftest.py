@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from esper.grow import BuiltinKernels
 from esper.kasmina import KasminaConfig
 from esper.tolaria.config import RunConfig
-from esper.tolaria.inprocess import BuiltinKernels
-from esper.tolaria.trainer import Trainer
+from esper.tolaria.trainer import Trainer, build_trainer
 from generated.esper.common.v1 import decision_pb2, health_pb2
 from generated.esper.oona.v1 import events_pb2
 
@@ -29,7 +29,7 @@ class ScriptedController:
         self.plan = plan
         self.snapshots: list[health_pb2.HealthSnapshot] = []
 
-    def decide(self, snapshot: health_pb2.HealthSnapshot) -> list[decision_pb2.Decision]:
+    def decide(self, snapshot: health_pb2.HealthSnapshot, candidates=None) -> list[decision_pb2.Decision]:
         self.snapshots.append(snapshot)
         out = []
         sites = {s.slot_id: s.site for s in snapshot.slots}
@@ -55,13 +55,17 @@ def tiny_config(**changes: object) -> RunConfig:
 @pytest.fixture
 def make_trainer(tmp_path: Path):
     def make(config: RunConfig | None = None, *, plan: dict | None = None, ckpt: str | None = None,
+             controller: object = None, kernels: object = None,
              **kw: object) -> tuple[Trainer, list[events_pb2.EventEnvelope]]:
+        """A trainer of `config` (default `tiny_config()`); `plan` scripts its controller
+        (or give `controller=`, and `kernels=` to replace the built-in catalog)."""
         events: list[events_pb2.EventEnvelope] = []
-        kernels = BuiltinKernels()
-        controller = ScriptedController(kernels, plan) if plan is not None else None
-        trainer = Trainer(
-            config or tiny_config(), run_id="test-run", kernels=kernels, controller=controller,
-            event_sink=events.append, kasmina=FAST_KASMINA,
+        builtin = BuiltinKernels()
+        if controller is None and plan is not None:
+            controller = ScriptedController(builtin, plan)
+        trainer = build_trainer(
+            config or tiny_config(), run_id="test-run", kernels=kernels or builtin,
+            controller=controller, event_sink=events.append, kasmina=FAST_KASMINA,
             checkpoint_dir=tmp_path / ckpt if ckpt else None, **kw,
         )
         return trainer, events

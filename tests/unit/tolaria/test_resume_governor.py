@@ -30,7 +30,7 @@ def test_resume_is_bit_identical(make_trainer) -> None:
         first.evaluate()
         first.maybe_control()
         first.maybe_checkpoint()
-    assert [e for e, _ in ckpt.list_checkpoints(first.checkpoint_dir)] == [1, 2]
+    assert [e for e, _ in ckpt.list_checkpoints(first.checkpointer.directory)] == [1, 2]
     assert first.model.slots["act2"].current_stage is not SeedStage.DORMANT
 
     second, _ = make_trainer(config, plan=PLAN, ckpt="a")
@@ -88,8 +88,8 @@ def test_checkpoint_write_is_atomic_and_pickle_free(tmp_path) -> None:
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=0.1)
     opt.param_groups[0]["params"][0].grad = torch.ones(3)
     opt.step()
-    flat, structure = ckpt.flatten_optimizer(opt.state_dict(), "o/")
-    back = ckpt.unflatten_optimizer(flat, structure)
+    flat, structure = ckpt.flatten(opt.state_dict(), "o/")
+    back = ckpt.unflatten(flat, structure)
     assert torch.equal(back["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
     assert back["param_groups"][0]["lr"] == 0.1
 
@@ -153,3 +153,35 @@ def test_resume_refuses_a_checkpoint_of_another_config(make_trainer) -> None:
     other, _ = make_trainer(tiny_config(epochs=1, batch_size=64), ckpt="c")
     with pytest.raises(FailedPreconditionError, match="batch_size"):
         other.resume()
+
+
+def test_nested_state_round_trips_through_named_tensors_and_json(tmp_path) -> None:
+    from esper.tolaria.checkpoint import CheckpointConfig, read_state
+
+    state = {"opt": {"state": {0: {"step": torch.tensor(3.0)}, 7: {}}, "betas": (0.9, 0.99)},
+             "rng": (3, (1, 2, 3), None), "loss": float("nan"), "names": ["a", {"b": torch.ones(2)}]}
+    saver = CheckpointConfig(directory=tmp_path, every=2, keep=1).build()
+    assert saver.due(4, last=False) and not saver.due(3, last=False) and saver.due(3, last=True)
+    saver.save(1, state)
+    path = saver.save(2, state)
+    assert saver.latest() == path and len(list(tmp_path.iterdir())) == 1  # keep=1
+    back = read_state(path)
+    assert set(back["opt"]["state"]) == {0, 7} and torch.equal(back["opt"]["state"][0]["step"], torch.tensor(3.0))
+    assert back["opt"]["betas"] == (0.9, 0.99) and back["rng"] == (3, (1, 2, 3), None)
+    assert torch.equal(back["names"][1]["b"], torch.ones(2)) and back["names"][0] == "a"
+    import math
+
+    assert math.isnan(back["loss"])
+
+
+def test_the_governor_keeps_its_rollbacks_and_recent_losses_across_a_resume() -> None:
+    from esper.tolaria.governor import Governor, GovernorConfig
+
+    g = Governor(GovernorConfig(explosion_factor=5.0, min_history=3, window=4))
+    for loss in (1.0, 1.0, 2.0, 1.0, 1.0):
+        g.check(loss)
+    g.rollbacks = 2
+    again = Governor(GovernorConfig(explosion_factor=5.0, min_history=3, window=4))
+    again.load_state_dict(g.state_dict())
+    assert again.rollbacks == 2 and again.state_dict() == {"rollbacks": 2, "recent": [1.0, 2.0, 1.0, 1.0]}
+    assert again.check(6.0) is not None  # judged against the same recent losses

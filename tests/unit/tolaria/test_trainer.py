@@ -31,7 +31,7 @@ def test_two_epochs_train_and_report(make_trainer) -> None:
     assert [m.epoch for m in metrics] == [1, 2]
     assert metrics[-1].train_flops == result.train_flops > 0
     # The cosine schedule is at 0 on the last step: the last recorded lr is the final step's.
-    assert trainer.learning_rate_factor(trainer.total_steps - 1) == 0.0
+    assert trainer.scheduler.lr_lambdas[0](trainer.total_steps - 1) == 0.0
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))
     assert len({e.event_id for e in events}) == len(events)
 
@@ -82,13 +82,13 @@ def test_illegal_decisions_are_recorded_not_fatal(make_trainer) -> None:
 
 
 def test_controller_failure_degrades_and_the_run_continues(make_trainer) -> None:
-    trainer, events = make_trainer(tiny_config(epochs=3))
-
     class Down:
-        def decide(self, snapshot: health_pb2.HealthSnapshot) -> list[decision_pb2.Decision]:
+        component = "tamiyo"  # degradations name the controller's component
+
+        def decide(self, snapshot: health_pb2.HealthSnapshot, candidates) -> list[decision_pb2.Decision]:
             raise UnavailableError("tamiyo at 127.0.0.1:1 is unreachable")
 
-    trainer.controller = Down()
+    trainer, events = make_trainer(tiny_config(epochs=3), controller=Down())
     result = trainer.run()
     assert result.completed and result.epochs == 3
     degradations = payloads(events, "degradation")
@@ -146,7 +146,7 @@ def test_schedule_warms_up_then_decays_to_exactly_zero(make_trainer) -> None:
     trainer, _ = make_trainer(tiny_config(epochs=3, optimizer={"learning_rate": 0.02, "warmup_epochs": 1}))
     spe = trainer.steps_per_epoch
     assert spe == 17  # 2100 spirals / batch 128
-    f = trainer.learning_rate_factor
+    f = trainer.scheduler.lr_lambdas[0]  # the schedule's factor at a batch position
     assert f(0) == pytest.approx(1 / spe) and f(spe - 1) == 1.0
     assert f(spe) == 1.0 and 0.0 < f(2 * spe) < 1.0
     assert f(trainer.total_steps - 1) == 0.0
@@ -155,13 +155,19 @@ def test_schedule_warms_up_then_decays_to_exactly_zero(make_trainer) -> None:
 
 
 def test_kernel_source_down_defers_growth_then_recovers(make_trainer) -> None:
+    from esper.grow import BuiltinKernels
+
     plan = {1: [("GERMINATE", "act1", "bottleneck_mlp")], 2: [("GERMINATE", "act1", "bottleneck_mlp")]}
-    trainer, events = make_trainer(tiny_config(epochs=3), plan=plan)
-    builtin = trainer.kernels
+    builtin = BuiltinKernels()
     calls = []
 
     class Flaky:
         """Urza is down for the first fetch, then answers (the built-in catalog)."""
+
+        component = "urza"
+
+        def candidates(self, site):
+            return builtin.candidates(site)
 
         def load(self, kernel_id, site=None):
             calls.append(kernel_id)
@@ -169,7 +175,7 @@ def test_kernel_source_down_defers_growth_then_recovers(make_trainer) -> None:
                 raise UnavailableError("urza at 127.0.0.1:1 is unreachable")
             return builtin.load(kernel_id, site)
 
-    trainer.kernels = Flaky()
+    trainer, events = make_trainer(tiny_config(epochs=3), plan=plan, kernels=Flaky())
     result = trainer.run()
     assert result.completed and len(calls) == 2
     decisions = payloads(events, "decision")

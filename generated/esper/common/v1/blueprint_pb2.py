@@ -26,13 +26,15 @@ from generated.buf.validate import validate_pb2 as buf_dot_validate_dot_validate
 from generated.esper.common.v1 import seed_pb2 as esper_dot_common_dot_v1_dot_seed__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65sper/common/v1/blueprint.proto\x12\x0f\x65sper.common.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1a\x65sper/common/v1/seed.proto\"n\n\tAttrValue\x12\x13\n\tint_value\x18\x01 \x01(\x03H\x00\x12\x15\n\x0b\x66loat_value\x18\x02 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x03 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x42\x07\n\x05value\"\xed\x01\n\x06IRNode\x12+\n\x04name\x18\x01 \x01(\tB\x1d\xbaH\x1ar\x18\x32\x16^[a-z][a-z0-9_]{0,63}$\x12\x15\n\x02op\x18\x02 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\x12\x18\n\x06inputs\x18\x03 \x03(\tB\x08\xbaH\x05\x92\x01\x02\x10\x08\x12;\n\x05\x61ttrs\x18\x04 \x03(\x0b\x32\".esper.common.v1.IRNode.AttrsEntryB\x08\xbaH\x05\x9a\x01\x02\x10 \x1aH\n\nAttrsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.esper.common.v1.AttrValue:\x02\x38\x01\"x\n\x0b\x42lueprintIR\x12\x1b\n\nir_version\x18\x01 \x01(\rB\x07\xbaH\x04*\x02\x08\x01\x12\x33\n\x05nodes\x18\x02 \x03(\x0b\x32\x17.esper.common.v1.IRNodeB\x0b\xbaH\x08\x92\x01\x05\x08\x01\x10\x80\x02\x12\x17\n\x06output\x18\x03 \x01(\tB\x07\xbaH\x04r\x02\x10\x01\"\xda\x02\n\tBlueprint\x12\x14\n\x0c\x62lueprint_id\x18\x01 \x01(\t\x12-\n\x04name\x18\x02 \x01(\tB\x1f\xbaH\x1cr\x1a\x32\x18^[a-z][a-z0-9_\\-]{0,63}$\x12\x19\n\x06\x66\x61mily\x18\x03 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\x12\x1d\n\x0b\x64\x65scription\x18\x04 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x08\x12\x30\n\x02ir\x18\x05 \x01(\x0b\x32\x1c.esper.common.v1.BlueprintIRB\x06\xbaH\x03\xc8\x01\x01\x12\x45\n\x07layouts\x18\x06 \x03(\x0e\x32!.esper.common.v1.ActivationLayoutB\x11\xbaH\x0e\x92\x01\x0b\x08\x01\"\x07\x82\x01\x04\x10\x01 \x00\x12\x1e\n\x04tags\x18\x07 \x03(\tB\x10\xbaH\r\x92\x01\n\x10 \"\x06r\x04\x10\x01\x18@\x12\x1c\n\nparent_ids\x18\x08 \x03(\tB\x08\xbaH\x05\x92\x01\x02\x10\x08\x12\x17\n\x06origin\x18\t \x01(\tB\x07\xbaH\x04r\x02\x18@b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65sper/common/v1/blueprint.proto\x12\x0f\x65sper.common.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1a\x65sper/common/v1/seed.proto\"x\n\tAttrValue\x12\x13\n\tint_value\x18\x01 \x01(\x03H\x00\x12\x15\n\x0b\x66loat_value\x18\x02 \x01(\x01H\x00\x12 \n\x0cstring_value\x18\x03 \x01(\tB\x08\xbaH\x05r\x03(\x80\x02H\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x42\x07\n\x05value\"\xa5\x02\n\x06IRNode\x12+\n\x04name\x18\x01 \x01(\tB\x1d\xbaH\x1ar\x18\x32\x16^[a-z][a-z0-9_]{0,63}$\x12\x15\n\x02op\x18\x02 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\x12\x34\n\x06inputs\x18\x03 \x03(\tB$\xbaH!\x92\x01\x1e\x10\x08\"\x1ar\x18\x32\x16^[a-z][a-z0-9_]{0,63}$\x12W\n\x05\x61ttrs\x18\x04 \x03(\x0b\x32\".esper.common.v1.IRNode.AttrsEntryB$\xbaH!\x9a\x01\x1e\x10 \"\x1ar\x18\x32\x16^[a-z][a-z0-9_]{0,63}$\x1aH\n\nAttrsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.esper.common.v1.AttrValue:\x02\x38\x01\"z\n\x0b\x42lueprintIR\x12\x1b\n\nir_version\x18\x01 \x01(\rB\x07\xbaH\x04*\x02\x08\x01\x12\x33\n\x05nodes\x18\x02 \x03(\x0b\x32\x17.esper.common.v1.IRNodeB\x0b\xbaH\x08\x92\x01\x05\x08\x01\x10\x80\x02\x12\x19\n\x06output\x18\x03 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\"\xfc\x02\n\tBlueprint\x12\x1d\n\x0c\x62lueprint_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x18@\x12-\n\x04name\x18\x02 \x01(\tB\x1f\xbaH\x1cr\x1a\x32\x18^[a-z][a-z0-9_\\-]{0,63}$\x12\x19\n\x06\x66\x61mily\x18\x03 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\x12\x1d\n\x0b\x64\x65scription\x18\x04 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x08\x12\x30\n\x02ir\x18\x05 \x01(\x0b\x32\x1c.esper.common.v1.BlueprintIRB\x06\xbaH\x03\xc8\x01\x01\x12G\n\x07layouts\x18\x06 \x03(\x0e\x32!.esper.common.v1.ActivationLayoutB\x13\xbaH\x10\x92\x01\r\x08\x01\x10\x08\"\x07\x82\x01\x04\x10\x01 \x00\x12\x1e\n\x04tags\x18\x07 \x03(\tB\x10\xbaH\r\x92\x01\n\x10 \"\x06r\x04\x10\x01\x18@\x12\x33\n\nparent_ids\x18\x08 \x03(\tB\x1f\xbaH\x1c\x92\x01\x19\x10\x08\"\x15r\x13\x32\x11^bp-[0-9a-f]{16}$\x12\x17\n\x06origin\x18\t \x01(\tB\x07\xbaH\x04r\x02\x18@b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'generated.esper.common.v1.blueprint_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_ATTRVALUE'].fields_by_name['string_value']._loaded_options = None
+  _globals['_ATTRVALUE'].fields_by_name['string_value']._serialized_options = b'\272H\005r\003(\200\002'
   _globals['_IRNODE_ATTRSENTRY']._loaded_options = None
   _globals['_IRNODE_ATTRSENTRY']._serialized_options = b'8\001'
   _globals['_IRNODE'].fields_by_name['name']._loaded_options = None
@@ -40,15 +42,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IRNODE'].fields_by_name['op']._loaded_options = None
   _globals['_IRNODE'].fields_by_name['op']._serialized_options = b'\272H\006r\004\020\001\030@'
   _globals['_IRNODE'].fields_by_name['inputs']._loaded_options = None
-  _globals['_IRNODE'].fields_by_name['inputs']._serialized_options = b'\272H\005\222\001\002\020\010'
+  _globals['_IRNODE'].fields_by_name['inputs']._serialized_options = b'\272H!\222\001\036\020\010\"\032r\0302\026^[a-z][a-z0-9_]{0,63}$'
   _globals['_IRNODE'].fields_by_name['attrs']._loaded_options = None
-  _globals['_IRNODE'].fields_by_name['attrs']._serialized_options = b'\272H\005\232\001\002\020 '
+  _globals['_IRNODE'].fields_by_name['attrs']._serialized_options = b'\272H!\232\001\036\020 \"\032r\0302\026^[a-z][a-z0-9_]{0,63}$'
   _globals['_BLUEPRINTIR'].fields_by_name['ir_version']._loaded_options = None
   _globals['_BLUEPRINTIR'].fields_by_name['ir_version']._serialized_options = b'\272H\004*\002\010\001'
   _globals['_BLUEPRINTIR'].fields_by_name['nodes']._loaded_options = None
   _globals['_BLUEPRINTIR'].fields_by_name['nodes']._serialized_options = b'\272H\010\222\001\005\010\001\020\200\002'
   _globals['_BLUEPRINTIR'].fields_by_name['output']._loaded_options = None
-  _globals['_BLUEPRINTIR'].fields_by_name['output']._serialized_options = b'\272H\004r\002\020\001'
+  _globals['_BLUEPRINTIR'].fields_by_name['output']._serialized_options = b'\272H\006r\004\020\001\030@'
+  _globals['_BLUEPRINT'].fields_by_name['blueprint_id']._loaded_options = None
+  _globals['_BLUEPRINT'].fields_by_name['blueprint_id']._serialized_options = b'\272H\004r\002\030@'
   _globals['_BLUEPRINT'].fields_by_name['name']._loaded_options = None
   _globals['_BLUEPRINT'].fields_by_name['name']._serialized_options = b'\272H\034r\0322\030^[a-z][a-z0-9_\\-]{0,63}$'
   _globals['_BLUEPRINT'].fields_by_name['family']._loaded_options = None
@@ -58,21 +62,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BLUEPRINT'].fields_by_name['ir']._loaded_options = None
   _globals['_BLUEPRINT'].fields_by_name['ir']._serialized_options = b'\272H\003\310\001\001'
   _globals['_BLUEPRINT'].fields_by_name['layouts']._loaded_options = None
-  _globals['_BLUEPRINT'].fields_by_name['layouts']._serialized_options = b'\272H\016\222\001\013\010\001\"\007\202\001\004\020\001 \000'
+  _globals['_BLUEPRINT'].fields_by_name['layouts']._serialized_options = b'\272H\020\222\001\r\010\001\020\010\"\007\202\001\004\020\001 \000'
   _globals['_BLUEPRINT'].fields_by_name['tags']._loaded_options = None
   _globals['_BLUEPRINT'].fields_by_name['tags']._serialized_options = b'\272H\r\222\001\n\020 \"\006r\004\020\001\030@'
   _globals['_BLUEPRINT'].fields_by_name['parent_ids']._loaded_options = None
-  _globals['_BLUEPRINT'].fields_by_name['parent_ids']._serialized_options = b'\272H\005\222\001\002\020\010'
+  _globals['_BLUEPRINT'].fields_by_name['parent_ids']._serialized_options = b'\272H\034\222\001\031\020\010\"\025r\0232\021^bp-[0-9a-f]{16}$'
   _globals['_BLUEPRINT'].fields_by_name['origin']._loaded_options = None
   _globals['_BLUEPRINT'].fields_by_name['origin']._serialized_options = b'\272H\004r\002\030@'
   _globals['_ATTRVALUE']._serialized_start=109
-  _globals['_ATTRVALUE']._serialized_end=219
-  _globals['_IRNODE']._serialized_start=222
-  _globals['_IRNODE']._serialized_end=459
-  _globals['_IRNODE_ATTRSENTRY']._serialized_start=387
-  _globals['_IRNODE_ATTRSENTRY']._serialized_end=459
-  _globals['_BLUEPRINTIR']._serialized_start=461
-  _globals['_BLUEPRINTIR']._serialized_end=581
-  _globals['_BLUEPRINT']._serialized_start=584
-  _globals['_BLUEPRINT']._serialized_end=930
+  _globals['_ATTRVALUE']._serialized_end=229
+  _globals['_IRNODE']._serialized_start=232
+  _globals['_IRNODE']._serialized_end=525
+  _globals['_IRNODE_ATTRSENTRY']._serialized_start=453
+  _globals['_IRNODE_ATTRSENTRY']._serialized_end=525
+  _globals['_BLUEPRINTIR']._serialized_start=527
+  _globals['_BLUEPRINTIR']._serialized_end=649
+  _globals['_BLUEPRINT']._serialized_start=652
+  _globals['_BLUEPRINT']._serialized_end=1032
 # @@protoc_insertion_point(module_scope)

@@ -27,7 +27,7 @@ from generated.esper.common.v1 import seed_pb2 as esper_dot_common_dot_v1_dot_se
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65sper/common/v1/health.proto\x12\x0f\x65sper.common.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1a\x65sper/common/v1/seed.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x85\x05\n\nSlotHealth\x12\x1b\n\x07slot_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x02\x12\x35\n\x05stage\x18\x02 \x01(\x0e\x32\x1a.esper.common.v1.SeedStageB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\x12&\n\x05\x61lpha\x18\x03 \x01(\x01\x42\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00\x00\xf0?)\x00\x00\x00\x00\x00\x00\x00\x00\x12,\n\x04site\x18\x04 \x01(\x0b\x32\x1e.esper.common.v1.SiteSignature\x12\x14\n\x0c\x62lueprint_id\x18\x05 \x01(\t\x12\x11\n\tkernel_id\x18\x06 \x01(\t\x12\x16\n\x0ehost_grad_norm\x18\x07 \x01(\x01\x12\x16\n\x0eseed_grad_norm\x18\x08 \x01(\x01\x12\x17\n\x0f\x61\x63tivation_mean\x18\t \x01(\x01\x12\x16\n\x0e\x61\x63tivation_std\x18\n \x01(\x01\x12\x14\n\x0c\x63ontribution\x18\x0b \x01(\x01\x12\x1d\n\x15\x63ontribution_measured\x18\x0c \x01(\x08\x12\x16\n\x0esteps_in_stage\x18\r \x01(\r\x12\x17\n\x0f\x65pochs_in_stage\x18\x0e \x01(\r\x12\x17\n\x0fseed_parameters\x18\x0f \x01(\x04\x12\x17\n\x0fhost_parameters\x18\x10 \x01(\x04\x12\x1b\n\x13\x65mbargo_epochs_left\x18\x11 \x01(\r\x12\x0e\n\x06\x66inite\x18\x12 \x01(\x08\x12\r\n\x05\x64\x65pth\x18\x13 \x01(\r\x12\x36\n\x07history\x18\x14 \x03(\x0b\x32\x1b.esper.common.v1.SlotRecordB\x08\xbaH\x05\x92\x01\x02\x10@\x12\x37\n\x06probes\x18\x15 \x03(\x0b\x32\x1c.esper.common.v1.KernelProbeB\t\xbaH\x06\x92\x01\x03\x10\x80\x02\"\x90\x01\n\nSlotRecord\x12\r\n\x05\x65poch\x18\x01 \x01(\r\x12\x35\n\x05stage\x18\x02 \x01(\x0e\x32\x1a.esper.common.v1.SeedStageB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\x12\x1d\n\x15\x63ontribution_measured\x18\x03 \x01(\x08\x12\x1d\n\x0c\x63ontribution\x18\x04 \x01(\x01\x42\x07\xbaH\x04\x12\x02@\x01\"\x9a\x01\n\x0bKernelProbe\x12\x1d\n\tkernel_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x02\x12\x15\n\x04gain\x18\x02 \x01(\x01\x42\x07\xbaH\x04\x12\x02@\x01\x12\r\n\x05steps\x18\x03 \x01(\r\x12\x1f\n\x05\x66lops\x18\x04 \x01(\x01\x42\x10\xbaH\r\x12\x0b)\x00\x00\x00\x00\x00\x00\x00\x00@\x01\x12%\n\x0bgain_stderr\x18\x05 \x01(\x01\x42\x10\xbaH\r\x12\x0b)\x00\x00\x00\x00\x00\x00\x00\x00@\x01\"L\n\tGraphNode\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\x04\x12\x0f\n\x07slot_id\x18\x04 \x01(\t\"%\n\tGraphEdge\x12\x0b\n\x03src\x18\x01 \x01(\r\x12\x0b\n\x03\x64st\x18\x02 \x01(\r\"y\n\nModelGraph\x12\x34\n\x05nodes\x18\x01 \x03(\x0b\x32\x1a.esper.common.v1.GraphNodeB\t\xbaH\x06\x92\x01\x03\x10\x80 \x12\x35\n\x05\x65\x64ges\x18\x02 \x03(\x0b\x32\x1a.esper.common.v1.GraphEdgeB\n\xbaH\x07\x92\x01\x04\x10\x80\x80\x01\"\xcf\x03\n\x0eHealthSnapshot\x12\x1a\n\x06run_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12\r\n\x05\x65poch\x18\x02 \x01(\r\x12\x14\n\x0ctotal_epochs\x18\x03 \x01(\r\x12\x13\n\x0bglobal_step\x18\x04 \x01(\x04\x12\x35\n\x05slots\x18\x05 \x03(\x0b\x32\x1b.esper.common.v1.SlotHealthB\t\xbaH\x06\x92\x01\x03\x10\x80\x08\x12\x1a\n\x12train_loss_history\x18\x06 \x03(\x01\x12\x18\n\x10val_loss_history\x18\x07 \x03(\x01\x12\x1c\n\x14val_accuracy_history\x18\x08 \x03(\x01\x12\x17\n\x0fhost_parameters\x18\t \x01(\x04\x12\x18\n\x10total_parameters\x18\n \x01(\x04\x12\x12\n\nseeds_left\x18\x0b \x01(\r\x12\x17\n\x0fparameters_left\x18\x0c \x01(\x04\x12*\n\x05graph\x18\r \x01(\x0b\x32\x1b.esper.common.v1.ModelGraph\x12,\n\x08taken_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04task\x18\x0f \x01(\t\x12\x14\n\x0cslot_history\x18\x10 \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65sper/common/v1/health.proto\x12\x0f\x65sper.common.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1a\x65sper/common/v1/seed.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa6\x04\n\nSlotHealth\x12\x1b\n\x07slot_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x02\x12\x35\n\x05stage\x18\x02 \x01(\x0e\x32\x1a.esper.common.v1.SeedStageB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\x12&\n\x05\x61lpha\x18\x03 \x01(\x01\x42\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00\x00\xf0?)\x00\x00\x00\x00\x00\x00\x00\x00\x12,\n\x04site\x18\x04 \x01(\x0b\x32\x1e.esper.common.v1.SiteSignature\x12\x1d\n\x0c\x62lueprint_id\x18\x05 \x01(\tB\x07\xbaH\x04r\x02(P\x12\x1a\n\tkernel_id\x18\x06 \x01(\tB\x07\xbaH\x04r\x02(P\x12\x16\n\x0ehost_grad_norm\x18\x07 \x01(\x01\x12\x16\n\x0eseed_grad_norm\x18\x08 \x01(\x01\x12\x17\n\x0f\x61\x63tivation_mean\x18\t \x01(\x01\x12\x16\n\x0e\x61\x63tivation_std\x18\n \x01(\x01\x12\x14\n\x0c\x63ontribution\x18\x0b \x01(\x01\x12\x1d\n\x15\x63ontribution_measured\x18\x0c \x01(\x08\x12\x16\n\x0esteps_in_stage\x18\r \x01(\r\x12\x17\n\x0f\x65pochs_in_stage\x18\x0e \x01(\r\x12\x17\n\x0fseed_parameters\x18\x0f \x01(\x04\x12\x17\n\x0fhost_parameters\x18\x10 \x01(\x04\x12\x1b\n\x13\x65mbargo_epochs_left\x18\x11 \x01(\r\x12\x0e\n\x06\x66inite\x18\x12 \x01(\x08\x12\r\n\x05\x64\x65pth\x18\x13 \x01(\r\"\xad\x01\n\nSlotRecord\x12\x1b\n\x07slot_id\x18\x05 \x01(\tB\n\xbaH\x07r\x05\x10\x01(\x80\x01\x12\r\n\x05\x65poch\x18\x01 \x01(\r\x12\x35\n\x05stage\x18\x02 \x01(\x0e\x32\x1a.esper.common.v1.SeedStageB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\x12\x1d\n\x15\x63ontribution_measured\x18\x03 \x01(\x08\x12\x1d\n\x0c\x63ontribution\x18\x04 \x01(\x01\x42\x07\xbaH\x04\x12\x02@\x01\"\xb7\x01\n\x0bKernelProbe\x12\x1d\n\tkernel_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x02\x12\x15\n\x04gain\x18\x02 \x01(\x01\x42\x07\xbaH\x04\x12\x02@\x01\x12\r\n\x05steps\x18\x03 \x01(\r\x12\x1f\n\x05\x66lops\x18\x04 \x01(\x01\x42\x10\xbaH\r\x12\x0b)\x00\x00\x00\x00\x00\x00\x00\x00@\x01\x12%\n\x0bgain_stderr\x18\x05 \x01(\x01\x42\x10\xbaH\r\x12\x0b)\x00\x00\x00\x00\x00\x00\x00\x00@\x01\x12\x1b\n\x07slot_id\x18\x06 \x01(\tB\n\xbaH\x07r\x05\x10\x01(\x80\x01\"i\n\tGraphNode\x12\x16\n\x04name\x18\x01 \x01(\tB\x08\xbaH\x05r\x03(\x80\x01\x12\x15\n\x04kind\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x12\n\nparameters\x18\x03 \x01(\x04\x12\x19\n\x07slot_id\x18\x04 \x01(\tB\x08\xbaH\x05r\x03(\x80\x01\"%\n\tGraphEdge\x12\x0b\n\x03src\x18\x01 \x01(\r\x12\x0b\n\x03\x64st\x18\x02 \x01(\r\"y\n\nModelGraph\x12\x34\n\x05nodes\x18\x01 \x03(\x0b\x32\x1a.esper.common.v1.GraphNodeB\t\xbaH\x06\x92\x01\x03\x10\x80 \x12\x35\n\x05\x65\x64ges\x18\x02 \x03(\x0b\x32\x1a.esper.common.v1.GraphEdgeB\n\xbaH\x07\x92\x01\x04\x10\x80\x80\x01\"\xf3\x04\n\x0eHealthSnapshot\x12\x1a\n\x06run_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12\r\n\x05\x65poch\x18\x02 \x01(\r\x12\x14\n\x0ctotal_epochs\x18\x03 \x01(\r\x12\x13\n\x0bglobal_step\x18\x04 \x01(\x04\x12\x35\n\x05slots\x18\x05 \x03(\x0b\x32\x1b.esper.common.v1.SlotHealthB\t\xbaH\x06\x92\x01\x03\x10\x80\x08\x12&\n\x12train_loss_history\x18\x06 \x03(\x01\x42\n\xbaH\x07\x92\x01\x04\x10\x80\x80\x01\x12$\n\x10val_loss_history\x18\x07 \x03(\x01\x42\n\xbaH\x07\x92\x01\x04\x10\x80\x80\x01\x12(\n\x14val_accuracy_history\x18\x08 \x03(\x01\x42\n\xbaH\x07\x92\x01\x04\x10\x80\x80\x01\x12\x17\n\x0fhost_parameters\x18\t \x01(\x04\x12\x18\n\x10total_parameters\x18\n \x01(\x04\x12\x12\n\nseeds_left\x18\x0b \x01(\r\x12\x17\n\x0fparameters_left\x18\x0c \x01(\x04\x12*\n\x05graph\x18\r \x01(\x0b\x32\x1b.esper.common.v1.ModelGraph\x12,\n\x08taken_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\x04task\x18\x0f \x01(\tB\x07\xbaH\x04r\x02\x18@\x12\x14\n\x0cslot_history\x18\x10 \x01(\x08\x12\x37\n\x06probes\x18\x11 \x03(\x0b\x32\x1c.esper.common.v1.KernelProbeB\t\xbaH\x06\x92\x01\x03\x10\x80\x01\x12<\n\x0cslot_records\x18\x12 \x03(\x0b\x32\x1b.esper.common.v1.SlotRecordB\t\xbaH\x06\x92\x01\x03\x10\x80\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,10 +40,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SLOTHEALTH'].fields_by_name['stage']._serialized_options = b'\272H\007\202\001\004\020\001 \000'
   _globals['_SLOTHEALTH'].fields_by_name['alpha']._loaded_options = None
   _globals['_SLOTHEALTH'].fields_by_name['alpha']._serialized_options = b'\272H\024\022\022\031\000\000\000\000\000\000\360?)\000\000\000\000\000\000\000\000'
-  _globals['_SLOTHEALTH'].fields_by_name['history']._loaded_options = None
-  _globals['_SLOTHEALTH'].fields_by_name['history']._serialized_options = b'\272H\005\222\001\002\020@'
-  _globals['_SLOTHEALTH'].fields_by_name['probes']._loaded_options = None
-  _globals['_SLOTHEALTH'].fields_by_name['probes']._serialized_options = b'\272H\006\222\001\003\020\200\002'
+  _globals['_SLOTHEALTH'].fields_by_name['blueprint_id']._loaded_options = None
+  _globals['_SLOTHEALTH'].fields_by_name['blueprint_id']._serialized_options = b'\272H\004r\002(P'
+  _globals['_SLOTHEALTH'].fields_by_name['kernel_id']._loaded_options = None
+  _globals['_SLOTHEALTH'].fields_by_name['kernel_id']._serialized_options = b'\272H\004r\002(P'
+  _globals['_SLOTRECORD'].fields_by_name['slot_id']._loaded_options = None
+  _globals['_SLOTRECORD'].fields_by_name['slot_id']._serialized_options = b'\272H\007r\005\020\001(\200\001'
   _globals['_SLOTRECORD'].fields_by_name['stage']._loaded_options = None
   _globals['_SLOTRECORD'].fields_by_name['stage']._serialized_options = b'\272H\007\202\001\004\020\001 \000'
   _globals['_SLOTRECORD'].fields_by_name['contribution']._loaded_options = None
@@ -56,6 +58,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KERNELPROBE'].fields_by_name['flops']._serialized_options = b'\272H\r\022\013)\000\000\000\000\000\000\000\000@\001'
   _globals['_KERNELPROBE'].fields_by_name['gain_stderr']._loaded_options = None
   _globals['_KERNELPROBE'].fields_by_name['gain_stderr']._serialized_options = b'\272H\r\022\013)\000\000\000\000\000\000\000\000@\001'
+  _globals['_KERNELPROBE'].fields_by_name['slot_id']._loaded_options = None
+  _globals['_KERNELPROBE'].fields_by_name['slot_id']._serialized_options = b'\272H\007r\005\020\001(\200\001'
+  _globals['_GRAPHNODE'].fields_by_name['name']._loaded_options = None
+  _globals['_GRAPHNODE'].fields_by_name['name']._serialized_options = b'\272H\005r\003(\200\001'
+  _globals['_GRAPHNODE'].fields_by_name['kind']._loaded_options = None
+  _globals['_GRAPHNODE'].fields_by_name['kind']._serialized_options = b'\272H\004r\002(@'
+  _globals['_GRAPHNODE'].fields_by_name['slot_id']._loaded_options = None
+  _globals['_GRAPHNODE'].fields_by_name['slot_id']._serialized_options = b'\272H\005r\003(\200\001'
   _globals['_MODELGRAPH'].fields_by_name['nodes']._loaded_options = None
   _globals['_MODELGRAPH'].fields_by_name['nodes']._serialized_options = b'\272H\006\222\001\003\020\200 '
   _globals['_MODELGRAPH'].fields_by_name['edges']._loaded_options = None
@@ -64,18 +74,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEALTHSNAPSHOT'].fields_by_name['run_id']._serialized_options = b'\272H\007r\005\020\001\030\200\001'
   _globals['_HEALTHSNAPSHOT'].fields_by_name['slots']._loaded_options = None
   _globals['_HEALTHSNAPSHOT'].fields_by_name['slots']._serialized_options = b'\272H\006\222\001\003\020\200\010'
+  _globals['_HEALTHSNAPSHOT'].fields_by_name['train_loss_history']._loaded_options = None
+  _globals['_HEALTHSNAPSHOT'].fields_by_name['train_loss_history']._serialized_options = b'\272H\007\222\001\004\020\200\200\001'
+  _globals['_HEALTHSNAPSHOT'].fields_by_name['val_loss_history']._loaded_options = None
+  _globals['_HEALTHSNAPSHOT'].fields_by_name['val_loss_history']._serialized_options = b'\272H\007\222\001\004\020\200\200\001'
+  _globals['_HEALTHSNAPSHOT'].fields_by_name['val_accuracy_history']._loaded_options = None
+  _globals['_HEALTHSNAPSHOT'].fields_by_name['val_accuracy_history']._serialized_options = b'\272H\007\222\001\004\020\200\200\001'
+  _globals['_HEALTHSNAPSHOT'].fields_by_name['task']._loaded_options = None
+  _globals['_HEALTHSNAPSHOT'].fields_by_name['task']._serialized_options = b'\272H\004r\002\030@'
+  _globals['_HEALTHSNAPSHOT'].fields_by_name['probes']._loaded_options = None
+  _globals['_HEALTHSNAPSHOT'].fields_by_name['probes']._serialized_options = b'\272H\006\222\001\003\020\200\001'
+  _globals['_HEALTHSNAPSHOT'].fields_by_name['slot_records']._loaded_options = None
+  _globals['_HEALTHSNAPSHOT'].fields_by_name['slot_records']._serialized_options = b'\272H\006\222\001\003\020\200\004'
   _globals['_SLOTHEALTH']._serialized_start=140
-  _globals['_SLOTHEALTH']._serialized_end=785
-  _globals['_SLOTRECORD']._serialized_start=788
-  _globals['_SLOTRECORD']._serialized_end=932
-  _globals['_KERNELPROBE']._serialized_start=935
-  _globals['_KERNELPROBE']._serialized_end=1089
-  _globals['_GRAPHNODE']._serialized_start=1091
-  _globals['_GRAPHNODE']._serialized_end=1167
-  _globals['_GRAPHEDGE']._serialized_start=1169
-  _globals['_GRAPHEDGE']._serialized_end=1206
-  _globals['_MODELGRAPH']._serialized_start=1208
-  _globals['_MODELGRAPH']._serialized_end=1329
-  _globals['_HEALTHSNAPSHOT']._serialized_start=1332
-  _globals['_HEALTHSNAPSHOT']._serialized_end=1795
+  _globals['_SLOTHEALTH']._serialized_end=690
+  _globals['_SLOTRECORD']._serialized_start=693
+  _globals['_SLOTRECORD']._serialized_end=866
+  _globals['_KERNELPROBE']._serialized_start=869
+  _globals['_KERNELPROBE']._serialized_end=1052
+  _globals['_GRAPHNODE']._serialized_start=1054
+  _globals['_GRAPHNODE']._serialized_end=1159
+  _globals['_GRAPHEDGE']._serialized_start=1161
+  _globals['_GRAPHEDGE']._serialized_end=1198
+  _globals['_MODELGRAPH']._serialized_start=1200
+  _globals['_MODELGRAPH']._serialized_end=1321
+  _globals['_HEALTHSNAPSHOT']._serialized_start=1324
+  _globals['_HEALTHSNAPSHOT']._serialized_end=1951
 # @@protoc_insertion_point(module_scope)

@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SlotHealth(_message.Message):
-    __slots__ = ("slot_id", "stage", "alpha", "site", "blueprint_id", "kernel_id", "host_grad_norm", "seed_grad_norm", "activation_mean", "activation_std", "contribution", "contribution_measured", "steps_in_stage", "epochs_in_stage", "seed_parameters", "host_parameters", "embargo_epochs_left", "finite", "depth", "history", "probes")
+    __slots__ = ("slot_id", "stage", "alpha", "site", "blueprint_id", "kernel_id", "host_grad_norm", "seed_grad_norm", "activation_mean", "activation_std", "contribution", "contribution_measured", "steps_in_stage", "epochs_in_stage", "seed_parameters", "host_parameters", "embargo_epochs_left", "finite", "depth")
     SLOT_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
@@ -32,8 +32,6 @@ class SlotHealth(_message.Message):
     EMBARGO_EPOCHS_LEFT_FIELD_NUMBER: _ClassVar[int]
     FINITE_FIELD_NUMBER: _ClassVar[int]
     DEPTH_FIELD_NUMBER: _ClassVar[int]
-    HISTORY_FIELD_NUMBER: _ClassVar[int]
-    PROBES_FIELD_NUMBER: _ClassVar[int]
     slot_id: str
     stage: _seed_pb2.SeedStage
     alpha: float
@@ -53,35 +51,37 @@ class SlotHealth(_message.Message):
     embargo_epochs_left: int
     finite: bool
     depth: int
-    history: _containers.RepeatedCompositeFieldContainer[SlotRecord]
-    probes: _containers.RepeatedCompositeFieldContainer[KernelProbe]
-    def __init__(self, slot_id: _Optional[str] = ..., stage: _Optional[_Union[_seed_pb2.SeedStage, str]] = ..., alpha: _Optional[float] = ..., site: _Optional[_Union[_seed_pb2.SiteSignature, _Mapping]] = ..., blueprint_id: _Optional[str] = ..., kernel_id: _Optional[str] = ..., host_grad_norm: _Optional[float] = ..., seed_grad_norm: _Optional[float] = ..., activation_mean: _Optional[float] = ..., activation_std: _Optional[float] = ..., contribution: _Optional[float] = ..., contribution_measured: _Optional[bool] = ..., steps_in_stage: _Optional[int] = ..., epochs_in_stage: _Optional[int] = ..., seed_parameters: _Optional[int] = ..., host_parameters: _Optional[int] = ..., embargo_epochs_left: _Optional[int] = ..., finite: _Optional[bool] = ..., depth: _Optional[int] = ..., history: _Optional[_Iterable[_Union[SlotRecord, _Mapping]]] = ..., probes: _Optional[_Iterable[_Union[KernelProbe, _Mapping]]] = ...) -> None: ...
+    def __init__(self, slot_id: _Optional[str] = ..., stage: _Optional[_Union[_seed_pb2.SeedStage, str]] = ..., alpha: _Optional[float] = ..., site: _Optional[_Union[_seed_pb2.SiteSignature, _Mapping]] = ..., blueprint_id: _Optional[str] = ..., kernel_id: _Optional[str] = ..., host_grad_norm: _Optional[float] = ..., seed_grad_norm: _Optional[float] = ..., activation_mean: _Optional[float] = ..., activation_std: _Optional[float] = ..., contribution: _Optional[float] = ..., contribution_measured: _Optional[bool] = ..., steps_in_stage: _Optional[int] = ..., epochs_in_stage: _Optional[int] = ..., seed_parameters: _Optional[int] = ..., host_parameters: _Optional[int] = ..., embargo_epochs_left: _Optional[int] = ..., finite: _Optional[bool] = ..., depth: _Optional[int] = ...) -> None: ...
 
 class SlotRecord(_message.Message):
-    __slots__ = ("epoch", "stage", "contribution_measured", "contribution")
+    __slots__ = ("slot_id", "epoch", "stage", "contribution_measured", "contribution")
+    SLOT_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTION_MEASURED_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    slot_id: str
     epoch: int
     stage: _seed_pb2.SeedStage
     contribution_measured: bool
     contribution: float
-    def __init__(self, epoch: _Optional[int] = ..., stage: _Optional[_Union[_seed_pb2.SeedStage, str]] = ..., contribution_measured: _Optional[bool] = ..., contribution: _Optional[float] = ...) -> None: ...
+    def __init__(self, slot_id: _Optional[str] = ..., epoch: _Optional[int] = ..., stage: _Optional[_Union[_seed_pb2.SeedStage, str]] = ..., contribution_measured: _Optional[bool] = ..., contribution: _Optional[float] = ...) -> None: ...
 
 class KernelProbe(_message.Message):
-    __slots__ = ("kernel_id", "gain", "steps", "flops", "gain_stderr")
+    __slots__ = ("kernel_id", "gain", "steps", "flops", "gain_stderr", "slot_id")
     KERNEL_ID_FIELD_NUMBER: _ClassVar[int]
     GAIN_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     FLOPS_FIELD_NUMBER: _ClassVar[int]
     GAIN_STDERR_FIELD_NUMBER: _ClassVar[int]
+    SLOT_ID_FIELD_NUMBER: _ClassVar[int]
     kernel_id: str
     gain: float
     steps: int
     flops: float
     gain_stderr: float
-    def __init__(self, kernel_id: _Optional[str] = ..., gain: _Optional[float] = ..., steps: _Optional[int] = ..., flops: _Optional[float] = ..., gain_stderr: _Optional[float] = ...) -> None: ...
+    slot_id: str
+    def __init__(self, kernel_id: _Optional[str] = ..., gain: _Optional[float] = ..., steps: _Optional[int] = ..., flops: _Optional[float] = ..., gain_stderr: _Optional[float] = ..., slot_id: _Optional[str] = ...) -> None: ...
 
 class GraphNode(_message.Message):
     __slots__ = ("name", "kind", "parameters", "slot_id")
@@ -112,7 +112,7 @@ class ModelGraph(_message.Message):
     def __init__(self, nodes: _Optional[_Iterable[_Union[GraphNode, _Mapping]]] = ..., edges: _Optional[_Iterable[_Union[GraphEdge, _Mapping]]] = ...) -> None: ...
 
 class HealthSnapshot(_message.Message):
-    __slots__ = ("run_id", "epoch", "total_epochs", "global_step", "slots", "train_loss_history", "val_loss_history", "val_accuracy_history", "host_parameters", "total_parameters", "seeds_left", "parameters_left", "graph", "taken_at", "task", "slot_history")
+    __slots__ = ("run_id", "epoch", "total_epochs", "global_step", "slots", "train_loss_history", "val_loss_history", "val_accuracy_history", "host_parameters", "total_parameters", "seeds_left", "parameters_left", "graph", "taken_at", "task", "slot_history", "probes", "slot_records")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     TOTAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +129,8 @@ class HealthSnapshot(_message.Message):
     TAKEN_AT_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     SLOT_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    PROBES_FIELD_NUMBER: _ClassVar[int]
+    SLOT_RECORDS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     epoch: int
     total_epochs: int
@@ -145,4 +147,6 @@ class HealthSnapshot(_message.Message):
     taken_at: _timestamp_pb2.Timestamp
     task: str
     slot_history: bool
-    def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., total_epochs: _Optional[int] = ..., global_step: _Optional[int] = ..., slots: _Optional[_Iterable[_Union[SlotHealth, _Mapping]]] = ..., train_loss_history: _Optional[_Iterable[float]] = ..., val_loss_history: _Optional[_Iterable[float]] = ..., val_accuracy_history: _Optional[_Iterable[float]] = ..., host_parameters: _Optional[int] = ..., total_parameters: _Optional[int] = ..., seeds_left: _Optional[int] = ..., parameters_left: _Optional[int] = ..., graph: _Optional[_Union[ModelGraph, _Mapping]] = ..., taken_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., task: _Optional[str] = ..., slot_history: _Optional[bool] = ...) -> None: ...
+    probes: _containers.RepeatedCompositeFieldContainer[KernelProbe]
+    slot_records: _containers.RepeatedCompositeFieldContainer[SlotRecord]
+    def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., total_epochs: _Optional[int] = ..., global_step: _Optional[int] = ..., slots: _Optional[_Iterable[_Union[SlotHealth, _Mapping]]] = ..., train_loss_history: _Optional[_Iterable[float]] = ..., val_loss_history: _Optional[_Iterable[float]] = ..., val_accuracy_history: _Optional[_Iterable[float]] = ..., host_parameters: _Optional[int] = ..., total_parameters: _Optional[int] = ..., seeds_left: _Optional[int] = ..., parameters_left: _Optional[int] = ..., graph: _Optional[_Union[ModelGraph, _Mapping]] = ..., taken_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., task: _Optional[str] = ..., slot_history: _Optional[bool] = ..., probes: _Optional[_Iterable[_Union[KernelProbe, _Mapping]]] = ..., slot_records: _Optional[_Iterable[_Union[SlotRecord, _Mapping]]] = ...) -> None: ...

@@ -22,28 +22,57 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from generated.buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from generated.esper.common.v1 import blueprint_pb2 as esper_dot_common_dot_v1_dot_blueprint__pb2
 from generated.esper.common.v1 import seed_pb2 as esper_dot_common_dot_v1_dot_seed__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65sper/common/v1/kernel.proto\x12\x0f\x65sper.common.v1\x1a\x1f\x65sper/common/v1/blueprint.proto\x1a\x1a\x65sper/common/v1/seed.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xad\x01\n\rKernelProfile\x12\x12\n\nparameters\x18\x01 \x01(\x04\x12 \n\x18\x66orward_flops_per_sample\x18\x02 \x01(\x04\x12\x16\n\x0elatency_us_p50\x18\x03 \x01(\x01\x12\x16\n\x0elatency_us_p99\x18\x04 \x01(\x01\x12\x1c\n\x14\x62\x65nchmark_batch_size\x18\x05 \x01(\r\x12\x18\n\x10\x62\x65nchmark_device\x18\x06 \x01(\t\"\x80\x01\n\x10ValidationReport\x12\x10\n\x08shape_ok\x18\x01 \x01(\x08\x12\x1a\n\x12init_max_abs_delta\x18\x02 \x01(\x01\x12\x16\n\x0e\x66orward_finite\x18\x03 \x01(\x08\x12\x17\n\x0f\x62\x61\x63kward_finite\x18\x04 \x01(\x08\x12\r\n\x05notes\x18\x05 \x03(\t\"\xb9\x03\n\x0eKernelManifest\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x14\n\x0c\x62lueprint_id\x18\x02 \x01(\t\x12\x16\n\x0e\x62lueprint_name\x18\x03 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x04 \x01(\t\x12,\n\x04site\x18\x05 \x01(\x0b\x32\x1e.esper.common.v1.SiteSignature\x12\x11\n\tir_sha256\x18\x06 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x07 \x01(\t\x12\x14\n\x0cweights_size\x18\x08 \x01(\x04\x12,\n\x07tensors\x18\t \x03(\x0b\x32\x1b.esper.common.v1.TensorSpec\x12/\n\x07profile\x18\n \x01(\x0b\x32\x1e.esper.common.v1.KernelProfile\x12\x35\n\nvalidation\x18\x0b \x01(\x0b\x32!.esper.common.v1.ValidationReport\x12\x0e\n\x06key_id\x18\x0c \x01(\t\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04tags\x18\x0e \x03(\t\"R\n\x0eKernelArtifact\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\n\n\x02ir\x18\x03 \x01(\x0c\x12\x0f\n\x07weights\x18\x04 \x01(\x0c\"\xe0\x01\n\x0cKernelRecord\x12\x11\n\tkernel_id\x18\x01 \x01(\t\x12\x31\n\x08manifest\x18\x02 \x01(\x0b\x32\x1f.esper.common.v1.KernelManifest\x12\x15\n\rartifact_size\x18\x03 \x01(\x04\x12\x17\n\x0f\x61rtifact_sha256\x18\x04 \x01(\t\x12+\n\x05stats\x18\x05 \x01(\x0b\x32\x1c.esper.common.v1.KernelStats\x12-\n\tblueprint\x18\x06 \x01(\x0b\x32\x1a.esper.common.v1.Blueprint\"\x9f\x01\n\x0bKernelStats\x12\x10\n\x08outcomes\x18\x01 \x01(\r\x12\x12\n\nfossilized\x18\x02 \x01(\r\x12\x0e\n\x06pruned\x18\x03 \x01(\r\x12\x19\n\x11mean_contribution\x18\x04 \x01(\x01\x12\x1b\n\x13mean_accuracy_delta\x18\x05 \x01(\x01\x12\x13\n\x0brolled_back\x18\x06 \x01(\r\x12\r\n\x05score\x18\x07 \x01(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65sper/common/v1/kernel.proto\x12\x0f\x65sper.common.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1f\x65sper/common/v1/blueprint.proto\x1a\x1a\x65sper/common/v1/seed.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb7\x01\n\rKernelProfile\x12\x12\n\nparameters\x18\x01 \x01(\x04\x12 \n\x18\x66orward_flops_per_sample\x18\x02 \x01(\x04\x12\x16\n\x0elatency_us_p50\x18\x03 \x01(\x01\x12\x16\n\x0elatency_us_p99\x18\x04 \x01(\x01\x12\x1c\n\x14\x62\x65nchmark_batch_size\x18\x05 \x01(\r\x12\"\n\x10\x62\x65nchmark_device\x18\x06 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\"\x91\x01\n\x10ValidationReport\x12\x10\n\x08shape_ok\x18\x01 \x01(\x08\x12\x1a\n\x12init_max_abs_delta\x18\x02 \x01(\x01\x12\x16\n\x0e\x66orward_finite\x18\x03 \x01(\x08\x12\x17\n\x0f\x62\x61\x63kward_finite\x18\x04 \x01(\x08\x12\x1e\n\x05notes\x18\x05 \x03(\tB\x0f\xbaH\x0c\x92\x01\t\x10@\"\x05r\x03\x18\x80\x08\"\x8a\x04\n\x0eKernelManifest\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x1d\n\x0c\x62lueprint_id\x18\x02 \x01(\tB\x07\xbaH\x04r\x02\x18@\x12\x1f\n\x0e\x62lueprint_name\x18\x03 \x01(\tB\x07\xbaH\x04r\x02\x18@\x12\x17\n\x06\x66\x61mily\x18\x04 \x01(\tB\x07\xbaH\x04r\x02\x18@\x12,\n\x04site\x18\x05 \x01(\x0b\x32\x1e.esper.common.v1.SiteSignature\x12\x1a\n\tir_sha256\x18\x06 \x01(\tB\x07\xbaH\x04r\x02\x18@\x12\x1f\n\x0eweights_sha256\x18\x07 \x01(\tB\x07\xbaH\x04r\x02\x18@\x12\x14\n\x0cweights_size\x18\x08 \x01(\x04\x12\x37\n\x07tensors\x18\t \x03(\x0b\x32\x1b.esper.common.v1.TensorSpecB\t\xbaH\x06\x92\x01\x03\x10\x80 \x12/\n\x07profile\x18\n \x01(\x0b\x32\x1e.esper.common.v1.KernelProfile\x12\x35\n\nvalidation\x18\x0b \x01(\x0b\x32!.esper.common.v1.ValidationReport\x12\x17\n\x06key_id\x18\x0c \x01(\tB\x07\xbaH\x04r\x02\x18@\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x04tags\x18\x0e \x03(\tB\x0e\xbaH\x0b\x92\x01\x08\x10 \"\x04r\x02\x18@\"\x80\x01\n\x0eKernelArtifact\x12\x1b\n\x08manifest\x18\x01 \x01(\x0c\x42\t\xbaH\x06z\x04\x18\x80\x80@\x12\x1b\n\tsignature\x18\x02 \x01(\x0c\x42\x08\xbaH\x05z\x03\x18\x80\x04\x12\x16\n\x02ir\x18\x03 \x01(\x0c\x42\n\xbaH\x07z\x05\x18\x80\x80\x80\x02\x12\x1c\n\x07weights\x18\x04 \x01(\x0c\x42\x0b\xbaH\x08z\x06\x18\x80\x80\x80\x80\x01\"\xe0\x01\n\x0cKernelRecord\x12\x11\n\tkernel_id\x18\x01 \x01(\t\x12\x31\n\x08manifest\x18\x02 \x01(\x0b\x32\x1f.esper.common.v1.KernelManifest\x12\x15\n\rartifact_size\x18\x03 \x01(\x04\x12\x17\n\x0f\x61rtifact_sha256\x18\x04 \x01(\t\x12+\n\x05stats\x18\x05 \x01(\x0b\x32\x1c.esper.common.v1.KernelStats\x12-\n\tblueprint\x18\x06 \x01(\x0b\x32\x1a.esper.common.v1.Blueprint\"\x9f\x01\n\x0bKernelStats\x12\x10\n\x08outcomes\x18\x01 \x01(\r\x12\x12\n\nfossilized\x18\x02 \x01(\r\x12\x0e\n\x06pruned\x18\x03 \x01(\r\x12\x19\n\x11mean_contribution\x18\x04 \x01(\x01\x12\x1b\n\x13mean_accuracy_delta\x18\x05 \x01(\x01\x12\x13\n\x0brolled_back\x18\x06 \x01(\r\x12\r\n\x05score\x18\x07 \x01(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'generated.esper.common.v1.kernel_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KERNELPROFILE']._serialized_start=144
-  _globals['_KERNELPROFILE']._serialized_end=317
-  _globals['_VALIDATIONREPORT']._serialized_start=320
-  _globals['_VALIDATIONREPORT']._serialized_end=448
-  _globals['_KERNELMANIFEST']._serialized_start=451
-  _globals['_KERNELMANIFEST']._serialized_end=892
-  _globals['_KERNELARTIFACT']._serialized_start=894
-  _globals['_KERNELARTIFACT']._serialized_end=976
-  _globals['_KERNELRECORD']._serialized_start=979
-  _globals['_KERNELRECORD']._serialized_end=1203
-  _globals['_KERNELSTATS']._serialized_start=1206
-  _globals['_KERNELSTATS']._serialized_end=1365
+  _globals['_KERNELPROFILE'].fields_by_name['benchmark_device']._loaded_options = None
+  _globals['_KERNELPROFILE'].fields_by_name['benchmark_device']._serialized_options = b'\272H\005r\003\030\200\001'
+  _globals['_VALIDATIONREPORT'].fields_by_name['notes']._loaded_options = None
+  _globals['_VALIDATIONREPORT'].fields_by_name['notes']._serialized_options = b'\272H\014\222\001\t\020@\"\005r\003\030\200\010'
+  _globals['_KERNELMANIFEST'].fields_by_name['blueprint_id']._loaded_options = None
+  _globals['_KERNELMANIFEST'].fields_by_name['blueprint_id']._serialized_options = b'\272H\004r\002\030@'
+  _globals['_KERNELMANIFEST'].fields_by_name['blueprint_name']._loaded_options = None
+  _globals['_KERNELMANIFEST'].fields_by_name['blueprint_name']._serialized_options = b'\272H\004r\002\030@'
+  _globals['_KERNELMANIFEST'].fields_by_name['family']._loaded_options = None
+  _globals['_KERNELMANIFEST'].fields_by_name['family']._serialized_options = b'\272H\004r\002\030@'
+  _globals['_KERNELMANIFEST'].fields_by_name['ir_sha256']._loaded_options = None
+  _globals['_KERNELMANIFEST'].fields_by_name['ir_sha256']._serialized_options = b'\272H\004r\002\030@'
+  _globals['_KERNELMANIFEST'].fields_by_name['weights_sha256']._loaded_options = None
+  _globals['_KERNELMANIFEST'].fields_by_name['weights_sha256']._serialized_options = b'\272H\004r\002\030@'
+  _globals['_KERNELMANIFEST'].fields_by_name['tensors']._loaded_options = None
+  _globals['_KERNELMANIFEST'].fields_by_name['tensors']._serialized_options = b'\272H\006\222\001\003\020\200 '
+  _globals['_KERNELMANIFEST'].fields_by_name['key_id']._loaded_options = None
+  _globals['_KERNELMANIFEST'].fields_by_name['key_id']._serialized_options = b'\272H\004r\002\030@'
+  _globals['_KERNELMANIFEST'].fields_by_name['tags']._loaded_options = None
+  _globals['_KERNELMANIFEST'].fields_by_name['tags']._serialized_options = b'\272H\013\222\001\010\020 \"\004r\002\030@'
+  _globals['_KERNELARTIFACT'].fields_by_name['manifest']._loaded_options = None
+  _globals['_KERNELARTIFACT'].fields_by_name['manifest']._serialized_options = b'\272H\006z\004\030\200\200@'
+  _globals['_KERNELARTIFACT'].fields_by_name['signature']._loaded_options = None
+  _globals['_KERNELARTIFACT'].fields_by_name['signature']._serialized_options = b'\272H\005z\003\030\200\004'
+  _globals['_KERNELARTIFACT'].fields_by_name['ir']._loaded_options = None
+  _globals['_KERNELARTIFACT'].fields_by_name['ir']._serialized_options = b'\272H\007z\005\030\200\200\200\002'
+  _globals['_KERNELARTIFACT'].fields_by_name['weights']._loaded_options = None
+  _globals['_KERNELARTIFACT'].fields_by_name['weights']._serialized_options = b'\272H\010z\006\030\200\200\200\200\001'
+  _globals['_KERNELPROFILE']._serialized_start=173
+  _globals['_KERNELPROFILE']._serialized_end=356
+  _globals['_VALIDATIONREPORT']._serialized_start=359
+  _globals['_VALIDATIONREPORT']._serialized_end=504
+  _globals['_KERNELMANIFEST']._serialized_start=507
+  _globals['_KERNELMANIFEST']._serialized_end=1029
+  _globals['_KERNELARTIFACT']._serialized_start=1032
+  _globals['_KERNELARTIFACT']._serialized_end=1160
+  _globals['_KERNELRECORD']._serialized_start=1163
+  _globals['_KERNELRECORD']._serialized_end=1387
+  _globals['_KERNELSTATS']._serialized_start=1390
+  _globals['_KERNELSTATS']._serialized_end=1549
 # @@protoc_insertion_point(module_scope)

@@ -1,5 +1,6 @@
 import datetime
 
+from generated.buf.validate import validate_pb2 as _validate_pb2
 from generated.esper.common.v1 import blueprint_pb2 as _blueprint_pb2
 from generated.esper.common.v1 import seed_pb2 as _seed_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2

@@ -28,7 +28,7 @@ from generated.esper.common.v1 import health_pb2 as esper_dot_common_dot_v1_dot_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$esper/tamiyo/v1/tamiyo_service.proto\x12\x0f\x65sper.tamiyo.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1e\x65sper/common/v1/decision.proto\x1a\x1c\x65sper/common/v1/health.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc9\x01\n\rDecideRequest\x12\x1f\n\nrequest_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12\x39\n\x08snapshot\x18\x02 \x01(\x0b\x32\x1f.esper.common.v1.HealthSnapshotB\x06\xbaH\x03\xc8\x01\x01\x12%\n\x12\x61llowed_blueprints\x18\x03 \x03(\tB\t\xbaH\x06\x92\x01\x03\x10\x80\x02\x12\x35\n\ncandidates\x18\x04 \x01(\x0b\x32!.esper.tamiyo.v1.CallerCandidates\"M\n\x10\x43\x61llerCandidates\x12\x39\n\x05slots\x18\x01 \x03(\x0b\x32\x1f.esper.tamiyo.v1.SlotCandidatesB\t\xbaH\x06\x92\x01\x03\x10\x80\x08\"k\n\x0eSlotCandidates\x12\x1b\n\x07slot_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x02\x12<\n\x07kernels\x18\x02 \x03(\x0b\x32 .esper.tamiyo.v1.KernelCandidateB\t\xbaH\x06\x92\x01\x03\x10\x80\x02\"\x9d\x02\n\x0fKernelCandidate\x12\x1d\n\tkernel_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x02\x12 \n\x0c\x62lueprint_id\x18\x02 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12 \n\x0e\x62lueprint_name\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\x12\x17\n\x06\x66\x61mily\x18\x04 \x01(\tB\x07\xbaH\x04r\x02\x18@\x12\x12\n\nparameters\x18\x05 \x01(\x04\x12 \n\x18\x66orward_flops_per_sample\x18\x06 \x01(\x04\x12\x10\n\x08outcomes\x18\x07 \x01(\r\x12\x12\n\nfossilized\x18\x08 \x01(\r\x12\x0e\n\x06pruned\x18\t \x01(\r\x12\"\n\x11mean_contribution\x18\n \x01(\x01\x42\x07\xbaH\x04\x12\x02@\x01\"z\n\x0e\x44\x65\x63ideResponse\x12,\n\tdecisions\x18\x01 \x03(\x0b\x32\x19.esper.common.v1.Decision\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x16\n\x0epolicy_version\x18\x03 \x01(\t\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\"\x16\n\x14GetPolicyInfoRequest\"\x80\x02\n\x15GetPolicyInfoResponse\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12-\n\tloaded_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x46\n\x08settings\x18\x04 \x03(\x0b\x32\x34.esper.tamiyo.v1.GetPolicyInfoResponse.SettingsEntry\x12\x17\n\x0f\x66\x61llback_policy\x18\x05 \x01(\t\x1a/\n\rSettingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xba\x01\n\rTamiyoService\x12I\n\x06\x44\x65\x63ide\x12\x1e.esper.tamiyo.v1.DecideRequest\x1a\x1f.esper.tamiyo.v1.DecideResponse\x12^\n\rGetPolicyInfo\x12%.esper.tamiyo.v1.GetPolicyInfoRequest\x1a&.esper.tamiyo.v1.GetPolicyInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$esper/tamiyo/v1/tamiyo_service.proto\x12\x0f\x65sper.tamiyo.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1e\x65sper/common/v1/decision.proto\x1a\x1c\x65sper/common/v1/health.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe0\x01\n\rDecideRequest\x12\x1f\n\nrequest_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12\x39\n\x08snapshot\x18\x02 \x01(\x0b\x32\x1f.esper.common.v1.HealthSnapshotB\x06\xbaH\x03\xc8\x01\x01\x12<\n\x12\x61llowed_blueprints\x18\x03 \x03(\tB \xbaH\x1d\x92\x01\x1a\x10\x80\x02\"\x15r\x13\x32\x11^bp-[0-9a-f]{16}$\x12\x35\n\ncandidates\x18\x04 \x01(\x0b\x32!.esper.tamiyo.v1.CallerCandidates\"M\n\x10\x43\x61llerCandidates\x12\x39\n\x05slots\x18\x01 \x03(\x0b\x32\x1f.esper.tamiyo.v1.SlotCandidatesB\t\xbaH\x06\x92\x01\x03\x10\x80\x08\"k\n\x0eSlotCandidates\x12\x1b\n\x07slot_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x02\x12<\n\x07kernels\x18\x02 \x03(\x0b\x32 .esper.tamiyo.v1.KernelCandidateB\t\xbaH\x06\x92\x01\x03\x10\x80\x02\"\x9d\x02\n\x0fKernelCandidate\x12\x1d\n\tkernel_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x02\x12 \n\x0c\x62lueprint_id\x18\x02 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12 \n\x0e\x62lueprint_name\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\x12\x17\n\x06\x66\x61mily\x18\x04 \x01(\tB\x07\xbaH\x04r\x02\x18@\x12\x12\n\nparameters\x18\x05 \x01(\x04\x12 \n\x18\x66orward_flops_per_sample\x18\x06 \x01(\x04\x12\x10\n\x08outcomes\x18\x07 \x01(\r\x12\x12\n\nfossilized\x18\x08 \x01(\r\x12\x0e\n\x06pruned\x18\t \x01(\r\x12\"\n\x11mean_contribution\x18\n \x01(\x01\x42\x07\xbaH\x04\x12\x02@\x01\"z\n\x0e\x44\x65\x63ideResponse\x12,\n\tdecisions\x18\x01 \x03(\x0b\x32\x19.esper.common.v1.Decision\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x16\n\x0epolicy_version\x18\x03 \x01(\t\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\"\x16\n\x14GetPolicyInfoRequest\"\x80\x02\n\x15GetPolicyInfoResponse\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12-\n\tloaded_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x46\n\x08settings\x18\x04 \x03(\x0b\x32\x34.esper.tamiyo.v1.GetPolicyInfoResponse.SettingsEntry\x12\x17\n\x0f\x66\x61llback_policy\x18\x05 \x01(\t\x1a/\n\rSettingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xba\x01\n\rTamiyoService\x12I\n\x06\x44\x65\x63ide\x12\x1e.esper.tamiyo.v1.DecideRequest\x1a\x1f.esper.tamiyo.v1.DecideResponse\x12^\n\rGetPolicyInfo\x12%.esper.tamiyo.v1.GetPolicyInfoRequest\x1a&.esper.tamiyo.v1.GetPolicyInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,7 +40,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECIDEREQUEST'].fields_by_name['snapshot']._loaded_options = None
   _globals['_DECIDEREQUEST'].fields_by_name['snapshot']._serialized_options = b'\272H\003\310\001\001'
   _globals['_DECIDEREQUEST'].fields_by_name['allowed_blueprints']._loaded_options = None
-  _globals['_DECIDEREQUEST'].fields_by_name['allowed_blueprints']._serialized_options = b'\272H\006\222\001\003\020\200\002'
+  _globals['_DECIDEREQUEST'].fields_by_name['allowed_blueprints']._serialized_options = b'\272H\035\222\001\032\020\200\002\"\025r\0232\021^bp-[0-9a-f]{16}$'
   _globals['_CALLERCANDIDATES'].fields_by_name['slots']._loaded_options = None
   _globals['_CALLERCANDIDATES'].fields_by_name['slots']._serialized_options = b'\272H\006\222\001\003\020\200\010'
   _globals['_SLOTCANDIDATES'].fields_by_name['slot_id']._loaded_options = None
@@ -60,21 +60,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETPOLICYINFORESPONSE_SETTINGSENTRY']._loaded_options = None
   _globals['_GETPOLICYINFORESPONSE_SETTINGSENTRY']._serialized_options = b'8\001'
   _globals['_DECIDEREQUEST']._serialized_start=182
-  _globals['_DECIDEREQUEST']._serialized_end=383
-  _globals['_CALLERCANDIDATES']._serialized_start=385
-  _globals['_CALLERCANDIDATES']._serialized_end=462
-  _globals['_SLOTCANDIDATES']._serialized_start=464
-  _globals['_SLOTCANDIDATES']._serialized_end=571
-  _globals['_KERNELCANDIDATE']._serialized_start=574
-  _globals['_KERNELCANDIDATE']._serialized_end=859
-  _globals['_DECIDERESPONSE']._serialized_start=861
-  _globals['_DECIDERESPONSE']._serialized_end=983
-  _globals['_GETPOLICYINFOREQUEST']._serialized_start=985
-  _globals['_GETPOLICYINFOREQUEST']._serialized_end=1007
-  _globals['_GETPOLICYINFORESPONSE']._serialized_start=1010
-  _globals['_GETPOLICYINFORESPONSE']._serialized_end=1266
-  _globals['_GETPOLICYINFORESPONSE_SETTINGSENTRY']._serialized_start=1219
-  _globals['_GETPOLICYINFORESPONSE_SETTINGSENTRY']._serialized_end=1266
-  _globals['_TAMIYOSERVICE']._serialized_start=1269
-  _globals['_TAMIYOSERVICE']._serialized_end=1455
+  _globals['_DECIDEREQUEST']._serialized_end=406
+  _globals['_CALLERCANDIDATES']._serialized_start=408
+  _globals['_CALLERCANDIDATES']._serialized_end=485
+  _globals['_SLOTCANDIDATES']._serialized_start=487
+  _globals['_SLOTCANDIDATES']._serialized_end=594
+  _globals['_KERNELCANDIDATE']._serialized_start=597
+  _globals['_KERNELCANDIDATE']._serialized_end=882
+  _globals['_DECIDERESPONSE']._serialized_start=884
+  _globals['_DECIDERESPONSE']._serialized_end=1006
+  _globals['_GETPOLICYINFOREQUEST']._serialized_start=1008
+  _globals['_GETPOLICYINFOREQUEST']._serialized_end=1030
+  _globals['_GETPOLICYINFORESPONSE']._serialized_start=1033
+  _globals['_GETPOLICYINFORESPONSE']._serialized_end=1289
+  _globals['_GETPOLICYINFORESPONSE_SETTINGSENTRY']._serialized_start=1242
+  _globals['_GETPOLICYINFORESPONSE_SETTINGSENTRY']._serialized_end=1289
+  _globals['_TAMIYOSERVICE']._serialized_start=1292
+  _globals['_TAMIYOSERVICE']._serialized_end=1478
 # @@protoc_insertion_point(module_scope)

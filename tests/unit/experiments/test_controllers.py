@@ -3,7 +3,7 @@ beats it at 95% confidence (paired over seeds) on most held-out tasks."""
 
 from __future__ import annotations
 
-from esper.bench_controllers import beats_heuristic, recommend
+from esper.experiments.controllers import beats_heuristic, recommend
 
 
 def _row(paired, n=5):

@@ -4,9 +4,9 @@ The learned policy is trained (or given with --policy) on some tasks and run see
 evaluated on others: by default trained on MNIST-1D seeds 0–4 and spirals seeds 0–4,
 evaluated on digits seeds 100–104 and MNIST-1D seeds 100–104. An evaluation (task, seed)
 that the policy's training collected is refused. Every controller gets the task's growth
-benchmark setup (`esper.tolaria.bench_growth.TASK_DEFAULTS`: host, optimizer, cosine to 0,
+benchmark setup (`esper.experiments.growth.TASK_DEFAULTS`: host, optimizer, cosine to 0,
 catalog, seed budget, heuristic/fixed/random settings); heuristic, random and fixed runs
-are `bench_growth.run_arm` itself, the gnn run is the same trainer with the learned policy
+are `growth.run_arm` itself, the gnn run is the same trainer with the learned policy
 (its fallback is the task's heuristic). Reported per task, mean ± std over seeds: test
 accuracy, final parameters, training FLOPs, seeds kept, and for gnn the share of its slot
 decisions that fell back to the heuristic (uncertainty above the threshold).
@@ -52,7 +52,7 @@ class ControllerRun:
 
 
 def _growth_config(task: str, epochs: int | None):
-    from esper.tolaria.bench_growth import TASK_DEFAULTS, GrowthBenchConfig
+    from esper.experiments.growth import TASK_DEFAULTS, GrowthBenchConfig
 
     if task not in TASK_DEFAULTS:
         raise ConfigError(f"task {task!r} has no benchmark setup; tasks: {', '.join(sorted(TASK_DEFAULTS))}")
@@ -63,47 +63,64 @@ def _growth_config(task: str, epochs: int | None):
 
 
 def run_controller(task: str, controller: str, seed: int, *, epochs: int | None, policy_file: str,
-                   uncertainty_threshold: float) -> ControllerRun:
-    """Train `task` for `seed` under one controller (a process-pool job)."""
+                   uncertainty_threshold: float, trusted_public_keys: Sequence[bytes] = ()) -> ControllerRun:
+    """Train `task` for `seed` under one controller (a process-pool job).
+
+    `trusted_public_keys` (raw Ed25519 public keys) are the keys the policy file must be signed by.
+    """
     import torch
 
-    from esper.tolaria import bench_growth
+    from esper.experiments import growth
 
     torch.set_num_threads(1)
     cfg = _growth_config(task, epochs)
     if controller != "gnn":
-        r = bench_growth.run_arm(cfg, controller, seed)
+        r = growth.run_arm(cfg, controller, seed)
         return ControllerRun(controller=controller, task=task, seed=seed, test_accuracy=r.test_accuracy,
                              parameters=r.parameters, train_flops=r.train_flops, wall_seconds=r.wall_seconds,
                              seeds_kept=len(r.fossilized))
+    from esper.blueprints.artifact import TrustedKeys
+    from esper.grow import BuiltinKernels, PolicyController
     from esper.kasmina import KasminaConfig
     from esper.tamiyo.gnn import GnnPolicy, load_policy
     from esper.tamiyo.heuristic import HeuristicConfig, HeuristicPolicy
-    from esper.tolaria.inprocess import BuiltinKernels, PolicyController
-    from esper.tolaria.trainer import Trainer
+    from esper.tolaria.trainer import build_trainer
 
-    ensemble, meta = load_policy(Path(policy_file))
+    ensemble, meta = load_policy(Path(policy_file), TrustedKeys(trusted_public_keys))
     policy = GnnPolicy(ensemble, uncertainty_threshold=uncertainty_threshold,
                        fallback=HeuristicPolicy(HeuristicConfig.from_dict(cfg.heuristic)), version=str(meta["version"]))
     kernels = BuiltinKernels(cfg.blueprints, init_seed=seed)
-    controller_ = PolicyController(policy, kernels)
-    counts = {"fallbacks": 0, "slot_decisions": 0}
-    decide = controller_.decide
-
-    def counted(snapshot):
-        decisions = decide(snapshot)
-        counts["slot_decisions"] += sum(1 for d in decisions if d.slot_id)
-        counts["fallbacks"] += sum(1 for d in decisions if d.fallback)
-        return decisions
-
-    controller_.decide = counted  # type: ignore[method-assign]
-    trainer = Trainer(cfg.run_config(seed=seed, controller="gnn"), run_id=f"bench-gnn-{task}-{seed}",
-                      kernels=kernels, controller=controller_, kasmina=KasminaConfig.from_dict(cfg.kasmina))
+    controller_ = _Counted(PolicyController(policy))
+    trainer = build_trainer(cfg.run_config(seed=seed, controller="gnn"), run_id=f"bench-gnn-{task}-{seed}",
+                            kernels=kernels, controller=controller_, kasmina=KasminaConfig.from_dict(cfg.kasmina))
     t0 = time.perf_counter()
     result = trainer.run()
     return ControllerRun(controller="gnn", task=task, seed=seed, test_accuracy=result.test_accuracy,
                          parameters=result.parameters, train_flops=result.train_flops,
-                         wall_seconds=time.perf_counter() - t0, seeds_kept=len(result.fossilized), **counts)
+                         wall_seconds=time.perf_counter() - t0, seeds_kept=len(result.fossilized),
+                         fallbacks=controller_.fallbacks, slot_decisions=controller_.slot_decisions)
+
+
+class _Counted:
+    """A controller that counts the gnn's slot decisions and its fallbacks to the heuristic."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.component = inner.component
+        self.fallbacks = 0
+        self.slot_decisions = 0
+
+    def decide(self, snapshot: Any, candidates: Any) -> list[Any]:
+        decisions = self.inner.decide(snapshot, candidates)
+        self.slot_decisions += sum(1 for d in decisions if d.slot_id)
+        self.fallbacks += sum(1 for d in decisions if d.fallback)
+        return decisions
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: Any) -> None:
+        self.inner.load_state_dict(state)
 
 
 def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
@@ -231,7 +248,7 @@ def plot(runs: Sequence[ControllerRun], path: Path) -> None:
 
 
 def _eval_spec(text: str) -> list[tuple[str, tuple[int, ...]]]:
-    from esper.tamiyo.cli import parse_seeds
+    from esper.experiments.tamiyo_train import parse_seeds
 
     out = []
     for part in text.split(";"):
@@ -263,6 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="esper bench controllers", description=__doc__.split("\n\n")[0])
     p.add_argument("--policy", type=Path, help="a trained policy JSON (default: train one on --train-*)")
+    p.add_argument("--trusted-keys", default="",
+                   help="directory of public keys a --policy file must be signed by "
+                        "(default: ESPER_TRUSTED_KEYS_DIR, else .esper/trusted_keys)")
     p.add_argument("--train-tasks", default="mnist1d,spirals")
     p.add_argument("--train-seeds", default="0-4")
     p.add_argument("--eval", default="digits:100-104;mnist1d:100-104", help="TASK:SEEDS;TASK:SEEDS")
@@ -281,7 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if args.policy is None:
-        from esper.tamiyo.cli import parse_seeds
+        from esper.experiments.fieldreports import collect_inprocess
+        from esper.experiments.tamiyo_train import parse_seeds
         from esper.tamiyo.gnn.fit import TrainSpec, train_policy
 
         seeds = parse_seeds(args.train_seeds)
@@ -292,16 +313,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             **({"synthetic": 120, "imitation_steps": 30, "net": {"members": 2, "hidden": 16},
                 "awr": {"steps": 20}} if args.quick else {}),
         })
-        trained = train_policy(spec, args.out / "policy", version=f"bench-{time.strftime('%Y%m%dT%H%M%S')}")
+        from esper.blueprints.artifact import SigningKey, TrustedKeys
+
+        # The policy this run trains is trusted because this process trained it: a key of
+        # its own signs it, and only that key is trusted to load it back.
+        key = SigningKey.generate()
+        trusted = TrustedKeys([key])
+        trained = train_policy(spec, args.out / "policy", signing_key=key,
+                               version=f"bench-{time.strftime('%Y%m%dT%H%M%S')}",
+                               collector=collect_inprocess)
         args.policy = trained.current
+    else:
+        from esper.tamiyo.gnn import trusted_keys_for
+
+        trusted = trusted_keys_for(args.trusted_keys or None, data_dir=Path(".esper"))
     from esper.tamiyo.gnn import load_policy
 
-    _, pmeta = load_policy(args.policy)
+    _, pmeta = load_policy(args.policy, trusted)
     _refuse_leaks(evals, _trained_runs(pmeta))
     jobs = [(task, c, s) for task, seeds in evals for s in seeds for c in CONTROLLERS]
     print(f"controller benchmark: {len(jobs)} runs ({len(CONTROLLERS)} controllers × {sum(len(s) for _, s in evals)} "
           f"held-out task-seeds), {args.jobs} job(s)", flush=True)
-    kw = {"epochs": args.epochs, "policy_file": str(args.policy), "uncertainty_threshold": args.threshold}
+    kw = {"epochs": args.epochs, "policy_file": str(args.policy), "uncertainty_threshold": args.threshold,
+          "trusted_public_keys": [trusted.get(k).public_bytes_raw() for k in trusted.key_ids]}
     runs: list[ControllerRun] = []
 
     def done(r: ControllerRun) -> None:

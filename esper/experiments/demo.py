@@ -66,7 +66,7 @@ class DemoConfig:
         """The growth benchmark's settings for this task and host (learning rate, heuristic,
         catalog): the demo shows the configuration whose numbers the README reports. Another
         host than the benchmark's gets the platform defaults and the whole catalog."""
-        from esper.tolaria.bench_growth import TASK_DEFAULTS
+        from esper.experiments.growth import TASK_DEFAULTS
 
         defaults = TASK_DEFAULTS.get(self.task, {})
         return defaults if defaults.get("host") == self.host else {}
@@ -222,7 +222,7 @@ def _cmd(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    parser = argparse.ArgumentParser(prog="python -m esper.demo")
+    parser = argparse.ArgumentParser(prog="python -m esper.experiments.demo")
     register_cli(parser.add_subparsers(dest="command", required=True))
     ns = parser.parse_args(["demo", *sys.argv[1:]])
     sys.exit(ns.func(ns))

@@ -10,14 +10,17 @@ optimizer and the same cosine schedule that decays to exactly 0 at the last step
 * random: takes legal actions at random (Tamiyo's random baseline);
 * heuristic: Tamiyo's heuristic policy.
 
-Controllers run in this process through the same `Controller` protocol the gRPC client
-implements; kernels come from the built-in blueprint catalog. Reported per arm, mean ±
+Every arm is Tolaria's trainer (`esper.tolaria.trainer.build_trainer`) with the in-process
+growth components of `esper.grow` (`PolicyController` over a Tamiyo policy, the built-in
+blueprint catalog `BuiltinKernels`): the same `Controller` and `KernelSource` protocols the
+gRPC clients implement. static-final's topology comes from `esper.experiments.baselines`.
+Reported per arm, mean ±
 std over seeds: test accuracy, final parameters, training FLOPs (forward + backward of
 every training step, `torch.utils.flop_counter`; seeds cost FLOPs from germination on),
 and wall time. Output: a Markdown table (`growth.md`), a plot (`growth.png`) and the raw
 numbers (`growth.json`) in the output directory.
 
-    python -m esper.tolaria.bench_growth --task mnist1d --seeds 5
+    esper bench growth --task mnist1d --seeds 5      (python -m esper.experiments.growth ...)
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ from typing import Any
 
 from esper.config import reject_unknown_keys
 from esper.errors import ConfigError
+from esper.experiments.baselines import GrownSeed, attach_grown_seeds
 
 ARMS = ("static-initial", "static-final", "fixed", "random", "heuristic")
+POLICY_ARMS = ("fixed", "random", "heuristic")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -92,7 +97,7 @@ class GrowthBenchConfig:
         object.__setattr__(self, "blueprints", tuple(self.blueprints))
         # Build every sub-config once now, so a typo fails before any training starts.
         self.run_config(seed=0, controller="none")
-        from esper.tolaria.inprocess import BuiltinKernels
+        from esper.grow import BuiltinKernels
 
         BuiltinKernels(self.blueprints)
         _kasmina(self.kasmina)
@@ -172,43 +177,51 @@ class ArmRun:
     fossilized: dict[str, str]
     decisions: list[dict[str, Any]]
     val_accuracy: list[float]
+    slot_kinds: dict[str, str] = field(default_factory=dict)
+    """Slot kind ("output"/"parallel") of each fossilized slot: static-final's topology."""
+
+    def grown(self) -> list[GrownSeed]:
+        return [GrownSeed(slot_id=s, kind=self.slot_kinds.get(s, "output"), kernel_id=k)
+                for s, k in sorted(self.fossilized.items())]
 
 
-def run_arm(cfg: GrowthBenchConfig, arm: str, seed: int, grown: Mapping[str, str] | None = None) -> ArmRun:
-    """Train one arm for one seed. `grown` (slot → kernel id) is static-final's topology."""
+def run_arm(cfg: GrowthBenchConfig, arm: str, seed: int,
+            grown: Sequence[GrownSeed] | None = None) -> ArmRun:
+    """Train one arm for one seed. `grown` is static-final's topology (the heuristic's)."""
     import torch
 
-    from esper.tolaria.inprocess import BuiltinKernels, PolicyController, attach_static_seeds
-    from esper.tolaria.trainer import Trainer
+    from esper.grow import BuiltinKernels, PolicyController
+    from esper.grow.export import slot_kind
+    from esper.tolaria.trainer import build_job, build_trainer
 
     torch.set_num_threads(1)
     kernels = BuiltinKernels(cfg.blueprints, init_seed=seed)
+    run_cfg = cfg.run_config(seed=seed, controller=arm if arm in POLICY_ARMS else "none")
+    job = build_job(run_cfg)
     controller = None
-    host_setup = None
-    if arm in ("fixed", "random", "heuristic"):
-        controller = PolicyController(_policy(arm, cfg, seed), kernels)
+    if arm in POLICY_ARMS:
+        controller = PolicyController(_policy(arm, cfg, seed))
     elif arm == "static-final":
-        seeds_to_fix = sorted((grown or {}).items())
-        host_setup = lambda host: attach_static_seeds(host, kernels, seeds_to_fix)
+        # The same seed modules the heuristic kept, in the host from step 0.
+        attach_grown_seeds(job.model, [(g, kernels.load(g.kernel_id)) for g in grown or ()])
     elif arm != "static-initial":
         raise ConfigError(f"unknown arm {arm!r}; arms: {', '.join(ARMS)}")
-    trainer = Trainer(
-        cfg.run_config(seed=seed, controller=arm if controller else "none"),
-        run_id=f"bench-{arm}-{seed}",
-        kernels=kernels,
-        controller=controller,
-        kasmina=_kasmina(cfg.kasmina),
-        host_setup=host_setup,
-    )
+    trainer = build_trainer(run_cfg, run_id=f"bench-{arm}-{seed}", job=job, kernels=kernels,
+                            controller=controller, kasmina=_kasmina(cfg.kasmina))
     t0 = time.perf_counter()
     result = trainer.run()
+    if arm == "static-final":
+        # static-final's seeds are fixed into the host, not grown: report them as kept.
+        fossilized = {g.slot_id: g.kernel_id for g in grown or ()}
+        kinds = {g.slot_id: g.kind for g in grown or ()}
+    else:
+        fossilized = dict(result.fossilized)
+        kinds = {s: slot_kind(trainer.model.slots[s]) for s in fossilized}
     return ArmRun(
         arm=arm, seed=seed, test_accuracy=result.test_accuracy, parameters=result.parameters,
         train_flops=result.train_flops, wall_seconds=time.perf_counter() - t0,
-        # static-final's seeds are fixed into the host, not grown: report them as kept.
-        fossilized=dict(grown or {}) if arm == "static-final" else dict(result.fossilized),
-        decisions=list(result.history.decisions),
-        val_accuracy=list(result.history.val_accuracy),
+        fossilized=fossilized, decisions=list(result.history.decisions),
+        val_accuracy=list(result.history.val_accuracy), slot_kinds=kinds,
     )
 
 
@@ -240,7 +253,7 @@ def run_bench(cfg: GrowthBenchConfig, *, progress=print) -> list[ArmRun]:
                 r = fut.result()
                 done(r)
                 if arm == "heuristic":
-                    finals[pool.submit(run_arm, cfg, "static-final", s, r.fossilized)] = s
+                    finals[pool.submit(run_arm, cfg, "static-final", s, r.grown())] = s
             else:
                 finals.pop(fut)
                 done(fut.result())
@@ -254,8 +267,8 @@ def _as_completed(futures):
     return finished
 
 
-def _grown(runs: Sequence[ArmRun], seed: int) -> dict[str, str]:
-    return next(r.fossilized for r in runs if r.arm == "heuristic" and r.seed == seed)
+def _grown(runs: Sequence[ArmRun], seed: int) -> list[GrownSeed]:
+    return next(r.grown() for r in runs if r.arm == "heuristic" and r.seed == seed)
 
 
 # ----- report -----

@@ -1,9 +1,9 @@
-"""Tamiyo's subcommand `esper tamiyo train`.
+"""`esper tamiyo train`: train Tamiyo's learned policy (`esper.tamiyo.gnn.fit.train_policy`)
+from field reports of in-process runs (`esper.experiments.fieldreports.collect_inprocess`,
+which runs Tolaria's trainer: the top floor) and/or a live platform's JetStream.
 
-The controller benchmark, `esper bench controllers`, is registered with the other benchmarks
-in `esper/tolaria/cli.py`'s `bench` group.
-
-Heavy imports (torch, torch_geometric) stay inside the commands.
+Registered by `esper/experiments/cli.py`. Heavy imports (torch, torch_geometric) stay
+inside the command.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from esper.errors import ConfigError
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-def register_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     tamiyo = sub.add_parser("tamiyo", help="Tamiyo's learned policy: train it from field reports")
     cmds = tamiyo.add_subparsers(dest="tamiyo", metavar="<command>")
     cmds.required = True
@@ -26,7 +26,11 @@ def register_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         description="Train the GNN policy: field reports (in-process runs under heuristic + ε-exploration "
                     "and/or a live platform's JetStream + Urza), imitation, advantage-weighted regression. "
                     "Writes OUT/<name>-<version>.json + .safetensors and points OUT/<name>.json at it "
-                    "(tamiyo settings: policy: gnn, gnn.policy_file: OUT/<name>.json; it hot-reloads).")
+                    "(tamiyo settings: policy: gnn, gnn.policy_file: OUT/<name>.json; it hot-reloads). "
+                    "The policy is signed (Ed25519) with the key Tezzeret signs kernels with: --signing-key, "
+                    "else ESPER_SIGNING_KEY / ESPER_SIGNING_KEY_FILE, else DATA_DIR/tezzeret/signing_key.pem "
+                    "(created on first use); its public key is written to the trusted keys directory "
+                    "(--trusted-keys, else ESPER_TRUSTED_KEYS_DIR, else DATA_DIR/trusted_keys).")
     t.add_argument("--out", type=Path, required=True, help="output directory of policy files")
     t.add_argument("--name", default="gnn", help="policy file stem (default gnn)")
     t.add_argument("--version", default="", help="policy version (default: UTC timestamp + random suffix)")
@@ -45,8 +49,11 @@ def register_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     t.add_argument("--jetstream", default="", help="NATS URL: also read field reports a platform published")
     t.add_argument("--urza", default="", help="Urza host:port for the kernels on offer (with --jetstream)")
     t.add_argument("--durable", default="tamiyo-field-reports", help="JetStream durable consumer name")
+    t.add_argument("--signing-key", default="", help="Ed25519 private key file (PEM or 64 hex) to sign with")
+    t.add_argument("--data-dir", type=Path, default=Path(".esper"),
+                   help="the platform's data directory: its Tezzeret key signs when no other key is given")
+    t.add_argument("--trusted-keys", default="", help="directory the public key is written to")
     t.set_defaults(func=_train)
-
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -68,6 +75,7 @@ def _train(args: argparse.Namespace) -> int:
         raise ConfigError(f"--version={args.version!r} must match {_VERSION.pattern} (it names files)")
     seeds = parse_seeds(args.seeds)
     from esper.tamiyo.gnn.fit import TrainSpec, train_policy
+    from esper.tamiyo.gnn.io import signing_key_for
 
     spec = TrainSpec.from_dict({
         "tasks": tuple(t for t in args.tasks.split(",") if t), "seeds": seeds,
@@ -76,13 +84,17 @@ def _train(args: argparse.Namespace) -> int:
         "net": {"members": args.members, "hidden": args.hidden}, "awr": {"steps": args.awr_steps, "beta": args.beta},
         "seed": args.seed,
     })
+    if args.jetstream and not args.urza:
+        raise ConfigError("--jetstream needs --urza host:port (the kernels on offer come from Urza)")
+    # After the arguments are known good: finding the key may create the data dir's key.
+    key, pub = signing_key_for(args.signing_key or None, data_dir=args.data_dir,
+                               trusted_keys_dir=args.trusted_keys or None)
+    print(f"signing with key {key.key_id} (public key {pub})")
     reports = []
     if args.jetstream:
-        from esper.tamiyo.fieldreports import UrzaCandidates, read_jetstream
-
-        if not args.urza:
-            raise ConfigError("--jetstream needs --urza host:port (the kernels on offer come from Urza)")
         import os
+
+        from esper.tamiyo.fieldreports import UrzaCandidates, read_jetstream
 
         candidates = UrzaCandidates(args.urza, api_key=os.environ.get("ESPER_API_KEY"))
         try:
@@ -90,7 +102,10 @@ def _train(args: argparse.Namespace) -> int:
         finally:
             candidates.close()
         print(f"read {len(reports)} run report(s) from {args.jetstream}")
-    train_policy(spec, args.out, name=args.name, version=args.version, reports=reports)
+    from esper.experiments.fieldreports import collect_inprocess
+
+    train_policy(spec, args.out, signing_key=key, name=args.name, version=args.version, reports=reports,
+                 collector=collect_inprocess)
     return 0
 
 

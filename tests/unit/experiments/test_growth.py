@@ -7,7 +7,7 @@ import json
 import pytest
 
 from esper.errors import ConfigError
-from esper.tolaria.bench_growth import ARMS, GrowthBenchConfig, main
+from esper.experiments.growth import ARMS, GrowthBenchConfig, main
 
 
 @pytest.mark.slow
