@@ -39,7 +39,8 @@ from esper.runtime.errors import as_esper_error
 from esper.runtime.interceptors import inbound_deadline
 from esper.runtime.spec import PARTS, PlatformContext
 
-__all__ = ["DEFAULT_TIMEOUT_S", "RETRY_POLICY", "EsperChannel", "as_esper_error", "channel", "resolve_target", "sync_channel"]
+__all__ = ["DEFAULT_TIMEOUT_S", "RETRY_POLICY", "EsperChannel", "as_esper_error", "channel",
+           "propagate_trace_context", "resolve_target", "sync_channel"]
 
 DEFAULT_TIMEOUT_S = 30.0
 RETRY_POLICY: dict[str, Any] = {
@@ -294,3 +295,40 @@ def sync_channel(
     key = api_key if api_key is not None else (ctx.api_key if ctx is not None else None)
     ch = grpc.insecure_channel(target, options=[*_OPTIONS, *options])
     return grpc.intercept_channel(ch, _SyncInterceptor(key, default_timeout_s))
+
+
+class _TraceContextOnly(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Puts the caller's W3C trace context in each call's metadata, and nothing else."""
+
+    @staticmethod
+    def _details(d: Any) -> grpc.ClientCallDetails:
+        metadata = list(d.metadata or ())
+        tracing.inject(metadata)
+        return _SyncDetails(d, metadata, d.timeout)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return continuation(self._details(details), request_iterator)
+
+
+def propagate_trace_context(ch: grpc.Channel) -> grpc.Channel:
+    """A blocking channel that only forwards the caller's trace context on each call.
+
+    For a client that must keep its own channel (no service-config retries, its own
+    deadline and key handling: `esper.urza.client`) yet keep the caller's trace connected
+    downstream, so its calls do not start traces of their own.
+    """
+    return grpc.intercept_channel(ch, _TraceContextOnly())

@@ -1,10 +1,13 @@
-"""The public Tezzeret client (blocking): compile on demand, from a run's worker or a script.
+"""The public Tezzeret client (blocking): compile on demand, from a run's worker, Karn, or
+a script.
 
     with TezzeretClient("127.0.0.1:50051", api_key=key) as tezzeret:
         jobs, unsupported = tezzeret.ensure_kernels(site, timeout_s=30.0, wait=True)
 
 Calls go through `esper.runtime.client.sync_channel` (API key, W3C trace context, client
-spans, UNAVAILABLE retried inside the deadline); failures are `esper.errors` types.
+spans, UNAVAILABLE retried inside the deadline, which is capped by what the request being
+served has left); failures are `esper.errors` types. No circuit breaker: its callers ask
+once per site (UrzaKernels) or per proposal (Karn), and treat a failure as that item's.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from typing import Any, Self
 
 import grpc
 
+from esper.errors import FailedPreconditionError
 from esper.runtime.client import as_esper_error, sync_channel
-from generated.esper.common.v1 import seed_pb2
+from esper.runtime.spec import PlatformContext
+from generated.esper.common.v1 import blueprint_pb2, seed_pb2
 from generated.esper.tezzeret.v1 import tezzeret_service_pb2 as pb
 from generated.esper.tezzeret.v1 import tezzeret_service_pb2_grpc as rpc
 
@@ -32,6 +37,18 @@ class TezzeretClient:
         self.target = target
         self._channel = channel or sync_channel(target, api_key=api_key, default_timeout_s=None)
         self._stub = rpc.TezzeretServiceStub(self._channel)
+
+    @classmethod
+    def from_context(cls, ctx: PlatformContext, caller: str) -> TezzeretClient:
+        """The client a service (`caller`) uses for the Tezzeret in its platform context.
+
+        Raises:
+            FailedPreconditionError: the context has no "tezzeret" endpoint.
+        """
+        if "tezzeret" not in ctx.endpoints:
+            raise FailedPreconditionError(
+                f"{caller} needs Tezzeret: no 'tezzeret' endpoint in the context")
+        return cls(ctx.endpoints["tezzeret"], api_key=ctx.api_key)
 
     def close(self) -> None:
         self._channel.close()
@@ -57,10 +74,24 @@ class TezzeretClient:
         resp = self._call(self._stub.EnsureKernels, req, timeout_s)
         return list(resp.jobs), list(resp.unsupported_blueprints)
 
-    def compile(self, blueprint_id: str, site: seed_pb2.SiteSignature, timeout_s: float, *,
-                wait: bool = False) -> pb.CompileJob:
-        req = pb.CompileRequest(request_id=str(uuid.uuid4()), blueprint_id=blueprint_id, site=site,
-                                wait=wait)
+    def compile(self, blueprint: str | blueprint_pb2.Blueprint, site: seed_pb2.SiteSignature,
+                timeout_s: float, *, wait: bool = False, request_id: str | None = None
+                ) -> pb.CompileJob:
+        """The compile job of a blueprint (Urza's, by id; or inline, stored in Urza only
+        once it compiled) at `site`; with `wait`, as it stands when it finished or the
+        deadline came.
+
+        Raises:
+            InvalidArgumentError: the blueprint's IR is invalid for the site.
+            FailedPreconditionError: it does not declare the site's layout.
+            NotFoundError: Urza has no blueprint of that id.
+            UnavailableError / DeadlineExceededError: Tezzeret (or its Urza) cannot answer.
+        """
+        req = pb.CompileRequest(request_id=request_id or str(uuid.uuid4()), site=site, wait=wait)
+        if isinstance(blueprint, str):
+            req.blueprint_id = blueprint
+        else:
+            req.blueprint.CopyFrom(blueprint)
         return self._call(self._stub.Compile, req, timeout_s).job
 
     def get_job(self, job_id: str, timeout_s: float) -> pb.CompileJob:

@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 from tenacity import RetryCallState, Retrying, retry_if_exception
@@ -30,11 +30,13 @@ from esper.errors import (
     DataLossError,
     DeadlineExceededError,
     EsperError,
+    FailedPreconditionError,
     InvalidArgumentError,
     UnavailableError,
 )
 from esper.runtime.breaker import BreakerConfig, CircuitBreaker
-from esper.runtime.client import as_esper_error
+from esper.runtime.client import as_esper_error, propagate_trace_context
+from esper.runtime.spec import PlatformContext
 from esper.urza.config import MAX_CHUNK
 from generated.esper.common.v1 import blueprint_pb2, kernel_pb2, seed_pb2
 from generated.esper.urza.v1 import urza_service_pb2 as pb
@@ -51,7 +53,7 @@ fresh trials find the server as soon as it serves."""
 
 # A killed server must be found again quickly once it is back: gRPC's default reconnect
 # backoff grows to minutes.
-_CHANNEL_OPTIONS = (
+CHANNEL_OPTIONS: tuple[tuple[str, object], ...] = (
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 300),
@@ -61,7 +63,40 @@ _CHANNEL_OPTIONS = (
     # Service in deploy/k8s: dns:///urza-headless...:50051); one address: no change.
     ("grpc.lb_policy_name", "round_robin"),
 )
+"""Options of the Urza client's plain channel (see `urza_channel`)."""
+_CHANNEL_OPTIONS = CHANNEL_OPTIONS  # the old private name, still read by tolaria/worker.py
 UPLOAD_CHUNK = 1 << 20
+
+
+def urza_channel(target: str) -> grpc.Channel:
+    """The channel `UrzaClient` uses unless given one: plain, with `CHANNEL_OPTIONS`, and
+    the caller's trace context forwarded on each call.
+
+    Plain, without gRPC's own retry policy: retries are done by the client, inside the
+    deadline. With channel-level retries on, server-streaming calls to a SIGKILLed server
+    were seen blocking in __next__ past their deadline (and past cancel()) in grpcio 1.85
+    (tests/integration/urza/test_faults.py).
+    """
+    return propagate_trace_context(grpc.insecure_channel(target, options=CHANNEL_OPTIONS))
+
+
+class UrzaLibrary(Protocol):
+    """What Urza's callers in other parts use (Karn's and Tezzeret's cores); `UrzaClient`
+    provides it, tests pass in-memory fakes."""
+
+    def list_blueprints(self, timeout_s: float, *, family: str = "", tags: Iterable[str] = (),
+                        layout: int = 0, page_size: int = 0, page_token: str = "",
+                        include_retired: bool = False
+                        ) -> tuple[list[blueprint_pb2.Blueprint], str]: ...
+    def get_blueprint(self, blueprint_id: str, timeout_s: float) -> blueprint_pb2.Blueprint: ...
+    def put_blueprint(self, blueprint: blueprint_pb2.Blueprint, timeout_s: float
+                      ) -> tuple[str, bool]: ...
+    def put_kernel(self, artifact: bytes, timeout_s: float) -> tuple[str, bool]: ...
+    def query_kernels(self, timeout_s: float, *, blueprint_id: str = "",
+                      site: seed_pb2.SiteSignature | None = None, tags: Iterable[str] = (),
+                      max_parameters: int = 0, page_size: int = 0, page_token: str = "",
+                      include_retired: bool = False
+                      ) -> tuple[list[kernel_pb2.KernelRecord], str]: ...
 
 
 class _TransferCorrupt(ArtifactError):
@@ -93,17 +128,25 @@ class UrzaClient:
                  channel: grpc.Channel | None = None) -> None:
         self.target = target
         self.breaker = breaker or CircuitBreaker(f"urza@{target}", URZA_BREAKER)
-        # A plain channel without gRPC's own retry policy: retries are done here, inside
-        # the deadline. With channel-level retries on, server-streaming calls to a
-        # SIGKILLed server were seen blocking in __next__ past their deadline (and past
-        # cancel()) in grpcio 1.85 (tests/integration/urza/test_faults.py).
-        self._channel = channel or grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._channel = channel or urza_channel(target)
         self._metadata: tuple[tuple[str, str], ...] = (
             (("x-api-key", api_key),) if api_key else ())
         self._stub = rpc.UrzaServiceStub(self._channel)
         self.resumed_downloads = 0
         """Downloads that continued from a byte offset after a broken stream."""
         self._local = threading.local()
+
+    @classmethod
+    def from_context(cls, ctx: PlatformContext, caller: str) -> UrzaClient:
+        """The client a service (`caller`) uses for the Urza in its platform context.
+
+        Raises:
+            FailedPreconditionError: the context has no "urza" endpoint.
+        """
+        if "urza" not in ctx.endpoints:
+            raise FailedPreconditionError(
+                f"{caller} needs Urza: no 'urza' endpoint in the context")
+        return cls(ctx.endpoints["urza"], api_key=ctx.api_key)
 
     def close(self) -> None:
         self._channel.close()
@@ -367,4 +410,5 @@ def fetcher(client: UrzaClient) -> Callable[[str, float], bytes]:
     return client.get_kernel
 
 
-__all__: list[str] = ["URZA_BREAKER", "UrzaClient", "fetcher", "is_breaker_failure"]
+__all__: list[str] = ["CHANNEL_OPTIONS", "URZA_BREAKER", "UrzaClient", "UrzaLibrary", "fetcher",
+                       "is_breaker_failure", "urza_channel"]
