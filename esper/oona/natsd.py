@@ -51,6 +51,7 @@ from typing import Any, Self
 
 from esper.config import reject_unknown_keys
 from esper.errors import ConfigError, FailedPreconditionError, UnavailableError
+from esper.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -326,11 +327,7 @@ class NatsServer:
 
             text += authorization_block(self._users)
         # The file holds the users' passwords when auth is on: readable by its owner only.
-        tmp = self.config_path.with_name(f".{self.config_path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, self.config_path)
+        atomic_write(self.config_path, text, mode=0o600)
 
     def start(self) -> NatsServer:
         """Start the server and wait until it accepts client connections.
@@ -502,10 +499,9 @@ class NatsServer:
     def _write_state(self, state: str, **extra: Any) -> None:
         info = {"state": state, "pid": self.pid, "url": self.url if self._port else None,
                 "restarts": self.restarts, "at": time.time(), **extra}
-        tmp = self.state_path.with_name(f".{self.state_path.name}.tmp")
         try:
-            tmp.write_text(json.dumps(info) + "\n")
-            os.replace(tmp, self.state_path)
+            # Rewritten at every state change: atomic for `esper status`, not fsynced.
+            atomic_write(self.state_path, json.dumps(info) + "\n", durable=False)
         except OSError as e:  # status then only misses the detail; never stop supervising for it
             log.warning("nats supervisor: cannot write %s: %s", self.state_path, e)
 
