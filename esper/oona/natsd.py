@@ -49,7 +49,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from esper.config import reject_unknown_keys
+from esper.config import from_dict
 from esper.errors import ConfigError, FailedPreconditionError, UnavailableError
 from esper.fsutil import atomic_write
 
@@ -116,49 +116,45 @@ class NatsServerConfig:
 
     def __post_init__(self) -> None:
         if not self.host:
-            raise ConfigError("nats host must be a non-empty address, got ''")
+            raise ValueError("nats host must be a non-empty address, got ''")
         if not 0 <= self.port <= 65535:
-            raise ConfigError(
+            raise ValueError(
                 f"nats port must be in 0..65535 (0 = pick a free one), got {self.port}"
             )
         if self.sync_interval != "always" and not _valid_duration(self.sync_interval):
-            raise ConfigError(
+            raise ValueError(
                 f"nats sync_interval must be 'always' or a Go duration like '1s' or '100ms', "
                 f"got {self.sync_interval!r}"
             )
         if self.max_store_bytes is not None and self.max_store_bytes <= 0:
-            raise ConfigError(
+            raise ValueError(
                 f"nats max_store_bytes must be positive or None, got {self.max_store_bytes}"
             )
         if self.startup_timeout_s <= 0:
-            raise ConfigError(f"nats startup_timeout_s must be > 0, got {self.startup_timeout_s}")
+            raise ValueError(f"nats startup_timeout_s must be > 0, got {self.startup_timeout_s}")
         if self.stop_timeout_s <= 0:
-            raise ConfigError(f"nats stop_timeout_s must be > 0, got {self.stop_timeout_s}")
+            raise ValueError(f"nats stop_timeout_s must be > 0, got {self.stop_timeout_s}")
         if self.cluster_name:
             if not self.server_name:
-                raise ConfigError(f"nats cluster {self.cluster_name!r}: server_name is required")
+                raise ValueError(f"nats cluster {self.cluster_name!r}: server_name is required")
             if not 0 < self.cluster_port <= 65535:
-                raise ConfigError(
+                raise ValueError(
                     f"nats cluster {self.cluster_name!r}: cluster_port must be a fixed port in "
                     f"1..65535, got {self.cluster_port}"
                 )
             if not self.routes:
-                raise ConfigError(f"nats cluster {self.cluster_name!r}: routes must list the members")
+                raise ValueError(f"nats cluster {self.cluster_name!r}: routes must list the members")
         elif self.routes or self.cluster_port:
-            raise ConfigError("nats routes/cluster_port given without cluster_name")
+            raise ValueError("nats routes/cluster_port given without cluster_name")
         if not 0 < self.restart_backoff_s <= self.restart_backoff_max_s:
-            raise ConfigError(
+            raise ValueError(
                 f"nats restart_backoff_s={self.restart_backoff_s} must be > 0 and <= "
                 f"restart_backoff_max_s={self.restart_backoff_max_s}"
             )
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> NatsServerConfig:
-        reject_unknown_keys(cls, data, "nats server config keys")
-        data = dict(data)
-        if "routes" in data:
-            data["routes"] = tuple(data["routes"])
-        return cls(**data)
+    def from_dict(cls, data: Mapping[str, Any] | None) -> NatsServerConfig:
+        return from_dict(cls, data, what="nats server config keys")
 
 
 def find_binary() -> Path:
