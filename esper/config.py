@@ -242,8 +242,9 @@ def _convert(hint: Any, value: Any, where: _Where) -> Any:
                 return _convert(arm, value, where)
             except ConfigError as e:
                 errors.append(e)
-        if len(arms) == 1:
-            raise errors[0]
+        if len(arms) == 1 and (_dataclass_of(arms[0]) is not None
+                               or typing.get_origin(arms[0]) is not None):
+            raise errors[0]  # the error is inside the value: keep its key path
         raise _type_error(where, value, " or ".join(_expected(a) for a in arms)
                           + (" or null" if type(None) in args else ""))
     if origin is typing.Literal:
@@ -413,7 +414,9 @@ def to_message(config: Any, msg: Any, *, names: Mapping[str, str] | None = None)
 
 
 def _is_repeated(pf: Any) -> bool:
-    return bool(getattr(pf, "is_repeated", pf.label == pf.LABEL_REPEATED))
+    if hasattr(pf, "is_repeated"):  # protobuf >= 6; `label` is gone in 7
+        return bool(pf.is_repeated)
+    return bool(pf.label == pf.LABEL_REPEATED)
 
 
 def _is_map(pf: Any) -> bool:
