@@ -12,46 +12,24 @@ the same `request_id`) gets Karn's first answer instead of a second round of pro
 from __future__ import annotations
 
 import uuid
-from typing import Self
 
 import grpc
 
-from esper.errors import FailedPreconditionError
-from esper.runtime.client import as_esper_error, sync_channel
-from esper.runtime.spec import PlatformContext
+from esper.runtime.client import PartClient
 from generated.esper.common.v1 import seed_pb2
 from generated.esper.karn.v1 import karn_service_pb2 as pb
 from generated.esper.karn.v1 import karn_service_pb2_grpc as rpc
 
 
-class KarnClient:
+class KarnClient(PartClient):
     """Blocking client for `esper.karn.v1.KarnService`; thread-safe."""
+
+    part = "karn"
 
     def __init__(self, target: str, api_key: str | None = None, *,
                  channel: grpc.Channel | None = None) -> None:
-        self.target = target
-        self._channel = channel or sync_channel(target, api_key=api_key, default_timeout_s=None)
+        super().__init__(target, api_key, channel=channel)
         self._stub = rpc.KarnServiceStub(self._channel)
-
-    @classmethod
-    def from_context(cls, ctx: PlatformContext, caller: str) -> KarnClient:
-        """The client a service (`caller`) uses for the Karn in its platform context.
-
-        Raises:
-            FailedPreconditionError: the context has no "karn" endpoint.
-        """
-        if "karn" not in ctx.endpoints:
-            raise FailedPreconditionError(f"{caller} needs Karn: no 'karn' endpoint in the context")
-        return cls(ctx.endpoints["karn"], api_key=ctx.api_key)
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def propose_blueprints(self, site: seed_pb2.SiteSignature, count: int, timeout_s: float, *,
                            seed: int = 0, request_id: str | None = None
@@ -67,10 +45,7 @@ class KarnClient:
         """
         req = pb.ProposeBlueprintsRequest(request_id=request_id or str(uuid.uuid4()),
                                           count=count, site=site, seed=seed)
-        try:
-            return self._stub.ProposeBlueprints(req, timeout=timeout_s)
-        except grpc.RpcError as e:
-            raise as_esper_error(e) from e
+        return self._invoke(self._stub.ProposeBlueprints, req, timeout_s)
 
 
 __all__ = ["KarnClient"]

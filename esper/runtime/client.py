@@ -27,20 +27,20 @@ import asyncio
 import json
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import grpc
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from esper.errors import ConfigError
+from esper.errors import ConfigError, FailedPreconditionError
 from esper.runtime import tracing
 from esper.runtime.errors import as_esper_error
 from esper.runtime.interceptors import inbound_deadline
 from esper.runtime.spec import PARTS, PlatformContext
 
-__all__ = ["DEFAULT_TIMEOUT_S", "RETRY_POLICY", "EsperChannel", "as_esper_error", "channel",
-           "propagate_trace_context", "resolve_target", "sync_channel"]
+__all__ = ["DEFAULT_TIMEOUT_S", "RETRY_POLICY", "EsperChannel", "PartClient", "as_esper_error",
+           "channel", "propagate_trace_context", "resolve_target", "sync_channel"]
 
 DEFAULT_TIMEOUT_S = 30.0
 RETRY_POLICY: dict[str, Any] = {
@@ -332,3 +332,50 @@ def propagate_trace_context(ch: grpc.Channel) -> grpc.Channel:
     downstream, so its calls do not start traces of their own.
     """
     return grpc.intercept_channel(ch, _TraceContextOnly())
+
+
+class PartClient:
+    """What every blocking client of a part shares (`<part>/client.py` subclasses it).
+
+    A channel (by default `sync_channel`: API key, trace context, client spans, UNAVAILABLE
+    retried inside each call's deadline), `from_context` for a service calling another part
+    of its platform, `close` / `with`, and `_invoke`, which turns a `grpc.RpcError` into the
+    one typed `esper.errors` error. Every method of a subclass takes `timeout_s`.
+    """
+
+    part: ClassVar[str] = ""
+    """The part this client reaches ("urza", "tezzeret", ...)."""
+
+    def __init__(self, target: str, api_key: str | None = None, *,
+                 channel: grpc.Channel | None = None) -> None:
+        self.target = target
+        # Unary calls get the timeout each method passes; no default (a stream may be long).
+        self._channel = channel or sync_channel(target, api_key=api_key, default_timeout_s=None)
+
+    @classmethod
+    def from_context(cls, ctx: PlatformContext, caller: str) -> Self:
+        """The client a service (`caller`) uses for this part of its platform.
+
+        Raises:
+            FailedPreconditionError: the context has no endpoint for the part.
+        """
+        if cls.part not in ctx.endpoints:
+            raise FailedPreconditionError(
+                f"{caller} needs {cls.part.capitalize()}: no {cls.part!r} endpoint in the context")
+        return cls(ctx.endpoints[cls.part], api_key=ctx.api_key)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @staticmethod
+    def _invoke(method: Any, request: Any, timeout_s: float) -> Any:
+        try:
+            return method(request, timeout=timeout_s)
+        except grpc.RpcError as e:
+            raise as_esper_error(e) from e

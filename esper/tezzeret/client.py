@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from typing import Any, Self
 
 import grpc
 
-from esper.errors import FailedPreconditionError
-from esper.runtime.client import as_esper_error, sync_channel
-from esper.runtime.spec import PlatformContext
+from esper.runtime.client import PartClient
 from generated.esper.common.v1 import blueprint_pb2, seed_pb2
 from generated.esper.tezzeret.v1 import tezzeret_service_pb2 as pb
 from generated.esper.tezzeret.v1 import tezzeret_service_pb2_grpc as rpc
@@ -29,35 +26,15 @@ DONE = frozenset({pb.COMPILE_JOB_STATE_SUCCEEDED, pb.COMPILE_JOB_STATE_FAILED})
 """Compile job states that will not change any more."""
 
 
-class TezzeretClient:
+class TezzeretClient(PartClient):
     """Blocking client for `esper.tezzeret.v1.TezzeretService`; thread-safe."""
+
+    part = "tezzeret"
 
     def __init__(self, target: str, api_key: str | None = None, *,
                  channel: grpc.Channel | None = None) -> None:
-        self.target = target
-        self._channel = channel or sync_channel(target, api_key=api_key, default_timeout_s=None)
+        super().__init__(target, api_key, channel=channel)
         self._stub = rpc.TezzeretServiceStub(self._channel)
-
-    @classmethod
-    def from_context(cls, ctx: PlatformContext, caller: str) -> TezzeretClient:
-        """The client a service (`caller`) uses for the Tezzeret in its platform context.
-
-        Raises:
-            FailedPreconditionError: the context has no "tezzeret" endpoint.
-        """
-        if "tezzeret" not in ctx.endpoints:
-            raise FailedPreconditionError(
-                f"{caller} needs Tezzeret: no 'tezzeret' endpoint in the context")
-        return cls(ctx.endpoints["tezzeret"], api_key=ctx.api_key)
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def ensure_kernels(self, site: seed_pb2.SiteSignature, timeout_s: float, *,
                        blueprint_names: Sequence[str] = (), wait: bool = False
@@ -71,7 +48,7 @@ class TezzeretClient:
         """
         req = pb.EnsureKernelsRequest(request_id=str(uuid.uuid4()), site=site,
                                       blueprint_names=list(blueprint_names), wait=wait)
-        resp = self._call(self._stub.EnsureKernels, req, timeout_s)
+        resp = self._invoke(self._stub.EnsureKernels, req, timeout_s)
         return list(resp.jobs), list(resp.unsupported_blueprints)
 
     def compile(self, blueprint: str | blueprint_pb2.Blueprint, site: seed_pb2.SiteSignature,
@@ -92,18 +69,11 @@ class TezzeretClient:
             req.blueprint_id = blueprint
         else:
             req.blueprint.CopyFrom(blueprint)
-        return self._call(self._stub.Compile, req, timeout_s).job
+        return self._invoke(self._stub.Compile, req, timeout_s).job
 
     def get_job(self, job_id: str, timeout_s: float) -> pb.CompileJob:
-        return self._call(self._stub.GetCompileJob, pb.GetCompileJobRequest(job_id=job_id),
+        return self._invoke(self._stub.GetCompileJob, pb.GetCompileJobRequest(job_id=job_id),
                           timeout_s).job
-
-    @staticmethod
-    def _call(method: Any, req: Any, timeout_s: float) -> Any:
-        try:
-            return method(req, timeout=timeout_s)
-        except grpc.RpcError as e:
-            raise as_esper_error(e) from e
 
 
 __all__ = ["DONE", "TezzeretClient"]

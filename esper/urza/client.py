@@ -30,13 +30,11 @@ from esper.errors import (
     DataLossError,
     DeadlineExceededError,
     EsperError,
-    FailedPreconditionError,
     InvalidArgumentError,
     UnavailableError,
 )
 from esper.runtime.breaker import BreakerConfig, CircuitBreaker
-from esper.runtime.client import as_esper_error, propagate_trace_context
-from esper.runtime.spec import PlatformContext
+from esper.runtime.client import PartClient, as_esper_error, propagate_trace_context
 from esper.urza.config import MAX_CHUNK
 from generated.esper.common.v1 import blueprint_pb2, kernel_pb2, seed_pb2
 from generated.esper.urza.v1 import urza_service_pb2 as pb
@@ -120,8 +118,14 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, UnavailableError | _TransferCorrupt)
 
 
-class UrzaClient:
-    """Blocking client for `esper.urza.v1.UrzaService`; thread-safe (share one per process)."""
+class UrzaClient(PartClient):
+    """Blocking client for `esper.urza.v1.UrzaService`; thread-safe (share one per process).
+
+    Not on `sync_channel`: its own plain channel (`urza_channel`) and its own retry loop
+    under one circuit breaker (`_call`), every call inside the caller's `timeout_s`.
+    """
+
+    part = "urza"
 
     def __init__(self, target: str, api_key: str | None = None, *,
                  breaker: CircuitBreaker | None = None,
@@ -136,33 +140,12 @@ class UrzaClient:
         """Downloads that continued from a byte offset after a broken stream."""
         self._local = threading.local()
 
-    @classmethod
-    def from_context(cls, ctx: PlatformContext, caller: str) -> UrzaClient:
-        """The client a service (`caller`) uses for the Urza in its platform context.
-
-        Raises:
-            FailedPreconditionError: the context has no "urza" endpoint.
-        """
-        if "urza" not in ctx.endpoints:
-            raise FailedPreconditionError(
-                f"{caller} needs Urza: no 'urza' endpoint in the context")
-        return cls(ctx.endpoints["urza"], api_key=ctx.api_key)
-
-    def close(self) -> None:
-        self._channel.close()
-
     def _opts(self, left: float) -> dict[str, object]:
         # A HALF_OPEN trial call waits for the channel to (re)connect within its deadline
         # instead of failing at once: right after Urza restarts, the channel may still be
         # in reconnect backoff, and a trial failed that way would keep the breaker open.
         return {"timeout": left, "metadata": self._metadata,
                 "wait_for_ready": getattr(self._local, "trial", False)}
-
-    def __enter__(self) -> UrzaClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- the retry loop ---------------------------------------------------------------------
 
