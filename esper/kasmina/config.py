@@ -141,7 +141,7 @@ class KasminaConfig:
                 f"KasminaConfig.fossilize_min_contribution={fmc!r} must be a finite number or None"
             )
         if not isinstance(self.layouts, Mapping):
-            raise ValueError(
+            raise TypeError(
                 f"KasminaConfig.layouts={self.layouts!r} must map slot ids to one of: "
                 f"{', '.join(_LAYOUTS)}"
             )

@@ -81,7 +81,7 @@ class PlatformConfig:
             raise ValueError(f"settings for unknown parts {unknown}; parts are {list(PARTS)}")
         for part, values in self.settings.items():
             if not isinstance(values, Mapping):
-                raise ValueError(f"settings.{part} must be a mapping, got {type(values).__name__}")
+                raise TypeError(f"settings.{part} must be a mapping, got {type(values).__name__}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> PlatformConfig:
