@@ -39,12 +39,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="esper", description="Esper: models that grow while they train.")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     sub.required = True
+    missing: dict[str, str] = {}
     for name in command_modules():
-        module = importlib.import_module(name)
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            # A command whose extra is not installed (the core install is the growth
+            # library only): say so in --help instead of failing every command.
+            if not e.name or e.name.split(".")[0] in ("esper", "generated"):
+                raise
+            missing[name] = e.name.split(".")[0]
+            continue
         register = getattr(module, "register_cli", None)
         if register is None:
             raise EsperError(f"{name} has no register_cli(subparsers); every esper/<package>/cli.py must define one")
         register(sub)
+    if missing:
+        parser.epilog = (
+            "not installed: the commands of " + ", ".join(sorted(missing)) + " (missing "
+            + ", ".join(sorted(set(missing.values()))) + "); pip install 'esper[platform]'")
     return parser
 
 

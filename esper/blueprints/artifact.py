@@ -29,6 +29,7 @@ from torch import nn
 from esper.blueprints.builder import construct
 from esper.blueprints.ir import IRPlan, blueprint_id, plan_ir
 from esper.errors import ArtifactError, BlueprintError, ConfigError, UntrustedKeyError
+from esper.fsutil import atomic_write
 from generated.esper.common.v1 import blueprint_pb2, kernel_pb2, seed_pb2
 
 FORMAT_VERSION = 1
@@ -154,13 +155,7 @@ class SigningKey:
         pem = self._private.private_bytes(serialization.Encoding.PEM,
                                           serialization.PrivateFormat.PKCS8,
                                           serialization.NoEncryption())
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
+        atomic_write(p, pem, mode=0o600)
 
     def public_pem(self) -> bytes:
         return self._private.public_key().public_bytes(

@@ -4,25 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from esper.blueprints.attrs import to_attr
 from esper.blueprints.ir import OUTPUT_SLOT_TAG, PARALLEL_SLOT_TAG, blueprint_id
 from esper.blueprints.ops import NC, NCHW, NCL, NLD
 from generated.esper.common.v1 import blueprint_pb2
 
 
-def _attr(v: Any) -> blueprint_pb2.AttrValue:
-    if isinstance(v, bool):
-        return blueprint_pb2.AttrValue(bool_value=v)
-    if isinstance(v, int):
-        return blueprint_pb2.AttrValue(int_value=v)
-    if isinstance(v, float):
-        return blueprint_pb2.AttrValue(float_value=v)
-    return blueprint_pb2.AttrValue(string_value=v)
-
-
 def node(name: str, op: str, inputs: list[str], **attrs: Any) -> blueprint_pb2.IRNode:
     """An IR node; attribute values are Python bool/int/float/str."""
     return blueprint_pb2.IRNode(name=name, op=op, inputs=inputs,
-                                attrs={k: _attr(v) for k, v in attrs.items()})
+                                attrs={k: to_attr(v) for k, v in attrs.items()})
 
 
 def make_blueprint(name: str, family: str, description: str, layouts: list[int],

@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from esper.blueprints.attrs import typed_attr
 from esper.blueprints.ops import NC, NCHW, NCL, NLD, OPS, OpContext, Shape, coerce_attrs
 from esper.errors import BlueprintError
 from generated.esper.common.v1 import blueprint_pb2, seed_pb2
@@ -295,7 +296,7 @@ def plan_ir(ir: blueprint_pb2.BlueprintIR, site: seed_pb2.SiteSignature, *,
                              field="ir.output")
 
     order = _toposort(ir, by_name)
-    needed = _ancestors(ir.output, by_name)
+    needed = ancestors(ir, ir.output)
     unused = [n.name for n in ir.nodes if n.name not in needed]
     if unused:
         raise BlueprintError(f"nodes {unused} do not feed the output {ir.output!r}; remove them",
@@ -363,15 +364,20 @@ def _toposort(ir: blueprint_pb2.BlueprintIR, by_name: dict[str, Any]) -> list[st
     return order
 
 
-def _ancestors(output: str, by_name: dict[str, blueprint_pb2.IRNode]) -> set[str]:
+def ancestors(ir: blueprint_pb2.BlueprintIR, name: str) -> set[str]:
+    """`name` and every node it reads from, directly or not (the input excluded).
+
+    Every input must name a node of `ir` or the input (as `plan_ir` checks first).
+    """
+    by_name = {n.name: n for n in ir.nodes}
     seen: set[str] = set()
-    stack = [output]
+    stack = [name]
     while stack:
-        name = stack.pop()
-        if name in seen or name == INPUT:
+        cur = stack.pop()
+        if cur in seen or cur == INPUT:
             continue
-        seen.add(name)
-        stack.extend(by_name[name].inputs)
+        seen.add(cur)
+        stack.extend(by_name[cur].inputs)
     return seen
 
 
@@ -379,10 +385,7 @@ def canonical_ir(ir: blueprint_pb2.BlueprintIR) -> dict[str, Any]:
     """A plain, order-stable description of the IR (attrs sorted, values typed)."""
     nodes = []
     for n in ir.nodes:
-        attrs = {}
-        for k in sorted(n.attrs):
-            which = n.attrs[k].WhichOneof("value")
-            attrs[k] = [which, getattr(n.attrs[k], which) if which else None]
+        attrs = {k: typed_attr(n.attrs[k]) for k in sorted(n.attrs)}
         nodes.append({"name": n.name, "op": n.op, "inputs": list(n.inputs), "attrs": attrs})
     return {"ir_version": ir.ir_version, "nodes": nodes, "output": ir.output}
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from esper.blueprints.attrs import from_attr
 from esper.errors import BlueprintError
 from generated.esper.common.v1 import seed_pb2
 
@@ -681,7 +682,7 @@ def coerce_attrs(node: str, op: OpDef, raw: Mapping[str, Any]) -> dict[str, Any]
                 raise _fail(node, f"op {op.name!r} requires attribute {key!r} ({spec.doc})")
             out[key] = spec.default
             continue
-        value = _plain(raw[key])
+        value = from_attr(raw[key])
         if spec.kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if type(value) is not spec.kind:
@@ -695,10 +696,3 @@ def coerce_attrs(node: str, op: OpDef, raw: Mapping[str, Any]) -> dict[str, Any]
             raise _fail(node, f"attribute {key!r}={value!r} not one of {spec.choices}")
         out[key] = value
     return out
-
-
-def _plain(v: Any) -> Any:
-    if hasattr(v, "WhichOneof"):
-        which = v.WhichOneof("value")
-        return None if which is None else getattr(v, which)
-    return v

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Sequence
 
 from torch import nn
 
 from esper.jobs.errors import JobConfigError
+from esper.kasmina.sites import match_modules
 
 
 def module_names(model: nn.Module) -> list[str]:
@@ -26,12 +26,9 @@ def resolve_sites(model: nn.Module, patterns: Sequence[str | type[nn.Module]]) -
     names = [name for name, _ in modules]
     chosen: set[str] = set()
     for i, pattern in enumerate(patterns):
-        if isinstance(pattern, type):
-            hits = [n for n, m in modules if isinstance(m, pattern)]
-            what = f"site type {pattern.__name__}"
-        else:
-            hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-            what = f"site {pattern!r}"
+        hits = match_modules(modules, pattern)
+        what = (f"site type {pattern.__name__}" if isinstance(pattern, type)
+                else f"site {pattern!r}")
         if not hits:
             raise JobConfigError(
                 f"{what} matches no module of the host; available: {', '.join(names)}",

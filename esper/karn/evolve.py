@@ -21,18 +21,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from esper.blueprints import blueprint_id, build_module, plan_ir, site_shape
+from esper.blueprints import blueprint_id, build_module, plan_ir
+from esper.blueprints.attrs import attr_of, set_attr
 from esper.blueprints.catalog import node as make_node
-from esper.blueprints.ir import INPUT, IRPlan, check_site, layout_name, site_key
-from esper.config import reject_unknown_keys
-from esper.errors import ConfigError, EsperError, InvalidArgumentError
+from esper.blueprints.check import failures, validate_kernel
+from esper.blueprints.ir import INPUT, IRPlan, ancestors, check_site, layout_name, site_key
+from esper.config import from_dict
+from esper.errors import EsperError, InvalidArgumentError
 from generated.esper.common.v1 import blueprint_pb2, seed_pb2
 
 ORIGIN = "karn"
-INIT_TOLERANCE = 1e-6
-"""Largest output a fresh seed may produce at initialisation (Tezzeret's bound)."""
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 """Activations a swap chooses among: each has f(0) = 0, so zero-initialised paths stay zero."""
 NORMS = ("layernorm", "rmsnorm")
@@ -42,8 +40,6 @@ CHANNEL_PASSING = frozenset({*ACTIVATIONS, "sigmoid", "identity", "layernorm", "
                              "depthwise_conv1d", "depthwise_conv2d", "scale", "mean_pool"})
 """Ops whose output has their input's channels (a width change flows through them)."""
 _NAME_OK = re.compile(r"^[a-z][a-z0-9_\-]{0,63}$")
-_PROBE_EXTENT = {seed_pb2.ACTIVATION_LAYOUT_NCL: 32, seed_pb2.ACTIVATION_LAYOUT_NCHW: 8,
-                 seed_pb2.ACTIVATION_LAYOUT_NLD: 16}
 
 
 @dataclass(frozen=True)
@@ -165,24 +161,6 @@ def _width_change_contained(ir: blueprint_pb2.BlueprintIR, name: str) -> bool:
     return True
 
 
-def _attr(n: blueprint_pb2.IRNode, key: str) -> Any:
-    if key not in n.attrs:
-        return None
-    v = n.attrs[key]
-    return getattr(v, v.WhichOneof("value"))
-
-
-def _set(n: blueprint_pb2.IRNode, key: str, value: Any) -> None:
-    if isinstance(value, bool):
-        n.attrs[key].bool_value = value
-    elif isinstance(value, int):
-        n.attrs[key].int_value = value
-    elif isinstance(value, float):
-        n.attrs[key].float_value = value
-    else:
-        n.attrs[key].string_value = value
-
-
 # --------------------------------------------------------------------------- operators
 
 Operator = Callable[[blueprint_pb2.BlueprintIR, IRPlan, random.Random],
@@ -199,7 +177,7 @@ def _rescale_width(factor: float) -> Operator:
         for n in ir.nodes:
             if n.op not in ("linear", "conv1d", "conv2d") or not _width_change_contained(ir, n.name):
                 continue
-            if n.op != "linear" and (_attr(n, "groups") or 1) != 1:
+            if n.op != "linear" and (attr_of(n, "groups") or 1) != 1:
                 continue
             width = _channels(plan, n.name)
             new = max(1, round(width * factor))
@@ -212,9 +190,9 @@ def _rescale_width(factor: float) -> Operator:
         child = _copy_ir(ir)
         target = next(n for n in child.nodes if n.name == name)
         # A ratio keeps the child portable across sites of other widths.
-        _set(target, "features", 0)
-        _set(target, "ratio", min(16.0, new / site_c))
-        _set(target, "min_features", 1)
+        set_attr(target, "features", 0)
+        set_attr(target, "ratio", min(16.0, new / site_c))
+        set_attr(target, "min_features", 1)
         return child
     return op
 
@@ -266,7 +244,7 @@ def change_rank(ir: blueprint_pb2.BlueprintIR, plan: IRPlan, rng: random.Random
     for n in ir.nodes:
         if n.op != "lowrank":
             continue
-        rank = int(_attr(n, "rank"))
+        rank = int(attr_of(n, "rank"))
         for new in (rank * 2, rank // 2):
             if 1 <= new <= min(4096, 4 * plan.context.site_channels) and new != rank:
                 options.append((n.name, new))
@@ -274,7 +252,7 @@ def change_rank(ir: blueprint_pb2.BlueprintIR, plan: IRPlan, rng: random.Random
         return None
     name, new = rng.choice(options)
     child = _copy_ir(ir)
-    _set(next(n for n in child.nodes if n.name == name), "rank", new)
+    set_attr(next(n for n in child.nodes if n.name == name), "rank", new)
     return child
 
 
@@ -309,13 +287,13 @@ def change_kernel_size(ir: blueprint_pb2.BlueprintIR, plan: IRPlan, rng: random.
     for n in ir.nodes:
         if n.op not in ("conv1d", "conv2d", "depthwise_conv1d", "depthwise_conv2d"):
             continue
-        k = int(_attr(n, "kernel_size") or 3)
+        k = int(attr_of(n, "kernel_size") or 3)
         options += [(n.name, k2) for k2 in (k - 2, k + 2) if 1 <= k2 <= 15]
     if not options:
         return None
     name, k = rng.choice(options)
     child = _copy_ir(ir)
-    _set(next(n for n in child.nodes if n.name == name), "kernel_size", k)
+    set_attr(next(n for n in child.nodes if n.name == name), "kernel_size", k)
     return child
 
 
@@ -354,15 +332,15 @@ def crossover(a: blueprint_pb2.BlueprintIR, plan_a: IRPlan, b: blueprint_pb2.Blu
     for n in plan_b.nodes:
         if any(i in downstream for i in n.inputs):
             downstream.add(n.name)
-    feeds_out = _ancestors(b, b.output)
+    feeds_out = ancestors(b, b.output)
     suffix = [n.name for n in plan_b.nodes
               if n.name in downstream and n.name in feeds_out and n.name != cut_b]
     need = set(suffix)
     for name in suffix:
         for src in by_b[name].inputs:
             if src not in (INPUT, cut_b):
-                need |= _ancestors(b, src)
-    prefix = _ancestors(a, cut_a)
+                need |= ancestors(b, src)
+    prefix = ancestors(a, cut_a)
     ren = _renaming(sorted(prefix), list(by_b))
     ren[INPUT] = INPUT
     ren[cut_b] = cut_a
@@ -391,24 +369,7 @@ def _renaming(taken: Sequence[str], names: Sequence[str]) -> dict[str, str]:
     raise AssertionError("unreachable: a free prefix exists among len(taken) + 2")
 
 
-def _ancestors(ir: blueprint_pb2.BlueprintIR, name: str) -> set[str]:
-    by = {n.name: n for n in ir.nodes}
-    seen: set[str] = set()
-    stack = [name]
-    while stack:
-        cur = stack.pop()
-        if cur in seen or cur == INPUT:
-            continue
-        seen.add(cur)
-        stack.extend(by[cur].inputs)
-    return seen
-
-
 # --------------------------------------------------------------------------- pre-flight
-
-
-def _probe(site: seed_pb2.SiteSignature) -> tuple[int, ...]:
-    return tuple(d if d is not None else _PROBE_EXTENT[site.layout] for d in site_shape(site))
 
 
 def preflight(bp: blueprint_pb2.Blueprint, site: seed_pb2.SiteSignature, *, seed: int = 0
@@ -417,9 +378,11 @@ def preflight(bp: blueprint_pb2.Blueprint, site: seed_pb2.SiteSignature, *, seed
 
     Returns (rejection, parameters): rejection "" when every check passed.
     Checks: name/family/tag rules of the proto, the site's layout is declared, the IR
-    validates for the site (allowlist, shapes, acyclic, provably zero output), and built
-    with random weights: output shape, output at init within INIT_TOLERANCE of zero,
-    finite forward and finite gradients (a blend `h + s` against a random target).
+    validates for the site (allowlist, shapes, acyclic, provably zero output), and, built
+    with seeded random weights, Tezzeret's own checks before signing
+    (`esper.blueprints.check`: the output shape the site adds it to — a parallel site's
+    output, not its input —, the output at init within INIT_TOLERANCE of zero, finite
+    forward and finite gradients of a blend `h + s` against a random target).
     """
     if not _NAME_OK.match(bp.name):
         return f"name {bp.name!r} does not match {_NAME_OK.pattern}", 0
@@ -437,25 +400,7 @@ def preflight(bp: blueprint_pb2.Blueprint, site: seed_pb2.SiteSignature, *, seed
         module = build_module(bp, site, seed=seed)
     except EsperError as e:
         return f"IR invalid at {site_key(site)}: {e}", 0
-    gen = torch.Generator().manual_seed(seed)
-    probe = _probe(site)
-    h = torch.randn(4, *probe, generator=gen)
-    x = torch.randn(4, *probe, generator=gen)
-    s = module(x)
-    if tuple(s.shape) != tuple(x.shape):
-        return f"output shape {list(s.shape)} != input {list(x.shape)}", plan.parameter_count
-    if not bool(torch.isfinite(s).all()):
-        return "forward produced NaN/Inf", plan.parameter_count
-    delta = float(s.detach().abs().max())
-    if delta > INIT_TOLERANCE:
-        return (f"not function-preserving: output {delta:.3g} at init "
-                f"(> {INIT_TOLERANCE})"), plan.parameter_count
-    loss = ((h + s) - torch.randn(4, *probe, generator=gen)).pow(2).mean()
-    loss.backward()
-    if any(p.grad is not None and not bool(torch.isfinite(p.grad).all())
-           for p in module.parameters()):
-        return "backward produced NaN/Inf gradients", plan.parameter_count
-    return "", plan.parameter_count
+    return "; ".join(failures(validate_kernel(module, site, seed=seed))), plan.parameter_count
 
 
 # --------------------------------------------------------------------------- the evolver
@@ -484,24 +429,22 @@ class EvolveConfig:
         for name in ("crossover_rate", "explore_rate"):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and 0.0 <= v <= 1.0):
-                raise ConfigError(f"karn {name}={v!r}: must be a number in [0, 1]")
+                raise ValueError(f"karn {name}={v!r}: must be a number in [0, 1]")
         if self.objective not in ("contribution", "accuracy_delta"):
-            raise ConfigError(f"karn objective={self.objective!r}: allowed 'contribution', "
-                              "'accuracy_delta'")
+            raise ValueError(f"karn objective={self.objective!r}: allowed 'contribution', "
+                             "'accuracy_delta'")
         if not (isinstance(self.max_attempts_per_proposal, int)
                 and 1 <= self.max_attempts_per_proposal <= 1000):
-            raise ConfigError(f"karn max_attempts_per_proposal={self.max_attempts_per_proposal!r}:"
-                              " must be an int in [1, 1000]")
+            raise ValueError(f"karn max_attempts_per_proposal={self.max_attempts_per_proposal!r}:"
+                             " must be an int in [1, 1000]")
         if not (isinstance(self.max_parameter_ratio, int | float)
                 and 0 < self.max_parameter_ratio <= 1024):
-            raise ConfigError(f"karn max_parameter_ratio={self.max_parameter_ratio!r}: must be "
-                              "in (0, 1024]")
+            raise ValueError(f"karn max_parameter_ratio={self.max_parameter_ratio!r}: must be "
+                             "in (0, 1024]")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> EvolveConfig:
-        d = dict(d or {})
-        reject_unknown_keys(cls, d, "karn settings")
-        return cls(**d)
+    def from_dict(cls, data: Mapping[str, Any] | None) -> EvolveConfig:
+        return from_dict(cls, data, what="karn settings")
 
 
 def child_name(family: str, bp_id: str) -> str:

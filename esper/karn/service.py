@@ -1,263 +1,23 @@
-"""KarnService: a thin gRPC adapter over `KarnCore` (Urza's records → `Evolver` → Tezzeret).
+"""KarnService: the gRPC adapter over `KarnCore` (decode → core → encode).
 
-One ProposeBlueprints call:
-1. reads the library from Urza: blueprints for the site's layout and the kernels compiled
-   for the site, whose KernelStats (field reports) score them;
-2. asks the `Evolver` for children; each is pre-flighted here (IR validation, function
-   preservation at init, finite forward/backward) and a child that fails is answered with
-   accepted=false and the reason, and is never sent anywhere;
-3. sends each child that passed to Tezzeret `Compile(inline blueprint, wait=true)`, which
-   validates again (`compile_kernel`), signs, and only then publishes blueprint and kernel
-   to Urza.
-
-Pre-flight runs the same checks Tezzeret does (same seed-0 weights), so a child that
-reaches Tezzeret normally compiles; it saves a compile call per failing child and gives
-the reason in Karn's own words. It is not what keeps failing children out of Urza:
-Tezzeret stores an inline blueprint only after `compile_kernel` passed. A child that
-passed pre-flight but that Tezzeret refuses (INVALID_ARGUMENT / FAILED_PRECONDITION), whose
-job FAILED, or that is still compiling at the deadline is answered accepted=false with a
-`tezzeret: ...` reason, and the call goes on with the next child; Tezzeret being
-unavailable fails the whole call (it says nothing about the child).
-
-Responses are kept by request_id (`<data_dir>/karn/requests.sqlite`): a retry gets the
-first answer without proposing (or compiling) again.
+What Karn does is in `esper.karn.core` (ProposeBlueprints: Urza's records → `Evolver` →
+Tezzeret) and `esper.karn.evolve` (operators, selection, pre-flight); this module only
+hosts it on the shared runtime, with Urza's and Tezzeret's clients.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import logging
-import secrets
-import threading
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import grpc
-
-from esper import localdb
-from esper.blueprints import plan_ir, site_key, supports
-from esper.blueprints.ir import check_site
-from esper.config import reject_unknown_keys
-from esper.errors import (
-    ConfigError,
-    DeadlineExceededError,
-    FailedPreconditionError,
-    InvalidArgumentError,
-)
-from esper.karn.evolve import EvolveConfig, Evolver, Operator, Scored, derive_seed
-from esper.runtime.client import as_esper_error, channel
+from esper.karn.config import KarnConfig
+from esper.karn.core import Compile, KarnCore, RequestStore, tezzeret_compiler
+from esper.karn.evolve import Operator
 from esper.runtime.spec import PlatformContext, ServiceSpec
-from generated.esper.common.v1 import blueprint_pb2, kernel_pb2, seed_pb2
+from esper.tezzeret.client import TezzeretClient
+from esper.urza.client import UrzaClient, UrzaLibrary
 from generated.esper.karn.v1 import karn_service_pb2 as pb
 from generated.esper.karn.v1 import karn_service_pb2_grpc as rpc
-from generated.esper.tezzeret.v1 import tezzeret_service_pb2 as tz
-from generated.esper.tezzeret.v1 import tezzeret_service_pb2_grpc as tz_rpc
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(kw_only=True, frozen=True)
-class KarnConfig:
-    """Karn's settings (`ctx.settings["karn"]`)."""
-
-    urza_timeout_s: float = 10.0
-    """Deadline of each call to Urza (capped by what the caller's deadline has left)."""
-    compile_timeout_s: float = 60.0
-    """Deadline of each Tezzeret Compile (capped by what the caller's deadline has left)."""
-    default_timeout_s: float = 300.0
-    """Budget of a ProposeBlueprints call that arrives without a deadline."""
-    evolve: EvolveConfig = field(default_factory=EvolveConfig)
-    """Selection and operator settings (a mapping in YAML; see `EvolveConfig`)."""
-
-    def __post_init__(self) -> None:
-        for name in ("urza_timeout_s", "compile_timeout_s", "default_timeout_s"):
-            v = getattr(self, name)
-            if not (isinstance(v, int | float) and 0 < v <= 3600):
-                raise ConfigError(f"karn {name}={v!r}: must be a number in (0, 3600]")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> KarnConfig:
-        d = dict(d or {})
-        reject_unknown_keys(cls, d, "karn settings")
-        if "evolve" in d and not isinstance(d["evolve"], EvolveConfig):
-            d["evolve"] = EvolveConfig.from_dict(d["evolve"])
-        return cls(**d)
-
-
-class Library(Protocol):
-    """What Karn needs of Urza (`esper.urza.client.UrzaClient` provides it)."""
-
-    def list_blueprints(self, timeout_s: float, *, layout: int = 0, page_size: int = 0,
-                        page_token: str = "") -> tuple[list[blueprint_pb2.Blueprint], str]: ...
-    def query_kernels(self, timeout_s: float, *, site: seed_pb2.SiteSignature | None = None,
-                      page_size: int = 0, page_token: str = ""
-                      ) -> tuple[list[kernel_pb2.KernelRecord], str]: ...
-
-
-Compile = Callable[[blueprint_pb2.Blueprint, seed_pb2.SiteSignature, float], Any]
-"""async (blueprint, site, timeout_s) -> tezzeret CompileJob; raises EsperError."""
-
-
-class RequestStore:
-    """Answers by request_id, so a retried ProposeBlueprints returns the first answer."""
-
-    def __init__(self, path: Path) -> None:
-        self._db = localdb.connect(path, synchronous="FULL")
-        self._lock = threading.Lock()
-        self._db.execute("CREATE TABLE IF NOT EXISTS requests (request_id TEXT PRIMARY KEY, "
-                         "fingerprint TEXT NOT NULL, response BLOB NOT NULL)")
-
-    def get(self, request_id: str, fingerprint: str) -> pb.ProposeBlueprintsResponse | None:
-        with self._lock:
-            row = self._db.execute("SELECT fingerprint, response FROM requests WHERE "
-                                   "request_id = ?", (request_id,)).fetchone()
-        if row is None:
-            return None
-        if row[0] != fingerprint:
-            raise InvalidArgumentError(
-                f"request_id {request_id!r} was already used for a different "
-                "ProposeBlueprints request (count, site or seed differ); use a new request_id",
-                field="request_id")
-        return pb.ProposeBlueprintsResponse.FromString(row[1])
-
-    def put(self, request_id: str, fingerprint: str, resp: pb.ProposeBlueprintsResponse) -> None:
-        with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO requests VALUES (?, ?, ?)",
-                             (request_id, fingerprint, resp.SerializeToString(deterministic=True)))
-
-    def close(self) -> None:
-        self._db.close()
-
-
-class KarnCore:
-    """ProposeBlueprints without gRPC: Urza and Tezzeret are injected."""
-
-    def __init__(self, urza: Callable[[], Library], compile: Compile, config: KarnConfig,
-                 store: RequestStore | None = None,
-                 mutations: Mapping[str, Operator] | None = None) -> None:
-        self._urza_factory = urza
-        self._urza: Library | None = None
-        self.compile = compile
-        self.config = config
-        self.store = store
-        self.evolver = (Evolver(config=config.evolve) if mutations is None
-                        else Evolver(config=config.evolve, mutations=dict(mutations)))
-        self._locks: dict[str, asyncio.Lock] = {}
-
-    @property
-    def urza(self) -> Library:
-        if self._urza is None:
-            self._urza = self._urza_factory()
-        return self._urza
-
-    async def pool(self, site: seed_pb2.SiteSignature, deadline: float
-                   ) -> tuple[list[Scored], set[str]]:
-        """Blueprints that support `site`, scored by their kernels' field reports there,
-        and the ids of every blueprint of the site's layout."""
-        bps: list[blueprint_pb2.Blueprint] = []
-        token = ""
-        while True:
-            page, token = await asyncio.to_thread(self.urza.list_blueprints, self._left(deadline),
-                                                  layout=site.layout, page_size=500,
-                                                  page_token=token)
-            bps += page
-            if not token:
-                break
-        records: dict[str, kernel_pb2.KernelRecord] = {}
-        token = ""
-        while True:
-            page, token = await asyncio.to_thread(self.urza.query_kernels, self._left(deadline),
-                                                  site=site, page_size=500, page_token=token)
-            for r in page:
-                if r.manifest.site == site:
-                    records.setdefault(r.manifest.blueprint_id, r)
-            if not token:
-                break
-        pool = []
-        for bp in bps:
-            if not supports(bp, site):
-                continue
-            rec = records.get(bp.blueprint_id)
-            if rec is not None:
-                stats = rec.stats
-                score = self.evolver.score_of(stats.mean_contribution, stats.mean_accuracy_delta)
-                pool.append(Scored(bp, score, float(rec.manifest.profile.parameters),
-                                   stats.outcomes))
-            else:
-                pool.append(Scored(bp, 0.0, float(plan_ir(bp.ir, site).parameter_count), 0))
-        return pool, {bp.blueprint_id for bp in bps}
-
-    def _left(self, deadline: float, cap: float | None = None) -> float:
-        left = deadline - time.monotonic()
-        if left <= 0.05:
-            raise DeadlineExceededError("ProposeBlueprints: the caller's deadline ran out")
-        return min(left, cap if cap is not None else self.config.urza_timeout_s)
-
-    async def propose(self, request: pb.ProposeBlueprintsRequest, time_left: float | None
-                      ) -> pb.ProposeBlueprintsResponse:
-        check_site(request.site)
-        if not 1 <= request.count <= 64:
-            raise InvalidArgumentError(f"count={request.count}: must be in [1, 64]",
-                                       field="count")
-        if not request.request_id:
-            return await self._propose(request, time_left)
-        fp = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
-        lock = self._locks.setdefault(request.request_id, asyncio.Lock())
-        async with lock:
-            if self.store is not None:
-                done = await asyncio.to_thread(self.store.get, request.request_id, fp)
-                if done is not None:
-                    return done
-            resp = await self._propose(request, time_left)
-            if self.store is not None:
-                await asyncio.to_thread(self.store.put, request.request_id, fp, resp)
-        return resp
-
-    async def _propose(self, request: pb.ProposeBlueprintsRequest, time_left: float | None
-                       ) -> pb.ProposeBlueprintsResponse:
-        deadline = time.monotonic() + (time_left if time_left is not None
-                                       else self.config.default_timeout_s)
-        site = request.site
-        seed = request.seed or (derive_seed("karn", request.request_id) if request.request_id
-                                else secrets.randbits(63))
-        pool, known = await self.pool(site, deadline)
-        if not pool:
-            raise FailedPreconditionError(
-                f"Urza holds no blueprint that supports site {site_key(site)}; Karn needs "
-                "parents (register or compile the catalog first)")
-        candidates = await asyncio.to_thread(self.evolver.propose, pool, site, request.count,
-                                             seed, known_ids=known)
-        resp = pb.ProposeBlueprintsResponse()
-        for c in candidates:
-            p = resp.proposals.add(blueprint=c.blueprint, operator=c.operator)
-            if not c.ok:
-                p.rejection = f"pre-flight: {c.rejection}"
-                log.info("karn: rejected %s (%s): %s", c.blueprint.name, c.operator, c.rejection)
-                continue
-            try:
-                job = await self.compile(c.blueprint, site,
-                                         self._left(deadline, self.config.compile_timeout_s))
-            except (InvalidArgumentError, FailedPreconditionError) as e:
-                p.rejection = f"tezzeret: {type(e).__name__}: {e}"
-                log.warning("karn: Tezzeret refused %s after pre-flight passed: %s",
-                            c.blueprint.name, e)
-                continue
-            if job.state == tz.COMPILE_JOB_STATE_SUCCEEDED:
-                p.accepted = True
-                p.kernel_id = job.kernel_id
-                p.blueprint.blueprint_id = job.blueprint_id
-            elif job.state == tz.COMPILE_JOB_STATE_FAILED:
-                p.rejection = f"tezzeret: {job.error}"
-            else:
-                p.rejection = (f"tezzeret: job {job.job_id} still "
-                               f"{tz.CompileJobState.Name(job.state)} at the deadline")
-        log.info("karn: %d proposals at %s (seed %d): %d accepted", len(resp.proposals),
-                 site_key(site), seed, sum(p.accepted for p in resp.proposals))
-        return resp
 
 
 class KarnServicer(rpc.KarnServiceServicer):
@@ -270,59 +30,25 @@ class KarnServicer(rpc.KarnServiceServicer):
         return await self.core.propose(request, left)
 
 
-def tezzeret_compiler(ctx: PlatformContext) -> Compile:
-    """`compile` over gRPC: Tezzeret at ctx.endpoints["tezzeret"] with ctx.api_key."""
-    if "tezzeret" not in ctx.endpoints:
-        raise FailedPreconditionError("karn needs Tezzeret: no 'tezzeret' endpoint in the context")
-    state: dict[str, Any] = {}
-
-    async def compile(bp: blueprint_pb2.Blueprint, site: seed_pb2.SiteSignature,
-                      timeout_s: float) -> tz.CompileJob:
-        if "stub" not in state:
-            state["channel"] = channel("tezzeret", ctx)
-            state["stub"] = tz_rpc.TezzeretServiceStub(state["channel"])
-        try:
-            resp = await state["stub"].Compile(
-                tz.CompileRequest(blueprint=bp, site=site, wait=True), timeout=timeout_s)
-        except grpc.RpcError as e:
-            raise as_esper_error(e) from e
-        return resp.job
-
-    async def close() -> None:
-        if "channel" in state:
-            await state["channel"].close()
-
-    compile.close = close  # type: ignore[attr-defined]
-    return compile
-
-
-def _urza_client(ctx: PlatformContext) -> Library:
-    from esper.urza.client import UrzaClient
-
-    if "urza" not in ctx.endpoints:
-        raise FailedPreconditionError("karn needs Urza: no 'urza' endpoint in the context")
-    return UrzaClient(ctx.endpoints["urza"], api_key=ctx.api_key)
-
-
-def create_service(ctx: PlatformContext, *, urza: Callable[[], Library] | None = None,
+def create_service(ctx: PlatformContext, *, urza: Callable[[], UrzaLibrary] | None = None,
                    compile: Compile | None = None,
                    mutations: Mapping[str, Operator] | None = None) -> ServiceSpec:
     """Karn hosted on the shared runtime.
 
-    `urza`, `compile` and `mutations` replace the gRPC clients and the operator set (tests
+    `urza`, `compile` and `mutations` replace the clients and the operator set (tests
     pass an operator that is meant to break validation).
     """
     config = KarnConfig.from_dict(ctx.settings.get("karn"))
+    tezzeret = TezzeretClient.from_context(ctx, "karn") if compile is None else None
     store = RequestStore(ctx.part_dir("karn") / "requests.sqlite")
-    compiler = compile or tezzeret_compiler(ctx)
-    core = KarnCore(urza or (lambda: _urza_client(ctx)), compiler, config, store, mutations)
+    core = KarnCore(urza or (lambda: UrzaClient.from_context(ctx, "karn")),
+                    compile or tezzeret_compiler(tezzeret),  # type: ignore[arg-type]
+                    config, store, mutations)
 
     async def on_stop() -> None:
-        close = getattr(compiler, "close", None)
-        if close is not None:
-            await close()
-        if core._urza is not None and hasattr(core._urza, "close"):
-            core._urza.close()
+        if tezzeret is not None:
+            tezzeret.close()
+        core.close()
         store.close()
 
     return ServiceSpec(
@@ -331,11 +57,9 @@ def create_service(ctx: PlatformContext, *, urza: Callable[[], Library] | None =
         servicer=KarnServicer(core),
         add_to_server=rpc.add_KarnServiceServicer_to_server,
         write_methods=frozenset({"ProposeBlueprints"}),
-        on_start=None,
         on_stop=on_stop,
     )
 
 
 __all__ = ["KarnConfig", "KarnCore", "KarnServicer", "RequestStore", "create_service",
            "tezzeret_compiler"]
-

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from esper.errors import ConfigError
+from esper.config import from_dict, to_dict
 
 _LAYOUTS = ("nc", "ncl", "nchw", "nld")
 _UNITS = ("steps", "epochs")
@@ -100,14 +99,14 @@ class KasminaConfig:
         def one_of(name: str, allowed: tuple[str, ...]) -> None:
             value = getattr(self, name)
             if value not in allowed:
-                raise ConfigError(
+                raise ValueError(
                     f"KasminaConfig.{name}={value!r} is not one of: {', '.join(allowed)}"
                 )
 
         def at_least(name: str, lo: int) -> None:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-                raise ConfigError(f"KasminaConfig.{name}={value!r} must be an integer >= {lo}")
+                raise ValueError(f"KasminaConfig.{name}={value!r} must be an integer >= {lo}")
 
         def finite_nonneg(name: str, value: float | None, optional: bool = False) -> None:
             if value is None and optional:
@@ -115,7 +114,7 @@ class KasminaConfig:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not (
                 math.isfinite(value) and value >= 0
             ):
-                raise ConfigError(f"KasminaConfig.{name}={value!r} must be a finite number >= 0")
+                raise ValueError(f"KasminaConfig.{name}={value!r} must be a finite number >= 0")
 
         one_of("schedule_unit", _UNITS)
         one_of("blend_curve", _CURVES)
@@ -127,7 +126,7 @@ class KasminaConfig:
         finite_nonneg("gate_min_seed_grad_norm", self.gate_min_seed_grad_norm)
         finite_nonneg("gate_max_seed_grad_norm", self.gate_max_seed_grad_norm)
         if self.gate_max_seed_grad_norm < self.gate_min_seed_grad_norm:
-            raise ConfigError(
+            raise ValueError(
                 f"KasminaConfig.gate_max_seed_grad_norm={self.gate_max_seed_grad_norm!r} "
                 f"must be >= gate_min_seed_grad_norm={self.gate_min_seed_grad_norm!r}"
             )
@@ -138,18 +137,18 @@ class KasminaConfig:
         if fmc is not None and (
             not isinstance(fmc, (int, float)) or isinstance(fmc, bool) or not math.isfinite(fmc)
         ):
-            raise ConfigError(
+            raise ValueError(
                 f"KasminaConfig.fossilize_min_contribution={fmc!r} must be a finite number or None"
             )
         if not isinstance(self.layouts, Mapping):
-            raise ConfigError(
+            raise TypeError(
                 f"KasminaConfig.layouts={self.layouts!r} must map slot ids to one of: "
                 f"{', '.join(_LAYOUTS)}"
             )
         for slot_id, layout in self.layouts.items():
             parts = layout.lower().split("->") if isinstance(layout, str) else [None]
             if len(parts) > 2 or any(p not in _LAYOUTS for p in parts):
-                raise ConfigError(
+                raise ValueError(
                     f"KasminaConfig.layouts[{slot_id!r}]={layout!r} is not one of: "
                     f"{', '.join(_LAYOUTS)} (or 'input->output', e.g. 'ncl->nc', for a "
                     "parallel slot)"
@@ -158,21 +157,11 @@ class KasminaConfig:
         object.__setattr__(self, "layouts", {k: v.lower() for k, v in self.layouts.items()})
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> KasminaConfig:
-        """Build from a plain mapping (e.g. parsed YAML); unknown keys are a `ConfigError`."""
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"KasminaConfig expects a mapping, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown KasminaConfig key(s): {', '.join(map(repr, unknown))}; "
-                f"allowed: {', '.join(sorted(known))}"
-            )
-        return cls(**dict(data))
+    def from_dict(cls, data: Mapping[str, Any] | None) -> KasminaConfig:
+        """Build from a plain mapping (e.g. parsed YAML); bad keys and values are a
+        `ConfigError` naming them."""
+        return from_dict(cls, data, what="KasminaConfig key(s)")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain mapping that `from_dict` accepts."""
-        out = dataclasses.asdict(self)
-        out["layouts"] = dict(self.layouts)
-        return out
+        return to_dict(self)

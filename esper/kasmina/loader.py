@@ -10,7 +10,6 @@ is dropped and fetched afresh instead of attached.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 import time
@@ -23,6 +22,7 @@ from torch import nn
 
 from esper.blueprints.artifact import TrustedKeys, VerifiedKernel, materialize, verify_artifact
 from esper.errors import ArtifactError, DeadlineExceededError, InvalidArgumentError
+from esper.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -154,21 +154,5 @@ class KernelLoader:
         except ArtifactError:
             self.stats.rejected += 1
             raise
-        self._write_atomic(self.path_for(kernel_id), data)
+        atomic_write(self.path_for(kernel_id), data)
         return vk
-
-    def _write_atomic(self, path: Path, data: bytes) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        dir_fd = os.open(self.cache_dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)

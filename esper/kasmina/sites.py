@@ -99,6 +99,15 @@ def _what(match: str | type[nn.Module]) -> str:
     return match if isinstance(match, str) else match.__name__
 
 
+def match_modules(named: Sequence[tuple[str, nn.Module]], match: str | type[nn.Module]
+                  ) -> list[str]:
+    """Names in `named` (model.named_modules() order) an fnmatch pattern or a module type
+    selects: the one site-matching rule (Kasmina's slots, the jobs' site lists)."""
+    if isinstance(match, str):
+        return [n for n, _ in named if fnmatch.fnmatchcase(n, match)]
+    return [n for n, m in named if isinstance(m, match)]
+
+
 def _requests(sites: Sequence[SiteSpec], parallel: Sequence[SiteSpec], available: str
               ) -> list[Site]:
     for name, specs in (("sites", sites), ("parallel", parallel)):
@@ -183,10 +192,7 @@ def resolve_sites(model: nn.Module, sites: Sequence[SiteSpec], parallel: Sequenc
         if isinstance(req.match, str) and ":" in req.match:
             plans = _span_plans(model, named, req.match)
         else:
-            if isinstance(req.match, str):
-                hits = [n for n, _ in named if fnmatch.fnmatchcase(n, req.match)]
-            else:
-                hits = [n for n, m in named if isinstance(m, req.match)]
+            hits = match_modules(named, req.match)
             if not hits:
                 raise ConfigError(
                     f"site {_what(req.match)!r} matches no module; available modules: {available}"

@@ -43,7 +43,13 @@ from esper.kasmina.backends import select_blend
 from esper.kasmina.config import KasminaConfig
 from esper.kasmina.events import KasminaEvent
 from esper.kasmina.sites import SlotKind
-from esper.kasmina.stages import LIVE_STAGES, PRUNABLE_STAGES, SeedStage, check_transition
+from esper.kasmina.stages import (
+    LIVE_STAGES,
+    PRUNABLE_STAGES,
+    SeedStage,
+    check_transition,
+    legal_actions,
+)
 from generated.esper.common.v1 import seed_pb2
 
 # Columns of the on-device accumulators: sums of per-forward means of the activation, of
@@ -204,14 +210,7 @@ class SeedSlot(nn.Module):
 
     def legal_actions(self) -> set[str]:
         """Strategic actions the controller may take on this slot now."""
-        actions: set[str] = set()
-        if self._stage is SeedStage.DORMANT:
-            actions.add("germinate")
-        if self._stage in PRUNABLE_STAGES:
-            actions.add("prune")
-        if self._stage is SeedStage.HOLDING:
-            actions.add("fossilize")
-        return actions
+        return set(legal_actions(self._stage))
 
     # ---- forward ----------------------------------------------------------------------
 

@@ -57,6 +57,25 @@ PRUNABLE_STAGES = frozenset(
 )
 
 
+GERMINATE = "germinate"
+PRUNE = "prune"
+FOSSILIZE = "fossilize"
+
+
+def legal_actions(stage: int) -> frozenset[str]:
+    """Strategic actions a controller may take on a slot in `stage` (a `SeedStage` or the
+    proto enum's int): germinate a DORMANT slot, prune a live unfossilized seed, fossilize
+    a HOLDING one. The one statement of the rule (Kasmina's slots, Tamiyo's policies)."""
+    actions: set[str] = set()
+    if stage == SeedStage.DORMANT:
+        actions.add(GERMINATE)
+    if stage in PRUNABLE_STAGES:
+        actions.add(PRUNE)
+    if stage == SeedStage.HOLDING:
+        actions.add(FOSSILIZE)
+    return frozenset(actions)
+
+
 def check_transition(slot_id: str, src: SeedStage, dst: SeedStage) -> None:
     """Raise `IllegalTransitionError` unless `src → dst` is an edge of the lifecycle."""
     allowed = TRANSITIONS[src]

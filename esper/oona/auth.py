@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from esper.errors import ConfigError
+from esper.fsutil import atomic_write
 from esper.oona.connection import NatsCredentials
 from esper.oona.subjects import EVENTS_PREFIX, EVENTS_STREAM, TELEMETRY_PREFIX, TELEMETRY_STREAM
 
@@ -146,11 +147,7 @@ class CredentialsDir:
         for role in ROLES:
             path = self.password_file(role)
             if not path.exists():
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "w") as f:
-                    f.write(secrets.token_urlsafe(32) + "\n")
-                os.replace(tmp, path)
+                atomic_write(path, secrets.token_urlsafe(32) + "\n", mode=0o600)
             out[role] = NatsCredentials.from_file(role, path).password
         return out
 

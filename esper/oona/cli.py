@@ -4,25 +4,23 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from esper.errors import FailedPreconditionError
-from esper.runtime.cli import ENDPOINTS_FILE  # written by `esper up`; holds "nats_url"
+from esper.runtime.endpoints import PlatformInfo  # `esper up`'s file; holds "nats_url"
 
 if TYPE_CHECKING:
     from esper.oona.connection import NatsCredentials
 
 
-def _endpoints(data_dir: Path) -> dict:
-    path = data_dir / ENDPOINTS_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as exc:
+def _endpoints(data_dir: Path) -> PlatformInfo:
+    info = PlatformInfo.read(data_dir)
+    if info is None:
         raise FailedPreconditionError(
-            f"{path} not found: start `esper up --data-dir {data_dir}` or pass --url nats://host:port"
-        ) from exc
+            f"{PlatformInfo.path(data_dir)} not found: start `esper up --data-dir {data_dir}` "
+            "or pass --url nats://host:port")
+    return info
 
 
 def nats_url_from(data_dir: Path) -> str:
@@ -31,10 +29,10 @@ def nats_url_from(data_dir: Path) -> str:
     Raises:
         FailedPreconditionError: no `esper up` is running there (no endpoints file, or no bus).
     """
-    url = _endpoints(data_dir).get("nats_url")
+    url = _endpoints(data_dir).nats_url
     if not url:
         raise FailedPreconditionError(
-            f"{data_dir / ENDPOINTS_FILE} names no nats_url; pass --url nats://host:port"
+            f"{PlatformInfo.path(data_dir)} names no nats_url; pass --url nats://host:port"
         )
     return str(url)
 
@@ -43,7 +41,7 @@ def credentials_from(data_dir: Path, role: str) -> NatsCredentials | None:
     """`role`'s credentials of the `esper up` running with `data_dir` (None: its bus has no auth)."""
     from esper.oona.auth import CredentialsDir
 
-    directory = _endpoints(data_dir).get("nats_credentials_dir")
+    directory = _endpoints(data_dir).nats_credentials_dir
     return CredentialsDir(directory).credentials(role) if directory else None
 
 

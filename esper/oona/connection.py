@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from esper.config import reject_unknown_keys
+from esper.config import PARSE, from_dict
 from esper.errors import ConfigError
 
 ENV_URL = "ESPER_NATS_URL"
@@ -153,13 +153,19 @@ def stream_replicas_from_env(env: Mapping[str, str] | None = None) -> int | None
     return int(raw)
 
 
+def _servers_setting(value: object) -> object:
+    """`servers` as YAML/env may give it: one comma-separated string, or a list."""
+    return parse_servers(value) if isinstance(value, str) else value
+
+
 @dataclass(kw_only=True, frozen=True)
 class OonaConfig:
     """Where Oona's clients find NATS and who they are there (YAML keys, or the ESPER_NATS_*
     variables of the module docstring)."""
 
-    servers: tuple[str, ...] = ()
-    """NATS URLs; a client fails over between them. Empty: no bus (events stay in the run log)."""
+    servers: tuple[str, ...] = field(default=(), metadata={PARSE: _servers_setting})
+    """NATS URLs (a list, or one comma-separated string); a client fails over between them.
+    Empty: no bus (events stay in the run log)."""
     user: str = ""
     """NATS user to connect as; empty: anonymous (only against a server without authorization)."""
     password_file: str = ""
@@ -172,34 +178,28 @@ class OonaConfig:
         if self.servers:
             object.__setattr__(self, "servers", parse_servers(self.servers))
         if bool(self.user) != bool(self.password_file):
-            raise ConfigError(
+            raise ValueError(
                 f"oona user={self.user!r} password_file={self.password_file!r}: give both or neither"
             )
         if self.stream_replicas is not None and self.stream_replicas not in REPLICA_COUNTS:
-            raise ConfigError(
+            raise ValueError(
                 f"oona stream_replicas={self.stream_replicas!r}: must be one of {REPLICA_COUNTS} or None"
             )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> OonaConfig:
-        d = dict(data or {})
-        reject_unknown_keys(cls, d, "oona settings")
-        if isinstance(d.get("servers"), str):
-            d["servers"] = parse_servers(d["servers"])
-        elif "servers" in d:
-            d["servers"] = tuple(d["servers"])
-        return cls(**d)
+        return from_dict(cls, data, what="oona settings")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OonaConfig:
         env = os.environ if env is None else env
         url = env.get(ENV_URL, "")
-        return cls(
-            servers=parse_servers(url) if url.strip() else (),
-            user=env.get(ENV_USER, ""),
-            password_file=env.get(ENV_PASSWORD_FILE, ""),
-            stream_replicas=stream_replicas_from_env(env),
-        )
+        return from_dict(cls, {
+            "servers": parse_servers(url) if url.strip() else (),
+            "user": env.get(ENV_USER, ""),
+            "password_file": env.get(ENV_PASSWORD_FILE, ""),
+            "stream_replicas": stream_replicas_from_env(env),
+        }, what="ESPER_NATS_* variables")
 
     def credentials(self) -> NatsCredentials | None:
         """The configured user's credentials (reads the password file), or None."""

@@ -26,7 +26,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Self
@@ -40,7 +40,7 @@ from nats.js.errors import APIError, NotFoundError
 from opentelemetry import trace
 
 from esper import localdb
-from esper.config import reject_unknown_keys
+from esper.config import from_dict
 from esper.errors import (
     ConfigError,
     FailedPreconditionError,
@@ -174,29 +174,28 @@ class ConsumerConfig:
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.durable):
-            raise ConfigError(
+            raise ValueError(
                 f"consumer durable {self.durable!r} must be 1-64 characters of [A-Za-z0-9_-]"
             )
         if not self.subject_filter or " " in self.subject_filter:
-            raise ConfigError(
+            raise ValueError(
                 f"consumer subject_filter {self.subject_filter!r} must be a NATS subject"
             )
         if self.deliver not in _DELIVER:
-            raise ConfigError(f"consumer deliver must be 'all' or 'new', got {self.deliver!r}")
+            raise ValueError(f"consumer deliver must be 'all' or 'new', got {self.deliver!r}")
         if self.max_deliver == 0 or self.max_deliver < -1:
-            raise ConfigError(f"consumer max_deliver must be -1 or >= 1, got {self.max_deliver}")
+            raise ValueError(f"consumer max_deliver must be -1 or >= 1, got {self.max_deliver}")
         for name in ("ack_wait_s", "fetch_timeout_s", "connect_timeout_s"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"consumer {name} must be > 0, got {getattr(self, name)}")
+                raise ValueError(f"consumer {name} must be > 0, got {getattr(self, name)}")
         if self.nak_delay_s < 0:
-            raise ConfigError(f"consumer nak_delay_s must be >= 0, got {self.nak_delay_s}")
+            raise ValueError(f"consumer nak_delay_s must be >= 0, got {self.nak_delay_s}")
         if self.batch < 1:
-            raise ConfigError(f"consumer batch must be >= 1, got {self.batch}")
+            raise ValueError(f"consumer batch must be >= 1, got {self.batch}")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ConsumerConfig:
-        reject_unknown_keys(cls, data, "consumer settings")
-        return cls(**data)
+    def from_dict(cls, data: Mapping[str, Any] | None) -> ConsumerConfig:
+        return from_dict(cls, data, what="consumer settings")
 
 
 @dataclass

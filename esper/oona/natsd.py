@@ -49,8 +49,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from esper.config import reject_unknown_keys
+from esper.config import from_dict
 from esper.errors import ConfigError, FailedPreconditionError, UnavailableError
+from esper.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -115,49 +116,45 @@ class NatsServerConfig:
 
     def __post_init__(self) -> None:
         if not self.host:
-            raise ConfigError("nats host must be a non-empty address, got ''")
+            raise ValueError("nats host must be a non-empty address, got ''")
         if not 0 <= self.port <= 65535:
-            raise ConfigError(
+            raise ValueError(
                 f"nats port must be in 0..65535 (0 = pick a free one), got {self.port}"
             )
         if self.sync_interval != "always" and not _valid_duration(self.sync_interval):
-            raise ConfigError(
+            raise ValueError(
                 f"nats sync_interval must be 'always' or a Go duration like '1s' or '100ms', "
                 f"got {self.sync_interval!r}"
             )
         if self.max_store_bytes is not None and self.max_store_bytes <= 0:
-            raise ConfigError(
+            raise ValueError(
                 f"nats max_store_bytes must be positive or None, got {self.max_store_bytes}"
             )
         if self.startup_timeout_s <= 0:
-            raise ConfigError(f"nats startup_timeout_s must be > 0, got {self.startup_timeout_s}")
+            raise ValueError(f"nats startup_timeout_s must be > 0, got {self.startup_timeout_s}")
         if self.stop_timeout_s <= 0:
-            raise ConfigError(f"nats stop_timeout_s must be > 0, got {self.stop_timeout_s}")
+            raise ValueError(f"nats stop_timeout_s must be > 0, got {self.stop_timeout_s}")
         if self.cluster_name:
             if not self.server_name:
-                raise ConfigError(f"nats cluster {self.cluster_name!r}: server_name is required")
+                raise ValueError(f"nats cluster {self.cluster_name!r}: server_name is required")
             if not 0 < self.cluster_port <= 65535:
-                raise ConfigError(
+                raise ValueError(
                     f"nats cluster {self.cluster_name!r}: cluster_port must be a fixed port in "
                     f"1..65535, got {self.cluster_port}"
                 )
             if not self.routes:
-                raise ConfigError(f"nats cluster {self.cluster_name!r}: routes must list the members")
+                raise ValueError(f"nats cluster {self.cluster_name!r}: routes must list the members")
         elif self.routes or self.cluster_port:
-            raise ConfigError("nats routes/cluster_port given without cluster_name")
+            raise ValueError("nats routes/cluster_port given without cluster_name")
         if not 0 < self.restart_backoff_s <= self.restart_backoff_max_s:
-            raise ConfigError(
+            raise ValueError(
                 f"nats restart_backoff_s={self.restart_backoff_s} must be > 0 and <= "
                 f"restart_backoff_max_s={self.restart_backoff_max_s}"
             )
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> NatsServerConfig:
-        reject_unknown_keys(cls, data, "nats server config keys")
-        data = dict(data)
-        if "routes" in data:
-            data["routes"] = tuple(data["routes"])
-        return cls(**data)
+    def from_dict(cls, data: Mapping[str, Any] | None) -> NatsServerConfig:
+        return from_dict(cls, data, what="nats server config keys")
 
 
 def find_binary() -> Path:
@@ -326,11 +323,7 @@ class NatsServer:
 
             text += authorization_block(self._users)
         # The file holds the users' passwords when auth is on: readable by its owner only.
-        tmp = self.config_path.with_name(f".{self.config_path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, self.config_path)
+        atomic_write(self.config_path, text, mode=0o600)
 
     def start(self) -> NatsServer:
         """Start the server and wait until it accepts client connections.
@@ -502,10 +495,9 @@ class NatsServer:
     def _write_state(self, state: str, **extra: Any) -> None:
         info = {"state": state, "pid": self.pid, "url": self.url if self._port else None,
                 "restarts": self.restarts, "at": time.time(), **extra}
-        tmp = self.state_path.with_name(f".{self.state_path.name}.tmp")
         try:
-            tmp.write_text(json.dumps(info) + "\n")
-            os.replace(tmp, self.state_path)
+            # Rewritten at every state change: atomic for `esper status`, not fsynced.
+            atomic_write(self.state_path, json.dumps(info) + "\n", durable=False)
         except OSError as e:  # status then only misses the detail; never stop supervising for it
             log.warning("nats supervisor: cannot write %s: %s", self.state_path, e)
 

@@ -53,7 +53,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -63,7 +63,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NoStreamResponseError
 
-from esper.config import reject_unknown_keys
+from esper.config import from_dict
 from esper.errors import ConfigError, FailedPreconditionError, UnavailableError
 from esper.oona.connection import NatsCredentials, connect_options, display_servers, parse_servers
 from esper.oona.envelope import encode, headers_for, subject_for
@@ -126,30 +126,26 @@ class PublisherConfig:
 
     def __post_init__(self) -> None:
         if self.max_queue < 1:
-            raise ConfigError(f"publisher max_queue must be >= 1, got {self.max_queue}")
+            raise ValueError(f"publisher max_queue must be >= 1, got {self.max_queue}")
         if self.drop not in ("oldest", "newest"):
-            raise ConfigError(f"publisher drop must be 'oldest' or 'newest', got {self.drop!r}")
+            raise ValueError(f"publisher drop must be 'oldest' or 'newest', got {self.drop!r}")
         if self.max_in_flight < 1:
-            raise ConfigError(f"publisher max_in_flight must be >= 1, got {self.max_in_flight}")
+            raise ValueError(f"publisher max_in_flight must be >= 1, got {self.max_in_flight}")
         if self.ensure_streams not in ("create", "update", "off"):
-            raise ConfigError(
+            raise ValueError(
                 f"publisher ensure_streams must be 'create', 'update' or 'off', got {self.ensure_streams!r}"
             )
         for name in ("ack_timeout_s", "connect_timeout_s", "reconnect_wait_s", "close_timeout_s",
                      "stall_after_s", "ping_interval_s"):
             value = getattr(self, name)
             if value <= 0:
-                raise ConfigError(f"publisher {name} must be > 0, got {value}")
+                raise ValueError(f"publisher {name} must be > 0, got {value}")
         if not self.name:
-            raise ConfigError("publisher name must be non-empty")
+            raise ValueError("publisher name must be non-empty")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PublisherConfig:
-        reject_unknown_keys(cls, data, "publisher settings")
-        data = dict(data)
-        if isinstance(data.get("breaker"), dict):
-            data["breaker"] = BreakerConfig.from_dict(data["breaker"])
-        return cls(**data)
+    def from_dict(cls, data: Mapping[str, Any] | None) -> PublisherConfig:
+        return from_dict(cls, data, what="publisher settings")
 
 
 @dataclass(frozen=True)

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, NotFoundError
 
-from esper.config import reject_unknown_keys
-from esper.errors import ConfigError, InvalidArgumentError
+from esper.config import from_dict
+from esper.errors import InvalidArgumentError
 
 log = logging.getLogger(__name__)
 
@@ -104,44 +104,40 @@ class StreamSpec:
 
     def __post_init__(self) -> None:
         if not re.match(r"^[A-Z][A-Z0-9_]{0,63}$", self.name):
-            raise ConfigError(f"stream name {self.name!r} must match [A-Z][A-Z0-9_]*")
+            raise ValueError(f"stream name {self.name!r} must match [A-Z][A-Z0-9_]*")
         if not self.subjects:
-            raise ConfigError(f"stream {self.name}: subjects must not be empty")
+            raise ValueError(f"stream {self.name}: subjects must not be empty")
         if self.max_age_s <= 0:
-            raise ConfigError(f"stream {self.name}: max_age_s must be > 0, got {self.max_age_s}")
+            raise ValueError(f"stream {self.name}: max_age_s must be > 0, got {self.max_age_s}")
         if self.max_bytes <= 0:
-            raise ConfigError(f"stream {self.name}: max_bytes must be > 0, got {self.max_bytes}")
+            raise ValueError(f"stream {self.name}: max_bytes must be > 0, got {self.max_bytes}")
         if self.max_msgs_per_subject == 0 or self.max_msgs_per_subject < -1:
-            raise ConfigError(
+            raise ValueError(
                 f"stream {self.name}: max_msgs_per_subject must be -1 (unbounded) or > 0, "
                 f"got {self.max_msgs_per_subject}"
             )
         if self.max_msg_bytes <= 0:
-            raise ConfigError(
+            raise ValueError(
                 f"stream {self.name}: max_msg_bytes must be > 0, got {self.max_msg_bytes}"
             )
         if not 0 < self.duplicate_window_s <= self.max_age_s:
-            raise ConfigError(
+            raise ValueError(
                 f"stream {self.name}: duplicate_window_s must be in "
                 f"(0, max_age_s={self.max_age_s}], "
                 f"got {self.duplicate_window_s}"
             )
         if self.replicas is not None and self.replicas not in (1, 3, 5):
-            raise ConfigError(
+            raise ValueError(
                 f"stream {self.name}: replicas must be 1, 3, 5 or None (keep), got {self.replicas}"
             )
         if self.discard not in _DISCARD:
-            raise ConfigError(
+            raise ValueError(
                 f"stream {self.name}: discard must be 'old' or 'new', got {self.discard!r}"
             )
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> StreamSpec:
-        reject_unknown_keys(cls, data, "stream settings")
-        data = dict(data)
-        if "subjects" in data:
-            data["subjects"] = tuple(data["subjects"])
-        return cls(**data)
+    def from_dict(cls, data: Mapping[str, Any] | None) -> StreamSpec:
+        return from_dict(cls, data, what="stream settings")
 
     def to_nats(self) -> api.StreamConfig:
         return api.StreamConfig(

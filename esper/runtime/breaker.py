@@ -24,13 +24,13 @@ import enum
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from esper.config import reject_unknown_keys
-from esper.errors import ConfigError, EsperError, UnavailableError
+from esper.config import from_dict
+from esper.errors import EsperError, UnavailableError
 
 T = TypeVar("T")
 
@@ -62,28 +62,27 @@ class BreakerConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.failure_rate_threshold <= 100.0:
-            raise ConfigError(
+            raise ValueError(
                 f"failure_rate_threshold={self.failure_rate_threshold!r}: must be in (0, 100]"
             )
         if self.window_size < 1:
-            raise ConfigError(f"window_size={self.window_size!r}: must be >= 1")
+            raise ValueError(f"window_size={self.window_size!r}: must be >= 1")
         if not 1 <= self.minimum_calls <= self.window_size:
-            raise ConfigError(
+            raise ValueError(
                 f"minimum_calls={self.minimum_calls!r}: must be in [1, window_size="
                 f"{self.window_size}]"
             )
         if self.open_wait_s < 0:
-            raise ConfigError(f"open_wait_s={self.open_wait_s!r}: must be >= 0")
+            raise ValueError(f"open_wait_s={self.open_wait_s!r}: must be >= 0")
         if self.half_open_calls < 1:
-            raise ConfigError(f"half_open_calls={self.half_open_calls!r}: must be >= 1")
+            raise ValueError(f"half_open_calls={self.half_open_calls!r}: must be >= 1")
         if self.half_open_max_wait_s <= 0:
-            raise ConfigError(
+            raise ValueError(
                 f"half_open_max_wait_s={self.half_open_max_wait_s!r}: must be > 0")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BreakerConfig:
-        reject_unknown_keys(cls, data, "circuit breaker settings")
-        return cls(**data)
+    def from_dict(cls, data: Mapping[str, Any] | None) -> BreakerConfig:
+        return from_dict(cls, data, what="circuit breaker settings")
 
 
 class CircuitBreaker:

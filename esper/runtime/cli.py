@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import json
 import logging
 import os
 import secrets
@@ -33,18 +32,22 @@ from pathlib import Path
 from typing import Any
 
 from esper.errors import ConfigError, FailedPreconditionError, UnavailableError
+from esper.fsutil import pid_alive
 from esper.runtime.auth import ENV_KEYS, ENV_KEYS_FILE, AuthConfig, parse_keys
 from esper.runtime.config import PlatformConfig
+from esper.runtime.endpoints import (  # re-exported: tolaria/client.py reads parse_endpoints here
+    ENDPOINTS_FILE,
+    ENV_API_KEY,
+    ENV_ENDPOINTS,
+    ENV_NATS_URL,
+    PlatformInfo,
+    parse_endpoints,
+)
 from esper.runtime.spec import PARTS, PlatformContext, ServiceSpec
 
 log = logging.getLogger("esper.cli")
 
-ENDPOINTS_FILE = "endpoints.json"
 KEYS_FILE = "api-keys"
-ENV_ENDPOINTS = "ESPER_ENDPOINTS"
-ENV_NATS_URL = "ESPER_NATS_URL"
-ENV_API_KEY = "ESPER_API_KEY"
-"""Key this process sends on its own outbound calls (e.g. Tolaria → Tamiyo)."""
 ENV_TRUSTED_KEYS_DIR = "ESPER_TRUSTED_KEYS_DIR"
 TRUSTED_KEYS_DIR = "trusted_keys"
 
@@ -74,21 +77,6 @@ environment (flags win over these, these over the config file):
   OTEL_SERVICE_NAME, OTEL_SDK_DISABLED
                          OpenTelemetry tracing (off unless an exporter or endpoint is set)
 """
-
-
-def parse_endpoints(text: str) -> dict[str, str]:
-    """"urza=host:port,tamiyo=host:port" → {part: target}.
-
-    Raises:
-        ConfigError: an entry that is not part=host:port or names an unknown part.
-    """
-    out: dict[str, str] = {}
-    for entry in filter(None, (e.strip() for e in text.split(","))):
-        part, eq, target = entry.partition("=")
-        if not eq or part not in PARTS or ":" not in target:
-            raise ConfigError(f"{ENV_ENDPOINTS} entry {entry!r} must be part=host:port with part in {list(PARTS)}")
-        out[part] = target
-    return out
 
 
 def _common(p: argparse.ArgumentParser, *, data_dir_default: str | None) -> None:
@@ -213,10 +201,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     cfg = shared_trust(cfg)
     configure_logging(cfg.log_level)
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    endpoints_path = cfg.data_dir / ENDPOINTS_FILE
-    if endpoints_path.exists():
-        other = json.loads(endpoints_path.read_text()).get("pid")
-        if isinstance(other, int) and _alive(other):
+    endpoints_path = PlatformInfo.path(cfg.data_dir)
+    running = PlatformInfo.read(cfg.data_dir)
+    if running is not None:
+        other = running.pid
+        if isinstance(other, int) and pid_alive(other):
             raise FailedPreconditionError(
                 f"esper up (pid {other}) already runs with data dir {cfg.data_dir}; "
                 "stop it first or choose another --data-dir")
@@ -237,19 +226,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         specs = [_create(part, ctx) for part in PARTS]
 
         def ready(bound: int) -> None:
-            info = {
-                "pid": os.getpid(),
-                "endpoints": {s.part: f"{cfg.host}:{bound}" for s in specs},
-                "services": {s.part: s.service_name for s in specs},
-                "nats_url": nats.url,
-                "nats_pid": nats.pid,
-                "nats_credentials_dir": str(nats.credentials.directory.resolve()),
-                "api_keys_file": str(keys_file.resolve()) if keys_file else None,
-                "auth": not auth.disabled,
-            }
-            tmp = endpoints_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(info, indent=2) + "\n")
-            tmp.replace(endpoints_path)
+            PlatformInfo(
+                pid=os.getpid(),
+                endpoints={s.part: f"{cfg.host}:{bound}" for s in specs},
+                services={s.part: s.service_name for s in specs},
+                nats_url=nats.url,
+                nats_pid=nats.pid,
+                nats_credentials_dir=str(nats.credentials.directory.resolve()),
+                api_keys_file=str(keys_file.resolve()) if keys_file else None,
+                auth=not auth.disabled,
+            ).write(cfg.data_dir)
             width = max(len(p) for p in PARTS)
             for s in specs:
                 print(f"{s.part:<{width}}  {cfg.host}:{bound}  {s.service_name}")
@@ -268,24 +254,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 # --- esper status -------------------------------------------------------------------------
 
 def _status_targets(data_dir: Path) -> dict[str, tuple[str, str]]:
     """part → (target, proto service name), from endpoints.json or ESPER_ENDPOINTS."""
-    path = data_dir / ENDPOINTS_FILE
-    if path.exists():
-        info = json.loads(path.read_text())
-        return {p: (t, info["services"][p]) for p, t in info["endpoints"].items()}
+    info = PlatformInfo.read(data_dir)
+    if info is not None:
+        return {p: (t, info.services[p]) for p, t in info.endpoints.items()}
+    path = PlatformInfo.path(data_dir)
     env = os.environ.get(ENV_ENDPOINTS)
     if env:
         names = {p: f"esper.{p}.v1.{p.capitalize()}Service" for p in PARTS}
@@ -328,10 +304,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _status_nats(data_dir: Path) -> list[tuple[str, Path | None]]:
     """NATS URLs to probe: esper up's (with its supervisor state) or ESPER_NATS_URL's."""
-    path = data_dir / ENDPOINTS_FILE
-    if path.exists():
-        url = json.loads(path.read_text()).get("nats_url")
-        return [(url, data_dir / "nats")] if url else []
+    info = PlatformInfo.read(data_dir)
+    if info is not None:
+        return [(info.nats_url, data_dir / "nats")] if info.nats_url else []
     return [(u.strip(), None) for u in os.environ.get(ENV_NATS_URL, "").split(",") if u.strip()]
 
 
@@ -358,3 +333,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--data-dir", type=Path, default=Path(".esper"))
     p.add_argument("--timeout", type=float, default=2.0, help="seconds per health check")
     p.set_defaults(func=cmd_status)
+
+
+__all__ = ["ENDPOINTS_FILE", "ENV_API_KEY", "ENV_ENDPOINTS", "ENV_HELP", "ENV_NATS_URL", "KEYS_FILE",
+           "cmd_serve", "cmd_status", "cmd_up", "parse_endpoints", "register_cli", "shared_trust"]

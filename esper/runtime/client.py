@@ -27,19 +27,20 @@ import asyncio
 import json
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import grpc
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from esper.errors import ConfigError
+from esper.errors import ConfigError, FailedPreconditionError
 from esper.runtime import tracing
 from esper.runtime.errors import as_esper_error
 from esper.runtime.interceptors import inbound_deadline
 from esper.runtime.spec import PARTS, PlatformContext
 
-__all__ = ["DEFAULT_TIMEOUT_S", "RETRY_POLICY", "EsperChannel", "as_esper_error", "channel", "resolve_target", "sync_channel"]
+__all__ = ["DEFAULT_TIMEOUT_S", "RETRY_POLICY", "EsperChannel", "PartClient", "as_esper_error",
+           "channel", "propagate_trace_context", "resolve_target", "sync_channel"]
 
 DEFAULT_TIMEOUT_S = 30.0
 RETRY_POLICY: dict[str, Any] = {
@@ -294,3 +295,87 @@ def sync_channel(
     key = api_key if api_key is not None else (ctx.api_key if ctx is not None else None)
     ch = grpc.insecure_channel(target, options=[*_OPTIONS, *options])
     return grpc.intercept_channel(ch, _SyncInterceptor(key, default_timeout_s))
+
+
+class _TraceContextOnly(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Puts the caller's W3C trace context in each call's metadata, and nothing else."""
+
+    @staticmethod
+    def _details(d: Any) -> grpc.ClientCallDetails:
+        metadata = list(d.metadata or ())
+        tracing.inject(metadata)
+        return _SyncDetails(d, metadata, d.timeout)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return continuation(self._details(details), request_iterator)
+
+
+def propagate_trace_context(ch: grpc.Channel) -> grpc.Channel:
+    """A blocking channel that only forwards the caller's trace context on each call.
+
+    For a client that must keep its own channel (no service-config retries, its own
+    deadline and key handling: `esper.urza.client`) yet keep the caller's trace connected
+    downstream, so its calls do not start traces of their own.
+    """
+    return grpc.intercept_channel(ch, _TraceContextOnly())
+
+
+class PartClient:
+    """What every blocking client of a part shares (`<part>/client.py` subclasses it).
+
+    A channel (by default `sync_channel`: API key, trace context, client spans, UNAVAILABLE
+    retried inside each call's deadline), `from_context` for a service calling another part
+    of its platform, `close` / `with`, and `_invoke`, which turns a `grpc.RpcError` into the
+    one typed `esper.errors` error. Every method of a subclass takes `timeout_s`.
+    """
+
+    part: ClassVar[str] = ""
+    """The part this client reaches ("urza", "tezzeret", ...)."""
+
+    def __init__(self, target: str, api_key: str | None = None, *,
+                 channel: grpc.Channel | None = None) -> None:
+        self.target = target
+        # Unary calls get the timeout each method passes; no default (a stream may be long).
+        self._channel = channel or sync_channel(target, api_key=api_key, default_timeout_s=None)
+
+    @classmethod
+    def from_context(cls, ctx: PlatformContext, caller: str) -> Self:
+        """The client a service (`caller`) uses for this part of its platform.
+
+        Raises:
+            FailedPreconditionError: the context has no endpoint for the part.
+        """
+        if cls.part not in ctx.endpoints:
+            raise FailedPreconditionError(
+                f"{caller} needs {cls.part.capitalize()}: no {cls.part!r} endpoint in the context")
+        return cls(ctx.endpoints[cls.part], api_key=ctx.api_key)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @staticmethod
+    def _invoke(method: Any, request: Any, timeout_s: float) -> Any:
+        try:
+            return method(request, timeout=timeout_s)
+        except grpc.RpcError as e:
+            raise as_esper_error(e) from e

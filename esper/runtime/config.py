@@ -24,13 +24,13 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from esper.config import reject_unknown_keys
+from esper.config import from_dict, to_dict
 from esper.errors import ConfigError
 from esper.runtime.spec import PARTS
 
@@ -68,26 +68,25 @@ class PlatformConfig:
         if not isinstance(self.data_dir, Path):
             object.__setattr__(self, "data_dir", Path(self.data_dir))
         if not self.host:
-            raise ConfigError("host must be a non-empty address, e.g. '127.0.0.1'")
+            raise ValueError("host must be a non-empty address, e.g. '127.0.0.1'")
         if not isinstance(self.base_port, int) or not 0 <= self.base_port <= 65535:
-            raise ConfigError(f"base_port must be an integer in 0..65535 (0 = pick a free one), got {self.base_port!r}")
+            raise ValueError(f"base_port must be an integer in 0..65535 (0 = pick a free one), got {self.base_port!r}")
         if not isinstance(self.grace_s, (int, float)) or not 0 <= self.grace_s <= 600:
-            raise ConfigError(f"grace_s must be a number of seconds in [0, 600], got {self.grace_s!r}")
+            raise ValueError(f"grace_s must be a number of seconds in [0, 600], got {self.grace_s!r}")
         if str(self.log_level).upper() not in _LEVELS:
-            raise ConfigError(f"log_level must be one of {_LEVELS}, got {self.log_level!r}")
+            raise ValueError(f"log_level must be one of {_LEVELS}, got {self.log_level!r}")
         object.__setattr__(self, "log_level", str(self.log_level).upper())
         unknown = sorted(set(self.settings) - set(PARTS))
         if unknown:
-            raise ConfigError(f"settings for unknown parts {unknown}; parts are {list(PARTS)}")
+            raise ValueError(f"settings for unknown parts {unknown}; parts are {list(PARTS)}")
         for part, values in self.settings.items():
             if not isinstance(values, Mapping):
-                raise ConfigError(f"settings.{part} must be a mapping, got {type(values).__name__}")
+                raise TypeError(f"settings.{part} must be a mapping, got {type(values).__name__}")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PlatformConfig:
+    def from_dict(cls, data: Mapping[str, Any] | None) -> PlatformConfig:
         """Build from a mapping; unknown keys raise ConfigError naming the allowed ones."""
-        reject_unknown_keys(cls, data, "platform config keys")
-        return cls(**dict(data))
+        return from_dict(cls, data, what="platform config keys")
 
     @classmethod
     def load(cls, path: Path | str | None = None, env: Mapping[str, str] | None = None) -> PlatformConfig:
@@ -129,8 +128,13 @@ class PlatformConfig:
         return cls.from_dict(data)
 
     def with_overrides(self, **changes: Any) -> PlatformConfig:
-        """A copy with the given fields replaced (None values are ignored)."""
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+        """A copy with the given fields replaced (None values are ignored).
+
+        Raises:
+            ConfigError: a value is invalid (e.g. a command-line flag).
+        """
+        given = {k: v for k, v in changes.items() if v is not None}
+        return from_dict(type(self), {**to_dict(self), **given}, what="platform config keys")
 
 
 def _env_value(var: str, raw: str) -> Any:

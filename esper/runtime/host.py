@@ -31,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
+from esper.config import from_dict
 from esper.errors import ConfigError, FailedPreconditionError
 from esper.runtime import tracing
 from esper.runtime.auth import AuthConfig, KeyChecker
@@ -71,13 +72,13 @@ class HostConfig:
 
     def __post_init__(self) -> None:
         if not self.host:
-            raise ConfigError("host must be a non-empty address, e.g. '127.0.0.1' or '0.0.0.0'")
+            raise ValueError("host must be a non-empty address, e.g. '127.0.0.1' or '0.0.0.0'")
         if not 0 <= self.port <= 65535:
-            raise ConfigError(f"port must be in 0..65535 (0 = pick a free one), got {self.port}")
+            raise ValueError(f"port must be in 0..65535 (0 = pick a free one), got {self.port}")
         if not 0 <= self.grace_s <= 600:
-            raise ConfigError(f"grace_s must be in [0, 600] seconds, got {self.grace_s}")
+            raise ValueError(f"grace_s must be in [0, 600] seconds, got {self.grace_s}")
         if not 0 <= self.notice_s <= 60:
-            raise ConfigError(f"notice_s must be in [0, 60] seconds, got {self.notice_s}")
+            raise ValueError(f"notice_s must be in [0, 60] seconds, got {self.notice_s}")
 
 
 def method_table(specs: Sequence[ServiceSpec]) -> dict[str, MethodInfo]:
@@ -322,7 +323,9 @@ async def serve(
     ESPER_API_KEYS / ESPER_API_KEYS_FILE (and fails without any); pass
     `AuthConfig(disabled=True)` to run without auth.
     """
-    h = Host(specs, config=HostConfig(host=host, port=port, grace_s=grace_s, notice_s=notice_s), auth=auth)
+    config = from_dict(HostConfig, {"host": host, "port": port, "grace_s": grace_s,
+                                    "notice_s": notice_s}, what="host settings")
+    h = Host(specs, config=config, auth=auth)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     received: list[str] = []

@@ -1,22 +1,24 @@
-"""The public Tezzeret client (blocking): compile on demand, from a run's worker or a script.
+"""The public Tezzeret client (blocking): compile on demand, from a run's worker, Karn, or
+a script.
 
     with TezzeretClient("127.0.0.1:50051", api_key=key) as tezzeret:
         jobs, unsupported = tezzeret.ensure_kernels(site, timeout_s=30.0, wait=True)
 
 Calls go through `esper.runtime.client.sync_channel` (API key, W3C trace context, client
-spans, UNAVAILABLE retried inside the deadline); failures are `esper.errors` types.
+spans, UNAVAILABLE retried inside the deadline, which is capped by what the request being
+served has left); failures are `esper.errors` types. No circuit breaker: its callers ask
+once per site (UrzaKernels) or per proposal (Karn), and treat a failure as that item's.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from typing import Any, Self
 
 import grpc
 
-from esper.runtime.client import as_esper_error, sync_channel
-from generated.esper.common.v1 import seed_pb2
+from esper.runtime.client import PartClient
+from generated.esper.common.v1 import blueprint_pb2, seed_pb2
 from generated.esper.tezzeret.v1 import tezzeret_service_pb2 as pb
 from generated.esper.tezzeret.v1 import tezzeret_service_pb2_grpc as rpc
 
@@ -24,23 +26,15 @@ DONE = frozenset({pb.COMPILE_JOB_STATE_SUCCEEDED, pb.COMPILE_JOB_STATE_FAILED})
 """Compile job states that will not change any more."""
 
 
-class TezzeretClient:
+class TezzeretClient(PartClient):
     """Blocking client for `esper.tezzeret.v1.TezzeretService`; thread-safe."""
+
+    part = "tezzeret"
 
     def __init__(self, target: str, api_key: str | None = None, *,
                  channel: grpc.Channel | None = None) -> None:
-        self.target = target
-        self._channel = channel or sync_channel(target, api_key=api_key, default_timeout_s=None)
+        super().__init__(target, api_key, channel=channel)
         self._stub = rpc.TezzeretServiceStub(self._channel)
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def ensure_kernels(self, site: seed_pb2.SiteSignature, timeout_s: float, *,
                        blueprint_names: Sequence[str] = (), wait: bool = False
@@ -54,25 +48,32 @@ class TezzeretClient:
         """
         req = pb.EnsureKernelsRequest(request_id=str(uuid.uuid4()), site=site,
                                       blueprint_names=list(blueprint_names), wait=wait)
-        resp = self._call(self._stub.EnsureKernels, req, timeout_s)
+        resp = self._invoke(self._stub.EnsureKernels, req, timeout_s)
         return list(resp.jobs), list(resp.unsupported_blueprints)
 
-    def compile(self, blueprint_id: str, site: seed_pb2.SiteSignature, timeout_s: float, *,
-                wait: bool = False) -> pb.CompileJob:
-        req = pb.CompileRequest(request_id=str(uuid.uuid4()), blueprint_id=blueprint_id, site=site,
-                                wait=wait)
-        return self._call(self._stub.Compile, req, timeout_s).job
+    def compile(self, blueprint: str | blueprint_pb2.Blueprint, site: seed_pb2.SiteSignature,
+                timeout_s: float, *, wait: bool = False, request_id: str | None = None
+                ) -> pb.CompileJob:
+        """The compile job of a blueprint (Urza's, by id; or inline, stored in Urza only
+        once it compiled) at `site`; with `wait`, as it stands when it finished or the
+        deadline came.
+
+        Raises:
+            InvalidArgumentError: the blueprint's IR is invalid for the site.
+            FailedPreconditionError: it does not declare the site's layout.
+            NotFoundError: Urza has no blueprint of that id.
+            UnavailableError / DeadlineExceededError: Tezzeret (or its Urza) cannot answer.
+        """
+        req = pb.CompileRequest(request_id=request_id or str(uuid.uuid4()), site=site, wait=wait)
+        if isinstance(blueprint, str):
+            req.blueprint_id = blueprint
+        else:
+            req.blueprint.CopyFrom(blueprint)
+        return self._invoke(self._stub.Compile, req, timeout_s).job
 
     def get_job(self, job_id: str, timeout_s: float) -> pb.CompileJob:
-        return self._call(self._stub.GetCompileJob, pb.GetCompileJobRequest(job_id=job_id),
+        return self._invoke(self._stub.GetCompileJob, pb.GetCompileJobRequest(job_id=job_id),
                           timeout_s).job
-
-    @staticmethod
-    def _call(method: Any, req: Any, timeout_s: float) -> Any:
-        try:
-            return method(req, timeout=timeout_s)
-        except grpc.RpcError as e:
-            raise as_esper_error(e) from e
 
 
 __all__ = ["DONE", "TezzeretClient"]

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from esper.config import reject_unknown_keys
-from esper.errors import ConfigError
+from esper.config import from_dict
 
 
 @dataclass(kw_only=True, frozen=True)
 class TezzeretConfig:
+    """How Tezzeret signs, benchmarks and which catalog it compiles."""
+
     signing_key_file: str = ""
     """PEM file of the Ed25519 signing key; empty: ESPER_SIGNING_KEY / ESPER_SIGNING_KEY_FILE,
     else a key created on first start at `<data_dir>/tezzeret/signing_key.pem`."""
@@ -33,33 +35,28 @@ class TezzeretConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.benchmark_iters <= 10_000:
-            raise ConfigError(f"benchmark_iters={self.benchmark_iters}: must be in [0, 10000]")
+            raise ValueError(f"benchmark_iters={self.benchmark_iters}: must be in [0, 10000]")
         if not 1 <= self.benchmark_batch_size <= 4096:
-            raise ConfigError(f"benchmark_batch_size={self.benchmark_batch_size}: must be in "
-                              "[1, 4096]")
+            raise ValueError(f"benchmark_batch_size={self.benchmark_batch_size}: must be in "
+                             "[1, 4096]")
         if not 1 <= self.max_parallel_compiles <= 64:
-            raise ConfigError(f"max_parallel_compiles={self.max_parallel_compiles}: must be in "
-                              "[1, 64]")
+            raise ValueError(f"max_parallel_compiles={self.max_parallel_compiles}: must be in "
+                             "[1, 64]")
         if not self.urza_timeout_s > 0:
-            raise ConfigError(f"urza_timeout_s={self.urza_timeout_s}: must be > 0")
+            raise ValueError(f"urza_timeout_s={self.urza_timeout_s}: must be > 0")
         from esper.blueprints import builtin_blueprints
 
         names = {bp.name for bp in builtin_blueprints()}
         unknown_bps = sorted(set(self.catalog_blueprints) - names)
         if unknown_bps:
-            raise ConfigError(f"catalog_blueprints {unknown_bps}: not built-in blueprints; "
-                              f"known: {sorted(names)}")
+            raise ValueError(f"catalog_blueprints {unknown_bps}: not built-in blueprints; "
+                             f"known: {sorted(names)}")
         for s in self.catalog_sites:
             if not isinstance(s, dict) or not {"layout", "channels"} <= set(s) or \
                     not set(s) <= {"layout", "channels", "spatial"}:
-                raise ConfigError(f"catalog_sites entry {s!r}: needs layout and channels, "
-                                  "optional spatial, nothing else")
+                raise ValueError(f"catalog_sites entry {s!r}: needs layout and channels, "
+                                 "optional spatial, nothing else")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> TezzeretConfig:
-        d = dict(d or {})
-        reject_unknown_keys(cls, d, "tezzeret settings")
-        for key in ("catalog_sites", "catalog_blueprints"):
-            if key in d:
-                d[key] = tuple(d[key])
-        return cls(**d)
+    def from_dict(cls, data: Mapping[str, Any] | None) -> TezzeretConfig:
+        return from_dict(cls, data, what="tezzeret settings")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 from esper.errors import DataLossError, InvalidArgumentError, NotFoundError
+from esper.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +59,6 @@ def check_sha(sha256: str) -> str:
             f"sha256={sha256!r}: must be 64 lower-case hex characters", field="artifact_sha256"
         )
     return sha256
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class BlobWriter:
@@ -113,7 +106,7 @@ class BlobWriter:
             self._file.close()
             existed = self._final.exists()
             os.replace(self._tmp, self._final)
-            _fsync_dir(self._final.parent)
+            fsync_dir(self._final.parent)
             self._done = True
             return not existed
         finally:
@@ -166,7 +159,7 @@ class BlobStore:
         final = self.path_for(sha256)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
     def exists(self, sha256: str) -> bool:
         return self.path_for(sha256).is_file()

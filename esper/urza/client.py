@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 from tenacity import RetryCallState, Retrying, retry_if_exception
@@ -34,7 +34,7 @@ from esper.errors import (
     UnavailableError,
 )
 from esper.runtime.breaker import BreakerConfig, CircuitBreaker
-from esper.runtime.client import as_esper_error
+from esper.runtime.client import PartClient, as_esper_error, propagate_trace_context
 from esper.urza.config import MAX_CHUNK
 from generated.esper.common.v1 import blueprint_pb2, kernel_pb2, seed_pb2
 from generated.esper.urza.v1 import urza_service_pb2 as pb
@@ -51,7 +51,7 @@ fresh trials find the server as soon as it serves."""
 
 # A killed server must be found again quickly once it is back: gRPC's default reconnect
 # backoff grows to minutes.
-_CHANNEL_OPTIONS = (
+CHANNEL_OPTIONS: tuple[tuple[str, object], ...] = (
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 300),
@@ -61,7 +61,40 @@ _CHANNEL_OPTIONS = (
     # Service in deploy/k8s: dns:///urza-headless...:50051); one address: no change.
     ("grpc.lb_policy_name", "round_robin"),
 )
+"""Options of the Urza client's plain channel (see `urza_channel`)."""
+_CHANNEL_OPTIONS = CHANNEL_OPTIONS  # the old private name, still read by tolaria/worker.py
 UPLOAD_CHUNK = 1 << 20
+
+
+def urza_channel(target: str) -> grpc.Channel:
+    """The channel `UrzaClient` uses unless given one: plain, with `CHANNEL_OPTIONS`, and
+    the caller's trace context forwarded on each call.
+
+    Plain, without gRPC's own retry policy: retries are done by the client, inside the
+    deadline. With channel-level retries on, server-streaming calls to a SIGKILLed server
+    were seen blocking in __next__ past their deadline (and past cancel()) in grpcio 1.85
+    (tests/integration/urza/test_faults.py).
+    """
+    return propagate_trace_context(grpc.insecure_channel(target, options=CHANNEL_OPTIONS))
+
+
+class UrzaLibrary(Protocol):
+    """What Urza's callers in other parts use (Karn's and Tezzeret's cores); `UrzaClient`
+    provides it, tests pass in-memory fakes."""
+
+    def list_blueprints(self, timeout_s: float, *, family: str = "", tags: Iterable[str] = (),
+                        layout: int = 0, page_size: int = 0, page_token: str = "",
+                        include_retired: bool = False
+                        ) -> tuple[list[blueprint_pb2.Blueprint], str]: ...
+    def get_blueprint(self, blueprint_id: str, timeout_s: float) -> blueprint_pb2.Blueprint: ...
+    def put_blueprint(self, blueprint: blueprint_pb2.Blueprint, timeout_s: float
+                      ) -> tuple[str, bool]: ...
+    def put_kernel(self, artifact: bytes, timeout_s: float) -> tuple[str, bool]: ...
+    def query_kernels(self, timeout_s: float, *, blueprint_id: str = "",
+                      site: seed_pb2.SiteSignature | None = None, tags: Iterable[str] = (),
+                      max_parameters: int = 0, page_size: int = 0, page_token: str = "",
+                      include_retired: bool = False
+                      ) -> tuple[list[kernel_pb2.KernelRecord], str]: ...
 
 
 class _TransferCorrupt(ArtifactError):
@@ -85,19 +118,21 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, UnavailableError | _TransferCorrupt)
 
 
-class UrzaClient:
-    """Blocking client for `esper.urza.v1.UrzaService`; thread-safe (share one per process)."""
+class UrzaClient(PartClient):
+    """Blocking client for `esper.urza.v1.UrzaService`; thread-safe (share one per process).
+
+    Not on `sync_channel`: its own plain channel (`urza_channel`) and its own retry loop
+    under one circuit breaker (`_call`), every call inside the caller's `timeout_s`.
+    """
+
+    part = "urza"
 
     def __init__(self, target: str, api_key: str | None = None, *,
                  breaker: CircuitBreaker | None = None,
                  channel: grpc.Channel | None = None) -> None:
         self.target = target
         self.breaker = breaker or CircuitBreaker(f"urza@{target}", URZA_BREAKER)
-        # A plain channel without gRPC's own retry policy: retries are done here, inside
-        # the deadline. With channel-level retries on, server-streaming calls to a
-        # SIGKILLed server were seen blocking in __next__ past their deadline (and past
-        # cancel()) in grpcio 1.85 (tests/integration/urza/test_faults.py).
-        self._channel = channel or grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._channel = channel or urza_channel(target)
         self._metadata: tuple[tuple[str, str], ...] = (
             (("x-api-key", api_key),) if api_key else ())
         self._stub = rpc.UrzaServiceStub(self._channel)
@@ -105,21 +140,12 @@ class UrzaClient:
         """Downloads that continued from a byte offset after a broken stream."""
         self._local = threading.local()
 
-    def close(self) -> None:
-        self._channel.close()
-
     def _opts(self, left: float) -> dict[str, object]:
         # A HALF_OPEN trial call waits for the channel to (re)connect within its deadline
         # instead of failing at once: right after Urza restarts, the channel may still be
         # in reconnect backoff, and a trial failed that way would keep the breaker open.
         return {"timeout": left, "metadata": self._metadata,
                 "wait_for_ready": getattr(self._local, "trial", False)}
-
-    def __enter__(self) -> UrzaClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- the retry loop ---------------------------------------------------------------------
 
@@ -367,4 +393,5 @@ def fetcher(client: UrzaClient) -> Callable[[str, float], bytes]:
     return client.get_kernel
 
 
-__all__: list[str] = ["URZA_BREAKER", "UrzaClient", "fetcher", "is_breaker_failure"]
+__all__: list[str] = ["CHANNEL_OPTIONS", "URZA_BREAKER", "UrzaClient", "UrzaLibrary", "fetcher",
+                       "is_breaker_failure", "urza_channel"]

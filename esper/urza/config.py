@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from esper.config import reject_unknown_keys
-from esper.errors import ConfigError
+from esper.config import from_dict
 from esper.urza.s3blobs import parse_blob_url
 
 MAX_CHUNK = (4 << 20) - (1 << 10)
@@ -64,37 +64,36 @@ class UrzaConfig:
     def __post_init__(self) -> None:
         if self.database_url and not self.database_url.startswith(("postgresql://",
                                                                    "postgres://")):
-            raise ConfigError(
+            raise ValueError(
                 f"urza.database_url={self.database_url!r}: must be a postgresql:// URL, or "
                 "empty for the embedded SQLite database"
             )
         if self.blob_url and self.blob_dir:
-            raise ConfigError(
+            raise ValueError(
                 f"urza.blob_dir={self.blob_dir!r} and urza.blob_url={self.blob_url!r} are both "
                 "set; blobs live in one place: keep one of them")
         if self.blob_url:
             parse_blob_url(self.blob_url)  # raises ConfigError naming the setting
         elif self.s3_endpoint_url or self.s3_region:
-            raise ConfigError(
+            raise ValueError(
                 "urza.s3_endpoint_url / urza.s3_region are set but urza.blob_url is empty; "
                 "set blob_url=s3://<bucket>[/<prefix>] to use an S3-compatible store")
         if not MIN_CHUNK <= self.chunk_size <= MAX_CHUNK:
-            raise ConfigError(
+            raise ValueError(
                 f"urza.chunk_size={self.chunk_size}: must be in [{MIN_CHUNK}, {MAX_CHUNK}]")
         if not 1 <= self.max_artifact_bytes <= 256 << 20:
-            raise ConfigError(
+            raise ValueError(
                 f"urza.max_artifact_bytes={self.max_artifact_bytes}: must be in [1, {256 << 20}]"
             )
         if not 1 <= self.max_concurrent_uploads <= 1024:
-            raise ConfigError(f"urza.max_concurrent_uploads={self.max_concurrent_uploads}: "
-                              "must be in [1, 1024]")
+            raise ValueError(f"urza.max_concurrent_uploads={self.max_concurrent_uploads}: "
+                             "must be in [1, 1024]")
         for name in ("trusted_keys_reload_s", "orphan_sweep_interval_s", "orphan_grace_s"):
             v = getattr(self, name)
             if not isinstance(v, int | float) or not 0 <= v <= 7 * 86400:
-                raise ConfigError(f"urza.{name}={v!r}: must be a number of seconds in "
-                                  f"[0, {7 * 86400}]")
+                raise ValueError(f"urza.{name}={v!r}: must be a number of seconds in "
+                                 f"[0, {7 * 86400}]")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> UrzaConfig:
-        reject_unknown_keys(cls, data, "urza settings")
-        return cls(**data)
+    def from_dict(cls, data: Mapping[str, Any] | None) -> UrzaConfig:
+        return from_dict(cls, data, what="urza settings")

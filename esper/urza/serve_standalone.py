@@ -18,6 +18,7 @@ import logging
 import os
 from pathlib import Path
 
+from esper.fsutil import atomic_write
 from esper.runtime.auth import AuthConfig
 from esper.runtime.config import PlatformConfig
 from esper.runtime.host import serve
@@ -49,9 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     def ready(port: int) -> None:
         print(f"URZA_READY {port}", flush=True)
         if args.ready_file is not None:
-            tmp = args.ready_file.with_name(args.ready_file.name + ".tmp")
-            tmp.write_text(str(port))
-            os.replace(tmp, args.ready_file)
+            atomic_write(args.ready_file, str(port), durable=False)
 
     async def run() -> None:
         await serve([create_service(ctx)], host=args.host, port=args.port, auth=auth,

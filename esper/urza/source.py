@@ -35,8 +35,8 @@ from torch import nn
 
 from esper.blueprints import site_key
 from esper.blueprints.artifact import TrustedKeys
+from esper.grow.protocols import KernelCandidate
 from esper.kasmina.loader import KernelLoader
-from esper.tamiyo.policy import KernelCandidate
 from esper.urza.client import UrzaClient, fetcher
 from generated.esper.common.v1 import seed_pb2
 from generated.esper.tezzeret.v1 import tezzeret_service_pb2 as tz_pb

@@ -299,7 +299,10 @@ def test_config_validation():
     assert EvolveConfig.from_dict({"crossover_rate": 0.5}).crossover_rate == 0.5
     with pytest.raises(ConfigError, match="unknown karn settings \\['bogus'\\]"):
         EvolveConfig.from_dict({"bogus": 1})
-    with pytest.raises(ConfigError, match="explore_rate=1.5"):
+    # Direct construction raises the plain ValueError; from_dict turns it into ConfigError.
+    with pytest.raises(ValueError, match="explore_rate=1.5"):
         EvolveConfig(explore_rate=1.5)
-    with pytest.raises(ConfigError, match="objective='loss'"):
+    with pytest.raises(ConfigError, match="explore_rate=1.5"):
+        EvolveConfig.from_dict({"explore_rate": 1.5})
+    with pytest.raises(ValueError, match="objective='loss'"):
         EvolveConfig(objective="loss")

@@ -151,7 +151,7 @@ def test_layout_override_for_an_input_and_output_that_differ() -> None:
     with pytest.raises(ConfigError, match="'input->output' layouts are for parallel slots"):
         wrap(nn.Sequential(nn.Linear(3, 3)), sites=["0"], example_input=torch.randn(2, 3),
              config=KasminaConfig(layouts={"0": "nc->nc"}))
-    with pytest.raises(ConfigError, match="is not one of"):
+    with pytest.raises(ValueError, match="is not one of"):
         KasminaConfig(layouts={"0": "ncl->nc->nld"})
 
 

@@ -164,7 +164,7 @@ def test_stream_definitions() -> None:
 )
 def test_stream_spec_validation(override: dict, word: str) -> None:
     base = {"name": "S", "subjects": ("a.>",), "max_age_s": 3600.0, "max_bytes": 1024}
-    with pytest.raises(ConfigError, match=word):
+    with pytest.raises(ValueError, match=word):
         StreamSpec(**{**base, **override})
 
 

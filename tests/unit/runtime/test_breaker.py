@@ -169,7 +169,7 @@ def test_concurrent_outcomes_are_all_counted() -> None:
     ],
 )
 def test_config_rejects_bad_values(kw: dict[str, object], match: str) -> None:
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(ValueError, match=match):
         BreakerConfig(**kw)
 
 
@@ -240,5 +240,5 @@ def test_raise_if_refusing_fails_fast_without_taking_a_permit() -> None:
 
 
 def test_half_open_max_wait_must_be_positive() -> None:
-    with pytest.raises(ConfigError, match="half_open_max_wait_s=0"):
+    with pytest.raises(ValueError, match="half_open_max_wait_s=0"):
         BreakerConfig(half_open_max_wait_s=0)

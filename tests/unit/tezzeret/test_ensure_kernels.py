@@ -74,7 +74,7 @@ async def test_waiting_answers_before_the_callers_deadline_with_jobs_still_going
 
 
 async def test_compiles_run_at_most_max_parallel_at_once(core, monkeypatch):
-    import esper.tezzeret.service as svc
+    import esper.tezzeret.core as svc
 
     c, _ = core
     running, peak, lock = [0], [0], threading.Lock()

@@ -12,7 +12,7 @@ import pytest
 
 from esper.blueprints import builtin_blueprints, site_signature
 from esper.blueprints.artifact import SigningKey, TrustedKeys, verify_artifact
-from esper.tezzeret import service as tezzeret_service
+from esper.tezzeret import core as tezzeret_core
 from esper.tezzeret.compiler import CompileError, compile_kernel
 from esper.tezzeret.config import TezzeretConfig
 from esper.tezzeret.jobs import JobStore
@@ -70,7 +70,7 @@ async def test_inline_blueprint_is_stored_after_compile_kernel_passed(core, monk
         journal.append("compile_kernel passed")
         return ck
 
-    monkeypatch.setattr(tezzeret_service, "compile_kernel", compiling)
+    monkeypatch.setattr(tezzeret_core, "compile_kernel", compiling)
     job = await c.compile(BP, SITE, wait=True)
     assert job.state == pb.COMPILE_JOB_STATE_SUCCEEDED
     assert journal == ["compile_kernel", "compile_kernel passed", "put_blueprint", "put_kernel"]
@@ -84,7 +84,7 @@ async def test_inline_blueprint_refused_by_compile_kernel_never_reaches_urza(cor
         journal.append("compile_kernel")
         raise CompileError(f"blueprint {bp.blueprint_id}: forward produced NaN/Inf")
 
-    monkeypatch.setattr(tezzeret_service, "compile_kernel", refusing)
+    monkeypatch.setattr(tezzeret_core, "compile_kernel", refusing)
     job = await c.compile(BP, SITE, wait=True)
     assert job.state == pb.COMPILE_JOB_STATE_FAILED and "NaN/Inf" in job.error
     assert journal == ["compile_kernel"]
