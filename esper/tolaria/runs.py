@@ -53,6 +53,9 @@ STATE_BY_NAME: dict[str, int] = {
     "stopped": pb.RUN_STATE_STOPPED,
 }
 NAME_BY_STATE: dict[int, str] = {v: k for k, v in STATE_BY_NAME.items()}
+DELIVERY_SETTLE_S = 5.0
+"""How long a worker waits for the bus to acknowledge its queued events before it records
+their delivery (and then its terminal state)."""
 TERMINAL_STATE_NAMES = frozenset({"succeeded", "failed", "stopped"})
 
 

@@ -287,7 +287,7 @@ class RunSupervisor:
         if self._tamiyo is not None:
             await self._tamiyo.close()
         if self.publisher is not None:
-            stats = await asyncio.to_thread(self.publisher.close, 5.0)
+            stats = await asyncio.to_thread(self.publisher.close, 2.0)
             log.info("oona (supervisor events): %s", stats)
 
     # ---- RPC cores ----------------------------------------------------------------
