@@ -399,3 +399,31 @@ def ensure_run_token_keys(directory: Path) -> tuple[Path, Path]:
     elif not public.exists():
         public.write_bytes(RunTokenSigner.from_file(private).public_pem())
     return private, public
+
+
+def with_run_tokens(auth: AuthConfig, data_dir: Path, env: dict[str, str] | None = None) -> AuthConfig:
+    """`esper up` with zero config: `auth` that also accepts run tokens, signed with the key
+    the environment names (ESPER_RUN_TOKEN_KEY_FILE) or else a pair made once under
+    `data_dir`; the key's path is put in the environment for Tolaria (workers never inherit
+    it). Auth that is off stays off.
+
+    Raises:
+        ConfigError: the public key file does not hold the signing key's public half.
+    """
+    env = os.environ if env is None else env  # type: ignore[assignment]
+    assert env is not None
+    if auth.disabled:
+        return auth
+    private = env.get(ENV_RUN_TOKEN_KEY_FILE)
+    public = env.get(ENV_RUN_TOKEN_PUBLIC_KEY_FILE)
+    if not private:
+        made, made_public = ensure_run_token_keys(data_dir)
+        private = env[ENV_RUN_TOKEN_KEY_FILE] = str(made)
+        public = public or str(made_public)
+    signer = RunTokenSigner.from_file(Path(private))
+    verifier = RunTokenVerifier.from_file(Path(public)) if public else signer.verifier()
+    if signer.key_id not in verifier.keys:
+        raise ConfigError(f"{ENV_RUN_TOKEN_PUBLIC_KEY_FILE}={public!r} does not hold the public key of "
+                          f"{ENV_RUN_TOKEN_KEY_FILE}={private!r} (key id {signer.key_id}): the services "
+                          "would refuse every run token Tolaria mints")
+    return AuthConfig(keys=auth.keys, disabled=False, run_tokens=verifier)

@@ -413,6 +413,9 @@ class KubernetesLauncher:
         owner = await self._owner_ref()
         token = spec.env.get("ESPER_API_KEY")
         secret = f"{name}-credential" if token else None
+        if spec.attempt > 1:
+            # The worker before this one is dead: so is its token (its Job may linger, failed).
+            await self.cleanup(spec.run_id)
         if secret is not None:
             assert token is not None
             body = render_secret(spec.run_id, secret, token, self.config, namespace=self.namespace)

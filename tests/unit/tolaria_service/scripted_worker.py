@@ -57,7 +57,7 @@ def main() -> None:
                               on_degraded=lambda kind, detail: events.degrade("oona", kind, detail))
         events.publisher = publisher
 
-        def emit(env, sync=False):  # noqa: ANN001, ARG001 - the log's signature
+        def emit(env, sync=False):
             events(env)
 
     env = new_envelope(run_id, source="tolaria", epoch=done)
