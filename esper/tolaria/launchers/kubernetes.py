@@ -16,8 +16,10 @@ The volume needs POSIX locks that work across nodes (NFSv4, CephFS, EFS, Azure F
 the log's appends are serialised with `flock`.
 
 **Credentials.** The worker's run token is in a per-Job Secret `<job>-credential`
-(`credential`, read into ESPER_API_KEY), owned by the Job and deleted when the run ends.
-The pod mounts nothing else secret but the NATS password of the user "tolaria".
+(`credential`, read into ESPER_API_KEY), owned by the Job and deleted when the run ends or
+its worker is replaced. The Job is created suspended, the Secret then with the Job as its
+owner, and the Job resumed: Tolaria needs to create and delete Secrets, never to read or
+patch one. The pod mounts nothing else secret but the NATS password of the user "tolaria".
 
 **Restarts.** A pod that fails is replaced by the Job (restartPolicy Never, backoffLimit =
 the restarts the supervisor has left): the supervisor records each failed pod as a restart,
@@ -33,8 +35,9 @@ without a running pod the Job is deleted and the run fails with the last reason.
 leaves Jobs alone; the next Tolaria adopts them by their `esper.dev/run-id` label.
 Finished Jobs are kept `ttl_after_finished_s` for their logs (`kubectl logs job/<name>`).
 
-Tolaria needs RBAC for jobs, secrets, pods (read) and its own Deployment (read, to own the
-Jobs): deploy/k8s/components/run-jobs.
+Tolaria needs RBAC for jobs (create, get, list, watch, patch, delete), secrets (create and
+delete only), pods (get, list) and its own Deployment (get, to own the Jobs):
+deploy/k8s/components/run-jobs.
 """
 
 from __future__ import annotations
@@ -284,6 +287,8 @@ def render_job(spec: LaunchSpec, cfg: KubernetesConfig, *, namespace: str,
         "kind": "Job",
         "metadata": metadata,
         "spec": {
+            # Resumed once its credential Secret exists (see KubernetesLauncher.launch).
+            "suspend": credential_secret is not None,
             # Each failed pod is one of the run's restarts; the Job makes the next pod.
             "backoffLimit": spec.restarts_left,
             "ttlSecondsAfterFinished": cfg.ttl_after_finished_s,
@@ -349,6 +354,9 @@ class KubernetesLauncher:
         self.clock = clock
         self.namespace = config.namespace or self._own_namespace()
         self._owner: dict[str, str] | None = None
+        self._secrets: dict[str, set[str]] = {}
+        """Run id → credential Secrets this process created or adopted (deleted by name:
+        Tolaria may not list or read the namespace's Secrets)."""
 
     @staticmethod
     def _own_namespace() -> str:
@@ -401,8 +409,9 @@ class KubernetesLauncher:
         return self._owner
 
     async def launch(self, spec: LaunchSpec) -> JobWorker:
-        """Create the start's credential Secret and its Job; a Job of the same name left
-        from an earlier Tolaria (it died between creating and recording it) is adopted.
+        """Create the start's Job (suspended), its credential Secret owned by it, then resume
+        it; a Job of the same name left by an earlier Tolaria (it died between creating and
+        recording it) is taken over.
 
         Raises:
             FailedPreconditionError: the API refused (RBAC, quota, an invalid setting).
@@ -416,20 +425,6 @@ class KubernetesLauncher:
         if spec.attempt > 1:
             # The worker before this one is dead: so is its token (its Job may linger, failed).
             await self.cleanup(spec.run_id)
-        if secret is not None:
-            assert token is not None
-            body = render_secret(spec.run_id, secret, token, self.config, namespace=self.namespace)
-            try:
-                await self._call(f"create Secret {self.namespace}/{secret}",
-                                 core.create_namespaced_secret, self.namespace, body)
-            except FailedPreconditionError as e:
-                if e.metadata.get("status") != "409":
-                    raise
-                # Immutable: an earlier attempt's token under this name is replaced.
-                await self._call(f"delete Secret {self.namespace}/{secret}",
-                                 core.delete_namespaced_secret, secret, self.namespace)
-                await self._call(f"create Secret {self.namespace}/{secret}",
-                                 core.create_namespaced_secret, self.namespace, body)
         manifest = render_job(spec, self.config, namespace=self.namespace, environ=self.environ,
                               stop_grace_s=self.stop_grace_s, credential_secret=secret, owner=owner)
         try:
@@ -441,12 +436,25 @@ class KubernetesLauncher:
             job = _plain(await self._call(f"read Job {self.namespace}/{name}",
                                           batch.read_namespaced_job, name, self.namespace))
         if secret is not None:
+            assert token is not None
+            body = render_secret(spec.run_id, secret, token, self.config, namespace=self.namespace)
             # Owned by its Job: deleting the Job (by hand, or its TTL) deletes the token too.
-            patch = {"metadata": {"ownerReferences": [{
-                "apiVersion": "batch/v1", "kind": "Job", "name": name,
-                "uid": job["metadata"]["uid"]}]}}
-            await self._call(f"patch Secret {self.namespace}/{secret}",
-                             core.patch_namespaced_secret, secret, self.namespace, patch)
+            body["metadata"]["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": name,
+                                                    "uid": job["metadata"]["uid"]}]
+            self._secrets.setdefault(spec.run_id, set()).add(secret)
+            try:
+                await self._call(f"create Secret {self.namespace}/{secret}",
+                                 core.create_namespaced_secret, self.namespace, body)
+            except FailedPreconditionError as e:
+                if e.metadata.get("status") != "409":
+                    raise
+                # Immutable: a token left under this name by an earlier Tolaria is replaced.
+                await self._call(f"delete Secret {self.namespace}/{secret}",
+                                 core.delete_namespaced_secret, secret, self.namespace)
+                await self._call(f"create Secret {self.namespace}/{secret}",
+                                 core.create_namespaced_secret, self.namespace, body)
+            await self._call(f"resume Job {self.namespace}/{name}", batch.patch_namespaced_job,
+                             name, self.namespace, {"spec": {"suspend": False}})
         log.info("run %s: created Job %s/%s", spec.run_id, self.namespace, name)
         return JobWorker(self, name, seen_failed=0)
 
@@ -463,25 +471,24 @@ class KubernetesLauncher:
             return None
         job = max(jobs, key=lambda j: int(j["metadata"].get("labels", {}).get(ATTEMPT_LABEL, "0")))
         before = int((job["metadata"].get("annotations") or {}).get(RESTARTS_BEFORE_ANNOTATION, "0"))
-        return JobWorker(self, job["metadata"]["name"], seen_failed=max(restarts - before, 0))
+        name = job["metadata"]["name"]
+        self._secrets.setdefault(run_id, set()).add(f"{name}-credential")
+        return JobWorker(self, name, seen_failed=max(restarts - before, 0))
 
     async def cleanup(self, run_id: str) -> None:
-        """Delete the run's credential Secrets: its tokens die with the run."""
+        """Delete the run's credential Secrets: its tokens die with the run (or its worker).
+        Secrets of Jobs an earlier Tolaria replaced go with those Jobs (owner references)."""
         _, core, _ = self.apis()
-        try:
-            found = _plain(await self._call(
-                f"list the credential Secrets of run {run_id}", core.list_namespaced_secret,
-                self.namespace, label_selector=f"{RUN_LABEL}={run_id},app.kubernetes.io/component=run-credential"))
-            for s in found.get("items", []):
-                try:
-                    await self._call(f"delete Secret {s['metadata']['name']}", core.delete_namespaced_secret,
-                                     s["metadata"]["name"], self.namespace)
-                except FailedPreconditionError as e:
-                    if e.metadata.get("status") != "404":
-                        raise
-        except EsperError as e:
-            # The token expires on its own; the Secret goes with its Job (owner reference).
-            log.warning("run %s: could not delete its credential Secrets: %s", run_id, e)
+        for name in sorted(self._secrets.pop(run_id, set())):
+            try:
+                await self._call(f"delete Secret {self.namespace}/{name}", core.delete_namespaced_secret,
+                                 name, self.namespace)
+            except FailedPreconditionError as e:
+                if e.metadata.get("status") != "404":
+                    log.warning("run %s: could not delete its credential Secret %s: %s", run_id, name, e)
+            except UnavailableError as e:
+                # The token expires on its own; the Secret goes with its Job (owner reference).
+                log.warning("run %s: could not delete its credential Secret %s: %s", run_id, name, e)
 
 
 class JobWorker(Worker):

@@ -1,7 +1,8 @@
 """A fake of the Kubernetes API methods Tolaria's Job launcher calls (BatchV1Api, CoreV1Api,
 AppsV1Api): objects are the plain dicts the launcher sends, the errors are the client's own
 `ApiException`. Tests play the Job controller and the kubelet with `run_pod`, `fail_pod`,
-`complete`, `finish_deletion` and `pending`."""
+`complete`, `finish_deletion` and `pending`. Tolaria may create and delete Secrets but not
+read, list or patch them (its Role): the fake has no such methods."""
 
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ class FakeKube:
             job["metadata"]["creationTimestamp"] = f"2026-01-01T00:00:{next(self._n):02d}Z"
             job["status"] = {}
             self.jobs[name] = job
-            self._new_pod(name, "Pending")
+            if not job["spec"].get("suspend"):
+                self._new_pod(name, "Pending")
             return copy.deepcopy(job)
 
     def read_namespaced_job(self, name: str, namespace: str) -> dict[str, Any]:
@@ -75,6 +77,18 @@ class FakeKube:
     def list_namespaced_job(self, namespace: str, label_selector: str | None = None) -> dict[str, Any]:
         with self._lock:
             return {"items": [copy.deepcopy(j) for j in self.jobs.values() if _matches(j, label_selector)]}
+
+    def patch_namespaced_job(self, name: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            self.calls.append(f"patch job {name} {body}")
+            if name not in self.jobs:
+                raise _missing("jobs.batch", name)
+            job = self.jobs[name]
+            job["spec"].update(copy.deepcopy(body["spec"]))
+            if not job["spec"].get("suspend") and not any(
+                    p["metadata"]["labels"]["job-name"] == name for p in self.pods.values()):
+                self._new_pod(name, "Pending")
+            return copy.deepcopy(job)
 
     def delete_namespaced_job(self, name: str, namespace: str, **kwargs: Any) -> dict[str, Any]:
         with self._lock:
@@ -98,12 +112,6 @@ class FakeKube:
             self.secrets[name] = copy.deepcopy(body)
             return copy.deepcopy(body)
 
-    def patch_namespaced_secret(self, name: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
-        with self._lock:
-            if name not in self.secrets:
-                raise _missing("secrets", name)
-            self.secrets[name]["metadata"].update(copy.deepcopy(body["metadata"]))
-            return copy.deepcopy(self.secrets[name])
 
     def delete_namespaced_secret(self, name: str, namespace: str, **kwargs: Any) -> dict[str, Any]:
         with self._lock:
@@ -112,9 +120,6 @@ class FakeKube:
                 raise _missing("secrets", name)
             return {"kind": "Status", "status": "Success"}
 
-    def list_namespaced_secret(self, namespace: str, label_selector: str | None = None) -> dict[str, Any]:
-        with self._lock:
-            return {"items": [copy.deepcopy(s) for s in self.secrets.values() if _matches(s, label_selector)]}
 
     def list_namespaced_pod(self, namespace: str, label_selector: str | None = None) -> dict[str, Any]:
         with self._lock:

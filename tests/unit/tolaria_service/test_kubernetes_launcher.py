@@ -182,6 +182,11 @@ async def test_a_run_is_a_job_watched_until_it_completes_and_its_credential_dies
     (secret,) = h.kube.secrets.values()
     assert secret["metadata"]["ownerReferences"] == [{"apiVersion": "batch/v1", "kind": "Job", "name": name,
                                                      "uid": job["metadata"]["uid"]}]
+    # Created suspended, resumed once its credential existed.
+    calls = [c for c in h.kube.calls if "job" in c or "secret" in c]
+    assert calls[:3] == [f"create job {name}", f"create secret {name}-credential",
+                         f"patch job {name} {{'spec': {{'suspend': False}}}}"]
+    assert job["spec"]["suspend"] is False
     grant = h.signer.verifier().verify(base64.b64decode(secret["data"]["credential"]).decode())
     assert grant.run_id == run_id and grant.scopes == {"tamiyo:read", "urza:read", "urza:write"}
     rec = h.sup.get_run(run_id)
