@@ -40,7 +40,6 @@ import filecmp
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -58,9 +57,8 @@ _MODULE_NAME_RE = re.compile(r"(BuildTopDescriptorsAndMessages\(DESCRIPTOR, ')(e
 
 def validate_descriptor_set() -> bytes:
     """FileDescriptorSet with buf/validate/validate.proto and the WKTs it imports."""
-    from google.protobuf import descriptor_pb2, duration_pb2, field_mask_pb2, timestamp_pb2
-
     import protovalidate
+    from google.protobuf import descriptor_pb2, duration_pb2, field_mask_pb2, timestamp_pb2
 
     src = Path(protovalidate.__file__).parent / "_gen/buf/validate/validate_pb.py"
     raw: bytes | None = None

@@ -14,6 +14,10 @@ Writes, one file each, mode 0600 (they hold credentials; keep them out of git):
                               uses an existing PEM instead of generating one
   esper-trusted-keys          ConfigMap with its public key (tezzeret.pub), which Urza, the
                               run workers and Tezzeret read; derived here, never written by a pod
+  esper-run-token-key         Tolaria's Ed25519 key that signs each run worker's run token
+                              (run-token.pem); --run-token-key uses an existing PEM
+  esper-run-token-public-key  ConfigMap with its public key (run-token.pub), with which every
+                              service accepts run tokens
 
 Needs only Python 3 and the `cryptography` package. Rotating a key: run again, apply, and
 restart the pods (`kubectl -n esper rollout restart deployment`).
@@ -31,13 +35,15 @@ from pathlib import Path
 
 # Least scopes per part, from the calls each part's code makes (tests/unit/deploy checks
 # them against every service's write_methods):
-#   tolaria  Tamiyo GetPolicyInfo, Decide; Urza GetKernel (read), RecordOutcome (write)
+#   tolaria  Tamiyo GetPolicyInfo (StartRun checks the run's controller); its run workers
+#            call with run tokens Tolaria mints (esper.tolaria.supervisor.worker_scopes:
+#            Tamiyo Decide, Urza GetKernel, QueryKernels, RecordOutcome), never with this key
 #   tezzeret Urza GetBlueprint, QueryKernels (read); PutBlueprint, PutKernel (write)
 #   tamiyo   Urza QueryKernels
 #   karn     Urza ListBlueprints, QueryKernels; Tezzeret Compile (write)
 #   urza     calls no other part: no key of its own
 SCOPES: dict[str, tuple[str, ...]] = {
-    "tolaria": ("tamiyo:read", "tezzeret:write", "urza:read", "urza:write"),
+    "tolaria": ("tamiyo:read",),
     "tezzeret": ("urza:read", "urza:write"),
     "tamiyo": ("urza:read",),
     "karn": ("tezzeret:write", "urza:read"),
@@ -54,6 +60,11 @@ def _secret(name: str, namespace: str, data: dict[str, str]) -> dict:
         "type": "Opaque",
         "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
     }
+
+
+def _run_token_key(path: Path | None) -> tuple[str, str]:
+    """(private PEM, public PEM) of the run-token pair (Ed25519, as esper.runtime.auth reads it)."""
+    return _signing_key(path)
 
 
 def _signing_key(path: Path | None) -> tuple[str, str]:
@@ -73,7 +84,8 @@ def _signing_key(path: Path | None) -> tuple[str, str]:
     return private, public
 
 
-def build(namespace: str = "esper", signing_key: Path | None = None) -> dict[str, dict]:
+def build(namespace: str = "esper", signing_key: Path | None = None,
+          run_token_key: Path | None = None) -> dict[str, dict]:
     """Object name → manifest (as a dict) for every Secret and the trusted-keys ConfigMap."""
     keys = {part: secrets.token_urlsafe(32) for part in SCOPES}
     admin = secrets.token_urlsafe(32)
@@ -81,6 +93,7 @@ def build(namespace: str = "esper", signing_key: Path | None = None) -> dict[str
     accepted += [f"{keys[part]}={','.join(scopes)}" for part, scopes in SCOPES.items()]
     accepted.append(f"{admin}=*")
     private, public = _signing_key(signing_key)
+    token_private, token_public = _run_token_key(run_token_key)
     return {
         "esper-api-keys": _secret("esper-api-keys", namespace,
                                   {**keys, "admin": admin, "api-keys": "\n".join(accepted) + "\n"}),
@@ -97,6 +110,15 @@ def build(namespace: str = "esper", signing_key: Path | None = None) -> dict[str
                          "labels": {"app.kubernetes.io/part-of": "esper"}},
             "data": {"tezzeret.pub": public},
         },
+        "esper-run-token-key": _secret("esper-run-token-key", namespace,
+                                       {"run-token.pem": token_private}),
+        "esper-run-token-public-key": {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "esper-run-token-public-key", "namespace": namespace,
+                         "labels": {"app.kubernetes.io/part-of": "esper"}},
+            "data": {"run-token.pub": token_public},
+        },
     }
 
 
@@ -106,10 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--namespace", default="esper")
     ap.add_argument("--signing-key", type=Path, default=None,
                     help="existing Ed25519 private key (PEM) instead of a new one")
+    ap.add_argument("--run-token-key", type=Path, default=None,
+                    help="existing Ed25519 private key (PEM) for Tolaria's run tokens instead of a new one")
     ap.add_argument("--force", action="store_true", help="overwrite files that exist")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    objects = build(args.namespace, args.signing_key)
+    objects = build(args.namespace, args.signing_key, args.run_token_key)
     for name, obj in objects.items():
         path = args.out / f"{name}.yaml"
         if path.exists() and not args.force:

@@ -10,7 +10,9 @@ if it dies) and refuses anonymous clients (users and 0600 password files under
 "nats_pid", "nats_credentials_dir", "api_keys_file", "auth"}`) for `esper status` and for
 clients, and removes it on a clean exit.
 Without ESPER_API_KEYS / ESPER_API_KEYS_FILE it creates `<data-dir>/api-keys` (mode 0600,
-one key with scope "*", kept across runs) and uses that.
+one key with scope "*", kept across runs) and uses that. Run workers never get those keys:
+Tolaria mints each one a run token, signed with `<data-dir>/run-token.pem` (made once, 0600)
+unless ESPER_RUN_TOKEN_KEY_FILE names a key.
 
 With no config at all, `esper up` can grow a submitted run: Tezzeret, Urza and the run
 workers share one trusted-keys directory (`<data-dir>/trusted_keys` unless a setting or
@@ -33,7 +35,7 @@ from typing import Any
 
 from esper.errors import ConfigError, FailedPreconditionError, UnavailableError
 from esper.fsutil import pid_alive
-from esper.runtime.auth import ENV_KEYS, ENV_KEYS_FILE, AuthConfig, parse_keys
+from esper.runtime.auth import ENV_KEYS, ENV_KEYS_FILE, AuthConfig, parse_keys, with_run_tokens
 from esper.runtime.config import PlatformConfig
 from esper.runtime.endpoints import (  # re-exported: tolaria/client.py reads parse_endpoints here
     ENDPOINTS_FILE,
@@ -61,6 +63,11 @@ environment (flags win over these, these over the config file):
                          16 characters (python -c "import secrets; print(secrets.token_urlsafe(32))")
   ESPER_API_KEYS_FILE    the same, one '<key>=<scopes>' per line
   ESPER_API_KEY          the key this process sends on its own calls to other services
+  ESPER_RUN_TOKEN_KEY_FILE
+                         (tolaria) the Ed25519 key that signs each run worker's run token
+                         (`up`: made under <data-dir> when unset)
+  ESPER_RUN_TOKEN_PUBLIC_KEY_FILE
+                         its public key(s), with which every service accepts run tokens
   ESPER_ENDPOINTS        (serve) where the other parts are: 'urza=host:port,tezzeret=...'
   ESPER_NATS_URL         (serve) the NATS server(s) of Oona, comma-separated; unset: events
                          only in the run logs
@@ -210,6 +217,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                 f"esper up (pid {other}) already runs with data dir {cfg.data_dir}; "
                 "stop it first or choose another --data-dir")
     auth, own_key, keys_file = _platform_keys(cfg)
+    # Run workers get run tokens, never these keys (esper.runtime.auth, run credentials).
+    auth = with_run_tokens(auth, cfg.data_dir)
     port = cfg.base_port or _free_port(cfg.host)
     target = f"{cfg.host}:{port}"
 

@@ -189,8 +189,8 @@ class Pipeline:
                                    metadata={"header": "x-api-key"})
         found = self.checker.match(key)
         if found is None:
-            return "unknown", E.AuthError(f"the API key sent to {info.path} is not recognised",
-                                          reason="API_KEY_INVALID")
+            return "unknown", E.AuthError(f"the API key sent to {info.path} is not recognised: "
+                                          f"{self.checker.why_not(key)}", reason="API_KEY_INVALID")
         key_id, scopes = found
         if not self.checker.allows(scopes, info.part, info.write):
             need = f"{info.part}:{'write' if info.write else 'read'}"

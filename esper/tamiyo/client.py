@@ -17,7 +17,7 @@ import grpc
 
 from esper.errors import ConfigError
 from esper.runtime.breaker import BreakerConfig, CircuitBreaker
-from esper.runtime.client import sync_channel
+from esper.runtime.client import channel, sync_channel
 from esper.runtime.errors import as_esper_error
 from esper.tamiyo import candidates as caller_candidates
 from esper.tamiyo.policy import KernelCandidate
@@ -179,3 +179,27 @@ class TamiyoController:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class AsyncTamiyoClient:
+    """Tamiyo from an asyncio service (Tolaria's supervisor asks, at StartRun, which policy
+    Tamiyo serves). Errors come back as `EsperError`s.
+
+    Args:
+        target: "host:port".
+        api_key: a key with `tamiyo:read`.
+        timeout_s: each call's deadline.
+    """
+
+    def __init__(self, target: str, *, api_key: str | None = None, timeout_s: float = 1.0) -> None:
+        self._channel = channel(target, None, api_key=api_key, default_timeout_s=timeout_s)
+        self._stub = rpc.TamiyoServiceStub(self._channel)
+
+    async def policy_info(self) -> pb.GetPolicyInfoResponse:
+        try:
+            return await self._stub.GetPolicyInfo(pb.GetPolicyInfoRequest())
+        except grpc.RpcError as e:
+            raise as_esper_error(e) from None
+
+    async def close(self) -> None:
+        await self._channel.close()

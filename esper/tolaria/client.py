@@ -75,7 +75,7 @@ def find_platform(*, endpoint: str | None = None, api_key: str | None = None,
     if endpoint:
         return Platform(target=endpoint, api_key=key, source="--endpoint")
     if env.get(ENV_ENDPOINTS):
-        from esper.runtime.cli import parse_endpoints
+        from esper.runtime.endpoints import parse_endpoints
 
         found = parse_endpoints(env[ENV_ENDPOINTS])
         if "tolaria" not in found:

@@ -137,6 +137,28 @@ class GrowthBudget:
 
 
 @dataclass(kw_only=True, frozen=True)
+class RunResources:
+    """What the run's worker asks of the machine (the kubernetes launcher's pod requests)."""
+
+    gpus: int = 0
+    """GPUs the worker pod requests (0 <= n <= 16); the local launchers refuse any."""
+    cpu_millis: int = 0
+    """CPU requested, in millicores (0 <= n <= 512000); 0: the launcher's default."""
+    memory_mib: int = 0
+    """Memory requested and limited to, in MiB (0 <= n <= 4194304); 0: the launcher's default."""
+
+    def __post_init__(self) -> None:
+        _integer("resources.gpus", self.gpus, lo=0, hi=16)
+        _integer("resources.cpu_millis", self.cpu_millis, lo=0, hi=512_000)
+        _integer("resources.memory_mib", self.memory_mib, lo=0, hi=4_194_304)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunResources:
+        _check_keys(cls, data, "resources")
+        return cls(**dict(data))
+
+
+@dataclass(kw_only=True, frozen=True)
 class RunConfig:
     """Everything that defines one training run (mirrors `esper.tolaria.v1.RunConfig`)."""
 
@@ -173,6 +195,8 @@ class RunConfig:
     """Deprecated (use `job_params.width`): host width multiplier of `task` (> 0, <= 64)."""
     labels: Mapping[str, str] = field(default_factory=dict)
     """Free-form labels (at most 32), shown by ListRuns."""
+    resources: RunResources = field(default_factory=RunResources)
+    """Machine resources for the run's worker (GPUs, CPU, memory)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.job, str) or len(self.job) > 64:
@@ -207,6 +231,8 @@ class RunConfig:
             raise _fail("budget", f"{self.budget!r} must be a GrowthBudget")
         if not isinstance(self.optimizer, OptimizerConfig):
             raise _fail("optimizer", f"{self.optimizer!r} must be an OptimizerConfig")
+        if not isinstance(self.resources, RunResources):
+            raise _fail("resources", f"{self.resources!r} must be a RunResources")
         _integer("epochs", self.epochs, lo=1, hi=10000)
         _integer("seed", self.seed, lo=0, hi=2**63 - 1)
         _integer("batch_size", self.batch_size, lo=1, hi=65536)
@@ -247,6 +273,8 @@ class RunConfig:
             kwargs["budget"] = GrowthBudget.from_dict(kwargs["budget"])
         if "optimizer" in kwargs and not isinstance(kwargs["optimizer"], OptimizerConfig):
             kwargs["optimizer"] = OptimizerConfig.from_dict(kwargs["optimizer"])
+        if "resources" in kwargs and not isinstance(kwargs["resources"], RunResources):
+            kwargs["resources"] = RunResources.from_dict(kwargs["resources"])
         if "sites" in kwargs and isinstance(kwargs["sites"], list):
             kwargs["sites"] = tuple(kwargs["sites"])
         return cls(**kwargs)
@@ -260,6 +288,10 @@ class RunConfig:
         if self.job:
             for k in LEGACY_FIELDS:
                 del out[k]
+        if self.resources == RunResources():
+            # Left out when default: checkpoints written before the field existed compare
+            # equal to the run's config on resume.
+            del out["resources"]
         return out
 
     def replace(self, **changes: Any) -> RunConfig:
@@ -307,6 +339,10 @@ class RunConfig:
             )
         if msg.HasField("decide_timeout"):
             kwargs["decide_timeout_s"] = msg.decide_timeout.ToTimedelta().total_seconds()
+        if msg.HasField("resources"):
+            r = msg.resources
+            kwargs["resources"] = RunResources(gpus=int(r.gpus), cpu_millis=int(r.cpu_millis),
+                                               memory_mib=int(r.memory_mib))
         return cls(**kwargs)
 
     def to_proto(self) -> pb.RunConfig:
@@ -338,6 +374,9 @@ class RunConfig:
         else:
             msg.task, msg.host, msg.width = self.task, self.host, self.width
         msg.decide_timeout.FromNanoseconds(round(self.decide_timeout_s * 1e9))
+        msg.resources.CopyFrom(pb.RunResources(gpus=self.resources.gpus,
+                                               cpu_millis=self.resources.cpu_millis,
+                                               memory_mib=self.resources.memory_mib))
         return msg
 
 

@@ -65,9 +65,9 @@ class ForkedWorker:
 
     def poll(self) -> int | None:
         if self.returncode is None and self._helper.poll() is not None:
-            from esper.tolaria.supervisor import _alive  # here: the supervisor imports this module
+            from esper.tolaria.launchers.local import alive  # here: that module imports this one
 
-            if not _alive(self.pid):
+            if not alive(self.pid):
                 self.lost = True
                 self._exited(0)
         return self.returncode
@@ -94,8 +94,11 @@ class ForkedWorker:
 class ForkServer:
     """The supervisor's side: starts the helper, asks it to fork, hears exit statuses."""
 
-    def __init__(self, module: str) -> None:
+    def __init__(self, module: str, *, env: dict[str, str] | None = None) -> None:
         self.module = module
+        self.env = dict(os.environ) if env is None else dict(env)
+        """The helper's environment (forked workers get their own, but /proc/<pid>/environ
+        of a fork shows the helper's: the launcher passes one without credentials)."""
         self._proc: subprocess.Popen[bytes] | None = None
         self._ready = threading.Event()
         self._lock = threading.Lock()
@@ -128,7 +131,7 @@ class ForkServer:
             self._ready.clear()
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "esper.tolaria.forkserver", self.module],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, env=dict(os.environ))
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, env=self.env)
             self._reader = threading.Thread(target=self._read, args=(self._proc,),
                                             name="forkserver-reader", daemon=True)
             self._reader.start()

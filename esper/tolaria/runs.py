@@ -52,6 +52,41 @@ STATE_BY_NAME: dict[str, int] = {
     "failed": pb.RUN_STATE_FAILED,
     "stopped": pb.RUN_STATE_STOPPED,
 }
+NAME_BY_STATE: dict[int, str] = {v: k for k, v in STATE_BY_NAME.items()}
+DELIVERY_SETTLE_S = 5.0
+"""How long a worker waits for the bus to acknowledge its queued events before it records
+their delivery (and then its terminal state)."""
+TERMINAL_STATE_NAMES = frozenset({"succeeded", "failed", "stopped"})
+
+
+def complete_run_state(msg: events_pb2.RunStateChanged) -> None:
+    """Fill whichever of a RunStateChanged's two forms is missing: the lowercase `state`
+    string older readers know, or the `run_state` enum (both carry the same state;
+    esper.oona.v1.RunState has esper.tolaria.v1.RunState's numbers)."""
+    if msg.state and not msg.run_state:
+        msg.run_state = STATE_BY_NAME.get(msg.state, events_pb2.RUN_STATE_UNSPECIFIED)
+    elif msg.run_state and not msg.state:
+        msg.state = NAME_BY_STATE.get(msg.run_state, "")
+
+
+def is_terminal(env: events_pb2.EventEnvelope) -> bool:
+    """Whether `env` records that its run ended (succeeded, failed or stopped)."""
+    return env.WhichOneof("payload") == "run_state" and env.run_state.state in TERMINAL_STATE_NAMES
+
+
+def delivery_envelope(run_id: str, stats: object, *, degradations: int, step: int = 0,
+                      epoch: int = 0) -> events_pb2.EventEnvelope:
+    """The `delivery` event a worker records right before its terminal state, from its
+    publisher's settled counters (`esper.oona.publisher.PublisherStats`)."""
+    env = new_envelope(run_id, source="tolaria", step=step, epoch=epoch)
+    d = env.delivery
+    d.published = stats.published  # type: ignore[attr-defined]
+    d.dropped = stats.dropped  # type: ignore[attr-defined]
+    d.rejected = stats.rejected  # type: ignore[attr-defined]
+    d.lost = stats.lost  # type: ignore[attr-defined]
+    d.undelivered = stats.undelivered  # type: ignore[attr-defined]
+    d.degradations = degradations
+    return env
 
 
 class EventLog:
@@ -99,7 +134,11 @@ class EventLog:
         worker re-emitting an event it emitted before it died) is not appended again;
         its `sequence` is set to the logged one and `appended` is False.
         `sync=True` fsyncs the file (the worker does so once per epoch and at run end).
+        A RunStateChanged gets both its string and its enum form here, whoever wrote it
+        (the caller's envelope too: what the worker then publishes carries both).
         """
+        if envelope.WhichOneof("payload") == "run_state":
+            complete_run_state(envelope.run_state)
         with self._lock:
             fd = self._open_for_append()
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -154,6 +193,8 @@ class EventLog:
                 break
             env = events_pb2.EventEnvelope()
             env.ParseFromString(buf[pos + _HEADER.size : pos + _HEADER.size + n])
+            if env.WhichOneof("payload") == "run_state":
+                complete_run_state(env.run_state)  # logged before the enum existed
             out.append(env)
             pos += _HEADER.size + n
         return out, offset + pos
@@ -197,6 +238,17 @@ class RunRecord:
     worker_pid: int | None = None
     restarts: int = 0
     stop_requested: bool = False
+    stop_reason: str = ""
+    """The reason the first StopRun gave."""
+    stop_request_id: str | None = None
+    """The request_id of the first StopRun (a retry with it gets the same answer)."""
+    stop_requested_at: float | None = None
+    launcher: str = ""
+    """Which launcher started the run's worker ("local" or "kubernetes"; "" before one did)."""
+    worker: str = ""
+    """Where the worker runs: "pid <n>" or "job <namespace>/<name>"."""
+    event_delivery: events_pb2.EventDelivery | None = None
+    degradations: dict[str, int] = field(default_factory=dict)
 
     def to_proto(self) -> pb.Run:
         run = pb.Run(
@@ -210,8 +262,15 @@ class RunRecord:
             detail=self.detail,
             degraded=sorted(self.degraded),
             last_sequence=self.last_sequence,
+            stop_requested=self.stop_requested,
+            stop_reason=self.stop_reason,
+            degradations=self.degradations,
+            restarts=self.restarts,
+            worker=self.worker,
         )
-        run.config.CopyFrom(self.config)
+        if self.event_delivery is not None:
+            run.event_delivery.CopyFrom(self.event_delivery)
+        run.config.CopyFrom(effective_config(self.config))
         run.created_at.CopyFrom(_ts(self.created_at))
         run.updated_at.CopyFrom(_ts(self.updated_at))
         return run
@@ -219,6 +278,19 @@ class RunRecord:
     @property
     def ended(self) -> bool:
         return self.state in TERMINAL_STATES
+
+
+def effective_config(config: pb.RunConfig) -> pb.RunConfig:
+    """`config` as the run trains it: every default applied (width 1.0, decide_timeout
+    0.5 s, the optimizer and budget in full, ...) instead of proto3's zero values."""
+    from esper.tolaria.config import RunConfig, RunConfigError
+
+    try:
+        return RunConfig.from_proto(config).to_proto()
+    except RunConfigError:
+        # Stored by an older Tolaria whose rules this one no longer accepts: the record
+        # must still be readable, so it is shown as it was accepted then.
+        return config
 
 
 def _ts(t: float) -> Timestamp:
@@ -249,7 +321,17 @@ CREATE TABLE IF NOT EXISTS runs (
     stop_requested INTEGER NOT NULL
 )
 """
-_COLUMNS = ["run_id", "request_id", "config", "state", "epoch", "global_step", "val_accuracy", "val_loss", "parameters", "created_at", "updated_at", "detail", "degraded", "last_sequence", "worker_pid", "restarts", "stop_requested"]
+# Columns added after the first release, with the value older rows get (ALTER TABLE on open).
+_ADDED_COLUMNS: dict[str, str] = {
+    "stop_reason": "TEXT NOT NULL DEFAULT ''",
+    "stop_request_id": "TEXT",
+    "stop_requested_at": "REAL",
+    "launcher": "TEXT NOT NULL DEFAULT ''",
+    "worker": "TEXT NOT NULL DEFAULT ''",
+    "event_delivery": "BLOB",
+    "degradations": "TEXT NOT NULL DEFAULT '{}'",
+}
+_COLUMNS = ["run_id", "request_id", "config", "state", "epoch", "global_step", "val_accuracy", "val_loss", "parameters", "created_at", "updated_at", "detail", "degraded", "last_sequence", "worker_pid", "restarts", "stop_requested", *_ADDED_COLUMNS]
 
 
 class RunStore:
@@ -262,6 +344,11 @@ class RunStore:
         # A run record is the service's memory across restarts: commit durably.
         self._db = localdb.connect(root / "runs.sqlite", synchronous="FULL", isolation_level="")
         self._db.execute(_SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}
+        for name, decl in _ADDED_COLUMNS.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE runs ADD COLUMN {name} {decl}")
+        self._db.execute("CREATE INDEX IF NOT EXISTS runs_stop_request ON runs(stop_request_id)")
         self._db.commit()
         self._lock = threading.Lock()
 
@@ -380,6 +467,14 @@ class RunStore:
             token = json.dumps({"after": rows[-1][0]}).encode().hex()
         return records, token
 
+    def by_stop_request_id(self, request_id: str) -> RunRecord | None:
+        """The run a StopRun with this request_id stopped, if any."""
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM runs WHERE stop_request_id = ?", (request_id,)
+            ).fetchone()
+        return None if row is None else _from_row(row)
+
     def active(self) -> list[RunRecord]:
         """Runs not yet ended (to re-supervise after a service restart)."""
         with self._lock:
@@ -391,10 +486,18 @@ class RunStore:
 
 
 def apply_event(rec: RunRecord, env: events_pb2.EventEnvelope) -> None:
-    """Fold one event into the run record (the record is a view of the event log)."""
+    """Fold one event into the run record (the record is a view of the event log).
+
+    Folding an event the record has already seen (its sequence is not past the record's
+    `last_sequence`) changes nothing: the supervisor folds the events it writes itself at
+    once and again when it next follows the log.
+    """
+    new = env.sequence == 0 or env.sequence > rec.last_sequence
     rec.last_sequence = max(rec.last_sequence, env.sequence)
     rec.global_step = max(rec.global_step, env.step)
     kind = env.WhichOneof("payload")
+    if kind == "run_state":
+        complete_run_state(env.run_state)
     if kind == "epoch_metrics":
         m = env.epoch_metrics
         rec.epoch = m.epoch
@@ -402,15 +505,19 @@ def apply_event(rec: RunRecord, env: events_pb2.EventEnvelope) -> None:
         rec.val_loss = m.val_loss
         rec.parameters = m.parameters
     elif kind == "run_state":
-        state = STATE_BY_NAME.get(env.run_state.state)
-        if state is not None:
-            rec.state = state
+        if env.run_state.run_state:
+            rec.state = env.run_state.run_state
         if env.run_state.state == "running":
             # A worker is live again: a restart that was reported is over.
             rec.degraded = [c for c in rec.degraded if c != "worker"]
         rec.detail = env.run_state.detail
+    elif kind == "delivery":
+        rec.event_delivery = events_pb2.EventDelivery()
+        rec.event_delivery.CopyFrom(env.delivery)
     elif kind == "degradation":
         d = env.degradation
+        if new:
+            rec.degradations[d.component] = rec.degradations.get(d.component, 0) + 1
         if d.kind == "recovered":
             rec.degraded = [c for c in rec.degraded if c != d.component]
         elif d.component not in rec.degraded:
@@ -436,6 +543,13 @@ def _to_row(rec: RunRecord) -> tuple[object, ...]:
         rec.worker_pid,
         rec.restarts,
         int(rec.stop_requested),
+        rec.stop_reason,
+        rec.stop_request_id,
+        rec.stop_requested_at,
+        rec.launcher,
+        rec.worker,
+        None if rec.event_delivery is None else rec.event_delivery.SerializeToString(deterministic=True),
+        json.dumps(rec.degradations, sort_keys=True),
     )
 
 
@@ -461,6 +575,14 @@ def _from_row(row: tuple) -> RunRecord:
         worker_pid=d["worker_pid"],
         restarts=d["restarts"],
         stop_requested=bool(d["stop_requested"]),
+        stop_reason=d["stop_reason"],
+        stop_request_id=d["stop_request_id"],
+        stop_requested_at=d["stop_requested_at"],
+        launcher=d["launcher"],
+        worker=d["worker"],
+        event_delivery=(None if d["event_delivery"] is None
+                        else events_pb2.EventDelivery.FromString(d["event_delivery"])),
+        degradations={str(k): int(v) for k, v in json.loads(d["degradations"]).items()},
     )
 
 

@@ -10,17 +10,20 @@ service.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator
 from functools import partial
+from pathlib import Path
 
 import grpc
 from google.protobuf import unknown_fields
 from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import propagate
 
-from esper.errors import InvalidArgumentError
+from esper.errors import ConfigError, InvalidArgumentError
 from esper.jobs.errors import JobConfigError
 from esper.jobs.registry import JobInfo, JobRegistry
+from esper.runtime.auth import ENV_RUN_TOKEN_KEY_FILE, ENV_RUN_TOKEN_PUBLIC_KEY_FILE, RunTokenSigner
 from esper.runtime.spec import PlatformContext, ServiceSpec
 from esper.tolaria.runs import RunStore
 from esper.tolaria.supervisor import RunSupervisor, SupervisorConfig
@@ -126,10 +129,16 @@ class TolariaServicer(rpc.TolariaServiceServicer):
             yield pb.WatchRunResponse(event=env)
 
     async def StopRun(self, request: pb.StopRunRequest, context: grpc.aio.ServicerContext) -> pb.StopRunResponse:
+        rec = await self.sup.stop_run(request.run_id, request.reason,
+                                      request_id=request.request_id or None)
         requested = Timestamp()
-        requested.GetCurrentTime()
-        rec = await self.sup.stop_run(request.run_id, request.reason)
-        return pb.StopRunResponse(run=rec.to_proto(), requested_at=requested)
+        if rec.stop_requested_at is not None:
+            requested.FromNanoseconds(int(rec.stop_requested_at * 1e9))
+        else:  # stopped by a StopRun of a Tolaria that did not record the time yet
+            requested.GetCurrentTime()
+        # Not ended yet: it is headed for STOPPED (the worker checkpoints first).
+        expected = rec.state if rec.ended else pb.RUN_STATE_STOPPED
+        return pb.StopRunResponse(run=rec.to_proto(), requested_at=requested, expected_state=expected)
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext
                        ) -> pb.ListJobsResponse:
@@ -150,11 +159,17 @@ class TolariaServicer(rpc.TolariaServiceServicer):
 
 def create_service(ctx: PlatformContext) -> ServiceSpec:
     """Settings (``ctx.settings["tolaria"]``): ``supervisor`` (SupervisorConfig keys),
-    ``worker_args`` (extra worker command-line arguments, e.g. ``["--trusted-keys", path]``)
-    and ``jobs`` (job name → "package.module:function", the operator's own jobs; also
-    ``ESPER_TOLARIA_JOBS='{name: pkg.mod:func}'``)."""
+    ``worker_args`` (extra worker command-line arguments, e.g. ``["--trusted-keys", path]``),
+    ``jobs`` (job name → "package.module:function", the operator's own jobs; also
+    ``ESPER_TOLARIA_JOBS='{name: pkg.mod:func}'``) and ``run_token_key_file`` (the Ed25519
+    key that signs each worker's run token; default ``$ESPER_RUN_TOKEN_KEY_FILE``).
+
+    Raises:
+        ConfigError: auth is on (the context has a key) but no run-token key is given: a
+            worker would otherwise need one of the platform's own keys.
+    """
     settings = dict(ctx.settings.get("tolaria", {}))
-    allowed = ["jobs", "supervisor", "worker_args"]
+    allowed = ["jobs", "run_token_key_file", "supervisor", "worker_args"]
     unknown = sorted(set(settings) - set(allowed))
     if unknown:
         raise InvalidArgumentError(
@@ -169,6 +184,15 @@ def create_service(ctx: PlatformContext) -> ServiceSpec:
     worker_args = [str(a) for a in settings.get("worker_args", [])]
     if configured_jobs:
         worker_args += ["--jobs", json.dumps(configured_jobs)]
+    key_file = settings.get("run_token_key_file") or os.environ.get(ENV_RUN_TOKEN_KEY_FILE)
+    signer = RunTokenSigner.from_file(Path(key_file)) if key_file else None
+    if ctx.api_key is not None and signer is None:
+        raise ConfigError(
+            f"Tolaria runs with authentication but has no key to sign its workers' run tokens: "
+            f"set {ENV_RUN_TOKEN_KEY_FILE} (or tolaria.run_token_key_file) to an Ed25519 private "
+            "key (openssl genpkey -algorithm ed25519 -out run-token.pem) and give every service "
+            f"its public key in {ENV_RUN_TOKEN_PUBLIC_KEY_FILE} (openssl pkey -in run-token.pem "
+            "-pubout -out run-token.pub); `esper up` and deploy/k8s/make_secrets.py make the pair")
     store = RunStore(ctx.part_dir("tolaria"))
     sup = RunSupervisor(
         store,
@@ -178,6 +202,7 @@ def create_service(ctx: PlatformContext) -> ServiceSpec:
         validate=partial(validate_run_config, registry=registry),
         config=SupervisorConfig.from_dict(dict(sup_cfg)),
         worker_args=worker_args,
+        signer=signer,
     )
 
     async def on_start() -> None:

@@ -37,7 +37,14 @@ from opentelemetry import propagate, trace
 from esper.errors import EsperError, FailedPreconditionError
 from esper.runtime import tracing
 from esper.tolaria.outcomes import OutcomeReporter
-from esper.tolaria.runs import EventLog, new_envelope, read_config
+from esper.tolaria.runs import (
+    DELIVERY_SETTLE_S,
+    EventLog,
+    delivery_envelope,
+    is_terminal,
+    new_envelope,
+    read_config,
+)
 from generated.esper.oona.v1 import events_pb2
 
 log = logging.getLogger("esper.tolaria.worker")
@@ -58,11 +65,24 @@ class RunEvents:
         self._step = 0
         self._lock = threading.Lock()
         self.counts: dict[str, int] = {}
+        self._bus_degradations = 0
+        self._delivery_recorded = False
 
     def __call__(self, env: events_pb2.EventEnvelope) -> None:
         if not env.run_id:
             env.run_id = self.run_id
         kind = env.WhichOneof("payload") or ""
+        # --- supervisor (issue 10 point 5): the run's record shows how its events reached the
+        # bus *before* its terminal state: wait (bounded) for the bus, record the counters.
+        if kind == "degradation" and env.degradation.component == "oona":
+            self._bus_degradations += 1
+        if self.publisher is not None and is_terminal(env) and not self._delivery_recorded:
+            self._delivery_recorded = True
+            with self._lock:
+                step, epoch = self._step, self._epoch
+            self(delivery_envelope(self.run_id, self.publisher.settle(DELIVERY_SETTLE_S),
+                                   degradations=self._bus_degradations, step=step, epoch=epoch))
+        # --- end supervisor
         with self._lock:
             self._epoch = max(self._epoch, env.epoch)
             self._step = max(self._step, env.step)

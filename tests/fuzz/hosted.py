@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from esper.runtime.auth import AuthConfig
+from esper.runtime.auth import AuthConfig, RunTokenVerifier, ensure_run_token_keys
 from esper.runtime.host import Host, HostConfig
 from esper.runtime.spec import PARTS, PlatformContext
 from generated.esper.common.v1 import seed_pb2
@@ -110,6 +110,8 @@ def hosted_platform(data_dir: Path) -> Iterator[Platform]:
     target = f"127.0.0.1:{port}"
     keys_dir = data_dir / "trusted_keys"
     keys_dir.mkdir(parents=True, exist_ok=True)
+    # Tolaria signs its workers' run tokens with this key; every service accepts them.
+    run_token_key, run_token_pub = ensure_run_token_keys(data_dir / "run-token")
     ctx = PlatformContext(
         data_dir=data_dir,
         endpoints={part: target for part in PARTS},
@@ -119,10 +121,12 @@ def hosted_platform(data_dir: Path) -> Iterator[Platform]:
             "urza": {"trusted_keys_dir": str(keys_dir)},
             "tezzeret": {"trusted_keys_dir": str(keys_dir), "benchmark_iters": 2},
             "tolaria": {"supervisor": {"worker_module": WORKER, "poll_interval_s": 0.05},
+                        "run_token_key_file": str(run_token_key),
                         "worker_args": ["--epoch-seconds", "0.05"]},
         },
     )
-    auth = AuthConfig(keys={ADMIN: frozenset({"*"}), READER: frozenset({"urza:read"})})
+    auth = AuthConfig(keys={ADMIN: frozenset({"*"}), READER: frozenset({"urza:read"})},
+                      run_tokens=RunTokenVerifier.from_file(run_token_pub))
     loop = asyncio.new_event_loop()
     box: dict[str, Any] = {}
     started = threading.Event()

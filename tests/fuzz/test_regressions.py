@@ -24,7 +24,6 @@ from generated.esper.urza.v1 import urza_service_pb2 as urza_pb
 from tests.fuzz.hosted import ADMIN, SITE, Platform
 
 
-
 def call(p: Platform, path: str, request: Message) -> grpc.RpcError | None:
     with p.channel() as ch:
         try:

@@ -67,26 +67,6 @@ PLATFORM_ROOTS = ("grpc", "grpc_health", "grpc_reflection", "grpc_status", "grpc
 """Top-level packages of the `[platform]` extra: the library layer imports none of them."""
 
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
-    # ---- to be removed in part 2 (tolaria, tamiyo, grow); see docs/ARCHITECTURE.md --------
-    ("esper.tamiyo.fieldreports", "esper.tolaria.bench_growth"):
-        "in-process field-report collection moves to esper/experiments/",
-    ("esper.tamiyo.fieldreports", "esper.tolaria.inprocess"):
-        "in-process field-report collection moves to esper/experiments/",
-    ("esper.tamiyo.fieldreports", "esper.tolaria.trainer"):
-        "in-process field-report collection moves to esper/experiments/",
-    ("esper.tolaria.bench_growth", "esper.tamiyo.baselines"):
-        "the growth benchmark moves to esper/experiments/ (controllers through esper.grow)",
-    ("esper.tolaria.bench_growth", "esper.tamiyo.heuristic"):
-        "the growth benchmark moves to esper/experiments/ (controllers through esper.grow)",
-    ("esper.tolaria.inprocess", "esper.tamiyo.policy"):
-        "BuiltinKernels lives in esper.grow.kernels already; inprocess.py goes",
-    ("esper.tolaria.cli", "esper.demo"): "the demo and benchmarks register from the top floor",
-    ("esper.tolaria.cli", "esper.bench_controllers"):
-        "the demo and benchmarks register from the top floor",
-    ("esper.tolaria.worker", "generated.esper.tamiyo.v1.tamiyo_service_pb2_grpc"):
-        "the worker calls Tamiyo through esper.tamiyo.client",
-    ("esper.tolaria.client", "esper.runtime.cli"):
-        "find_platform becomes esper.runtime.endpoints.find_part('tolaria')",
 }
 
 

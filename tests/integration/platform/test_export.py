@@ -16,11 +16,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_export_of_a_platform_run_reloads_to_the_wrapped_models_outputs(tmp_path: Path) -> None:
+    from esper.experiments.demo import DemoConfig, benchmark_settings
     from esper.grow import load_exported
     from esper.tolaria.export import PlatformKernels, restore_run
     from esper.tolaria.trainer import build_job
-
-    from esper.experiments.demo import DemoConfig, benchmark_settings
 
     data = tmp_path / "state"
     # The demo's setup (the growth benchmark's heuristic and catalog): both seeds are

@@ -93,8 +93,8 @@ def test_bench_controllers_quick_writes_the_table_and_plot(tmp_path: Path) -> No
 
 
 def test_bench_controllers_refuses_to_evaluate_on_training_runs(tmp_path: Path) -> None:
-    from esper.experiments import controllers as bench_controllers
     from esper.errors import ConfigError
+    from esper.experiments import controllers as bench_controllers
 
     with pytest.raises(ConfigError, match=r"\('spirals', 0\)"):
         bench_controllers.main(["--quick", "--out", str(tmp_path), "--eval", "spirals:0-1", "--jobs", "1"])

@@ -32,17 +32,23 @@ VALIDATE = Path(sys.executable).parent / "kubernetes-validate"
 KUBECTL = shutil.which("kubectl")
 pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl (kustomize) is not installed")
 
-# Which part calls which RPCs of which other part: read off the code (esper/<part>/service.py
-# and the clients it builds; Tolaria's run worker for Tolaria). The scopes, the network
-# policies and the loopback cluster test all follow from it.
+# Which part calls which RPCs of which other part with its own key: read off the code
+# (esper/<part>/service.py and the clients it builds). The scopes, the network policies and
+# the loopback cluster test all follow from it.
 CALLS: dict[str, dict[str, tuple[str, ...]]] = {
-    "tolaria": {"tamiyo": ("GetPolicyInfo", "Decide"), "urza": ("GetKernel", "RecordOutcome"),
-                "tezzeret": ("EnsureKernels",)},
+    "tolaria": {"tamiyo": ("GetPolicyInfo",)},
     "tezzeret": {"urza": ("GetBlueprint", "QueryKernels", "PutBlueprint", "PutKernel")},
     "tamiyo": {"urza": ("QueryKernels",)},
     "karn": {"urza": ("ListBlueprints", "QueryKernels"), "tezzeret": ("Compile",)},
     "urza": {},
 }
+# What Tolaria's run workers call, with the run tokens Tolaria mints (never a part's key;
+# esper.tolaria.supervisor.worker_scopes). With the local launcher they run in Tolaria's pod,
+# so its network policy admits their connections too.
+WORKER_CALLS: dict[str, tuple[str, ...]] = {
+    "tamiyo": ("GetPolicyInfo", "Decide"), "urza": ("GetKernel", "QueryKernels", "RecordOutcome"),
+    # Kernels for a site Urza holds none for, compiled on demand (esper.urza.source).
+    "tezzeret": ("EnsureKernels",)}
 GRPC = 50051
 
 
@@ -188,6 +194,41 @@ def test_scopes_are_the_least_the_code_needs() -> None:
         if scopes:
             least[caller] = tuple(sorted(scopes))
     assert {p: tuple(sorted(s)) for p, s in make_secrets.SCOPES.items()} == least
+
+
+def test_run_tokens_grant_the_least_the_worker_needs() -> None:
+    from esper.tolaria.supervisor import worker_scopes
+
+    least = set()
+    for callee, methods in WORKER_CALLS.items():
+        assert set(methods) <= _methods(callee), callee
+        writes = _write_methods(callee)
+        least |= {f"{callee}:write" if m in writes else f"{callee}:read" for m in methods}
+    assert set(worker_scopes("heuristic", {"tamiyo": "t", "urza": "u", "tezzeret": "z"})) == least
+    # Without Tezzeret among the endpoints the token grants nothing of it.
+    assert set(worker_scopes("heuristic", {"tamiyo": "t", "urza": "u"})) == {
+        s for s in least if not s.startswith("tezzeret:")}
+    assert worker_scopes("none", {"tamiyo": "t", "urza": "u"}) == ()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_esper_pod_verifies_run_tokens_and_only_tolaria_can_mint_them(overlay: str) -> None:
+    for part in PARTS:
+        dep = get(overlay, "Deployment", part)
+        env = env_of(dep)
+        mounts = {m["mountPath"]: m for m in container(dep)["volumeMounts"]}
+        vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+        path = env["ESPER_RUN_TOKEN_PUBLIC_KEY_FILE"]["value"]
+        mount = mounts[os.path.dirname(path)]
+        assert mount["readOnly"] is True
+        assert vols[mount["name"]]["configMap"]["name"] == "esper-run-token-public-key"
+        if part == "tolaria":
+            key = env["ESPER_RUN_TOKEN_KEY_FILE"]["value"]
+            m = mounts[os.path.dirname(key)]
+            assert m["readOnly"] is True and vols[m["name"]]["secret"]["secretName"] == "esper-run-token-key"
+        else:
+            assert "ESPER_RUN_TOKEN_KEY_FILE" not in env
+            assert not any(v.get("secret", {}).get("secretName") == "esper-run-token-key" for v in vols.values())
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -365,13 +406,14 @@ def test_default_deny_with_exactly_the_data_flow(overlay: str) -> None:
     assert deny == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
     net = Net(overlay)
     needed = [(a, b, GRPC) for a, callees in CALLS.items() for b in callees]
+    needed += [("tolaria", b, GRPC) for b in WORKER_CALLS]  # the local launcher's workers
     needed += [("tolaria", "nats", 4222), ("esper-streams", "nats", 4222), ("nats", "nats", 6222),
                ("urza", "postgres", 5432), ("client", "nats", 4222), ("client", "jaeger", 16686)]
     needed += [(p, "jaeger", 4317) for p in PARTS] + [("client", p, GRPC) for p in PARTS]
     needed += [(w, "kube-dns", 53) for w in net.pods if net.pods[w][0] == "esper"]
     for src, dst, port in needed:
         assert net.allowed(src, dst, port), f"{overlay}: {src} -> {dst}:{port} is blocked"
-    calls = {(a, b) for a, callees in CALLS.items() for b in callees}
+    calls = {(a, b) for a, callees in CALLS.items() for b in callees} | {("tolaria", b) for b in WORKER_CALLS}
     forbidden = [(a, b, GRPC) for a in PARTS for b in PARTS if a != b and (a, b) not in calls]
     forbidden += [(p, "postgres", 5432) for p in PARTS if p != "urza"]
     forbidden += [(p, "nats", 4222) for p in PARTS if p != "tolaria"]

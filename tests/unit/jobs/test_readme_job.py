@@ -7,9 +7,9 @@ import sys
 import types
 from pathlib import Path
 
+from esper.grow import BuiltinKernels
 from esper.jobs.registry import JobRegistry
 from esper.tolaria.config import RunConfig
-from esper.grow import BuiltinKernels
 from esper.tolaria.trainer import build_job, build_trainer
 
 README = Path(__file__).resolve().parents[3] / "README.md"

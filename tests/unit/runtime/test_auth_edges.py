@@ -10,7 +10,14 @@ from __future__ import annotations
 import pytest
 
 from esper.errors import ConfigError
-from esper.runtime.auth import ENV_KEYS, ENV_KEYS_FILE, AuthConfig, KeyChecker, key_from_metadata, parse_keys
+from esper.runtime.auth import (
+    ENV_KEYS,
+    ENV_KEYS_FILE,
+    AuthConfig,
+    KeyChecker,
+    key_from_metadata,
+    parse_keys,
+)
 
 K1 = "k" * 15 + "1"  # exactly the 16-character minimum
 K2 = "0123456789abcdef-two"

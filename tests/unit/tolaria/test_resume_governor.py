@@ -121,22 +121,27 @@ def test_governor_rolls_back_on_nan_prunes_seeds_and_resets_optimizer(make_train
 
 
 def test_governor_detects_explosions_and_limits_rollbacks() -> None:
+    """NaN/Inf at once; a finite explosion once it lasts `patience` steps (a single noisy
+    step is not one: see test_governor.py); rollbacks judge afresh and are limited."""
     import pytest
 
     from esper.errors import ConfigError
     from esper.tolaria.governor import Governor, GovernorConfig, RunDivergedError
 
-    g = Governor(GovernorConfig(explosion_factor=5.0, window=10, min_history=3, max_rollbacks=1))
+    g = Governor(GovernorConfig(explosion_factor=5.0, window=10, patience=2, max_rollbacks=1))
     with pytest.raises(RunDivergedError, match="before any known-good state"):
         g.begin_rollback("loss is nan")
     assert g.check(float("inf")) == "loss is inf"
-    assert g.check(100.0) is None  # too little history to call anything an explosion
-    for loss in (1.0, 1.2, 0.9):
+    for loss in (1.0, 1.2, 0.8):
         assert g.check(loss) is None
-    why = g.check(60.0)
-    assert why is not None and "exceeds 5 × the running median 1.1" in why
+    assert g.baseline == pytest.approx(1.0)  # the first losses' plain mean
+    assert g.check(60.0) is None  # one step above 5 x the average: not yet
+    why = g.check(70.0)
+    assert why is not None and "5 × its moving average 1 for 2 steps in a row (60, 70)" in why
     g.remember(2, {"w": torch.ones(2)}, {"state": {}, "param_groups": []})
     assert g.begin_rollback(why).epoch == 2 and g.rollbacks == 1
+    # The restored epoch's loss level starts a new baseline instead of being judged by the old one.
+    assert g.check(4.0) is None and g.check(4.5) is None and g.baseline == pytest.approx(4.25)
     with pytest.raises(RunDivergedError, match="after 1 rollbacks"):
         g.begin_rollback("loss is nan")
     with pytest.raises(ConfigError, match="explosion_factor=1"):
@@ -174,14 +179,16 @@ def test_nested_state_round_trips_through_named_tensors_and_json(tmp_path) -> No
     assert math.isnan(back["loss"])
 
 
-def test_the_governor_keeps_its_rollbacks_and_recent_losses_across_a_resume() -> None:
+def test_the_governor_keeps_its_rollbacks_and_judgement_across_a_resume() -> None:
     from esper.tolaria.governor import Governor, GovernorConfig
 
-    g = Governor(GovernorConfig(explosion_factor=5.0, min_history=3, window=4))
-    for loss in (1.0, 1.0, 2.0, 1.0, 1.0):
-        g.check(loss)
+    cfg = GovernorConfig(explosion_factor=5.0, min_history=3, window=4, patience=3)
+    g = Governor(cfg)
+    for loss in (1.0, 1.0, 2.0, 1.0, 1.0, 50.0, 50.0):  # two divergent steps in a row so far
+        assert g.check(loss) is None
     g.rollbacks = 2
-    again = Governor(GovernorConfig(explosion_factor=5.0, min_history=3, window=4))
+    again = Governor(cfg)
     again.load_state_dict(g.state_dict())
-    assert again.rollbacks == 2 and again.state_dict() == {"rollbacks": 2, "recent": [1.0, 2.0, 1.0, 1.0]}
-    assert again.check(6.0) is not None  # judged against the same recent losses
+    assert again.rollbacks == 2 and again.state_dict() == g.state_dict()
+    assert again.state_dict()["streak"] == [50.0, 50.0] and again.seen == 5
+    assert again.check(50.0) is not None  # the third in a row: the streak survived the resume

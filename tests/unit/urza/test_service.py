@@ -200,19 +200,17 @@ def test_get_kernel_errors(client: UrzaClient, key: SigningKey) -> None:
         bad = blueprint("bottleneck_mlp")
         bad.ir.nodes[0].op = "system"
         client.put_blueprint(bad, timeout_s=5)
-    with pytest.raises(OutOfRangeError):
-        with grpc.insecure_channel(client.target) as ch:
-            try:
-                list(rpc.UrzaServiceStub(ch).GetKernel(
-                    pb.GetKernelRequest(kernel_id=kernel_id, offset=len(data) + 1),
-                    timeout=5, metadata=[("x-api-key", API_KEY)]))
-            except grpc.RpcError as e:
-                raise as_esper_error(e) from e
+    with pytest.raises(OutOfRangeError), grpc.insecure_channel(client.target) as ch:
+        try:
+            list(rpc.UrzaServiceStub(ch).GetKernel(
+                pb.GetKernelRequest(kernel_id=kernel_id, offset=len(data) + 1),
+                timeout=5, metadata=[("x-api-key", API_KEY)]))
+        except grpc.RpcError as e:
+            raise as_esper_error(e) from e
     # caller mistakes do not count against Urza's health
     assert client.breaker.failure_rate() == 0.0
 
 
 def test_calls_without_an_api_key_are_refused(target: str) -> None:
-    with UrzaClient(target, api_key=None) as anonymous:
-        with pytest.raises(AuthError):
-            anonymous.list_blueprints(5)
+    with UrzaClient(target, api_key=None) as anonymous, pytest.raises(AuthError):
+        anonymous.list_blueprints(5)

@@ -5,12 +5,28 @@ from generated.esper.common.v1 import health_pb2 as _health_pb2
 from generated.esper.common.v1 import seed_pb2 as _seed_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class RunState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RUN_STATE_UNSPECIFIED: _ClassVar[RunState]
+    RUN_STATE_PENDING: _ClassVar[RunState]
+    RUN_STATE_RUNNING: _ClassVar[RunState]
+    RUN_STATE_SUCCEEDED: _ClassVar[RunState]
+    RUN_STATE_FAILED: _ClassVar[RunState]
+    RUN_STATE_STOPPED: _ClassVar[RunState]
+RUN_STATE_UNSPECIFIED: RunState
+RUN_STATE_PENDING: RunState
+RUN_STATE_RUNNING: RunState
+RUN_STATE_SUCCEEDED: RunState
+RUN_STATE_FAILED: RunState
+RUN_STATE_STOPPED: RunState
 
 class LifecycleEvent(_message.Message):
     __slots__ = ("slot_id", "from_stage", "to_stage", "blueprint_id", "kernel_id", "reason", "alpha")
@@ -128,15 +144,33 @@ class KernelPublished(_message.Message):
     def __init__(self, kernel_id: _Optional[str] = ..., blueprint_id: _Optional[str] = ..., site: _Optional[_Union[_seed_pb2.SiteSignature, _Mapping]] = ..., parameters: _Optional[int] = ...) -> None: ...
 
 class RunStateChanged(_message.Message):
-    __slots__ = ("state", "detail")
+    __slots__ = ("state", "detail", "run_state")
     STATE_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    RUN_STATE_FIELD_NUMBER: _ClassVar[int]
     state: str
     detail: str
-    def __init__(self, state: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+    run_state: RunState
+    def __init__(self, state: _Optional[str] = ..., detail: _Optional[str] = ..., run_state: _Optional[_Union[RunState, str]] = ...) -> None: ...
+
+class EventDelivery(_message.Message):
+    __slots__ = ("published", "lost", "undelivered", "dropped", "rejected", "degradations")
+    PUBLISHED_FIELD_NUMBER: _ClassVar[int]
+    LOST_FIELD_NUMBER: _ClassVar[int]
+    UNDELIVERED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    DEGRADATIONS_FIELD_NUMBER: _ClassVar[int]
+    published: int
+    lost: int
+    undelivered: int
+    dropped: int
+    rejected: int
+    degradations: int
+    def __init__(self, published: _Optional[int] = ..., lost: _Optional[int] = ..., undelivered: _Optional[int] = ..., dropped: _Optional[int] = ..., rejected: _Optional[int] = ..., degradations: _Optional[int] = ...) -> None: ...
 
 class EventEnvelope(_message.Message):
-    __slots__ = ("event_id", "run_id", "step", "epoch", "emitted_at", "source", "sequence", "lifecycle", "gate", "decision", "epoch_metrics", "degradation", "kernel_published", "run_state", "health")
+    __slots__ = ("event_id", "run_id", "step", "epoch", "emitted_at", "source", "sequence", "lifecycle", "gate", "decision", "epoch_metrics", "degradation", "kernel_published", "run_state", "health", "delivery")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +186,7 @@ class EventEnvelope(_message.Message):
     KERNEL_PUBLISHED_FIELD_NUMBER: _ClassVar[int]
     RUN_STATE_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     run_id: str
     step: int
@@ -167,4 +202,5 @@ class EventEnvelope(_message.Message):
     kernel_published: KernelPublished
     run_state: RunStateChanged
     health: _health_pb2.HealthSnapshot
-    def __init__(self, event_id: _Optional[str] = ..., run_id: _Optional[str] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., emitted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., sequence: _Optional[int] = ..., lifecycle: _Optional[_Union[LifecycleEvent, _Mapping]] = ..., gate: _Optional[_Union[GateEvent, _Mapping]] = ..., decision: _Optional[_Union[DecisionEvent, _Mapping]] = ..., epoch_metrics: _Optional[_Union[EpochMetrics, _Mapping]] = ..., degradation: _Optional[_Union[DegradationEvent, _Mapping]] = ..., kernel_published: _Optional[_Union[KernelPublished, _Mapping]] = ..., run_state: _Optional[_Union[RunStateChanged, _Mapping]] = ..., health: _Optional[_Union[_health_pb2.HealthSnapshot, _Mapping]] = ...) -> None: ...
+    delivery: EventDelivery
+    def __init__(self, event_id: _Optional[str] = ..., run_id: _Optional[str] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., emitted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., sequence: _Optional[int] = ..., lifecycle: _Optional[_Union[LifecycleEvent, _Mapping]] = ..., gate: _Optional[_Union[GateEvent, _Mapping]] = ..., decision: _Optional[_Union[DecisionEvent, _Mapping]] = ..., epoch_metrics: _Optional[_Union[EpochMetrics, _Mapping]] = ..., degradation: _Optional[_Union[DegradationEvent, _Mapping]] = ..., kernel_published: _Optional[_Union[KernelPublished, _Mapping]] = ..., run_state: _Optional[_Union[RunStateChanged, _Mapping]] = ..., health: _Optional[_Union[_health_pb2.HealthSnapshot, _Mapping]] = ..., delivery: _Optional[_Union[EventDelivery, _Mapping]] = ...) -> None: ...

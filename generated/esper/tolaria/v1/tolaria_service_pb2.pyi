@@ -54,8 +54,18 @@ class GrowthBudget(_message.Message):
     max_added_parameters: int
     def __init__(self, max_seeds: _Optional[int] = ..., max_added_parameters: _Optional[int] = ...) -> None: ...
 
+class RunResources(_message.Message):
+    __slots__ = ("gpus", "cpu_millis", "memory_mib")
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    CPU_MILLIS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
+    gpus: int
+    cpu_millis: int
+    memory_mib: int
+    def __init__(self, gpus: _Optional[int] = ..., cpu_millis: _Optional[int] = ..., memory_mib: _Optional[int] = ...) -> None: ...
+
 class RunConfig(_message.Message):
-    __slots__ = ("task", "host", "sites", "controller", "budget", "epochs", "seed", "optimizer", "batch_size", "checkpoint_every", "decide_timeout", "width", "labels", "job", "job_params")
+    __slots__ = ("task", "host", "sites", "controller", "budget", "epochs", "seed", "optimizer", "batch_size", "checkpoint_every", "decide_timeout", "width", "labels", "job", "job_params", "resources")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +95,7 @@ class RunConfig(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
     JOB_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
     task: str
     host: str
     sites: _containers.RepeatedScalarFieldContainer[str]
@@ -100,10 +111,18 @@ class RunConfig(_message.Message):
     labels: _containers.ScalarMap[str, str]
     job: str
     job_params: _containers.ScalarMap[str, str]
-    def __init__(self, task: _Optional[str] = ..., host: _Optional[str] = ..., sites: _Optional[_Iterable[str]] = ..., controller: _Optional[str] = ..., budget: _Optional[_Union[GrowthBudget, _Mapping]] = ..., epochs: _Optional[int] = ..., seed: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., batch_size: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., decide_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., width: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., job: _Optional[str] = ..., job_params: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    resources: RunResources
+    def __init__(self, task: _Optional[str] = ..., host: _Optional[str] = ..., sites: _Optional[_Iterable[str]] = ..., controller: _Optional[str] = ..., budget: _Optional[_Union[GrowthBudget, _Mapping]] = ..., epochs: _Optional[int] = ..., seed: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., batch_size: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., decide_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., width: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., job: _Optional[str] = ..., job_params: _Optional[_Mapping[str, str]] = ..., resources: _Optional[_Union[RunResources, _Mapping]] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("run_id", "config", "state", "epoch", "global_step", "val_accuracy", "val_loss", "parameters", "created_at", "updated_at", "detail", "degraded", "last_sequence")
+    __slots__ = ("run_id", "config", "state", "epoch", "global_step", "val_accuracy", "val_loss", "parameters", "created_at", "updated_at", "detail", "degraded", "last_sequence", "stop_requested", "stop_reason", "event_delivery", "degradations", "restarts", "worker")
+    class DegradationsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +136,12 @@ class Run(_message.Message):
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    STOP_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    EVENT_DELIVERY_FIELD_NUMBER: _ClassVar[int]
+    DEGRADATIONS_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     config: RunConfig
     state: RunState
@@ -130,7 +155,13 @@ class Run(_message.Message):
     detail: str
     degraded: _containers.RepeatedScalarFieldContainer[str]
     last_sequence: int
-    def __init__(self, run_id: _Optional[str] = ..., config: _Optional[_Union[RunConfig, _Mapping]] = ..., state: _Optional[_Union[RunState, str]] = ..., epoch: _Optional[int] = ..., global_step: _Optional[int] = ..., val_accuracy: _Optional[float] = ..., val_loss: _Optional[float] = ..., parameters: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., detail: _Optional[str] = ..., degraded: _Optional[_Iterable[str]] = ..., last_sequence: _Optional[int] = ...) -> None: ...
+    stop_requested: bool
+    stop_reason: str
+    event_delivery: _events_pb2.EventDelivery
+    degradations: _containers.ScalarMap[str, int]
+    restarts: int
+    worker: str
+    def __init__(self, run_id: _Optional[str] = ..., config: _Optional[_Union[RunConfig, _Mapping]] = ..., state: _Optional[_Union[RunState, str]] = ..., epoch: _Optional[int] = ..., global_step: _Optional[int] = ..., val_accuracy: _Optional[float] = ..., val_loss: _Optional[float] = ..., parameters: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., detail: _Optional[str] = ..., degraded: _Optional[_Iterable[str]] = ..., last_sequence: _Optional[int] = ..., stop_requested: _Optional[bool] = ..., stop_reason: _Optional[str] = ..., event_delivery: _Optional[_Union[_events_pb2.EventDelivery, _Mapping]] = ..., degradations: _Optional[_Mapping[str, int]] = ..., restarts: _Optional[int] = ..., worker: _Optional[str] = ...) -> None: ...
 
 class StartRunRequest(_message.Message):
     __slots__ = ("request_id", "config")
@@ -201,12 +232,14 @@ class StopRunRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., run_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class StopRunResponse(_message.Message):
-    __slots__ = ("run", "requested_at")
+    __slots__ = ("run", "requested_at", "expected_state")
     RUN_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_STATE_FIELD_NUMBER: _ClassVar[int]
     run: Run
     requested_at: _timestamp_pb2.Timestamp
-    def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ..., requested_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    expected_state: RunState
+    def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ..., requested_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expected_state: _Optional[_Union[RunState, str]] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
     __slots__ = ("page_size", "page_token")

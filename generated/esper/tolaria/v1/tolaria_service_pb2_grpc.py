@@ -77,8 +77,12 @@ class TolariaServiceServicer:
         that is not registered (the message lists the registered ones), `config.job_params.<name>`
         for an unknown, missing or ill-typed job parameter, `config.task`/`host`/`sites[i]`,
         a negative budget, ...; FAILED_PRECONDITION if the job is registered but cannot be
-        imported (the operator's registration is broken); RESOURCE_EXHAUSTED if the worker
-        pool is full. A job that raises while it builds its model or data is not an error
+        imported (the operator's registration is broken); FAILED_PRECONDITION naming
+        `config.controller` if the platform's Tamiyo serves another policy than the run asks
+        for (when Tamiyo cannot be asked within a short deadline the run is accepted and
+        `Run.detail` says so), or naming `config.resources.gpus` if this Tolaria's launcher
+        cannot place a GPU; RESOURCE_EXHAUSTED if the worker pool is full (runs that ended
+        never count). A job that raises while it builds its model or data is not an error
         here: the run ends FAILED with the job's error in `Run.detail`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -86,7 +90,8 @@ class TolariaServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetRun(self, request, context):
-        """Errors: NOT_FOUND if no run has that id.
+        """The run as of its last logged event, with its effective config (defaults applied).
+        Errors: NOT_FOUND if no run has that id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,8 +113,12 @@ class TolariaServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StopRun(self, request, context):
-        """Ask a run to stop at its next step boundary (a checkpoint is written).
-        Errors: NOT_FOUND if no run has that id; FAILED_PRECONDITION if it already ended.
+        """Ask a run to stop at its next step boundary (a checkpoint is written). Idempotent on
+        request_id: a retry gets the same answer, even once the run has stopped. The reason is
+        recorded (`Run.stop_reason`); the reply says the state the run is headed for.
+        Errors: NOT_FOUND if no run has that id; FAILED_PRECONDITION if it already ended (and
+        this is not a retry of the request that stopped it); ALREADY_EXISTS if request_id was
+        used to stop another run.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

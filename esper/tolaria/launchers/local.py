@@ -1,0 +1,169 @@
+"""Workers as processes on Tolaria's machine: forked from a preloaded helper, or spawned.
+
+"fork" (the default) keeps a helper (esper.tolaria.forkserver) that imported the worker
+module and ran its `preload()`, and forks it per run: StartRun → first epoch in about a
+second instead of ten. "spawn" starts a fresh interpreter. Either way a run is its own
+process with its own pid, and its environment is Tolaria's minus every credential
+(`worker_environment`) plus the run's own token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from esper.tolaria.forkserver import ForkedWorker, ForkServer
+from esper.tolaria.launchers import LaunchSpec, Worker, worker_environment
+
+log = logging.getLogger(__name__)
+
+
+class LocalWorker(Worker):
+    """A worker process this Tolaria started (its child, or the fork server's)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes] | ForkedWorker, how: str) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.name = f"pid {proc.pid}"
+        self.how = how
+        """"forked" or "spawned ..." (for the log)."""
+
+    def exit_status(self) -> tuple[bool, str]:
+        rc = self.proc.poll()
+        if rc is None:
+            return False, ""
+        # A forked worker whose fork server died first: gone, status unknown.
+        return True, describe_rc(None if getattr(self.proc, "lost", False) else rc)
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.proc.wait(timeout)
+
+    def send_signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    async def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    async def kill(self) -> None:
+        self.proc.kill()
+
+    async def reap(self, grace_s: float) -> None:
+        await asyncio.to_thread(_reap, self.proc, grace_s)
+
+
+class AdoptedWorker(Worker):
+    """A live worker of an earlier Tolaria process: not our child, watched by its pid."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.name = f"pid {pid}"
+
+    def exit_status(self) -> tuple[bool, str]:
+        return (not alive(self.pid)), describe_rc(None)
+
+    async def terminate(self) -> None:
+        if alive(self.pid):
+            os.kill(self.pid, signal.SIGTERM)
+
+    async def kill(self) -> None:
+        if alive(self.pid):
+            os.kill(self.pid, signal.SIGKILL)
+
+    async def reap(self, grace_s: float) -> None:
+        return None  # not ours to wait for
+
+
+class LocalLauncher:
+    """Starts workers on this machine ("fork" through the fork server, or "spawn")."""
+
+    kind = "local"
+    places_gpus = False
+
+    def __init__(self, mode: str, module: str, *, fork_wait_s: float = 60.0) -> None:
+        self.mode = mode
+        self.fork_wait_s = fork_wait_s
+        # The helper's own environment is what every forked worker's /proc/<pid>/environ
+        # shows: it gets the scrubbed one, never Tolaria's keys.
+        self.forks = ForkServer(module, env=worker_environment(os.environ, {})) if mode == "fork" else None
+
+    def start(self) -> None:
+        """Start the fork server now, so it is preloaded by the time runs come."""
+        if self.forks is not None:
+            self.forks.start()
+
+    async def wait_ready(self) -> None:
+        """Right after the service started the fork server is still preloading: waiting for
+        it beats spawning a worker that imports torch alongside it on the same cores."""
+        if self.forks is not None and self.forks.alive() and not self.forks.ready():
+            await asyncio.to_thread(self.forks.wait_ready, self.fork_wait_s)
+
+    async def launch(self, spec: LaunchSpec) -> LocalWorker:
+        env = worker_environment(os.environ, spec.env)
+        argv = list(spec.argv)
+        log_path = spec.run_dir / "worker.log"
+        proc: subprocess.Popen[bytes] | ForkedWorker | None = None
+        how = "spawned"
+        if self.forks is not None:
+            proc = self.forks.spawn(argv, env=env, log_path=log_path)
+            how = "forked" if proc is not None else "spawned (the fork server is not ready)"
+        if proc is None:
+            # Both return at once (a local file, a fork+exec): no reason to leave the loop.
+            out = open(log_path, "ab")  # noqa: SIM115, ASYNC230 - handed to the child
+            try:
+                proc = subprocess.Popen(  # noqa: ASYNC220
+                    [sys.executable, "-m", spec.module, *argv], env=env, stdout=out,
+                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            finally:
+                out.close()
+        return LocalWorker(proc, how)
+
+    async def cleanup(self, run_id: str) -> None:
+        """Nothing outlives a local worker: its credential was only in its environment."""
+
+    def close(self) -> None:
+        if self.forks is not None:
+            self.forks.close()
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` is a running process (a zombie, exited but not yet reaped, is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        # /proc/<pid>/stat: "pid (comm) S ..."; comm may hold spaces, the state follows ")".
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # no procfs: kill(0) is all we know
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _reap(proc: subprocess.Popen[bytes] | ForkedWorker, grace_s: float) -> None:
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        log.warning("worker pid %d still alive after its run ended; killing it", proc.pid)
+        proc.kill()
+        proc.wait()
+
+
+def describe_rc(rc: int | None) -> str:
+    if rc is None:
+        return "an unknown status"
+    if rc < 0:
+        return f"signal {signal.Signals(-rc).name}"
+    return f"status {rc}"
