@@ -24,6 +24,9 @@ the dataclass, recursively, driven by the field annotations:
 * every failure is one `ConfigError` that names the dotted key path (also in
   `metadata["configKey"]`): an unknown key (with the keys allowed there), a missing
   required key, a value of the wrong type, or the `ValueError` a `__post_init__` raised.
+* a `__post_init__` that checks one field among several (a bound that depends on another
+  field, or a key inside a mapping) raises `FieldError(key, message)`, a `ValueError`
+  whose key `from_dict` adds to the path it names ("optimizer.warmup_epochs").
 * `field(metadata={PARSE: fn})` runs `fn` on the raw value first (e.g. a comma-separated
   string of URLs into a tuple), for a field whose YAML form is not its Python type.
 
@@ -60,6 +63,19 @@ PARSE = "esper.config.parse"
 
 ErrorFactory = Callable[[str, str], Exception]
 """(message, dotted key path) → the exception `from_dict` raises."""
+
+
+class FieldError(ValueError):
+    """A `__post_init__`'s ValueError about one field (`key`, dotted below the dataclass).
+
+    Direct construction shows "key: message"; `from_dict` names the full dotted path
+    ("budget.max_seeds: ...") and passes that path to its error factory.
+    """
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
 
 
 def config_error(message: str, key: str) -> ConfigError:
@@ -180,10 +196,15 @@ def _build(cls: type[T], data: Any, where: _Where) -> T:
 
 def _wrapped(where: _Where, e: Exception) -> Exception:
     """A `__post_init__`'s (or a parser's) error with the key path in front of it."""
+    if isinstance(e, FieldError):
+        where = where.at(e.key)
+        text = e.message
+    else:
+        text = str(e)
     full = where.full
     if isinstance(e, ConfigError) and not full:
         return e
-    message = f"{full}: {e}" if full else str(e)
+    message = f"{full}: {text}" if full else text
     out = where.fail(message)
     if isinstance(e, ConfigError) and isinstance(out, ConfigError):
         out.metadata = {**e.metadata, **out.metadata}
@@ -459,5 +480,5 @@ def _to_wire(pf: Any, value: Any, target: Any) -> None:
         target.CopyFrom(value)
 
 
-__all__ = ["PARSE", "ErrorFactory", "config_error", "from_dict", "from_message",
+__all__ = ["PARSE", "ErrorFactory", "FieldError", "config_error", "from_dict", "from_message",
            "message_to_dict", "reject_unknown_keys", "replace", "to_dict", "to_message"]

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from esper.config import reject_unknown_keys
-from esper.errors import ConfigError
+from esper import config as _config
 
 
 def _int(name: str, value: Any, lo: int, *, optional: bool = False) -> None:
@@ -16,7 +14,7 @@ def _int(name: str, value: Any, lo: int, *, optional: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         allowed = f"an integer >= {lo}" + (" or None" if optional else "")
-        raise ConfigError(f"GrowthConfig.{name}={value!r} must be {allowed}")
+        raise ValueError(f"GrowthConfig.{name}={value!r} must be {allowed}")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -68,22 +66,19 @@ class GrowthConfig:
         _int("probe_steps", self.probe_steps, 0)
         _int("probe_max_kernels", self.probe_max_kernels, 1)
         if self.probe_max_kernels > 128:  # HealthSnapshot.probes' bound
-            raise ConfigError(f"GrowthConfig.probe_max_kernels={self.probe_max_kernels} must be "
+            raise ValueError(f"GrowthConfig.probe_max_kernels={self.probe_max_kernels} must be "
                               "<= 128 (a snapshot carries at most 128 probes)")
         for name, lo, hi in (("probe_lr", 0.0, 10.0), ("probe_fit_fraction", 0.0, 1.0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not lo < v < hi:
-                raise ConfigError(f"GrowthConfig.{name}={v!r} must be a number in ({lo:g}, {hi:g})")
+                raise ValueError(f"GrowthConfig.{name}={v!r} must be a number in ({lo:g}, {hi:g})")
         if not isinstance(self.task, str) or len(self.task) > 128:
-            raise ConfigError(f"GrowthConfig.task={self.task!r} must be a string of at most 128 characters")
+            raise ValueError(f"GrowthConfig.task={self.task!r} must be a string of at most 128 characters")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GrowthConfig:
-        """Build from a mapping (e.g. parsed YAML); unknown keys are a `ConfigError`."""
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"GrowthConfig expects a mapping, got {type(data).__name__}")
-        reject_unknown_keys(cls, data, "GrowthConfig key(s)")
-        return cls(**dict(data))
+        """Build from a mapping (e.g. parsed YAML); unknown keys and bad values are a `ConfigError`."""
+        return _config.from_dict(cls, data, what="GrowthConfig key(s)")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return _config.to_dict(self)

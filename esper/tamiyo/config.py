@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from esper.tamiyo._config import config_from_dict
+from esper.config import from_dict
 
 POLICIES: tuple[str, ...] = ("heuristic", "random", "fixed", "gnn")
 
@@ -62,4 +62,4 @@ class TamiyoConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> TamiyoConfig:
-        return config_from_dict(cls, data, where="tamiyo")
+        return from_dict(cls, data, what="tamiyo key(s)", path="tamiyo")

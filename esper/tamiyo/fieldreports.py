@@ -34,8 +34,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from esper.config import from_dict
 from esper.errors import ConfigError
-from esper.tamiyo._config import config_from_dict
 from esper.tamiyo.policy import (
     FOSSILIZE,
     GERMINATE,
@@ -303,7 +303,7 @@ class RewardConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> RewardConfig:
-        return config_from_dict(cls, data, where="tamiyo.reward")
+        return from_dict(cls, data, what="tamiyo.reward key(s)", path="tamiyo.reward")
 
 
 @dataclass(kw_only=True)

@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from esper.errors import ConfigError, FailedPreconditionError
+from esper.errors import FailedPreconditionError
 
 FORMAT = "esper.tolaria.checkpoint/2"
 _NAME = re.compile(r"^ckpt-(\d{6})\.safetensors$")
@@ -179,9 +179,9 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 0:
-            raise ConfigError(f"CheckpointConfig.every={self.every!r} must be an integer >= 0")
+            raise ValueError(f"CheckpointConfig.every={self.every!r} must be an integer >= 0")
         if isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 1:
-            raise ConfigError(f"CheckpointConfig.keep={self.keep!r} must be an integer >= 1")
+            raise ValueError(f"CheckpointConfig.keep={self.keep!r} must be an integer >= 1")
         object.__setattr__(self, "directory", Path(self.directory))
 
     def build(self) -> Checkpointer:

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from esper.errors import ConfigError, FailedPreconditionError
+from esper.errors import FailedPreconditionError
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -58,11 +58,11 @@ class GovernorConfig:
     def __post_init__(self) -> None:
         f = self.explosion_factor
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f <= 1:
-            raise ConfigError(f"GovernorConfig.explosion_factor={f!r} must be a finite number > 1")
+            raise ValueError(f"GovernorConfig.explosion_factor={f!r} must be a finite number > 1")
         for name, lo in (("window", 1), ("min_history", 1), ("patience", 1), ("max_rollbacks", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ConfigError(f"GovernorConfig.{name}={v!r} must be an integer >= {lo}")
+                raise ValueError(f"GovernorConfig.{name}={v!r} must be an integer >= {lo}")
 
 
 class RunDivergedError(FailedPreconditionError):

@@ -20,11 +20,11 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from esper.config import reject_unknown_keys
+from esper.config import from_dict
 from esper.errors import (
     AlreadyExistsError,
     EsperError,
@@ -114,12 +114,8 @@ class SupervisorConfig:
             raise ValueError(f"policy_check_timeout_s={self.policy_check_timeout_s!r}: must be in (0, 30]")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SupervisorConfig:
-        reject_unknown_keys(cls, data, "tolaria supervisor settings")
-        data = dict(data)
-        if isinstance(data.get("kubernetes"), dict):
-            data["kubernetes"] = KubernetesConfig.from_dict(data["kubernetes"])
-        return cls(**data)
+    def from_dict(cls, data: Mapping[str, Any] | None) -> SupervisorConfig:
+        return from_dict(cls, data, what="tolaria supervisor settings")
 
 
 def worker_scopes(controller: str, endpoints: dict[str, str]) -> tuple[str, ...]:

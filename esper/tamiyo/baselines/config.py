@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from esper.tamiyo._config import config_from_dict
+from esper.config import from_dict
 
 
 def _probability(name: str, v: object) -> None:
@@ -42,7 +42,7 @@ class RandomConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> RandomConfig:
-        return config_from_dict(cls, data, where="tamiyo.random")
+        return from_dict(cls, data, what="tamiyo.random key(s)", path="tamiyo.random")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -70,4 +70,4 @@ class FixedConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> FixedConfig:
-        return config_from_dict(cls, data, where="tamiyo.fixed")
+        return from_dict(cls, data, what="tamiyo.fixed key(s)", path="tamiyo.fixed")

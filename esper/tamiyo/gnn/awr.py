@@ -61,13 +61,13 @@ class AwrConfig:
         for name in ("beta", "max_weight", "lr"):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
-                raise ConfigError(f"awr {name}={v!r} must be a finite number > 0")
+                raise ValueError(f"awr {name}={v!r} must be a finite number > 0")
         if self.max_weight < 1:
-            raise ConfigError(f"awr max_weight={self.max_weight!r} must be >= 1 (weights of average actions are ~1)")
+            raise ValueError(f"awr max_weight={self.max_weight!r} must be >= 1 (weights of average actions are ~1)")
         for name in ("steps", "value_folds"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"awr {name}={v!r} must be an integer >= 1")
+                raise ValueError(f"awr {name}={v!r} must be an integer >= 1")
 
 
 def awr_weights(returns: torch.Tensor, values: torch.Tensor, *, beta: float, max_weight: float) -> torch.Tensor:

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from esper.blueprints.artifact import SigningKey
+from esper.config import from_dict
 from esper.errors import ConfigError
-from esper.tamiyo._config import config_from_dict
 from esper.tamiyo.fieldreports import RewardConfig, RunReport
 from esper.tamiyo.gnn.awr import AwrConfig, behaviour_examples, teacher_examples, train_awr
 from esper.tamiyo.gnn.io import _atomic_write, save_policy
@@ -59,12 +59,12 @@ class TrainSpec:
     """Synthetic heuristic-labelled boundaries for the imitation stage."""
     imitation_steps: int = 200
     """Optimizer steps of the imitation stage (per member)."""
-    net: Mapping[str, Any] = field(default_factory=dict)
-    """`NetConfig` keys (hidden, heads, layers, blueprint_dim, members)."""
-    awr: Mapping[str, Any] = field(default_factory=dict)
-    """`AwrConfig` keys (beta, max_weight, steps, lr)."""
-    reward: Mapping[str, Any] = field(default_factory=dict)
-    """`RewardConfig` keys (contribution_scale, accuracy_weight, parameter_rent, gate_penalty)."""
+    net: NetConfig = field(default_factory=NetConfig)
+    """Architecture of the members (hidden, heads, layers, blueprint_dim, members)."""
+    awr: AwrConfig = field(default_factory=AwrConfig)
+    """The advantage-weighted stage (beta, max_weight, steps, lr, value_folds)."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Rewards of the field reports (contribution_scale, accuracy_weight, parameter_rent, gate_penalty)."""
     seed: int = 0
     """Seed of the synthetic data and the members' initialisation."""
 
@@ -83,14 +83,10 @@ class TrainSpec:
                 raise ValueError(f"{name}={v!r} must be an integer >= 1")
         if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 2):
             raise ValueError(f"epochs={self.epochs!r} must be an integer >= 2 or None")
-        # Fail on a typo before any training starts.
-        NetConfig(**dict(self.net))
-        AwrConfig(**dict(self.awr))
-        RewardConfig.from_dict(self.reward)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> TrainSpec:
-        return config_from_dict(cls, data, where="tamiyo train")
+        return from_dict(cls, data, what="tamiyo train key(s)")
 
 
 @dataclass(kw_only=True)
@@ -146,19 +142,19 @@ def train_policy(
     torch.set_num_threads(1)
     t0 = time.monotonic()
     reports = list(reports) + (collect(spec, collector, progress) if spec.collect_runs else [])
-    reward = RewardConfig.from_dict(spec.reward)
+    reward = spec.reward
     synthetic = synthetic_examples(spec.synthetic, seed=spec.seed * 2 + 1, teacher_config=TEACHER)
     held = synthetic_examples(max(spec.synthetic // 3, 50), seed=spec.seed * 2 + 2, teacher_config=TEACHER)
     field_teacher = teacher_examples(reports, TEACHER, reward)
     behaviour = behaviour_examples(reports, reward)
     vocab = sorted({k.blueprint_id for e in [*synthetic, *behaviour] for ks in e.candidates.values() for k in ks})
-    ens = Ensemble(NetConfig(**dict(spec.net)), vocab, seed=spec.seed)
+    ens = Ensemble(spec.net, vocab, seed=spec.seed)
     training: dict[str, Any] = {"spec": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(spec).items()},
                                 "synthetic_examples": len(synthetic)}
     if behaviour:
         progress(f"training: imitation on {len(synthetic)} synthetic + {len(field_teacher)} field boundaries, "
                  f"then AWR on {len(behaviour)} behaviour boundaries from {len(reports)} run(s)")
-        result = train_awr(ens, behaviour, [*synthetic, *field_teacher], config=AwrConfig(**dict(spec.awr)),
+        result = train_awr(ens, behaviour, [*synthetic, *field_teacher], config=spec.awr,
                            imitation_steps=spec.imitation_steps, seed=spec.seed)
         weights = sorted(result.weights)
         training.update({
@@ -175,7 +171,7 @@ def train_policy(
             "awr_weight_max": weights[-1],
             "final_losses": result.awr_losses,
             "reward": asdict(reward),
-            "awr": asdict(AwrConfig(**dict(spec.awr))),
+            "awr": asdict(spec.awr),
         })
         progress(f"  value head MSE against returns: {result.value_mse_before:.3f} untrained → {result.value_mse:.3f}; "
                  f"AWR weights median {training['awr_weight_median']:.2f}, max {weights[-1]:.2f}")

@@ -28,7 +28,6 @@ from torch.func import functional_call, stack_module_state, vmap
 from torch_geometric.nn import GATv2Conv, global_mean_pool
 from torch_geometric.utils import softmax as segment_softmax
 
-from esper.errors import ConfigError
 from esper.tamiyo.gnn.features import GLOBAL_FEATURES, NODE_FEATURES
 from esper.tamiyo.policy import KernelCandidate
 
@@ -55,9 +54,9 @@ class NetConfig:
         for name in ("hidden", "heads", "layers", "blueprint_dim", "members"):
             v = getattr(self, name)
             if not (isinstance(v, int) and 1 <= v <= 1024):
-                raise ConfigError(f"gnn net {name}={v!r} must be an integer in [1, 1024]")
+                raise ValueError(f"gnn net {name}={v!r} must be an integer in [1, 1024]")
         if self.hidden % self.heads:
-            raise ConfigError(f"gnn net hidden={self.hidden} must be divisible by heads={self.heads}")
+            raise ValueError(f"gnn net hidden={self.hidden} must be divisible by heads={self.heads}")
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from esper.tamiyo._config import config_from_dict
+from esper.config import from_dict
 from esper.tamiyo.gnn.features import build_graph
 from esper.tamiyo.gnn.io import load_policy, trusted_keys_for
 from esper.tamiyo.gnn.model import ACTIONS, Ensemble, kernel_features
@@ -67,7 +67,7 @@ class GnnConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> GnnConfig:
-        return config_from_dict(cls, data, where="tamiyo.gnn")
+        return from_dict(cls, data, what="tamiyo.gnn key(s)", path="tamiyo.gnn")
 
 
 @dataclass(kw_only=True)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from esper.tamiyo._config import config_from_dict
+from esper.config import from_dict
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -104,4 +104,4 @@ class HeuristicConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> HeuristicConfig:
-        return config_from_dict(cls, data, where="tamiyo.heuristic")
+        return from_dict(cls, data, what="tamiyo.heuristic key(s)", path="tamiyo.heuristic")

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from esper.config import reject_unknown_keys
+from esper.config import from_dict
 from esper.errors import ConfigError, EsperError, FailedPreconditionError, UnavailableError
 from esper.tolaria.launchers import SECRET_ENV, LaunchSpec, Worker
 
@@ -137,24 +137,24 @@ class KubernetesConfig:
 
     def __post_init__(self) -> None:
         if not self.image or any(c.isspace() for c in self.image):
-            raise ConfigError(f"kubernetes.image={self.image!r} must be an image reference")
+            raise ValueError(f"image={self.image!r} must be an image reference")
         if self.image_pull_policy not in ("Always", "IfNotPresent", "Never"):
-            raise ConfigError(f"kubernetes.image_pull_policy={self.image_pull_policy!r} must be "
-                              "Always, IfNotPresent or Never")
+            raise ValueError(f"image_pull_policy={self.image_pull_policy!r} must be "
+                             "Always, IfNotPresent or Never")
         if not self.data_mount.startswith("/"):
-            raise ConfigError(f"kubernetes.data_mount={self.data_mount!r} must be an absolute path")
+            raise ValueError(f"data_mount={self.data_mount!r} must be an absolute path")
         secret = [n for n in self.pass_env if SECRET_ENV.match(n)] + [n for n in self.env if SECRET_ENV.match(n)]
         if secret:
-            raise ConfigError(f"kubernetes.pass_env/env name credentials {secret}: a worker pod gets "
-                              "its run token and the NATS password file only")
+            raise ValueError(f"pass_env/env name credentials {secret}: a worker pod gets "
+                             "its run token and the NATS password file only")
         for name in ("cpu_millis", "memory_mib", "ttl_after_finished_s", "run_as_user", "run_as_group"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "ttl_after_finished_s" else 1):
-                raise ConfigError(f"kubernetes.{name}={v!r} must be a positive integer")
+                raise ValueError(f"{name}={v!r} must be a positive integer")
         if not 0 <= self.pending_timeout_s <= 7 * 86400:
-            raise ConfigError(f"kubernetes.pending_timeout_s={self.pending_timeout_s!r} must be in [0, 604800]")
+            raise ValueError(f"pending_timeout_s={self.pending_timeout_s!r} must be in [0, 604800]")
         if not 0.1 <= self.api_poll_interval_s <= 60:
-            raise ConfigError(f"kubernetes.api_poll_interval_s={self.api_poll_interval_s!r} must be in [0.1, 60]")
+            raise ValueError(f"api_poll_interval_s={self.api_poll_interval_s!r} must be in [0.1, 60]")
         object.__setattr__(self, "pass_env", tuple(self.pass_env))
         object.__setattr__(self, "worker_args", tuple(self.worker_args))
         object.__setattr__(self, "tolerations", tuple(dict(t) for t in self.tolerations))
@@ -162,8 +162,8 @@ class KubernetesConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> KubernetesConfig:
-        reject_unknown_keys(cls, data, "tolaria supervisor kubernetes settings")
-        return cls(**dict(data))
+        return from_dict(cls, data, what="tolaria supervisor kubernetes settings",
+                         path="kubernetes")
 
 
 def job_name(run_id: str, attempt: int) -> str:

@@ -245,5 +245,7 @@ def test_parallel_and_output_slots_compete_in_one_decision() -> None:
 def test_probe_settings_are_validated() -> None:
     for bad in ({"probe_steps": -1}, {"probe_lr": 0.0}, {"probe_fit_fraction": 1.0},
                 {"probe_max_kernels": 0}):
-        with pytest.raises(ConfigError, match=next(iter(bad))):
+        with pytest.raises(ValueError, match=next(iter(bad))):
             GrowthConfig(**bad)
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            GrowthConfig.from_dict(bad)

@@ -180,8 +180,10 @@ def test_bad_arguments_name_what_is_wrong() -> None:
                controller=fixed_controller(), kernels=BuiltinKernels())
     with pytest.raises(ConfigError, match="matches no module"):
         Grower(model, sites=["nope"], example_input=case.x[:2], optimizer=opt)
-    with pytest.raises(ConfigError, match="GrowthConfig.max_seeds"):
+    with pytest.raises(ValueError, match="GrowthConfig.max_seeds"):
         GrowthConfig(max_seeds=-1)
+    with pytest.raises(ConfigError, match="GrowthConfig.max_seeds"):
+        GrowthConfig.from_dict({"max_seeds": -1})
     with pytest.raises(ConfigError, match="unknown GrowthConfig key"):
         GrowthConfig.from_dict({"max_seed": 1})
     with pytest.raises(ConfigError, match="not a torch.optim.lr_scheduler"):

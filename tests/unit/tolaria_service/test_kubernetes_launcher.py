@@ -114,10 +114,11 @@ def test_the_job_and_its_credential_validate_strictly_and_are_locked_down(tmp_pa
 def test_kubernetes_settings_refuse_credentials_and_bad_values() -> None:
     from esper.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="ESPER_API_KEYS_FILE"):
+    with pytest.raises(ValueError, match="ESPER_API_KEYS_FILE"):
         KubernetesConfig(image="esper:0.1.0", pass_env=("ESPER_API_KEYS_FILE",))
-    with pytest.raises(ConfigError, match="image_pull_policy"):
-        KubernetesConfig(image="esper:0.1.0", image_pull_policy="Sometimes")
+    with pytest.raises(ConfigError, match="kubernetes: image_pull_policy='Sometimes'"):
+        SupervisorConfig.from_dict({"launcher": "kubernetes",
+                                    "kubernetes": {"image": "e:1", "image_pull_policy": "Sometimes"}})
     with pytest.raises(ConfigError, match="unknown"):
         SupervisorConfig.from_dict({"launcher": "kubernetes", "kubernetes": {"image": "e:1", "imag": "x"}})
     with pytest.raises(ValueError, match="needs its settings"):

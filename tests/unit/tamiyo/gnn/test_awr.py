@@ -36,7 +36,7 @@ def test_awr_weights_on_a_hand_made_batch() -> None:
     assert w.tolist() == pytest.approx([math.exp(2), 1.0, math.exp(-2), 20.0, 1.0])
     with pytest.raises(ConfigError, match="beta=0"):
         awr_weights(returns, values, beta=0, max_weight=20.0)
-    with pytest.raises(ConfigError, match="max_weight=0.5"):
+    with pytest.raises(ValueError, match="max_weight=0.5"):
         AwrConfig(max_weight=0.5)
 
 
