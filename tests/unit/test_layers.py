@@ -66,6 +66,23 @@ PLATFORM_ROOTS = ("grpc", "grpc_health", "grpc_reflection", "grpc_status", "grpc
                   "tenacity")
 """Top-level packages of the `[platform]` extra: the library layer imports none of them."""
 
+EXTRA_ROOTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "torch_geometric": ("gnn", ("esper.tamiyo.gnn.model", "esper.tamiyo.gnn.train")),
+    "mnist1d": ("tasks", ("esper.tasks",)),
+    "sklearn": ("tasks", ("esper.tasks",)),
+    "matplotlib": ("report", ()),
+    "rich": ("report", ()),
+    "lightning": ("lightning", ("esper.grow.lightning",)),
+    "cupy": ("gpu", ("esper.kasmina.backends.cupy_backend",)),
+    "boto3": ("s3", ()),
+    "psycopg": ("postgres", ()),
+    "kubernetes": ("k8s", ()),
+}
+"""Top-level packages of the other extras → (extra, the library modules that exist to use
+it). A core install (`pip install esper`) has none of them, so any other library module
+that imports one would break `import esper.grow` there (tests/integration/test_core_install.py
+runs the README's example in such a venv)."""
+
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
 }
 
@@ -205,6 +222,10 @@ def _rule_broken(src: str, dst: str) -> str | None:
         return None
     if src_layer == "library" and root in PLATFORM_ROOTS:
         return f"the library layer imports {root} (a [platform] extra)"
+    if src_layer == "library" and root in EXTRA_ROOTS:
+        extra, users = EXTRA_ROOTS[root]
+        if not _within(src, users):
+            return f"the library layer imports {root} (the [{extra}] extra) outside {users}"
     return None
 
 
@@ -298,6 +319,11 @@ def test_the_probe_sees_imports_inside_functions_and_relative_ones(tmp_path: Pat
     ("esper.karn.service", "generated.esper.karn.v1.karn_service_pb2_grpc", False),
     ("esper.oona.cli", "esper.runtime.cli", True),                  # the launcher is top floor
     ("esper.runtime.cli", "esper.oona.natsd", False),
+    ("esper.grow.grower", "matplotlib.pyplot", True),              # another extra's package
+    ("esper.kasmina.slot", "torch_geometric.nn", True),
+    ("esper.tamiyo.gnn.model", "torch_geometric.nn", False),        # the module it exists for
+    ("esper.tasks.digits", "sklearn.datasets", False),
+    ("esper.tolaria.trainer", "matplotlib.pyplot", False),          # services may
 ])
 def test_rules_on_sample_edges(src: str, dst: str, broken: bool) -> None:
     assert (_rule_broken(src, dst) is not None) is broken
