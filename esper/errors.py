@@ -62,7 +62,7 @@ class FailedPreconditionError(EsperError):
 
 
 class IllegalTransitionError(FailedPreconditionError):
-    """A seed lifecycle transition that DESIGN.md §4 does not allow."""
+    """A transition the seed lifecycle does not allow (docs/ARCHITECTURE.md, "Seed lifecycle")."""
 
     reason = "ILLEGAL_TRANSITION"
 

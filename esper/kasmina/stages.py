@@ -1,4 +1,4 @@
-"""Seed lifecycle stages and the transitions DESIGN.md §4 allows.
+"""Seed lifecycle stages and the transitions allowed (docs/ARCHITECTURE.md, "Seed lifecycle").
 
 `SeedStage` mirrors the proto enum `esper.common.v1.SeedStage` value for value, so a
 stage crosses process boundaries as `int(stage)` with no lookup table.

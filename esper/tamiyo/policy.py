@@ -4,7 +4,7 @@ A policy sees one `HealthSnapshot` and, per dormant slot, the kernels compiled f
 slot's site (`KernelCandidate`, from Urza's catalog with outcome records). It returns
 decisions. What it may return is fixed here, not in each policy:
 
-* legal actions per stage (DESIGN.md §4): DORMANT → germinate; GERMINATED, TRAINING,
+* legal actions per stage (docs/ARCHITECTURE.md, "Seed lifecycle"): DORMANT → germinate; GERMINATED, TRAINING,
   BLENDING, HOLDING → prune; HOLDING → fossilize; every other stage → nothing;
 * germination needs a candidate offered for that slot, a seed left in the budget and a
   kernel no larger than the parameters left; at most one germination per boundary;
@@ -52,7 +52,7 @@ _KIND_TO_ACTION = {
 
 
 def legal_actions(stage: int) -> frozenset[str]:
-    """Strategic actions a controller may take on a slot in `stage` (DESIGN.md §4)."""
+    """Strategic actions a controller may take on a slot in `stage` (`esper.kasmina.stages.legal_actions`)."""
     actions: set[str] = set()
     if stage == seed_pb2.SEED_STAGE_DORMANT:
         actions.add(GERMINATE)

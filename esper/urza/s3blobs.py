@@ -1,6 +1,6 @@
 """Kernel artifact blobs in an S3-compatible object store (AWS S3, MinIO, Ceph RGW, ...).
 
-The distributed deployment's blob store (DESIGN §8): Urza's metadata goes to PostgreSQL,
+The distributed deployment's blob store (docs/ARCHITECTURE.md, "Running it"): Urza's metadata goes to PostgreSQL,
 its artifact bytes here, so any number of Urza replicas share one library.
 
 Layout: `s3://<bucket>/<prefix>sha256/<h[0:2]>/<h>`, `h` the hex SHA-256 of the bytes.

@@ -1,4 +1,4 @@
-"""The top floor: nothing in `esper/` outside `esper/experiments/` imports it (DESIGN §9)."""
+"""The top floor: nothing in `esper/` outside `esper/experiments/` imports it (docs/ARCHITECTURE.md, "Layers")."""
 
 from __future__ import annotations
 
