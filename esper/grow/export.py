@@ -70,9 +70,11 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from esper.blueprints import BlueprintModule, build_module, plan_ir
+from esper.blueprints.attrs import set_attr
 from esper.blueprints.ir import canonical_ir
 from esper.blueprints.ops import NC, NLD
 from esper.errors import ArtifactError, FailedPreconditionError
+from esper.fsutil import atomic_write
 from esper.kasmina import MorphogeneticModel, SeedStage, SlotKind
 from esper.kasmina.stages import LIVE_STAGES
 from generated.esper.common.v1 import blueprint_pb2, seed_pb2
@@ -548,15 +550,7 @@ def ir_of(seed: nn.Module, site: seed_pb2.SiteSignature, where: str) -> blueprin
         for key, value in n.attrs.items():
             if value is None:
                 continue  # an unset optional attribute: the op's default again on rebuild
-            attr = node.attrs[key]
-            if isinstance(value, bool):
-                attr.bool_value = value
-            elif isinstance(value, int):
-                attr.int_value = value
-            elif isinstance(value, float):
-                attr.float_value = value
-            else:
-                attr.string_value = str(value)
+            set_attr(node, key, value if isinstance(value, bool | int | float | str) else str(value))
     if plan_ir(ir, site).tensor_specs() != plan.tensor_specs():
         raise ExportError(f"the seed at {where!r}: its plan does not round-trip through the IR")
     return ir
@@ -598,15 +592,6 @@ def _header(weights: Path) -> tuple[dict[str, str], list[dict[str, Any]]]:
     except Exception as e:  # safetensors raises its own error types for a bad header
         raise ExportError(f"{weights} is not a readable safetensors file: {e}") from e
     return meta, tensors
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def export(mm: MorphogeneticModel, directory: str | Path, *, live: Live = "refuse") -> Path:
@@ -653,7 +638,7 @@ def export(mm: MorphogeneticModel, directory: str | Path, *, live: Live = "refus
     manifest = {**core, "tensors": _header(weights)[1], "weights_sha256": _sha256(weights),
                 "weights_size": weights.stat().st_size}
     path = out / MANIFEST
-    _atomic_write(path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    atomic_write(path, json.dumps(manifest, indent=1, sort_keys=True).encode())
     return path
 
 

@@ -21,23 +21,13 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+# The stage → legal actions rule is Kasmina's (one statement of it); policies use it from here.
+from esper.kasmina.stages import FOSSILIZE, GERMINATE, PRUNE, legal_actions
 from generated.esper.common.v1 import decision_pb2, health_pb2, kernel_pb2, seed_pb2
 
 Stage = seed_pb2.SeedStage
 Kind = decision_pb2.DecisionKind
 
-GERMINATE = "germinate"
-PRUNE = "prune"
-FOSSILIZE = "fossilize"
-
-_PRUNABLE = frozenset(
-    {
-        seed_pb2.SEED_STAGE_GERMINATED,
-        seed_pb2.SEED_STAGE_TRAINING,
-        seed_pb2.SEED_STAGE_BLENDING,
-        seed_pb2.SEED_STAGE_HOLDING,
-    }
-)
 
 IN_FLIGHT_STAGES = frozenset(
     {seed_pb2.SEED_STAGE_GERMINATED, seed_pb2.SEED_STAGE_TRAINING, seed_pb2.SEED_STAGE_BLENDING}
@@ -49,18 +39,6 @@ _KIND_TO_ACTION = {
     decision_pb2.DECISION_KIND_PRUNE: PRUNE,
     decision_pb2.DECISION_KIND_FOSSILIZE: FOSSILIZE,
 }
-
-
-def legal_actions(stage: int) -> frozenset[str]:
-    """Strategic actions a controller may take on a slot in `stage` (`esper.kasmina.stages.legal_actions`)."""
-    actions: set[str] = set()
-    if stage == seed_pb2.SEED_STAGE_DORMANT:
-        actions.add(GERMINATE)
-    if stage in _PRUNABLE:
-        actions.add(PRUNE)
-    if stage == seed_pb2.SEED_STAGE_HOLDING:
-        actions.add(FOSSILIZE)
-    return frozenset(actions)
 
 
 def stage_name(stage: int) -> str:

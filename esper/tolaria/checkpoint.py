@@ -20,9 +20,7 @@ under its final name is therefore always complete.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from esper.errors import FailedPreconditionError
+from esper.fsutil import atomic_write
 
 FORMAT = "esper.tolaria.checkpoint/2"
 _NAME = re.compile(r"^ckpt-(\d{6})\.safetensors$")
@@ -59,32 +58,13 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def save(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
     """Atomically write `tensors` and JSON-able `meta` as one safetensors file."""
     # safetensors refuses views and tensors that share storage; copies are cheap at this size.
     owned = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     body = json.dumps({"format": FORMAT, **meta}, sort_keys=True, allow_nan=True)
-    write_atomic(path, st_save(owned, metadata={"esper": body}))
+    # 0o600 like the temp files checkpoints were written through before.
+    atomic_write(path, st_save(owned, metadata={"esper": body}), mode=0o600, mkdir=True)
 
 
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

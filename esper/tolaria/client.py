@@ -13,87 +13,36 @@ failure is an `esper.errors` type.
 
 from __future__ import annotations
 
-import json
-import os
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
 import grpc
 
-from esper.errors import ConfigError, UnavailableError
 from esper.runtime.client import as_esper_error, sync_channel
+from esper.runtime.endpoints import PartEndpoint, find_part
 from generated.esper.oona.v1 import events_pb2
 from generated.esper.tolaria.v1 import tolaria_service_pb2 as pb
 from generated.esper.tolaria.v1 import tolaria_service_pb2_grpc as rpc
 
-ENV_ENDPOINTS = "ESPER_ENDPOINTS"
-ENV_API_KEY = "ESPER_API_KEY"
-ENV_DATA_DIR = "ESPER_DATA_DIR"
-ENDPOINTS_FILE = "endpoints.json"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Platform:
-    """Where a Tolaria is and the key to send it."""
-
-    target: str
-    api_key: str | None
-    source: str
-    """Where `target` came from (for error messages)."""
-
-
-def _key_from_file(path: Path) -> str | None:
-    """The first key of an API-key file that may call Tolaria (scope "*" or "tolaria:*")."""
-    from esper.runtime.auth import parse_keys
-
-    keys = parse_keys(path.read_text(), source=str(path), separator="\n")
-    for want in ("*", "tolaria:*", "tolaria:write"):
-        for key, scopes in keys.items():
-            if want in scopes:
-                return key
-    return None
+Platform = PartEndpoint
+"""Where a Tolaria is and the key to send it (`esper.runtime.endpoints.PartEndpoint`)."""
 
 
 def find_platform(*, endpoint: str | None = None, api_key: str | None = None,
                   data_dir: str | Path | None = None, env: Mapping[str, str] | None = None
                   ) -> Platform:
-    """Resolve Tolaria's address and key: arguments, then the environment, then a local
-    `esper up`'s `<data_dir>/endpoints.json` (data dir: argument, ESPER_DATA_DIR, ".esper").
-
-    The local platform's key file is used only with the local platform's endpoint, so a
-    local admin key is never sent to another address.
+    """Resolve Tolaria's address and key the way every command finds a part
+    (`esper.runtime.endpoints.find_part`): arguments, then ESPER_ENDPOINTS / ESPER_API_KEY,
+    then a local `esper up`'s `<data_dir>/endpoints.json` and API-key file (data dir:
+    argument, ESPER_DATA_DIR, ".esper"; the local key only with the local endpoint).
 
     Raises:
         ConfigError: ESPER_ENDPOINTS is malformed or has no tolaria entry.
         UnavailableError: nothing says where a Tolaria is.
     """
-    env = os.environ if env is None else env
-    key = api_key or env.get(ENV_API_KEY) or None
-    if endpoint:
-        return Platform(target=endpoint, api_key=key, source="--endpoint")
-    if env.get(ENV_ENDPOINTS):
-        from esper.runtime.endpoints import parse_endpoints
-
-        found = parse_endpoints(env[ENV_ENDPOINTS])
-        if "tolaria" not in found:
-            raise ConfigError(f"{ENV_ENDPOINTS}={env[ENV_ENDPOINTS]!r} has no tolaria=host:port entry")
-        return Platform(target=found["tolaria"], api_key=key, source=ENV_ENDPOINTS)
-    root = Path(data_dir or env.get(ENV_DATA_DIR) or ".esper")
-    path = root / ENDPOINTS_FILE
-    if not path.exists():
-        raise UnavailableError(
-            f"no Tolaria to talk to: no {path} (start one with `esper up --data-dir {root}`), "
-            f"no {ENV_ENDPOINTS} and no --endpoint")
-    info = json.loads(path.read_text())
-    target = info.get("endpoints", {}).get("tolaria")
-    if not target:
-        raise UnavailableError(f"{path} names no tolaria endpoint")
-    if key is None and info.get("auth") and info.get("api_keys_file"):
-        key = _key_from_file(Path(info["api_keys_file"]))
-    return Platform(target=target, api_key=key, source=str(path))
+    return find_part("tolaria", endpoint=endpoint, api_key=api_key, data_dir=data_dir, env=env)
 
 
 class TolariaClient:

@@ -31,6 +31,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from esper import localdb
 from esper.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
+from esper.fsutil import atomic_write
 from generated.esper.oona.v1 import events_pb2
 from generated.esper.tolaria.v1 import tolaria_service_pb2 as pb
 
@@ -384,7 +385,7 @@ class RunStore:
             rec = RunRecord(run_id=run_id, config=config, request_id=request_id or None)
             d = self.run_dir(run_id)
             (d / "checkpoints").mkdir(parents=True)
-            _write_atomic(d / "config.pb", config.SerializeToString(deterministic=True))
+            atomic_write(d / "config.pb", config.SerializeToString(deterministic=True))
             self._db.execute(
                 f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
                 _to_row(rec),
@@ -584,20 +585,6 @@ def _from_row(row: tuple) -> RunRecord:
                         else events_pb2.EventDelivery.FromString(d["event_delivery"])),
         degradations={str(k): int(v) for k, v in json.loads(d["degradations"]).items()},
     )
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def read_config(run_dir: Path) -> pb.RunConfig:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import pytest
 
-from esper.config import PARSE, from_dict, from_message, replace, to_dict, to_message
+from esper.config import PARSE, FieldError, from_dict, from_message, replace, to_dict, to_message
 from esper.errors import ConfigError, InvalidArgumentError
 from generated.esper.tolaria.v1 import tolaria_service_pb2 as tpb
 
@@ -133,6 +133,38 @@ def test_a_custom_error_factory_gets_the_key_path() -> None:
     with pytest.raises(InvalidArgumentError) as e:
         from_dict(Outer, {"inner": {"rate": 9}}, error=error)
     assert e.value.field == "config.inner"
+
+
+@dataclass(kw_only=True, frozen=True)
+class _Window:
+    lo: int = 0
+    hi: int = 1
+
+    def __post_init__(self) -> None:
+        if self.hi <= self.lo:
+            raise FieldError("hi", f"{self.hi} must be above lo={self.lo}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class _Outer:
+    window: _Window = field(default_factory=_Window)
+    span: int = 1
+
+    def __post_init__(self) -> None:
+        if self.span > self.window.hi:
+            raise FieldError("window.hi", f"{self.window.hi} must be at least span={self.span}")
+
+
+def test_a_field_error_names_its_field_in_the_key_path() -> None:
+    with pytest.raises(ValueError, match="^hi: 0 must be above lo=0$"):
+        _Window(hi=0)
+    with pytest.raises(ConfigError, match=r"^outer\.window\.hi: 0 must be above lo=0$") as e:
+        from_dict(_Outer, {"window": {"hi": 0}}, path="outer")
+    assert e.value.metadata["configKey"] == "outer.window.hi"
+    with pytest.raises(ConfigError) as e:  # a cross-field check of the outer dataclass
+        from_dict(_Outer, {"span": 3})
+    assert e.value.metadata["configKey"] == "window.hi"
+    assert str(e.value) == "window.hi: 1 must be at least span=3"
 
 
 def test_replace_turns_validation_failures_into_config_errors() -> None:

@@ -30,9 +30,10 @@ import torch
 from esper.blueprints.artifact import SigningKey
 from esper.config import from_dict
 from esper.errors import ConfigError
+from esper.fsutil import atomic_write
 from esper.tamiyo.fieldreports import RewardConfig, RunReport
 from esper.tamiyo.gnn.awr import AwrConfig, behaviour_examples, teacher_examples, train_awr
-from esper.tamiyo.gnn.io import _atomic_write, save_policy
+from esper.tamiyo.gnn.io import save_policy
 from esper.tamiyo.gnn.model import Ensemble, NetConfig
 from esper.tamiyo.gnn.train import imitation_accuracy, synthetic_examples, train_imitation
 from esper.tamiyo.heuristic import HeuristicConfig
@@ -190,7 +191,7 @@ def train_policy(
     # The stable name is a copy of the versioned config (it pins the same weights file), so
     # the service's reload sees one atomic change of its policy_file.
     current = out_dir / f"{name}.json"
-    _atomic_write(current, path.read_bytes())
+    atomic_write(current, path.read_bytes(), mode=0o600)
     progress(f"wrote {path} (version {version}, signed by key {signing_key.key_id}); {current} now serves it; "
              "held-out agreement with the "
              f"heuristic {training['heldout_agreement']:.1%}")

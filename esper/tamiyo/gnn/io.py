@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from safetensors.torch import save as st_save
 
 from esper.blueprints.artifact import SigningKey, TrustedKeys
 from esper.errors import ArtifactError, ConfigError, UntrustedKeyError
+from esper.fsutil import atomic_write
 from esper.tamiyo.gnn.features import FEATURE_VERSION, GLOBAL_FEATURES, NODE_FEATURES
 from esper.tamiyo.gnn.model import Ensemble, NetConfig
 
@@ -119,7 +119,7 @@ def signing_key_for(key_file: str | Path | None = None, *, data_dir: str | Path,
     directory.mkdir(parents=True, exist_ok=True)
     pub = directory / f"tezzeret-{key.key_id}.pub"
     if not pub.exists():
-        _atomic_write(pub, key.public_pem())
+        _write(pub, key.public_pem())
     return key, pub
 
 
@@ -159,17 +159,9 @@ def _verify_signature(config: dict[str, Any], path: Path, trusted: TrustedKeys) 
     return sig["key_id"]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def _write(path: Path, data: bytes) -> None:
+    # Owner-only, as the policy files and keys were written before (through mkstemp).
+    atomic_write(path, data, mode=0o600)
 
 
 def save_policy(ensemble: Ensemble, path: Path, *, version: str, signing_key: SigningKey,
@@ -180,7 +172,7 @@ def save_policy(ensemble: Ensemble, path: Path, *, version: str, signing_key: Si
     weights_path = path.with_suffix(".safetensors")
     tensors = {k: v.detach().contiguous().clone() for k, v in ensemble.state_dict().items()}
     data = st_save(tensors, metadata={"format": FORMAT, "version": version})
-    _atomic_write(weights_path, data)
+    _write(weights_path, data)
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -198,7 +190,7 @@ def save_policy(ensemble: Ensemble, path: Path, *, version: str, signing_key: Si
     config = json.loads(json.dumps(config))
     config["signature"] = {"key_id": signing_key.key_id,
                            "ed25519": signing_key.sign(signed_bytes(config)).hex()}
-    _atomic_write(path, json.dumps(config, indent=2, sort_keys=True).encode())
+    _write(path, json.dumps(config, indent=2, sort_keys=True).encode())
     return path
 
 

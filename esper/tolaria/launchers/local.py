@@ -15,8 +15,8 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
+from esper.fsutil import pid_alive as alive  # `alive` is what the supervisor and fork server import
 from esper.tolaria.forkserver import ForkedWorker, ForkServer
 from esper.tolaria.launchers import LaunchSpec, Worker, worker_environment
 
@@ -132,24 +132,6 @@ class LocalLauncher:
     def close(self) -> None:
         if self.forks is not None:
             self.forks.close()
-
-
-def alive(pid: int) -> bool:
-    """Whether `pid` is a running process (a zombie, exited but not yet reaped, is not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        # /proc/<pid>/stat: "pid (comm) S ..."; comm may hold spaces, the state follows ")".
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True  # no procfs: kill(0) is all we know
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _reap(proc: subprocess.Popen[bytes] | ForkedWorker, grace_s: float) -> None:

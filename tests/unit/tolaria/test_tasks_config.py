@@ -122,3 +122,34 @@ def test_proto_round_trip_and_defaults_for_zero_values() -> None:
     back = RunConfig.from_proto(msg)
     assert back.optimizer == RunConfig().optimizer
     assert back.width == 1.0 and back.decide_timeout_s == RunConfig().decide_timeout_s
+
+
+def test_direct_construction_raises_value_error_and_replace_a_run_config_error() -> None:
+    with pytest.raises(ValueError, match="^epochs: 0 must be >= 1"):
+        RunConfig(epochs=0)
+    with pytest.raises(RunConfigError) as e:
+        RunConfig().replace(optimizer=RunConfig().optimizer, epochs=2,
+                            budget={"max_seeds": 2000})
+    assert e.value.field == "budget.max_seeds"
+    assert RunConfig().replace(epochs=3, sites=["a"]).sites == ("a",)
+
+
+def test_the_wire_form_follows_the_field_names() -> None:
+    """from_proto/to_proto are derived: every dataclass field has a message field of its
+    name (decide_timeout_s ↔ decide_timeout), so a field added to both needs no code."""
+    from esper.tolaria.config import WIRE_NAMES
+    from generated.esper.tolaria.v1 import tolaria_service_pb2 as pb
+
+    wire = set(pb.RunConfig.DESCRIPTOR.fields_by_name)
+    assert {WIRE_NAMES.get(f, f) for f in RunConfig.__dataclass_fields__} <= wire
+    cfg = RunConfig.from_dict({"job": "digits", "job_params": {"host": "cnn"}, "seed": 3,
+                               "resources": {"gpus": 1}, "decide_timeout_s": 0.125})
+    msg = cfg.to_proto()
+    assert (msg.job, dict(msg.job_params), msg.seed, msg.resources.gpus) == ("digits", {"host": "cnn"}, 3, 1)
+    assert msg.decide_timeout.ToNanoseconds() == 125_000_000
+    assert not msg.task and not msg.host and msg.width == 0  # legacy fields stay unset with a job
+    assert RunConfig.from_proto(msg) == cfg
+    msg.task = "digits"
+    with pytest.raises(RunConfigError) as e:
+        RunConfig.from_proto(msg)
+    assert e.value.field == "task"
