@@ -16,11 +16,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import grpc
 
-from esper.runtime.client import as_esper_error, sync_channel
+from esper.runtime.client import PartClient, as_esper_error
 from esper.runtime.endpoints import PartEndpoint, find_part
 from generated.esper.oona.v1 import events_pb2
 from generated.esper.tolaria.v1 import tolaria_service_pb2 as pb
@@ -45,14 +45,15 @@ def find_platform(*, endpoint: str | None = None, api_key: str | None = None,
     return find_part("tolaria", endpoint=endpoint, api_key=api_key, data_dir=data_dir, env=env)
 
 
-class TolariaClient:
+class TolariaClient(PartClient):
     """Blocking client for `esper.tolaria.v1.TolariaService`; thread-safe."""
 
+    part = "tolaria"
+
     def __init__(self, target: str, api_key: str | None = None, *, timeout_s: float = 30.0) -> None:
-        self.target = target
-        self.timeout_s = timeout_s
         # Unary calls get `timeout_s`; WatchRun (a stream) runs until the run ends.
-        self._channel = sync_channel(target, api_key=api_key, default_timeout_s=None)
+        super().__init__(target, api_key)
+        self.timeout_s = timeout_s
         self._stub = rpc.TolariaServiceStub(self._channel)
 
     @classmethod
@@ -66,20 +67,8 @@ class TolariaClient:
         p = find_platform(**kwargs)
         return cls(p.target, p.api_key)
 
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def _call(self, method: Any, request: Any) -> Any:
-        try:
-            return method(request, timeout=self.timeout_s)
-        except grpc.RpcError as e:
-            raise as_esper_error(e) from e
+        return self._invoke(method, request, self.timeout_s)
 
     def start_run(self, config: Any, *, request_id: str | None = None) -> pb.Run:
         """Start a run of `config` (a `RunConfig` or its proto); one request id for retries."""
