@@ -22,7 +22,13 @@ from typing import Any
 from esper.errors import ConfigError
 from esper.tamiyo.baselines import FixedConfig, FixedPolicy, RandomConfig, RandomPolicy
 from esper.tamiyo.heuristic import HeuristicConfig, HeuristicPolicy
-from esper.tamiyo.policy import KernelCandidate, Policy, check_decisions, wait
+from esper.tamiyo.policy import (
+    KernelCandidate,
+    Policy,
+    check_decisions,
+    finish_decisions,
+    withheld_note,
+)
 from generated.esper.common.v1 import decision_pb2, health_pb2
 
 _log = logging.getLogger(__name__)
@@ -60,28 +66,12 @@ class PolicyController:
         offered = {k: list(v) for k, v in candidates.items()}
         proposed = self.policy.decide(snapshot, offered)
         decisions, withheld = check_decisions(snapshot, proposed, offered)
-        notes = []
         for w in withheld:
-            kind = decision_pb2.DecisionKind.Name(w.decision.kind)
-            _log.info("policy %s: withheld %s %s: %s", self.policy.name, kind,
-                      w.decision.slot_id, w.why)
+            _log.info("policy %s: withheld %s %s: %s", self.policy.name,
+                      decision_pb2.DecisionKind.Name(w.decision.kind), w.decision.slot_id, w.why)
             self.withheld.append(w.why)
-            notes.append(f"withheld {kind} {w.decision.slot_id}: {w.why}")
-        germinated = any(d.kind == decision_pb2.DECISION_KIND_GERMINATE for d in decisions)
-        if notes and not germinated:
-            note = "; ".join(notes)
-            global_wait = next((d for d in decisions
-                                if d.kind == decision_pb2.DECISION_KIND_WAIT and not d.slot_id), None)
-            if global_wait is not None:
-                global_wait.reason = f"{global_wait.reason}; {note}" if global_wait.reason else note
-            else:
-                decisions.append(wait(note, policy=self.policy.name))
-        elif not decisions:
-            decisions.append(wait("no decision proposed", policy=self.policy.name))
-        for d in decisions:
-            if not d.policy:
-                d.policy = self.policy.name
-        return decisions
+        return finish_decisions(decisions, [withheld_note(w) for w in withheld],
+                                policy=self.policy.name)
 
     def _histories(self) -> dict[str, Any]:
         out = {}

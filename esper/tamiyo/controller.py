@@ -22,7 +22,13 @@ from typing import Protocol
 
 from esper.errors import DeadlineExceededError, EsperError, InvalidArgumentError
 from esper.tamiyo.config import TamiyoConfig
-from esper.tamiyo.policy import KernelCandidate, Policy, check_decisions, wait
+from esper.tamiyo.policy import (
+    KernelCandidate,
+    Policy,
+    check_decisions,
+    finish_decisions,
+    withheld_note,
+)
 from generated.esper.common.v1 import decision_pb2, health_pb2, seed_pb2
 
 log = logging.getLogger(__name__)
@@ -209,21 +215,9 @@ class TamiyoController:
                 decision_pb2.DecisionKind.Name(w.decision.kind),
                 w.why,
             )
-            notes.append(f"withheld {decision_pb2.DecisionKind.Name(w.decision.kind)} {w.decision.slot_id}: {w.why}")
-        germinated = any(d.kind == decision_pb2.DECISION_KIND_GERMINATE for d in decisions)
+            notes.append(withheld_note(w))
         acted = [d for d in decisions if d.kind != decision_pb2.DECISION_KIND_WAIT]
-        if notes and not germinated:
-            note = "; ".join(notes)
-            global_wait = next((d for d in decisions if d.kind == decision_pb2.DECISION_KIND_WAIT and not d.slot_id), None)
-            if global_wait is not None:
-                global_wait.reason = f"{global_wait.reason}; {note}" if global_wait.reason else note
-            else:
-                decisions.append(wait(note, policy=self.policy.name))
-        elif not decisions:
-            decisions.append(wait("no decision proposed", policy=self.policy.name))
-        for d in decisions:
-            if not d.policy:
-                d.policy = self.policy.name
+        finish_decisions(decisions, notes, policy=self.policy.name)
         self.decisions_served += len(acted)
         return DecideResult(
             decisions=decisions,

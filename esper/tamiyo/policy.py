@@ -144,6 +144,34 @@ def wait(reason: str, *, policy: str, slot_id: str = "", confidence: float = 1.0
     )
 
 
+def withheld_note(w: Withheld) -> str:
+    """How a withheld decision is told in the reply ("withheld GERMINATE s1: why")."""
+    return f"withheld {decision_pb2.DecisionKind.Name(w.decision.kind)} {w.decision.slot_id}: {w.why}"
+
+
+def finish_decisions(decisions: list[decision_pb2.Decision], notes: Sequence[str], *,
+                     policy: str) -> list[decision_pb2.Decision]:
+    """The decisions a controller answers with (in place; returned): unless something
+    germinates, `notes` (withheld decisions, kernels not offered) join the global WAIT's
+    reason, or a WAIT of their own; no decision at all becomes one WAIT; every decision
+    names `policy`. In process (`esper.grow`) and in the service alike."""
+    germinated = any(d.kind == decision_pb2.DECISION_KIND_GERMINATE for d in decisions)
+    if notes and not germinated:
+        note = "; ".join(notes)
+        global_wait = next((d for d in decisions
+                            if d.kind == decision_pb2.DECISION_KIND_WAIT and not d.slot_id), None)
+        if global_wait is not None:
+            global_wait.reason = f"{global_wait.reason}; {note}" if global_wait.reason else note
+        else:
+            decisions.append(wait(note, policy=policy))
+    elif not decisions:
+        decisions.append(wait("no decision proposed", policy=policy))
+    for d in decisions:
+        if not d.policy:
+            d.policy = policy
+    return decisions
+
+
 def seeds_in_flight(snapshot: health_pb2.HealthSnapshot) -> list[str]:
     return [s.slot_id for s in snapshot.slots if s.stage in IN_FLIGHT_STAGES]
 
