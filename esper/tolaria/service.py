@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import unknown_fields
 from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import propagate
 
+from esper.config import PARSE, from_dict
 from esper.errors import ConfigError, InvalidArgumentError
 from esper.jobs.errors import JobConfigError
 from esper.jobs.registry import JobInfo, JobRegistry
@@ -157,34 +160,46 @@ class TolariaServicer(rpc.TolariaServiceServicer):
                                    next_page_token=page[-1] if more and page else "")
 
 
+def _strings(value: Any) -> Any:
+    # worker_args are command-line words: YAML numbers (`--seed 3`) become strings.
+    return [str(a) for a in value] if isinstance(value, list | tuple) else value
+
+
+@dataclass(kw_only=True, frozen=True)
+class TolariaConfig:
+    """`ctx.settings["tolaria"]` (`esper.config.from_dict`; unknown keys are an error)."""
+
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    """How runs are started, watched and restarted (`SupervisorConfig`)."""
+    worker_args: tuple[str, ...] = field(default=(), metadata={PARSE: _strings})
+    """Extra worker command-line arguments, e.g. ["--trusted-keys", path]."""
+    jobs: Mapping[str, str] = field(default_factory=dict, metadata={PARSE: lambda v: v or {}})
+    """Job name → "package.module:function": the operator's own jobs (also
+    ESPER_TOLARIA_JOBS='{name: pkg.mod:func}')."""
+    run_token_key_file: str = ""
+    """The Ed25519 key that signs each worker's run token; "": $ESPER_RUN_TOKEN_KEY_FILE."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> TolariaConfig:
+        return from_dict(cls, data, what="tolaria settings", path="settings.tolaria")
+
+
 def create_service(ctx: PlatformContext) -> ServiceSpec:
-    """Settings (``ctx.settings["tolaria"]``): ``supervisor`` (SupervisorConfig keys),
-    ``worker_args`` (extra worker command-line arguments, e.g. ``["--trusted-keys", path]``),
-    ``jobs`` (job name → "package.module:function", the operator's own jobs; also
-    ``ESPER_TOLARIA_JOBS='{name: pkg.mod:func}'``) and ``run_token_key_file`` (the Ed25519
-    key that signs each worker's run token; default ``$ESPER_RUN_TOKEN_KEY_FILE``).
+    """Settings: ``ctx.settings["tolaria"]``, see `TolariaConfig`.
 
     Raises:
         ConfigError: auth is on (the context has a key) but no run-token key is given: a
             worker would otherwise need one of the platform's own keys.
     """
-    settings = dict(ctx.settings.get("tolaria", {}))
-    allowed = ["jobs", "run_token_key_file", "supervisor", "worker_args"]
-    unknown = sorted(set(settings) - set(allowed))
-    if unknown:
-        raise InvalidArgumentError(
-            f"unknown tolaria settings {unknown}; allowed: {allowed}",
-            field=f"settings.tolaria.{unknown[0]}",
-        )
-    sup_cfg = settings.get("supervisor", {})
-    configured_jobs = dict(settings.get("jobs") or {})
+    settings = TolariaConfig.from_dict(ctx.settings.get("tolaria"))
+    configured_jobs = dict(settings.jobs)
     # A bad registration (malformed target, a name taken twice) fails the service at start,
     # not the first StartRun naming it.
     registry = JobRegistry.discover(configured_jobs)
-    worker_args = [str(a) for a in settings.get("worker_args", [])]
+    worker_args = list(settings.worker_args)
     if configured_jobs:
         worker_args += ["--jobs", json.dumps(configured_jobs)]
-    key_file = settings.get("run_token_key_file") or os.environ.get(ENV_RUN_TOKEN_KEY_FILE)
+    key_file = settings.run_token_key_file or os.environ.get(ENV_RUN_TOKEN_KEY_FILE)
     signer = RunTokenSigner.from_file(Path(key_file)) if key_file else None
     if ctx.api_key is not None and signer is None:
         raise ConfigError(
@@ -200,7 +215,7 @@ def create_service(ctx: PlatformContext) -> ServiceSpec:
         nats_url=ctx.nats_url,
         api_key=ctx.api_key,
         validate=partial(validate_run_config, registry=registry),
-        config=SupervisorConfig.from_dict(dict(sup_cfg)),
+        config=settings.supervisor,
         worker_args=worker_args,
         signer=signer,
     )
