@@ -151,7 +151,10 @@ def _listed_blueprints(kernels: Any) -> list[blueprint_pb2.Blueprint] | None:
     listed = getattr(kernels, "blueprints", None)
     if isinstance(listed, Mapping):
         listed = list(listed.values())
-    if isinstance(listed, list | tuple) and all(isinstance(b, blueprint_pb2.Blueprint) for b in listed):
+    # Non-empty: an empty tuple is also what a remote source's "no names given: the whole
+    # catalog" looks like (`UrzaKernels.blueprints`), which lists nothing it could check.
+    if (isinstance(listed, list | tuple) and listed
+            and all(isinstance(b, blueprint_pb2.Blueprint) for b in listed)):
         return list(listed)
     return None
 
