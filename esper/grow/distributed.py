@@ -285,11 +285,27 @@ class DistributedGrowth:
         dist.all_reduce(t)
         return [float(v) for v in t.cpu()]
 
-    def broadcast_text(self, text: str | None) -> str:
-        """Rank 0's `text` on every rank (a checkpoint path, a verdict)."""
+    def broadcast_text(self, text: str | None, *, src: int = 0) -> str:
+        """Rank `src`'s `text` on every rank (a checkpoint path, a verdict)."""
         if not self.active:
             return text or ""
-        return broadcast_bytes(text.encode() if text is not None else None).decode()
+        return broadcast_bytes(text.encode() if text is not None else None, src=src).decode()
+
+    def first_failure(self, failure: str) -> str:
+        """Agree on failing: every rank passes its own failure ("" when it has none) and
+        gets the lowest failing rank's (prefixed with that rank when it is not 0), or "".
+        So a setup error on any rank ends the run on all of them, none left waiting."""
+        if not self.active:
+            return failure
+        flags = torch.zeros(self.world_size, dtype=torch.int64, device=_device())
+        flags[self.rank] = 1 if failure else 0
+        dist.all_reduce(flags)
+        failing = [r for r, f in enumerate(flags.tolist()) if f]
+        if not failing:
+            return ""
+        first = failing[0]
+        text = self.broadcast_text(failure if self.rank == first else None, src=first)
+        return text if first == 0 else f"rank {first}: {text}"
 
     def shard(self, loader: DataLoader, *, seed: int = 0) -> DataLoader:
         """This rank's part of `loader` (see `shard_loader`)."""

@@ -17,12 +17,12 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-import growkit  # noqa: E402
+import growkit
 
-from esper.errors import UnavailableError  # noqa: E402
-from esper.grow import BuiltinKernels, Grower, GrowthConfig, fixed_controller  # noqa: E402
-from esper.grow.distributed import DistributedGrowth  # noqa: E402
-from generated.esper.common.v1 import decision_pb2  # noqa: E402
+from esper.errors import UnavailableError
+from esper.grow import BuiltinKernels, Grower, GrowthConfig, fixed_controller
+from esper.grow.distributed import DistributedGrowth
+from generated.esper.common.v1 import decision_pb2
 
 WORLD = 2
 
