@@ -82,3 +82,26 @@ async def test_sigkilled_rank_is_restarted_and_the_run_resumes(platform_factory)
     r0, r1 = _ranks(p, run_id)
     assert r0["restarts"] == r1["restarts"] == 1
     assert r0["digest"] == r1["digest"]
+
+
+@pytest.mark.slow
+async def test_stop_run_stops_every_rank_at_one_step_with_one_checkpoint(platform_factory):
+    from generated.esper.tolaria.v1 import tolaria_service_pb2 as pb
+
+    cfg = tiny_config(epochs=40, world_size=2)
+    p = await platform_factory(cfg)
+    run_id = await p.start_run(cfg)
+    asked: dict = {}
+
+    async def on_event(env):
+        if "stop" not in asked and env.HasField("epoch_metrics") and env.epoch_metrics.epoch >= 2:
+            asked["stop"] = True
+            await p.tolaria.StopRun(pb.StopRunRequest(run_id=run_id, reason="test"))
+
+    events = await p.watch(run_id, timeout=400, on_event=on_event)
+    states = [e.run_state.state for e in events if e.HasField("run_state")]
+    assert states[-1] == "stopped" and states.count("stopped") == 1, (states, p.worker_log(run_id))
+    # Both ranks left the loop at the same step (SIGTERM reached them at different moments).
+    r0, r1 = _ranks(p, run_id)
+    assert r0["global_step"] == r1["global_step"] and r0["digest"] == r1["digest"]
+    assert r0["epoch"] < 40
