@@ -411,7 +411,7 @@ def _train(cfg: Any, run_id: str, run_dir: Path, args: argparse.Namespace, endpo
     try:
         failure, trainer, source, outcomes = "", None, None, None
         try:
-            source = _kernel_source(cfg, run_dir, args, endpoints, api_key, events, closers)
+            source = _kernel_source(cfg, run_dir, args, endpoints, api_key, events, closers, ddp.rank)
             urza = source.urza if source is not None else None
             outcomes = OutcomeReporter(
                 run_id, cfg.job_name,
@@ -508,7 +508,8 @@ def _train(cfg: Any, run_id: str, run_dir: Path, args: argparse.Namespace, endpo
 
 
 def _kernel_source(cfg: Any, run_dir: Path, args: argparse.Namespace, endpoints: dict[str, str],
-                   api_key: str | None, events: RunEvents, closers: list[Any]) -> Any:
+                   api_key: str | None, events: RunEvents | RankEvents, closers: list[Any],
+                   rank: int = 0) -> Any:
     """Urza's kernels through Kasmina's verifying loader, Tezzeret compiling what Urza
     lacks; None for a run without a controller (it loads no kernel)."""
     from esper.blueprints.artifact import TrustedKeys
@@ -525,7 +526,10 @@ def _kernel_source(cfg: Any, run_dir: Path, args: argparse.Namespace, endpoints:
     keys_dir = args.trusted_keys or Path(os.environ.get("ESPER_TRUSTED_KEYS_DIR") or data_dir / "trusted_keys")
     urza = UrzaClient(endpoints["urza"], api_key, channel=urza_channel(endpoints["urza"]))
     closers.append(urza)
-    loader = KernelLoader(fetcher(urza), TrustedKeys.from_dir(keys_dir),
+    fetch = fetcher(urza)
+    if rank != 0:
+        fetch = _logged_fetch(fetch, rank)
+    loader = KernelLoader(fetch, TrustedKeys.from_dir(keys_dir),
                           args.kernel_cache or run_dir.parent.parent / "kernel-cache")
     tezzeret = None
     if "tezzeret" in endpoints:
@@ -534,6 +538,17 @@ def _kernel_source(cfg: Any, run_dir: Path, args: argparse.Namespace, endpoints:
     return UrzaKernels(urza, loader, tezzeret=tezzeret, timeout_s=max(cfg.decide_timeout_s, 5.0),
                        compile_wait_s=args.compile_wait_s,
                        on_event=lambda kind, detail: events.degrade("kernels", kind, detail))
+
+
+def _logged_fetch(fetch: Any, rank: int) -> Any:
+    """A rank other than 0 loads a kernel after rank 0 put it in the shared verified cache, so
+    it should never reach Urza; when it does (a cache on another disk), the log says so."""
+
+    def logged(kernel_id: str, timeout_s: float) -> bytes:
+        log.warning("rank %d: kernel %s not in the shared cache; fetching it from Urza", rank, kernel_id)
+        return fetch(kernel_id, timeout_s)
+
+    return logged
 
 
 def _ensure_kernels(source: Any, trainer: Any, events: RunEvents) -> None:

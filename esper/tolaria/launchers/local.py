@@ -107,7 +107,10 @@ class AdoptedWorker(Worker):
 
     async def kill(self) -> None:
         if alive(self.pid):
-            os.kill(self.pid, signal.SIGKILL)
+            if _leads_session(self.pid):  # a data-parallel run's torchrun agent: its ranks too
+                _kill_session(self.pid)
+            else:
+                os.kill(self.pid, signal.SIGKILL)
 
     async def reap(self, grace_s: float) -> None:
         return None  # not ours to wait for
@@ -204,6 +207,13 @@ def _reap(proc: subprocess.Popen[bytes] | ForkedWorker, grace_s: float) -> None:
         log.warning("worker pid %d still alive after its run ended; killing it", proc.pid)
         proc.kill()
         proc.wait()
+
+
+def _leads_session(pid: int) -> bool:
+    try:
+        return os.getsid(pid) == pid
+    except ProcessLookupError:
+        return False
 
 
 def _kill_session(pid: int) -> None:

@@ -47,6 +47,8 @@ async def test_two_rank_run_grows_and_ends_with_identical_parameters(platform_fa
     germinated = [e for e in events if e.HasField("decision")
                   and any(d.kind == 1 and i not in e.decision.rejected for i, d in enumerate(e.decision.decisions))]
     assert germinated and any(e.HasField("lifecycle") for e in events), p.worker_log(run_id)
+    # Rank 1 loaded each seed from the verified cache rank 0 filled: it never asked Urza.
+    assert "not in the shared cache" not in p.worker_log(run_id)
     r0, r1 = _ranks(p, run_id)
     assert r0["pid"] != r1["pid"]
     assert r0["digest"] == r1["digest"] and r0["global_step"] == r1["global_step"] > 0
