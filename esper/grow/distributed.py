@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, Sampler
 
 from esper import errors
 from esper.errors import EsperError, FailedPreconditionError
@@ -357,12 +357,11 @@ def shard_loader(loader: DataLoader, *, rank: int, world_size: int, seed: int = 
     """
     common = {"num_workers": loader.num_workers, "collate_fn": loader.collate_fn,
               "pin_memory": loader.pin_memory, "worker_init_fn": loader.worker_init_fn}
-    if loader.batch_size is None:
+    if loader.batch_sampler is None:  # batch_size=None: the sampler yields whole batches
         return DataLoader(loader.dataset, batch_size=None,
                           sampler=ShardedBatches(loader.sampler, rank=rank, world_size=world_size),
                           **common)
-    if type(loader.batch_sampler).__name__ != "BatchSampler" or type(loader.batch_sampler).__module__ != \
-            "torch.utils.data.sampler":
+    if type(loader.batch_sampler) is not BatchSampler:
         raise FailedPreconditionError(
             f"a loader with a custom batch_sampler ({type(loader.batch_sampler).__name__}) cannot be "
             "sharded over ranks; give the job a DataLoader with batch_size= (and shuffle=), or a "
