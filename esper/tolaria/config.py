@@ -197,6 +197,10 @@ class RunConfig:
     """Free-form labels (at most 32), shown by ListRuns."""
     resources: RunResources = field(default_factory=RunResources)
     """Machine resources for the run's worker (GPUs, CPU, memory)."""
+    world_size: int = 1
+    """Data-parallel training processes on one node (1 <= n <= 64): the worker runs under
+    torchrun (gloo on CPU, NCCL on GPU). Several nodes would take torchrun's
+    `--nnodes`/`--rdzv-endpoint` (see docs/ARCHITECTURE.md); not configurable here."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.job, str) or len(self.job) > 64:
@@ -234,6 +238,7 @@ class RunConfig:
         if not isinstance(self.resources, RunResources):
             raise _fail("resources", f"{self.resources!r} must be a RunResources")
         _integer("epochs", self.epochs, lo=1, hi=10000)
+        _integer("world_size", self.world_size, lo=1, hi=64)
         _integer("seed", self.seed, lo=0, hi=2**63 - 1)
         _integer("batch_size", self.batch_size, lo=1, hi=65536)
         _integer("checkpoint_every", self.checkpoint_every, lo=0)
@@ -292,6 +297,8 @@ class RunConfig:
             # Left out when default: checkpoints written before the field existed compare
             # equal to the run's config on resume.
             del out["resources"]
+        if self.world_size == 1:
+            del out["world_size"]  # likewise: older checkpoints compare equal on resume
         return out
 
     def replace(self, **changes: Any) -> RunConfig:
@@ -343,6 +350,7 @@ class RunConfig:
             r = msg.resources
             kwargs["resources"] = RunResources(gpus=int(r.gpus), cpu_millis=int(r.cpu_millis),
                                                memory_mib=int(r.memory_mib))
+        kwargs["world_size"] = int(msg.world_size) or 1  # proto3 zero: unset, one process
         return cls(**kwargs)
 
     def to_proto(self) -> pb.RunConfig:
@@ -367,6 +375,7 @@ class RunConfig:
             batch_size=self.batch_size,
             checkpoint_every=self.checkpoint_every,
             labels=dict(self.labels),
+            world_size=self.world_size,
         )
         if self.job:
             msg.job = self.job
