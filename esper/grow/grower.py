@@ -150,11 +150,11 @@ def _listed_blueprints(kernels: Any) -> list[blueprint_pb2.Blueprint] | None:
     """The blueprints a kernel source offers, when it lists them (`BuiltinKernels` does)."""
     listed = getattr(kernels, "blueprints", None)
     if isinstance(listed, Mapping):
-        return list(listed.values())
-    # A sequence lists blueprints only if it holds some: an empty one may be names, too
-    # (UrzaKernels.blueprints: names to ask Tezzeret for, () for its whole catalog).
-    if isinstance(listed, list | tuple) and listed and all(
-            isinstance(b, blueprint_pb2.Blueprint) for b in listed):
+        listed = list(listed.values())
+    # Non-empty: an empty tuple is also what a remote source's "no names given: the whole
+    # catalog" looks like (`UrzaKernels.blueprints`), which lists nothing it could check.
+    if (isinstance(listed, list | tuple) and listed
+            and all(isinstance(b, blueprint_pb2.Blueprint) for b in listed)):
         return list(listed)
     return None
 

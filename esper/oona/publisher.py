@@ -398,7 +398,10 @@ class Publisher:
             pending = asyncio.all_tasks(loop)
             for task in pending:
                 task.cancel()
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            if pending:
+                # Bounded for the same reason as above: a task that ignores cancellation
+                # must not keep the thread (and close()) alive.
+                loop.run_until_complete(asyncio.wait(pending, timeout=self.config.close_timeout_s))
             loop.close()
 
     def _emit(self, kind: str, detail: str) -> None:
@@ -556,16 +559,25 @@ class Publisher:
                 await self._publish_batch(js, batch)
         finally:
             if nc is None:
+                # Never connected: nothing to close. nats-py's connect loop can swallow a
+                # cancellation that lands in its retry sleep and go on retrying, so the wait
+                # is bounded: close() must return even against a dead server.
                 connect_task.cancel()
-                try:
-                    await connect_task
-                except (asyncio.CancelledError, *_TRANSIENT, nats.errors.NoServersError):
-                    pass  # never connected: nothing to close
+                done, _ = await asyncio.wait({connect_task}, timeout=self.config.close_timeout_s)
+                if done and not connect_task.cancelled():
+                    connect_task.exception()  # retrieved: not logged as never retrieved
             else:
-                try:
-                    await asyncio.wait_for(nc.close(), timeout=self.config.close_timeout_s)
-                except (*_TRANSIENT, nats.errors.Error) as exc:
-                    log.warning("oona publisher: closing the NATS connection failed: %s", exc)
+                # asyncio.wait, not wait_for: wait_for waits for the cancelled close to
+                # finish, which a close stuck in nats-py's reconnect loop never does.
+                closing = asyncio.ensure_future(nc.close())
+                done, _ = await asyncio.wait({closing}, timeout=self.config.close_timeout_s)
+                if not done:
+                    closing.cancel()
+                    log.warning("oona publisher: closing the NATS connection took over %.1fs; "
+                                "abandoned", self.config.close_timeout_s)
+                elif not closing.cancelled() and closing.exception() is not None:
+                    log.warning("oona publisher: closing the NATS connection failed: %s",
+                                closing.exception())
             self._finish()
 
     async def _wait(self, evt: asyncio.Event, timeout: float) -> None:

@@ -4,7 +4,7 @@
 unknown keys are an error naming the key); `from_proto`/`to_proto` convert to and from the
 wire message by field name (`esper.config.from_message`/`to_message`), so a field added to
 both the dataclass and the message needs no conversion code. Proto3 zero values of
-optional knobs (`width`, an unset `optimizer`, `budget` or `decide_timeout`) mean "the
+optional knobs (`width`, `world_size`, an unset `optimizer`, `budget` or `decide_timeout`) mean "the
 default", so a client may leave them out.
 
 Every validation failure through `from_dict`/`from_proto`/`replace` is a `RunConfigError`:
@@ -172,6 +172,10 @@ class RunConfig:
     """Free-form labels (at most 32), shown by ListRuns."""
     resources: RunResources = field(default_factory=RunResources)
     """Machine resources for the run's worker (GPUs, CPU, memory)."""
+    world_size: int = 1
+    """Data-parallel training processes on one node (1 <= n <= 64): the worker runs under
+    torchrun (gloo on CPU, NCCL on GPU). Several nodes would take torchrun's
+    `--nnodes`/`--rdzv-endpoint` (see docs/ARCHITECTURE.md); not configurable here."""
 
     def __post_init__(self) -> None:
         if len(self.job) > 64:
@@ -203,6 +207,7 @@ class RunConfig:
         if len(self.sites) > 64:
             raise FieldError("sites", f"{len(self.sites)} sites given; at most 64 are allowed")
         _bound("epochs", self.epochs, lo=1, hi=10000)
+        _bound("world_size", self.world_size, lo=1, hi=64)
         _bound("seed", self.seed, lo=0, hi=2**63 - 1)
         _bound("batch_size", self.batch_size, lo=1, hi=65536)
         _bound("checkpoint_every", self.checkpoint_every, lo=0)
@@ -246,6 +251,8 @@ class RunConfig:
             # Left out when default: checkpoints written before the field existed compare
             # equal to the run's config on resume.
             del out["resources"]
+        if self.world_size == 1:
+            del out["world_size"]  # likewise: older checkpoints compare equal on resume
         return out
 
     def replace(self, **changes: Any) -> RunConfig:
@@ -258,7 +265,8 @@ class RunConfig:
     @classmethod
     def from_proto(cls, msg: pb.RunConfig) -> RunConfig:
         """From `esper.tolaria.v1.RunConfig`; zero values of optional knobs take defaults."""
-        data = _config.message_to_dict(cls, msg, names=WIRE_NAMES, zero_is_default=("width",))
+        data = _config.message_to_dict(cls, msg, names=WIRE_NAMES,
+                                       zero_is_default=("width", "world_size"))
         if msg.job:
             _no_legacy_with_job([k for k in LEGACY_FIELDS if getattr(msg, k)])
             for k in LEGACY_FIELDS:

@@ -302,6 +302,12 @@ class RunSupervisor:
                     f"its own machine (launcher {self.config.launcher!r}), which places no GPU; "
                     "use a Tolaria with the kubernetes launcher, or ask for no GPU",
                     metadata={"field": "config.resources.gpus", "launcher": self.config.launcher})
+            if cfg.world_size > 1 and not getattr(self.launcher, "runs_ranks", False):
+                raise FailedPreconditionError(
+                    f"config.world_size={cfg.world_size}: the {self.config.launcher!r} launcher runs "
+                    "one training process per run; use the local launcher (fork or spawn) for "
+                    "data-parallel runs, or world_size 1",
+                    metadata={"field": "config.world_size", "launcher": self.config.launcher})
             note = await self._check_controller(cfg.controller)
         # No await between this check and taking the slot (`_live`): two calls cannot both
         # take the last one. A retried StartRun (same request_id) gets its run back even
@@ -476,7 +482,8 @@ class RunSupervisor:
             env["TRACEPARENT"] = (run_dir / "traceparent").read_text().strip()
         spec = LaunchSpec(run_id=rec.run_id, run_dir=run_dir, module=self.config.worker_module,
                           argv=tuple(argv), env=env, resources=cfg.resources, attempt=rec.restarts + 1,
-                          restarts_left=max(self.config.max_restarts - rec.restarts, 0))
+                          restarts_left=max(self.config.max_restarts - rec.restarts, 0),
+                          world_size=cfg.world_size)
         try:
             worker = await self.launcher.launch(spec)
         except EsperError as e:

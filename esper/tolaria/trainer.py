@@ -20,10 +20,19 @@ the `Governor`, the `FlopMeter`, the controller and the kernel source (in proces
 `esper.grow.heuristic_controller()`, `BuiltinKernels`; under the service:
 `esper.tamiyo.client.TamiyoController`, `esper.urza.source.UrzaKernels`).
 `build_trainer(config, ...)` builds the components a `RunConfig` describes.
+
+Data-parallel (a run with `world_size` > 1, each rank a process under torchrun): pass
+`distributed=esper.grow.distributed.DistributedGrowth()`. Every rank runs this same loop on
+its shard of the training loader; gradients (with the step's loss and the stop flag) are
+averaged by one all-reduce per step; the controller and the kernel catalog are asked on
+rank 0 and their answers broadcast; every rank evaluates the whole validation set (equal
+weights give equal numbers, so the governor and the grower judge alike without another
+collective); only rank 0 writes checkpoints, and every rank resumes from the one it names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import threading
@@ -47,6 +56,7 @@ from esper.grow import (
     GrowthHistory,
     KernelSource,
 )
+from esper.grow.distributed import DistributedGrowth
 from esper.jobs.registry import JobRegistry, default_registry
 from esper.jobs.sites import resolve_sites
 from esper.jobs.spec import Job
@@ -132,6 +142,7 @@ def build_trainer(
     kasmina: KasminaConfig | None = None,
     governor: GovernorConfig | None = None,
     stop: threading.Event | None = None,
+    distributed: DistributedGrowth | None = None,
 ) -> Trainer:
     """A `Trainer` with the components `config` describes.
 
@@ -139,8 +150,13 @@ def build_trainer(
         job: what to train; None: `build_job(config, registry)`.
         controller, kernels: decide growth / supply seed modules (None: the host as it is).
         checkpoint_dir: where checkpoints go (None: none are written).
+        distributed: the process group of a data-parallel run (None: one process); the
+            job's training loader is replaced by this rank's shard of it.
     """
     job = job if job is not None else build_job(config, registry)
+    if distributed is not None and distributed.active:
+        # Before the schedule is built: an epoch is this rank's batches, not the whole set's.
+        job = dataclasses.replace(job, train_loader=distributed.shard(job.train_loader, seed=config.seed))
     optimizer = build_optimizer(config.optimizer, job.model.parameters())
     scheduler = build_scheduler(config.optimizer, optimizer, steps_per_epoch=steps_per_epoch(job),
                                 epochs=config.epochs)
@@ -150,7 +166,8 @@ def build_trainer(
                                         keep=keep_checkpoints).build()
     return Trainer(job, config, run_id=run_id, optimizer=optimizer, scheduler=scheduler,
                    controller=controller, kernels=kernels, checkpointer=checkpointer,
-                   governor=Governor(governor), kasmina=kasmina, event_sink=event_sink, stop=stop)
+                   governor=Governor(governor), kasmina=kasmina, event_sink=event_sink, stop=stop,
+                   distributed=distributed)
 
 
 class Trainer:
@@ -172,6 +189,9 @@ class Trainer:
         kasmina: seed-slot behaviour (incubation, blending, gates).
         event_sink: receives every event envelope.
         stop: set from any thread to stop at the next step boundary.
+        distributed: the process group of a data-parallel run (see the module docstring);
+            None: one process. Give it the job with its training loader sharded
+            (`build_trainer` does).
     """
 
     def __init__(
@@ -190,8 +210,14 @@ class Trainer:
         kasmina: KasminaConfig | None = None,
         event_sink: EventSink | None = None,
         stop: threading.Event | None = None,
+        distributed: DistributedGrowth | None = None,
     ) -> None:
         self.job, self.config = job, config
+        self.ddp = distributed if distributed is not None and distributed.active else None
+        self._stop_agreed = False
+        if self.ddp is not None:
+            self.ddp.broadcast_module(job.model)  # every rank starts from rank 0's host
+            controller, kernels = self.ddp.controller(controller), self.ddp.kernels(kernels)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.checkpointer = checkpointer
         self.governor = governor or Governor()
@@ -255,7 +281,7 @@ class Trainer:
         for _ in range(self._step_in_epoch):  # resumed mid-epoch: replay up to where it was
             next(batches)
         for x, y in batches:
-            if self.stop.is_set():
+            if self._stopping():
                 return False
             loss = self._train_step(x, y)
             self._step_in_epoch += 1
@@ -266,6 +292,9 @@ class Trainer:
             n = _rows(y)
             self._epoch_acc["loss_sum"] += loss * n
             self._epoch_acc["seen"] += n
+        if self.ddp is not None:  # the epoch's loss over every rank's rows
+            self._epoch_acc["loss_sum"], self._epoch_acc["seen"] = self.ddp.all_reduce_sum(
+                [self._epoch_acc["loss_sum"], self._epoch_acc["seen"]])
         seen = self._epoch_acc["seen"]
         self._train_loss = self._epoch_acc["loss_sum"] / seen if seen else None
         self._step_in_epoch = 0
@@ -305,6 +334,11 @@ class Trainer:
             loss = self.job.loss_fn(_forward(self.model, x), y)
             loss.backward()
         value = float(loss.detach())
+        if self.ddp is not None:
+            # One all-reduce: gradients, this step's loss (every rank's governor sees the
+            # mean, so a divergence is everyone's) and whether any rank was asked to stop.
+            value, stop = self.ddp.all_reduce_grads(self.optimizer, value, stop=self.stop.is_set())
+            self._stop_agreed = self._stop_agreed or stop
         if not math.isfinite(value):
             # Do not let a non-finite step touch the weights; the governor rolls back.
             self.optimizer.zero_grad(set_to_none=True)
@@ -411,8 +445,9 @@ class Trainer:
         self._remember_good()
 
     def save_checkpoint(self) -> Path | None:
-        """Write a checkpoint of the run as it is now (at a step boundary)."""
-        if self.checkpointer is None:
+        """Write a checkpoint of the run as it is now (at a step boundary); rank 0 alone
+        writes (every rank holds the same state)."""
+        if self.checkpointer is None or (self.ddp is not None and not self.ddp.is_main):
             return None
         return self.checkpointer.save(self.epoch, self.state_dict())
 
@@ -420,10 +455,19 @@ class Trainer:
         """Load `path` (default: the checkpointer's latest); False if there is none."""
         if path is None:
             path = self.checkpointer.latest() if self.checkpointer is not None else None
+            if self.ddp is not None:
+                # Rank 0's choice for all: every rank continues from the same state.
+                named = self.ddp.broadcast_text(str(path) if path is not None else "")
+                path = Path(named) if named else None
             if path is None:
                 return False
         self.load_state_dict(read_state(path))
         return True
+
+    def _stopping(self) -> bool:
+        """Stop before the next step? Data-parallel ranks stop at the same step: at the one
+        after the all-reduce that carried some rank's stop request."""
+        return self._stop_agreed if self.ddp is not None else self.stop.is_set()
 
     # ----- views -----
 

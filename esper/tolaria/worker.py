@@ -12,6 +12,17 @@ Trace context: the supervisor passes the StartRun call's W3C ``traceparent`` in 
 Decide → GetKernel form one trace, and every Oona publish carries the context of the
 span it was made in.
 
+Data-parallel runs (`RunConfig.world_size` > 1): the launcher starts this module under
+torchrun (``python -m torch.distributed.run --standalone --nproc-per-node N --max-restarts K
+-m esper.tolaria.worker ...``); each rank is a process of this module and finds its rank in
+torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT). Rank 0 alone asks Tamiyo and
+Urza's catalog, writes the event log, publishes on Oona and writes checkpoints; the other
+ranks get its decisions and seeds (`esper.grow.distributed`). A rank that dies makes its
+peers' next collective fail, the elastic agent restarts all of them (up to
+``--max-restarts``), and they resume from rank 0's newest checkpoint. Each rank writes
+``<run-dir>/ranks/rank-<r>.json`` (pid, restart count, and at the end a digest of its
+parameters: equal on every rank).
+
 Exit status: 0 when the run reached a terminal state it recorded (succeeded, stopped,
 failed by the governor or by a bad config); anything else means the worker died and the
 supervisor may restart it.
@@ -27,6 +38,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +63,27 @@ log = logging.getLogger("esper.tolaria.worker")
 
 # Events whose loss on a crash would hide what happened: fsync right after appending.
 _SYNC_KINDS = frozenset({"epoch_metrics", "run_state"})
+
+
+class RankEvents:
+    """The event sink of a rank other than 0: its events are rank 0's too (the same
+    trainer state), so rank 0 alone records them; here they are only logged."""
+
+    publisher = None
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.observers: list[Any] = []
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, env: events_pb2.EventEnvelope) -> None:
+        return None
+
+    def emit(self, **payload: Any) -> None:
+        return None
+
+    def degrade(self, component: str, kind: str, detail: str) -> None:
+        log.warning("rank %d degraded: %s %s: %s", self.rank, component, kind, detail)
 
 
 class RunEvents:
@@ -273,10 +306,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parent = propagate.extract({"traceparent": os.environ["TRACEPARENT"]}) if os.environ.get("TRACEPARENT") else None
     token = otel_context.attach(parent) if parent is not None else None
 
-    elog = EventLog(run_dir / "events.log")
-    events = RunEvents(run_id, elog)
+    ddp = _join_ranks()
+    elog = EventLog(run_dir / "events.log") if ddp.is_main else None
+    events: RunEvents | RankEvents = RunEvents(run_id, elog) if elog is not None else RankEvents(ddp.rank)
     publisher = None
-    if args.nats_url:
+    if args.nats_url and ddp.is_main:
         from esper.oona.publisher import Publisher
 
         publisher = Publisher(args.nats_url, max_queue=args.oona_max_queue,
@@ -293,13 +327,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             except RunConfigError as e:
                 events.emit(run_state=events_pb2.RunStateChanged(state="failed", detail=f"bad config: {e}"))
                 return 0
-            exit_code = _train(cfg, run_id, run_dir, args, endpoints, api_key, events, stop)
+            exit_code = _train(cfg, run_id, run_dir, args, endpoints, api_key, events, stop, ddp)
     finally:
         if publisher is not None:
             publisher.flush(5.0)
             stats = publisher.close(5.0)
             log.info("oona: %s", stats)
-        elog.close()
+        if elog is not None:
+            elog.close()
         if token is not None:
             otel_context.detach(token)
         tracing.force_flush(5000)
@@ -307,13 +342,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     return exit_code
 
 
+def _join_ranks() -> Any:
+    """This process's place in a data-parallel run: under torchrun (WORLD_SIZE > 1) it joins
+    the process group torchrun's environment describes; alone, a group of one."""
+    import torch
+    import torch.distributed as dist
+
+    from esper.grow.distributed import DistributedGrowth
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        # NCCL when the rank has a GPU of its own (LOCAL_RANK); gloo on CPU. The timeout
+        # bounds how long a rank waits for a peer that hangs (a dead one fails at once).
+        if torch.cuda.is_available() and torch.cuda.device_count() > int(os.environ.get("LOCAL_RANK", "0")):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            backend = "nccl"
+        else:
+            backend = "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=300))
+    return DistributedGrowth()
+
+
+def _rank_record(run_dir: Path, ddp: Any, **facts: Any) -> None:
+    """Update `<run-dir>/ranks/rank-<r>.json` (what each rank is and ended with)."""
+    path = run_dir / "ranks" / f"rank-{ddp.rank}.json"
+    path.parent.mkdir(exist_ok=True)
+    record = json.loads(path.read_text()) if path.exists() else {}
+    record.update(facts)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, sort_keys=True))
+    tmp.replace(path)
+
+
+def parameter_digest(module: Any) -> str:
+    """SHA-256 over the names and bytes of `module`'s parameters and persistent buffers."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted((k, v) for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _train(cfg: Any, run_id: str, run_dir: Path, args: argparse.Namespace, endpoints: dict[str, str],
-           api_key: str | None, events: RunEvents, stop: threading.Event) -> int:
+           api_key: str | None, events: RunEvents | RankEvents, stop: threading.Event, ddp: Any) -> int:
     """Build the run (kernel source, controller, job, trainer), then train it.
 
     Everything that can fail for a reason a restart would not cure (a missing endpoint or
     key directory, a job that raises, Tamiyo serving another policy) ends the run FAILED
-    with the reason in its detail, instead of crashing into a restart loop.
+    with the reason in its detail, instead of crashing into a restart loop. With several
+    ranks every rank sets up, then they agree (the first rank's failure fails the run for
+    all) before any of them trains.
     """
     from esper.jobs import JobBuildError, JobConfigError
     from esper.jobs.registry import JobRegistry
@@ -328,59 +409,88 @@ def _train(cfg: Any, run_id: str, run_dir: Path, args: argparse.Namespace, endpo
         return 0
 
     try:
-        source = _kernel_source(cfg, run_dir, args, endpoints, api_key, events, closers)
-        urza = source.urza if source is not None else None
-        outcomes = OutcomeReporter(
-            run_id, cfg.job_name,
-            (lambda req, t: urza.record_outcome(req.report, t, request_id=req.request_id))
-            if urza is not None else (lambda req, t: None),
-            degrade=events.degrade,
-        )
-        events.observers.append(outcomes.observe)
-        controller = None
-        if cfg.controller != "none":
-            if "tamiyo" not in endpoints:
-                raise FailedPreconditionError(f"no endpoint for 'tamiyo'; the worker got {sorted(endpoints)}")
-            controller = TamiyoController(endpoints["tamiyo"], api_key=api_key, timeout_s=cfg.decide_timeout_s)
-            closers.append(controller)
-            served = served_policy(controller, cfg.decide_timeout_s, events)
-            if served is not None and served != cfg.controller:
-                # Training under another policy than the one asked for would be a silent lie.
-                return fail(
-                    f"the run asks for controller {cfg.controller!r} but Tamiyo at "
-                    f"{endpoints['tamiyo']} serves {served!r}; start Tamiyo with that policy or "
-                    "change the run's controller")
+        failure, trainer, source, outcomes = "", None, None, None
         try:
-            job = build_job(cfg, JobRegistry.discover(json.loads(args.jobs) if args.jobs else None))
-        except (JobBuildError, JobConfigError) as e:
-            # The job's own code failed (or its registration changed since StartRun):
-            # deterministic, so the run fails with the job's error instead of restarting.
-            log.exception("run %s: building job %r failed", run_id, cfg.job_name)
-            return fail(str(e))
-        trainer = build_trainer(
-            cfg,
-            run_id=run_id,
-            job=job,
-            kernels=TracedKernels(source) if source is not None else None,
-            controller=controller,
-            event_sink=events,
-            checkpoint_dir=run_dir / "checkpoints",
-            stop=stop,
-        )
+            source = _kernel_source(cfg, run_dir, args, endpoints, api_key, events, closers, ddp.rank)
+            urza = source.urza if source is not None else None
+            outcomes = OutcomeReporter(
+                run_id, cfg.job_name,
+                (lambda req, t: urza.record_outcome(req.report, t, request_id=req.request_id))
+                if urza is not None else (lambda req, t: None),
+                degrade=events.degrade,
+            )
+            events.observers.append(outcomes.observe)
+            controller = None
+            if cfg.controller != "none":
+                if "tamiyo" not in endpoints:
+                    raise FailedPreconditionError(f"no endpoint for 'tamiyo'; the worker got {sorted(endpoints)}")
+                controller = TamiyoController(endpoints["tamiyo"], api_key=api_key,
+                                              timeout_s=cfg.decide_timeout_s)
+                closers.append(controller)
+                # Rank 0 alone talks to Tamiyo; the others' controllers are only ever
+                # asked through it (esper.grow.distributed).
+                served = served_policy(controller, cfg.decide_timeout_s, events) if ddp.is_main else None
+                if served is not None and served != cfg.controller:
+                    # Training under another policy than the one asked for would be a silent lie.
+                    failure = (
+                        f"the run asks for controller {cfg.controller!r} but Tamiyo at "
+                        f"{endpoints['tamiyo']} serves {served!r}; start Tamiyo with that policy or "
+                        "change the run's controller")
+            if not failure:
+                try:
+                    job = build_job(cfg, JobRegistry.discover(json.loads(args.jobs) if args.jobs else None))
+                except (JobBuildError, JobConfigError) as e:
+                    # The job's own code failed (or its registration changed since StartRun):
+                    # deterministic, so the run fails with the job's error instead of restarting.
+                    log.exception("run %s: building job %r failed", run_id, cfg.job_name)
+                    failure = str(e)
+            if not failure:
+                trainer = build_trainer(
+                    cfg,
+                    run_id=run_id,
+                    job=job,
+                    kernels=TracedKernels(source) if source is not None else None,
+                    controller=controller,
+                    event_sink=events,
+                    checkpoint_dir=run_dir / "checkpoints",
+                    stop=stop,
+                    distributed=ddp,
+                )
+        except EsperError as e:
+            log.exception("run %s: setting up failed", run_id)
+            failure = f"{type(e).__name__}: {e}"
+        failure = ddp.first_failure(failure)
+        if failure:
+            return fail(failure)
+        assert trainer is not None and outcomes is not None
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if ddp.active:
+            _rank_record(run_dir, ddp, pid=os.getpid(), world_size=ddp.world_size, restarts=restarts)
         resumed = trainer.resume()
+        if ddp.active and restarts:
+            events.degrade("worker", "ranks_restarted",
+                           f"torchrun's elastic agent restarted all {ddp.world_size} ranks "
+                           f"({restarts} time(s)) after a rank died; they resume from rank 0's "
+                           "newest checkpoint")
         detail = f"resumed from the checkpoint after epoch {trainer.epoch}" if resumed else "started"
+        if ddp.active:
+            detail += f" ({ddp.world_size} ranks)"
         events.emit(run_state=events_pb2.RunStateChanged(state="running", detail=detail))
-        if source is not None:
+        if source is not None and ddp.is_main:
             _ensure_kernels(source, trainer, events)
         try:
             result = trainer.run()
         except RunDivergedError as e:
             return fail(str(e))
+        if ddp.active:
+            _rank_record(run_dir, ddp, digest=parameter_digest(trainer.model), epoch=trainer.epoch,
+                         global_step=trainer.global_step)
         if not result.completed:
             detail = f"stopped after {result.global_step} steps (epoch {trainer.epoch}) on request; checkpoint written"
             events.emit(run_state=events_pb2.RunStateChanged(state="stopped", detail=detail))
             return 0
-        outcomes.run_ended(trainer.epoch)
+        if ddp.is_main:
+            outcomes.run_ended(trainer.epoch)
         detail = (f"{result.epochs} epochs in {result.wall_seconds:.1f} s; test accuracy "
                   f"{100 * result.test_accuracy:.2f}%, {result.parameters:,} parameters, "
                   f"{len(result.fossilized)} seed(s) fossilized")
@@ -398,7 +508,8 @@ def _train(cfg: Any, run_id: str, run_dir: Path, args: argparse.Namespace, endpo
 
 
 def _kernel_source(cfg: Any, run_dir: Path, args: argparse.Namespace, endpoints: dict[str, str],
-                   api_key: str | None, events: RunEvents, closers: list[Any]) -> Any:
+                   api_key: str | None, events: RunEvents | RankEvents, closers: list[Any],
+                   rank: int = 0) -> Any:
     """Urza's kernels through Kasmina's verifying loader, Tezzeret compiling what Urza
     lacks; None for a run without a controller (it loads no kernel)."""
     from esper.blueprints.artifact import TrustedKeys
@@ -415,7 +526,10 @@ def _kernel_source(cfg: Any, run_dir: Path, args: argparse.Namespace, endpoints:
     keys_dir = args.trusted_keys or Path(os.environ.get("ESPER_TRUSTED_KEYS_DIR") or data_dir / "trusted_keys")
     urza = UrzaClient(endpoints["urza"], api_key, channel=urza_channel(endpoints["urza"]))
     closers.append(urza)
-    loader = KernelLoader(fetcher(urza), TrustedKeys.from_dir(keys_dir),
+    fetch = fetcher(urza)
+    if rank != 0:
+        fetch = _logged_fetch(fetch, rank)
+    loader = KernelLoader(fetch, TrustedKeys.from_dir(keys_dir),
                           args.kernel_cache or run_dir.parent.parent / "kernel-cache")
     tezzeret = None
     if "tezzeret" in endpoints:
@@ -424,6 +538,17 @@ def _kernel_source(cfg: Any, run_dir: Path, args: argparse.Namespace, endpoints:
     return UrzaKernels(urza, loader, tezzeret=tezzeret, timeout_s=max(cfg.decide_timeout_s, 5.0),
                        compile_wait_s=args.compile_wait_s,
                        on_event=lambda kind, detail: events.degrade("kernels", kind, detail))
+
+
+def _logged_fetch(fetch: Any, rank: int) -> Any:
+    """A rank other than 0 loads a kernel after rank 0 put it in the shared verified cache, so
+    it should never reach Urza; when it does (a cache on another disk), the log says so."""
+
+    def logged(kernel_id: str, timeout_s: float) -> bytes:
+        log.warning("rank %d: kernel %s not in the shared cache; fetching it from Urza", rank, kernel_id)
+        return fetch(kernel_id, timeout_s)
+
+    return logged
 
 
 def _ensure_kernels(source: Any, trainer: Any, events: RunEvents) -> None:

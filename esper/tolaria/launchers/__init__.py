@@ -57,6 +57,9 @@ class LaunchSpec:
     """1 for the first start, then one more per start after a worker was lost."""
     restarts_left: int = 0
     """Worker deaths the supervisor may still answer with a restart (a Job's backoffLimit)."""
+    world_size: int = 1
+    """Data-parallel ranks (`RunConfig.world_size`); above 1 only launchers with
+    `runs_ranks = True` accept the run."""
 
 
 class Worker:

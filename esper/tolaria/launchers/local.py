@@ -5,6 +5,15 @@ module and ran its `preload()`, and forks it per run: StartRun → first epoch i
 second instead of ten. "spawn" starts a fresh interpreter. Either way a run is its own
 process with its own pid, and its environment is Tolaria's minus every credential
 (`worker_environment`) plus the run's own token.
+
+A run with `world_size` N > 1 is spawned under torchrun's elastic agent:
+``python -m torch.distributed.run --standalone --nproc-per-node N --max-restarts K -m
+<worker module> ...`` (K: the restarts the supervisor has left for the run). The agent is
+the process the supervisor watches, in a session of its own so that a kill reaches every
+rank; the agent restarts all ranks when one dies, and they resume from rank 0's newest
+checkpoint. Several nodes would run the same command on each node with ``--nnodes M
+--node-rank i --rdzv-backend c10d --rdzv-endpoint <host:port>`` instead of ``--standalone``
+(not done by this launcher: it places processes on Tolaria's machine only).
 """
 
 from __future__ import annotations
@@ -60,6 +69,28 @@ class LocalWorker(Worker):
         await asyncio.to_thread(_reap, self.proc, grace_s)
 
 
+class RankedWorker(LocalWorker):
+    """torchrun's elastic agent of a data-parallel run, leader of its own session: SIGTERM
+    goes to the agent (which passes it to every rank: they checkpoint and stop together),
+    a kill goes to the whole session, so no rank outlives it."""
+
+    async def kill(self) -> None:
+        _kill_session(self.proc.pid)
+
+    async def reap(self, grace_s: float) -> None:
+        await asyncio.to_thread(_reap_session, self.proc, grace_s)
+
+
+def torchrun_command(spec: LaunchSpec) -> list[str]:
+    """The elastic agent's command line for a run of `spec.world_size` ranks on this node."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={spec.world_size}", f"--max-restarts={spec.restarts_left}",
+            # A dead rank is noticed within half a second (the default polls every 0.1 s,
+            # which is a busy loop beside the ranks on a small machine).
+            "--monitor-interval=0.5",
+            "-m", spec.module, *spec.argv]
+
+
 class AdoptedWorker(Worker):
     """A live worker of an earlier Tolaria process: not our child, watched by its pid."""
 
@@ -76,7 +107,10 @@ class AdoptedWorker(Worker):
 
     async def kill(self) -> None:
         if alive(self.pid):
-            os.kill(self.pid, signal.SIGKILL)
+            if _leads_session(self.pid):  # a data-parallel run's torchrun agent: its ranks too
+                _kill_session(self.pid)
+            else:
+                os.kill(self.pid, signal.SIGKILL)
 
     async def reap(self, grace_s: float) -> None:
         return None  # not ours to wait for
@@ -87,6 +121,8 @@ class LocalLauncher:
 
     kind = "local"
     places_gpus = False
+    runs_ranks = True
+    """Runs with world_size > 1 start under torchrun (see the module docstring)."""
 
     def __init__(self, mode: str, module: str, *, fork_wait_s: float = 60.0) -> None:
         self.mode = mode
@@ -110,6 +146,8 @@ class LocalLauncher:
         env = worker_environment(os.environ, spec.env)
         argv = list(spec.argv)
         log_path = spec.run_dir / "worker.log"
+        if spec.world_size > 1:
+            return self._launch_ranks(spec, env, log_path)
         proc: subprocess.Popen[bytes] | ForkedWorker | None = None
         how = "spawned"
         if self.forks is not None:
@@ -126,6 +164,16 @@ class LocalLauncher:
                 out.close()
         return LocalWorker(proc, how)
 
+    def _launch_ranks(self, spec: LaunchSpec, env: dict[str, str], log_path: Path) -> RankedWorker:
+        # Never forked: the agent starts fresh interpreters for its ranks anyway.
+        out = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            proc = subprocess.Popen(torchrun_command(spec), env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            out.close()
+        return RankedWorker(proc, f"spawned under torchrun ({spec.world_size} ranks)")
+
     async def cleanup(self, run_id: str) -> None:
         """Nothing outlives a local worker: its credential was only in its environment."""
 
@@ -140,6 +188,29 @@ def _reap(proc: subprocess.Popen[bytes] | ForkedWorker, grace_s: float) -> None:
     except subprocess.TimeoutExpired:
         log.warning("worker pid %d still alive after its run ended; killing it", proc.pid)
         proc.kill()
+        proc.wait()
+
+
+def _leads_session(pid: int) -> bool:
+    try:
+        return os.getsid(pid) == pid
+    except ProcessLookupError:
+        return False
+
+
+def _kill_session(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _reap_session(proc: subprocess.Popen[bytes] | ForkedWorker, grace_s: float) -> None:
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        log.warning("torchrun agent pid %d still alive after its run ended; killing its ranks", proc.pid)
+        _kill_session(proc.pid)
         proc.wait()
 
 

@@ -75,14 +75,18 @@ async def test_run_germinates_on_tamiyo_decision_and_finishes_the_seed(platform_
     assert again == []
 
 
-async def test_a_run_asking_for_another_policy_than_tamiyo_serves_fails_loudly(platform_factory):
+async def test_a_run_asking_for_another_policy_than_tamiyo_serves_is_refused_at_start(platform_factory):
+    # Tolaria asks Tamiyo which policy it serves before it creates the run (issue 11 point
+    # 8: such a run used to be accepted and fail later): FAILED_PRECONDITION naming both.
+    import grpc
+
     cfg = tiny_config(controller="random", epochs=3)
     p = await platform_factory(cfg)
-    run_id = await p.start_run(cfg)
-    events = await p.watch(run_id, timeout=60)
-    assert events[-1].run_state.state == "failed"
-    assert "asks for controller 'random'" in events[-1].run_state.detail
-    assert "serves 'heuristic'" in events[-1].run_state.detail
-    assert not any(e.HasField("epoch_metrics") for e in events)
-    run = await p.get_run(run_id)
-    assert run.state == pb.RUN_STATE_FAILED and "worker" not in run.degraded
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await p.start_run(cfg)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "config.controller='random'" in e.value.details()
+    assert "serves policy 'heuristic'" in e.value.details()
+    assert p.tolaria is not None
+    listed = await p.tolaria.ListRuns(pb.ListRunsRequest())
+    assert list(listed.runs) == []  # nothing was created

@@ -63,6 +63,16 @@ def test_a_catalog_that_fits_no_slot_fails_at_construction_naming_slots_and_blue
     grower_with(None, kernels=BuiltinKernels(["conv3x3_residual"]))
 
 
+def test_a_remote_source_whose_blueprints_attribute_is_an_empty_name_list_is_not_refused() -> None:
+    # UrzaKernels.blueprints = () means "Tezzeret's whole catalog", not "nothing offered":
+    # the construction-time check must not read it as an empty catalog (it did, and the
+    # README's remote loop failed against a plain esper up).
+    class NamesOnly(RemoteLike):
+        blueprints: tuple[str, ...] = ()
+
+    grower_with(heuristic_controller(), kernels=NamesOnly([]))
+
+
 class RemoteLike:
     """A kernel source that cannot list its blueprints up front (like Urza)."""
 

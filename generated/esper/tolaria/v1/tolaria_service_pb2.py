@@ -28,7 +28,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&esper/tolaria/v1/tolaria_service.proto\x12\x10\x65sper.tolaria.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1a\x65sper/oona/v1/events.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa6\x02\n\x0fOptimizerConfig\x12\x1f\n\x04name\x18\x01 \x01(\tB\x11\xbaH\x0er\x0cR\x03sgdR\x05\x61\x64\x61mw\x12.\n\rlearning_rate\x18\x02 \x01(\x01\x42\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00\x00$@!\x00\x00\x00\x00\x00\x00\x00\x00\x12-\n\x0cweight_decay\x18\x03 \x01(\x01\x42\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00\x00\xf0?)\x00\x00\x00\x00\x00\x00\x00\x00\x12)\n\x08momentum\x18\x04 \x01(\x01\x42\x17\xbaH\x14\x12\x12\x11\x00\x00\x00\x00\x00\x00\xf0?)\x00\x00\x00\x00\x00\x00\x00\x00\x12)\n\x08schedule\x18\x05 \x01(\tB\x17\xbaH\x14r\x12R\x06\x63osineR\x08\x63onstant\x12\x15\n\rwarmup_epochs\x18\x06 \x01(\r\x12&\n\x0e\x63lip_grad_norm\x18\x07 \x01(\x01\x42\x0e\xbaH\x0b\x12\t)\x00\x00\x00\x00\x00\x00\x00\x00\"T\n\x0cGrowthBudget\x12\x1d\n\tmax_seeds\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\x80\x08(\x00\x12%\n\x14max_added_parameters\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\"d\n\x0cRunResources\x12\x15\n\x04gpus\x18\x01 \x01(\rB\x07\xbaH\x04*\x02\x18\x10\x12\x1d\n\ncpu_millis\x18\x02 \x01(\rB\t\xbaH\x06*\x04\x18\x80\xa0\x1f\x12\x1e\n\nmemory_mib\x18\x03 \x01(\rB\n\xbaH\x07*\x05\x18\x80\x80\x80\x02\"\xb0\x06\n\tRunConfig\x12\x17\n\x04task\x18\x01 \x01(\tB\t\x18\x01\xbaH\x04r\x02\x18@\x12\x17\n\x04host\x18\x02 \x01(\tB\t\x18\x01\xbaH\x04r\x02\x18@\x12 \n\x05sites\x18\x03 \x03(\tB\x11\xbaH\x0e\x92\x01\x0b\x10@\"\x07r\x05\x10\x01\x18\x80\x02\x12\x1d\n\ncontroller\x18\x04 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\x12.\n\x06\x62udget\x18\x05 \x01(\x0b\x32\x1e.esper.tolaria.v1.GrowthBudget\x12\x1a\n\x06\x65pochs\x18\x06 \x01(\rB\n\xbaH\x07*\x05\x18\x90N(\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x34\n\toptimizer\x18\x08 \x01(\x0b\x32!.esper.tolaria.v1.OptimizerConfig\x12\x1f\n\nbatch_size\x18\t \x01(\rB\x0b\xbaH\x08*\x06\x18\x80\x80\x04(\x01\x12\x18\n\x10\x63heckpoint_every\x18\n \x01(\r\x12@\n\x0e\x64\x65\x63ide_timeout\x18\x0b \x01(\x0b\x32\x19.google.protobuf.DurationB\r\xbaH\n\xaa\x01\x07\"\x03\x08\x90\x1c\x32\x00\x12(\n\x05width\x18\x0c \x01(\x01\x42\x19\x18\x01\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00\x00P@)\x00\x00\x00\x00\x00\x00\x00\x00\x12P\n\x06labels\x18\r \x03(\x0b\x32\'.esper.tolaria.v1.RunConfig.LabelsEntryB\x17\xbaH\x14\x9a\x01\x11\x10 \"\x06r\x04\x10\x01\x18?*\x05r\x03\x18\x80\x02\x12:\n\x03job\x18\x0e \x01(\tB-\xbaH*r%\x18@2!^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$\xd8\x01\x01\x12W\n\njob_params\x18\x0f \x03(\x0b\x32*.esper.tolaria.v1.RunConfig.JobParamsEntryB\x17\xbaH\x14\x9a\x01\x11\x10 \"\x06r\x04\x10\x01\x18@*\x05r\x03\x18\x80\x08\x12\x31\n\tresources\x18\x10 \x01(\x0b\x32\x1e.esper.tolaria.v1.RunResources\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x30\n\x0eJobParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xdf\x04\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12+\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1b.esper.tolaria.v1.RunConfig\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.esper.tolaria.v1.RunState\x12\r\n\x05\x65poch\x18\x04 \x01(\r\x12\x13\n\x0bglobal_step\x18\x05 \x01(\x04\x12\x14\n\x0cval_accuracy\x18\x06 \x01(\x01\x12\x10\n\x08val_loss\x18\x07 \x01(\x01\x12\x12\n\nparameters\x18\x08 \x01(\x04\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x64\x65tail\x18\x0b \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x0c \x03(\t\x12\x15\n\rlast_sequence\x18\r \x01(\x04\x12\x16\n\x0estop_requested\x18\x0e \x01(\x08\x12\x13\n\x0bstop_reason\x18\x0f \x01(\t\x12\x34\n\x0e\x65vent_delivery\x18\x10 \x01(\x0b\x32\x1c.esper.oona.v1.EventDelivery\x12=\n\x0c\x64\x65gradations\x18\x11 \x03(\x0b\x32\'.esper.tolaria.v1.Run.DegradationsEntry\x12\x10\n\x08restarts\x18\x12 \x01(\r\x12\x0e\n\x06worker\x18\x13 \x01(\t\x1a\x33\n\x11\x44\x65gradationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"g\n\x0fStartRunRequest\x12\x1f\n\nrequest_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12\x33\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1b.esper.tolaria.v1.RunConfigB\x06\xbaH\x03\xc8\x01\x01\"6\n\x10StartRunResponse\x12\"\n\x03run\x18\x01 \x01(\x0b\x32\x15.esper.tolaria.v1.Run\"+\n\rGetRunRequest\x12\x1a\n\x06run_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\"4\n\x0eGetRunResponse\x12\"\n\x03run\x18\x01 \x01(\x0b\x32\x15.esper.tolaria.v1.Run\"\x83\x01\n\x0fListRunsRequest\x12\x1d\n\tpage_size\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x08\x12\x33\n\x05state\x18\x03 \x01(\x0e\x32\x1a.esper.tolaria.v1.RunStateB\x08\xbaH\x05\x82\x01\x02\x10\x01\"P\n\x10ListRunsResponse\x12#\n\x04runs\x18\x01 \x03(\x0b\x32\x15.esper.tolaria.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"D\n\x0fWatchRunRequest\x12\x1a\n\x06run_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12\x15\n\rfrom_sequence\x18\x02 \x01(\x04\"?\n\x10WatchRunResponse\x12+\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1c.esper.oona.v1.EventEnvelope\"g\n\x0eStopRunRequest\x12\x1f\n\nrequest_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12\x1a\n\x06run_id\x18\x02 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12\x18\n\x06reason\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x08\"\x9b\x01\n\x0fStopRunResponse\x12\"\n\x03run\x18\x01 \x01(\x0b\x32\x15.esper.tolaria.v1.Run\x12\x30\n\x0crequested_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x65xpected_state\x18\x03 \x01(\x0e\x32\x1a.esper.tolaria.v1.RunState\"N\n\x0fListJobsRequest\x12\x1d\n\tpage_size\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\"P\n\x10ListJobsResponse\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.esper.tolaria.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"l\n\x03Job\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x32\n\nparameters\x18\x04 \x03(\x0b\x32\x1e.esper.tolaria.v1.JobParameter\"\xa9\x01\n\x0cJobParameter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x15\n\rdefault_value\x18\x03 \x01(\t\x12\x10\n\x08required\x18\x04 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x0f\n\x07\x63hoices\x18\x06 \x03(\t\x12\x14\n\x0c\x61\x63\x63\x65pts_none\x18\x07 \x01(\x08\x12\x18\n\x10run_config_field\x18\x08 \x01(\t*\x99\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_PENDING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x12\x15\n\x11RUN_STATE_STOPPED\x10\x05\x32\xfb\x03\n\x0eTolariaService\x12Q\n\x08StartRun\x12!.esper.tolaria.v1.StartRunRequest\x1a\".esper.tolaria.v1.StartRunResponse\x12K\n\x06GetRun\x12\x1f.esper.tolaria.v1.GetRunRequest\x1a .esper.tolaria.v1.GetRunResponse\x12Q\n\x08ListRuns\x12!.esper.tolaria.v1.ListRunsRequest\x1a\".esper.tolaria.v1.ListRunsResponse\x12S\n\x08WatchRun\x12!.esper.tolaria.v1.WatchRunRequest\x1a\".esper.tolaria.v1.WatchRunResponse0\x01\x12N\n\x07StopRun\x12 .esper.tolaria.v1.StopRunRequest\x1a!.esper.tolaria.v1.StopRunResponse\x12Q\n\x08ListJobs\x12!.esper.tolaria.v1.ListJobsRequest\x1a\".esper.tolaria.v1.ListJobsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&esper/tolaria/v1/tolaria_service.proto\x12\x10\x65sper.tolaria.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1a\x65sper/oona/v1/events.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa6\x02\n\x0fOptimizerConfig\x12\x1f\n\x04name\x18\x01 \x01(\tB\x11\xbaH\x0er\x0cR\x03sgdR\x05\x61\x64\x61mw\x12.\n\rlearning_rate\x18\x02 \x01(\x01\x42\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00\x00$@!\x00\x00\x00\x00\x00\x00\x00\x00\x12-\n\x0cweight_decay\x18\x03 \x01(\x01\x42\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00\x00\xf0?)\x00\x00\x00\x00\x00\x00\x00\x00\x12)\n\x08momentum\x18\x04 \x01(\x01\x42\x17\xbaH\x14\x12\x12\x11\x00\x00\x00\x00\x00\x00\xf0?)\x00\x00\x00\x00\x00\x00\x00\x00\x12)\n\x08schedule\x18\x05 \x01(\tB\x17\xbaH\x14r\x12R\x06\x63osineR\x08\x63onstant\x12\x15\n\rwarmup_epochs\x18\x06 \x01(\r\x12&\n\x0e\x63lip_grad_norm\x18\x07 \x01(\x01\x42\x0e\xbaH\x0b\x12\t)\x00\x00\x00\x00\x00\x00\x00\x00\"T\n\x0cGrowthBudget\x12\x1d\n\tmax_seeds\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\x80\x08(\x00\x12%\n\x14max_added_parameters\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\"d\n\x0cRunResources\x12\x15\n\x04gpus\x18\x01 \x01(\rB\x07\xbaH\x04*\x02\x18\x10\x12\x1d\n\ncpu_millis\x18\x02 \x01(\rB\t\xbaH\x06*\x04\x18\x80\xa0\x1f\x12\x1e\n\nmemory_mib\x18\x03 \x01(\rB\n\xbaH\x07*\x05\x18\x80\x80\x80\x02\"\xcd\x06\n\tRunConfig\x12\x17\n\x04task\x18\x01 \x01(\tB\t\x18\x01\xbaH\x04r\x02\x18@\x12\x17\n\x04host\x18\x02 \x01(\tB\t\x18\x01\xbaH\x04r\x02\x18@\x12 \n\x05sites\x18\x03 \x03(\tB\x11\xbaH\x0e\x92\x01\x0b\x10@\"\x07r\x05\x10\x01\x18\x80\x02\x12\x1d\n\ncontroller\x18\x04 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@\x12.\n\x06\x62udget\x18\x05 \x01(\x0b\x32\x1e.esper.tolaria.v1.GrowthBudget\x12\x1a\n\x06\x65pochs\x18\x06 \x01(\rB\n\xbaH\x07*\x05\x18\x90N(\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x34\n\toptimizer\x18\x08 \x01(\x0b\x32!.esper.tolaria.v1.OptimizerConfig\x12\x1f\n\nbatch_size\x18\t \x01(\rB\x0b\xbaH\x08*\x06\x18\x80\x80\x04(\x01\x12\x18\n\x10\x63heckpoint_every\x18\n \x01(\r\x12@\n\x0e\x64\x65\x63ide_timeout\x18\x0b \x01(\x0b\x32\x19.google.protobuf.DurationB\r\xbaH\n\xaa\x01\x07\"\x03\x08\x90\x1c\x32\x00\x12(\n\x05width\x18\x0c \x01(\x01\x42\x19\x18\x01\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00\x00P@)\x00\x00\x00\x00\x00\x00\x00\x00\x12P\n\x06labels\x18\r \x03(\x0b\x32\'.esper.tolaria.v1.RunConfig.LabelsEntryB\x17\xbaH\x14\x9a\x01\x11\x10 \"\x06r\x04\x10\x01\x18?*\x05r\x03\x18\x80\x02\x12:\n\x03job\x18\x0e \x01(\tB-\xbaH*r%\x18@2!^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$\xd8\x01\x01\x12W\n\njob_params\x18\x0f \x03(\x0b\x32*.esper.tolaria.v1.RunConfig.JobParamsEntryB\x17\xbaH\x14\x9a\x01\x11\x10 \"\x06r\x04\x10\x01\x18@*\x05r\x03\x18\x80\x08\x12\x31\n\tresources\x18\x10 \x01(\x0b\x32\x1e.esper.tolaria.v1.RunResources\x12\x1b\n\nworld_size\x18\x11 \x01(\rB\x07\xbaH\x04*\x02\x18@\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x30\n\x0eJobParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xdf\x04\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12+\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1b.esper.tolaria.v1.RunConfig\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.esper.tolaria.v1.RunState\x12\r\n\x05\x65poch\x18\x04 \x01(\r\x12\x13\n\x0bglobal_step\x18\x05 \x01(\x04\x12\x14\n\x0cval_accuracy\x18\x06 \x01(\x01\x12\x10\n\x08val_loss\x18\x07 \x01(\x01\x12\x12\n\nparameters\x18\x08 \x01(\x04\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x64\x65tail\x18\x0b \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x0c \x03(\t\x12\x15\n\rlast_sequence\x18\r \x01(\x04\x12\x16\n\x0estop_requested\x18\x0e \x01(\x08\x12\x13\n\x0bstop_reason\x18\x0f \x01(\t\x12\x34\n\x0e\x65vent_delivery\x18\x10 \x01(\x0b\x32\x1c.esper.oona.v1.EventDelivery\x12=\n\x0c\x64\x65gradations\x18\x11 \x03(\x0b\x32\'.esper.tolaria.v1.Run.DegradationsEntry\x12\x10\n\x08restarts\x18\x12 \x01(\r\x12\x0e\n\x06worker\x18\x13 \x01(\t\x1a\x33\n\x11\x44\x65gradationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"g\n\x0fStartRunRequest\x12\x1f\n\nrequest_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12\x33\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1b.esper.tolaria.v1.RunConfigB\x06\xbaH\x03\xc8\x01\x01\"6\n\x10StartRunResponse\x12\"\n\x03run\x18\x01 \x01(\x0b\x32\x15.esper.tolaria.v1.Run\"+\n\rGetRunRequest\x12\x1a\n\x06run_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\"4\n\x0eGetRunResponse\x12\"\n\x03run\x18\x01 \x01(\x0b\x32\x15.esper.tolaria.v1.Run\"\x83\x01\n\x0fListRunsRequest\x12\x1d\n\tpage_size\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x08\x12\x33\n\x05state\x18\x03 \x01(\x0e\x32\x1a.esper.tolaria.v1.RunStateB\x08\xbaH\x05\x82\x01\x02\x10\x01\"P\n\x10ListRunsResponse\x12#\n\x04runs\x18\x01 \x03(\x0b\x32\x15.esper.tolaria.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"D\n\x0fWatchRunRequest\x12\x1a\n\x06run_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12\x15\n\rfrom_sequence\x18\x02 \x01(\x04\"?\n\x10WatchRunResponse\x12+\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1c.esper.oona.v1.EventEnvelope\"g\n\x0eStopRunRequest\x12\x1f\n\nrequest_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12\x1a\n\x06run_id\x18\x02 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12\x18\n\x06reason\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x08\"\x9b\x01\n\x0fStopRunResponse\x12\"\n\x03run\x18\x01 \x01(\x0b\x32\x15.esper.tolaria.v1.Run\x12\x30\n\x0crequested_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x65xpected_state\x18\x03 \x01(\x0e\x32\x1a.esper.tolaria.v1.RunState\"N\n\x0fListJobsRequest\x12\x1d\n\tpage_size\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\"P\n\x10ListJobsResponse\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.esper.tolaria.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"l\n\x03Job\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x32\n\nparameters\x18\x04 \x03(\x0b\x32\x1e.esper.tolaria.v1.JobParameter\"\xa9\x01\n\x0cJobParameter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x15\n\rdefault_value\x18\x03 \x01(\t\x12\x10\n\x08required\x18\x04 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x0f\n\x07\x63hoices\x18\x06 \x03(\t\x12\x14\n\x0c\x61\x63\x63\x65pts_none\x18\x07 \x01(\x08\x12\x18\n\x10run_config_field\x18\x08 \x01(\t*\x99\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_PENDING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x12\x15\n\x11RUN_STATE_STOPPED\x10\x05\x32\xfb\x03\n\x0eTolariaService\x12Q\n\x08StartRun\x12!.esper.tolaria.v1.StartRunRequest\x1a\".esper.tolaria.v1.StartRunResponse\x12K\n\x06GetRun\x12\x1f.esper.tolaria.v1.GetRunRequest\x1a .esper.tolaria.v1.GetRunResponse\x12Q\n\x08ListRuns\x12!.esper.tolaria.v1.ListRunsRequest\x1a\".esper.tolaria.v1.ListRunsResponse\x12S\n\x08WatchRun\x12!.esper.tolaria.v1.WatchRunRequest\x1a\".esper.tolaria.v1.WatchRunResponse0\x01\x12N\n\x07StopRun\x12 .esper.tolaria.v1.StopRunRequest\x1a!.esper.tolaria.v1.StopRunResponse\x12Q\n\x08ListJobs\x12!.esper.tolaria.v1.ListJobsRequest\x1a\".esper.tolaria.v1.ListJobsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -83,6 +83,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNCONFIG'].fields_by_name['job']._serialized_options = b'\272H*r%\030@2!^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$\330\001\001'
   _globals['_RUNCONFIG'].fields_by_name['job_params']._loaded_options = None
   _globals['_RUNCONFIG'].fields_by_name['job_params']._serialized_options = b'\272H\024\232\001\021\020 \"\006r\004\020\001\030@*\005r\003\030\200\010'
+  _globals['_RUNCONFIG'].fields_by_name['world_size']._loaded_options = None
+  _globals['_RUNCONFIG'].fields_by_name['world_size']._serialized_options = b'\272H\004*\002\030@'
   _globals['_RUN_DEGRADATIONSENTRY']._loaded_options = None
   _globals['_RUN_DEGRADATIONSENTRY']._serialized_options = b'8\001'
   _globals['_STARTRUNREQUEST'].fields_by_name['request_id']._loaded_options = None
@@ -109,8 +111,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTJOBSREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\007\032\005\030\350\007(\000'
   _globals['_LISTJOBSREQUEST'].fields_by_name['page_token']._loaded_options = None
   _globals['_LISTJOBSREQUEST'].fields_by_name['page_token']._serialized_options = b'\272H\005r\003\030\200\001'
-  _globals['_RUNSTATE']._serialized_start=3415
-  _globals['_RUNSTATE']._serialized_end=3568
+  _globals['_RUNSTATE']._serialized_start=3444
+  _globals['_RUNSTATE']._serialized_end=3597
   _globals['_OPTIMIZERCONFIG']._serialized_start=183
   _globals['_OPTIMIZERCONFIG']._serialized_end=477
   _globals['_GROWTHBUDGET']._serialized_start=479
@@ -118,43 +120,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNRESOURCES']._serialized_start=565
   _globals['_RUNRESOURCES']._serialized_end=665
   _globals['_RUNCONFIG']._serialized_start=668
-  _globals['_RUNCONFIG']._serialized_end=1484
-  _globals['_RUNCONFIG_LABELSENTRY']._serialized_start=1389
-  _globals['_RUNCONFIG_LABELSENTRY']._serialized_end=1434
-  _globals['_RUNCONFIG_JOBPARAMSENTRY']._serialized_start=1436
-  _globals['_RUNCONFIG_JOBPARAMSENTRY']._serialized_end=1484
-  _globals['_RUN']._serialized_start=1487
-  _globals['_RUN']._serialized_end=2094
-  _globals['_RUN_DEGRADATIONSENTRY']._serialized_start=2043
-  _globals['_RUN_DEGRADATIONSENTRY']._serialized_end=2094
-  _globals['_STARTRUNREQUEST']._serialized_start=2096
-  _globals['_STARTRUNREQUEST']._serialized_end=2199
-  _globals['_STARTRUNRESPONSE']._serialized_start=2201
-  _globals['_STARTRUNRESPONSE']._serialized_end=2255
-  _globals['_GETRUNREQUEST']._serialized_start=2257
-  _globals['_GETRUNREQUEST']._serialized_end=2300
-  _globals['_GETRUNRESPONSE']._serialized_start=2302
-  _globals['_GETRUNRESPONSE']._serialized_end=2354
-  _globals['_LISTRUNSREQUEST']._serialized_start=2357
-  _globals['_LISTRUNSREQUEST']._serialized_end=2488
-  _globals['_LISTRUNSRESPONSE']._serialized_start=2490
-  _globals['_LISTRUNSRESPONSE']._serialized_end=2570
-  _globals['_WATCHRUNREQUEST']._serialized_start=2572
-  _globals['_WATCHRUNREQUEST']._serialized_end=2640
-  _globals['_WATCHRUNRESPONSE']._serialized_start=2642
-  _globals['_WATCHRUNRESPONSE']._serialized_end=2705
-  _globals['_STOPRUNREQUEST']._serialized_start=2707
-  _globals['_STOPRUNREQUEST']._serialized_end=2810
-  _globals['_STOPRUNRESPONSE']._serialized_start=2813
-  _globals['_STOPRUNRESPONSE']._serialized_end=2968
-  _globals['_LISTJOBSREQUEST']._serialized_start=2970
-  _globals['_LISTJOBSREQUEST']._serialized_end=3048
-  _globals['_LISTJOBSRESPONSE']._serialized_start=3050
-  _globals['_LISTJOBSRESPONSE']._serialized_end=3130
-  _globals['_JOB']._serialized_start=3132
-  _globals['_JOB']._serialized_end=3240
-  _globals['_JOBPARAMETER']._serialized_start=3243
-  _globals['_JOBPARAMETER']._serialized_end=3412
-  _globals['_TOLARIASERVICE']._serialized_start=3571
-  _globals['_TOLARIASERVICE']._serialized_end=4078
+  _globals['_RUNCONFIG']._serialized_end=1513
+  _globals['_RUNCONFIG_LABELSENTRY']._serialized_start=1418
+  _globals['_RUNCONFIG_LABELSENTRY']._serialized_end=1463
+  _globals['_RUNCONFIG_JOBPARAMSENTRY']._serialized_start=1465
+  _globals['_RUNCONFIG_JOBPARAMSENTRY']._serialized_end=1513
+  _globals['_RUN']._serialized_start=1516
+  _globals['_RUN']._serialized_end=2123
+  _globals['_RUN_DEGRADATIONSENTRY']._serialized_start=2072
+  _globals['_RUN_DEGRADATIONSENTRY']._serialized_end=2123
+  _globals['_STARTRUNREQUEST']._serialized_start=2125
+  _globals['_STARTRUNREQUEST']._serialized_end=2228
+  _globals['_STARTRUNRESPONSE']._serialized_start=2230
+  _globals['_STARTRUNRESPONSE']._serialized_end=2284
+  _globals['_GETRUNREQUEST']._serialized_start=2286
+  _globals['_GETRUNREQUEST']._serialized_end=2329
+  _globals['_GETRUNRESPONSE']._serialized_start=2331
+  _globals['_GETRUNRESPONSE']._serialized_end=2383
+  _globals['_LISTRUNSREQUEST']._serialized_start=2386
+  _globals['_LISTRUNSREQUEST']._serialized_end=2517
+  _globals['_LISTRUNSRESPONSE']._serialized_start=2519
+  _globals['_LISTRUNSRESPONSE']._serialized_end=2599
+  _globals['_WATCHRUNREQUEST']._serialized_start=2601
+  _globals['_WATCHRUNREQUEST']._serialized_end=2669
+  _globals['_WATCHRUNRESPONSE']._serialized_start=2671
+  _globals['_WATCHRUNRESPONSE']._serialized_end=2734
+  _globals['_STOPRUNREQUEST']._serialized_start=2736
+  _globals['_STOPRUNREQUEST']._serialized_end=2839
+  _globals['_STOPRUNRESPONSE']._serialized_start=2842
+  _globals['_STOPRUNRESPONSE']._serialized_end=2997
+  _globals['_LISTJOBSREQUEST']._serialized_start=2999
+  _globals['_LISTJOBSREQUEST']._serialized_end=3077
+  _globals['_LISTJOBSRESPONSE']._serialized_start=3079
+  _globals['_LISTJOBSRESPONSE']._serialized_end=3159
+  _globals['_JOB']._serialized_start=3161
+  _globals['_JOB']._serialized_end=3269
+  _globals['_JOBPARAMETER']._serialized_start=3272
+  _globals['_JOBPARAMETER']._serialized_end=3441
+  _globals['_TOLARIASERVICE']._serialized_start=3600
+  _globals['_TOLARIASERVICE']._serialized_end=4107
 # @@protoc_insertion_point(module_scope)

@@ -65,7 +65,7 @@ class RunResources(_message.Message):
     def __init__(self, gpus: _Optional[int] = ..., cpu_millis: _Optional[int] = ..., memory_mib: _Optional[int] = ...) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("task", "host", "sites", "controller", "budget", "epochs", "seed", "optimizer", "batch_size", "checkpoint_every", "decide_timeout", "width", "labels", "job", "job_params", "resources")
+    __slots__ = ("task", "host", "sites", "controller", "budget", "epochs", "seed", "optimizer", "batch_size", "checkpoint_every", "decide_timeout", "width", "labels", "job", "job_params", "resources", "world_size")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,7 @@ class RunConfig(_message.Message):
     JOB_FIELD_NUMBER: _ClassVar[int]
     JOB_PARAMS_FIELD_NUMBER: _ClassVar[int]
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     task: str
     host: str
     sites: _containers.RepeatedScalarFieldContainer[str]
@@ -112,7 +113,8 @@ class RunConfig(_message.Message):
     job: str
     job_params: _containers.ScalarMap[str, str]
     resources: RunResources
-    def __init__(self, task: _Optional[str] = ..., host: _Optional[str] = ..., sites: _Optional[_Iterable[str]] = ..., controller: _Optional[str] = ..., budget: _Optional[_Union[GrowthBudget, _Mapping]] = ..., epochs: _Optional[int] = ..., seed: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., batch_size: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., decide_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., width: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., job: _Optional[str] = ..., job_params: _Optional[_Mapping[str, str]] = ..., resources: _Optional[_Union[RunResources, _Mapping]] = ...) -> None: ...
+    world_size: int
+    def __init__(self, task: _Optional[str] = ..., host: _Optional[str] = ..., sites: _Optional[_Iterable[str]] = ..., controller: _Optional[str] = ..., budget: _Optional[_Union[GrowthBudget, _Mapping]] = ..., epochs: _Optional[int] = ..., seed: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., batch_size: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., decide_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., width: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., job: _Optional[str] = ..., job_params: _Optional[_Mapping[str, str]] = ..., resources: _Optional[_Union[RunResources, _Mapping]] = ..., world_size: _Optional[int] = ...) -> None: ...
 
 class Run(_message.Message):
     __slots__ = ("run_id", "config", "state", "epoch", "global_step", "val_accuracy", "val_loss", "parameters", "created_at", "updated_at", "detail", "degraded", "last_sequence", "stop_requested", "stop_reason", "event_delivery", "degradations", "restarts", "worker")
