@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from esper.jobs.errors import JobConfigError
 from esper.jobs.sites import module_names, resolve_sites
-from esper.tasks import digits, mnist1d, sequence, spirals
+from esper.tasks import digits, mnist1d, spirals
 from esper.tasks.base import Task, TaskData
 from esper.tasks.hosts import HostSpec
 
-TASKS: dict[str, Task] = {t.name: t for t in (mnist1d.TASK, digits.TASK, spirals.TASK, sequence.TASK)}
+TASKS: dict[str, Task] = {t.name: t for t in (mnist1d.TASK, digits.TASK, spirals.TASK)}
 
 
 def get_task(name: str) -> Task:
