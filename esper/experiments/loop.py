@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from esper.grow import Grower, GrowthConfig, KasminaConfig
 from esper.kasmina import SlotKind
 from esper.kasmina.sites import resolve_sites
-from esper.tasks import get_task
+from esper.tasks import Task, get_task
 
 
 class FlopMeter:
@@ -152,6 +152,7 @@ def train(
     build_host: Callable[[], nn.Module] | None = None,
     held_out_rows: int | None = None,
     probe_rows: int | None = None,
+    task: Task | None = None,
 ) -> RunResult:
     """Train one arm for one seed; returns its figures.
 
@@ -163,9 +164,11 @@ def train(
         held_out_rows: validation rows the grower measures on (None: all of them).
         probe_rows: training rows (a fixed random subset) the grower's probes fit on
             (None: the probes split the held-out rows).
+        task: the task to train on instead of the built-in `spec.task` (e.g. an MNIST-1D
+            variant from another generator seed).
     """
     t0 = time.perf_counter()
-    task = get_task(spec.task)
+    task = task if task is not None else get_task(spec.task)
     data = task.load(spec.seed)
     torch.manual_seed(spec.seed)
     host = build_host() if build_host is not None else task.host(spec.host).build(1.0)
