@@ -1,4 +1,4 @@
-"""The experiments' subcommands: `esper demo`, `esper bench growth|controllers` and
+"""The experiments' subcommands: `esper demo`, `esper bench growth|controllers|growth-mlp` and
 `esper tamiyo train` (each runs the training stack in this process or starts a platform,
 so they live on the top floor).
 
@@ -32,6 +32,12 @@ def register_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
              "(`esper bench controllers --help` for its options)")
     controllers.add_argument("argv", nargs="*")
     controllers.set_defaults(func=_bench_controllers)
+    mlp = kinds.add_parser(
+        "growth-mlp", add_help=False, prefix_chars="\0",
+        help="width growth on MNIST-1D's 40→16→16→10 MLP against GroMo's result "
+             "(`esper bench growth-mlp --help` for its options)")
+    mlp.add_argument("argv", nargs="*")
+    mlp.set_defaults(func=_bench_growth_mlp)
 
 
 def _bench_growth(args: argparse.Namespace) -> int:
@@ -44,3 +50,9 @@ def _bench_controllers(args: argparse.Namespace) -> int:
     from esper.experiments import controllers
 
     return int(controllers.main(args.argv) or 0)
+
+
+def _bench_growth_mlp(args: argparse.Namespace) -> int:
+    from esper.experiments import growth_mlp
+
+    return int(growth_mlp.main(args.argv) or 0)

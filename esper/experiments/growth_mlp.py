@@ -290,7 +290,7 @@ def verdict(results: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m esper.experiments.growth_mlp",
+    p = argparse.ArgumentParser(prog="esper bench growth-mlp",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="JSON file of GrowthMLPConfig keys")
     p.add_argument("--seeds", help="comma-separated run seeds (default: the reported 0-4)")

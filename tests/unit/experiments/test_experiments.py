@@ -108,3 +108,14 @@ def test_a_run_spec_trains_the_same_host_for_every_arm() -> None:
     a = train(RunSpec(seed=3, epochs=1), "a")
     b = train(RunSpec(seed=3, epochs=1), "b")
     assert a.test_accuracy == b.test_accuracy and a.train_flops == b.train_flops
+
+
+def test_esper_bench_growth_mlp_reaches_the_mlp_benchmark(capsys) -> None:
+    # The MLP row against GroMo is an `esper bench` like the others: its own parser and help.
+    from esper.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "growth-mlp", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: esper bench growth-mlp") and "--tuning" in out
