@@ -178,7 +178,7 @@ async def test_the_worker_environment_holds_its_run_token_and_no_other_key(tmp_p
         assert name not in env, name
     grant = signer.verifier().verify(env["ESPER_API_KEY"])
     assert grant.run_id == rec.run_id and grant.scopes == frozenset(WORKER_SCOPES)
-    assert 3590 <= grant.expires_at - time.time() <= 3600
+    assert 3300 <= grant.expires_at - time.time() <= 3600  # an hour, minus a loaded machine's delay
     # Not even the process's initial environment block (what a fork inherits) holds a key.
     environ = Path(f"/proc/{sup.worker_pid(rec.run_id)}/environ").read_bytes()
     assert ADMIN.encode() not in environ and b"ESPER_API_KEYS" not in environ
