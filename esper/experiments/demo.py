@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -28,9 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from esper.errors import ConfigError, UnavailableError
-
-ENDPOINTS_FILE = "endpoints.json"
+from esper.errors import ConfigError
+from esper.runtime.embedded import EmbeddedPlatform
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -85,63 +82,6 @@ class DemoConfig:
         })
 
 
-class EmbeddedPlatform:
-    """`esper up` as a child process; `endpoints`, `api_key` and `nats_url` once it serves.
-
-    `env` is added to its environment (`ESPER_<PART>_<KEY>` settings); no config file.
-    """
-
-    def __init__(self, data_dir: Path, env: dict[str, str], log_path: Path) -> None:
-        self.data_dir = data_dir
-        self.env = env
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.endpoints: dict[str, str] = {}
-        self.api_key: str | None = None
-        self.nats_url: str | None = None
-
-    def start(self, timeout_s: float) -> EmbeddedPlatform:
-        from esper.runtime.auth import parse_keys
-
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        info_path = self.data_dir / ENDPOINTS_FILE
-        info_path.unlink(missing_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "esper.cli", "up", "--data-dir", str(self.data_dir)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, **self.env},
-            )
-        deadline = time.monotonic() + timeout_s
-        while not info_path.exists():
-            if self.proc.poll() is not None:
-                raise UnavailableError(
-                    f"`esper up` exited with {self.proc.returncode} before serving; see {self.log_path}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise UnavailableError(f"`esper up` did not serve within {timeout_s:.0f}s; see {self.log_path}")
-            time.sleep(0.2)
-        info = json.loads(info_path.read_text())
-        self.endpoints = dict(info["endpoints"])
-        self.nats_url = info.get("nats_url")
-        if info.get("api_keys_file"):
-            keys_file = Path(info["api_keys_file"])
-            keys = parse_keys(keys_file.read_text(), source=str(keys_file), separator="\n")
-            self.api_key = next(k for k, scopes in keys.items() if "*" in scopes)
-        return self
-
-    def stop(self, grace_s: float = 30.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        # SIGTERM: NOT_SERVING → drain → the run supervisor checkpoints its workers → exit.
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def run_demo(cfg: DemoConfig) -> Path:
     """Run the whole demo; returns the report's path."""
     from rich.console import Console
@@ -166,7 +106,6 @@ def run_demo(cfg: DemoConfig) -> Path:
 def benchmark_settings(cfg: DemoConfig) -> dict[str, str]:
     """The growth benchmark's Tamiyo and Tezzeret settings for the demo's job, as the
     `ESPER_<PART>_<KEY>` variables `esper up` reads (the platform works without them)."""
-    import json
 
     defaults = cfg.task_defaults()
     env = {"ESPER_TAMIYO_POLICY": "heuristic", "ESPER_TEZZERET_BENCHMARK_ITERS": "5"}
